@@ -1,0 +1,28 @@
+# make demo  - set up and run the main job on the real SmolLM2 model and real WMT14 text (CPU)
+# make test  - set up and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast setup bench results clean
+
+$(STAMP): requirements.txt requirements-convert.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m gptk_jax.demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -ra --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -ra -m "not slow"
+
+clean:
+	rm -rf $(VENV) .cache out

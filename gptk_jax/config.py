@@ -1,0 +1,255 @@
+"""LlamaConfig: the one frozen, validated description of a Llama-family trunk.
+
+Built once at the edge from a Meta `params.json`, an HF `config.json` or GGUF metadata; modules
+only ever see this dataclass. Architecture numbers are read from the checkpoint; the two derived
+ones (FFN width, RoPE scaling factor) are computed exactly as the checkpoint's own code does, and
+the RoPE decision is recorded in `rope_scaling_source` so the converter can print it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Optional
+
+# Meta's reference code (llama-models, llama3/model.py `apply_scaling`) hard-codes these for every
+# Llama 3.x checkpoint whose params.json says use_scaled_rope; HF configs of Llama 3.2 1B/3B say
+# factor 32 instead. The factor is an explicit field so either can be reproduced.
+META_ROPE_SCALE_FACTOR = 8.0
+LLAMA3_LOW_FREQ_FACTOR = 1.0
+LLAMA3_HIGH_FREQ_FACTOR = 4.0
+LLAMA3_ORIGINAL_CONTEXT = 8192
+
+
+class ConfigError(ValueError):
+    """An architecture description that cannot describe a valid model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency scaling (`rope_type: llama3`)."""
+    factor: float
+    low_freq_factor: float = LLAMA3_LOW_FREQ_FACTOR
+    high_freq_factor: float = LLAMA3_HIGH_FREQ_FACTOR
+    original_max_position: int = LLAMA3_ORIGINAL_CONTEXT
+
+    def __post_init__(self):
+        if not self.factor > 0:
+            raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ConfigError("rope_scaling needs high_freq_factor > low_freq_factor > 0, got "
+                              f"{self.high_freq_factor} and {self.low_freq_factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    dim: int                      # D, model width
+    n_layers: int                 # L
+    n_heads: int                  # N, query heads
+    n_kv_heads: int               # K, key/value heads (GQA)
+    ffn_dim: int                  # F, SwiGLU hidden width
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[RopeScaling] = None
+    rope_scaling_source: str = "none"  # why rope_scaling is what it is (printed by the converter)
+    tie_embeddings: bool = False
+    max_seq_len: int = 8192
+    head_dim: Optional[int] = None  # H; defaults to dim // n_heads
+    scan_layers: bool = False     # nn.scan over layers (same params either way)
+    dtype: str = "float32"        # activation / compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                     "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_kv_heads {self.n_kv_heads} does not divide n_heads {self.n_heads}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"{name} must be float32, bfloat16 or float16, "
+                                  f"got {getattr(self, name)!r}")
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "config") -> "LlamaConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown LlamaConfig field(s) {unknown}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """FFN width exactly as Meta's `FeedForward.__init__` computes it (hidden_dim = 4 * dim)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _rope_from_flag(use_scaled: bool, factor_override: Optional[float], default_factor: float,
+                    default_source: str) -> tuple[Optional[RopeScaling], str]:
+    """Applies the CLI override: factor <= 0 turns scaling off, a positive factor replaces it."""
+    if factor_override is not None:
+        if factor_override <= 0:
+            return None, "disabled by --rope-scaling-factor 0 (as the original research code did)"
+        return RopeScaling(factor=float(factor_override)), \
+            f"factor {factor_override} from --rope-scaling-factor"
+    if not use_scaled:
+        return None, default_source
+    return RopeScaling(factor=default_factor), default_source
+
+
+def from_meta_params(params: Mapping[str, Any], *, vocab_size: Optional[int] = None,
+                     rope_scaling_factor: Optional[float] = None, tie_embeddings: bool = False,
+                     source: str = "params.json", **overrides) -> LlamaConfig:
+    """From Meta's `params.json` (dim, n_layers, n_heads, n_kv_heads, vocab_size, multiple_of,
+    ffn_dim_multiplier, norm_eps, rope_theta, use_scaled_rope)."""
+    required = ("dim", "n_layers", "n_heads")
+    missing = [k for k in required if k not in params]
+    if missing:
+        raise ConfigError(f"{source}: missing field(s) {missing}")
+    vocab = params.get("vocab_size", -1)
+    if vocab is None or vocab <= 0:
+        vocab = vocab_size
+    if vocab is None or vocab <= 0:
+        raise ConfigError(f"{source}: vocab_size is missing or <= 0 and was not given otherwise")
+    use_scaled = bool(params.get("use_scaled_rope", False))
+    rope, why = _rope_from_flag(
+        use_scaled, rope_scaling_factor, META_ROPE_SCALE_FACTOR,
+        f"factor {META_ROPE_SCALE_FACTOR} because {source} says use_scaled_rope and Meta's "
+        "reference code (llama-models llama3/model.py) applies 8 to every Llama 3.x checkpoint"
+        if use_scaled else f"{source} has no use_scaled_rope")
+    cfg = dict(
+        vocab_size=int(vocab), dim=int(params["dim"]), n_layers=int(params["n_layers"]),
+        n_heads=int(params["n_heads"]),
+        n_kv_heads=int(params.get("n_kv_heads") or params["n_heads"]),
+        ffn_dim=meta_ffn_dim(int(params["dim"]), int(params.get("multiple_of", 256)),
+                             params.get("ffn_dim_multiplier")),
+        norm_eps=float(params.get("norm_eps", 1e-5)),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        rope_scaling=rope, rope_scaling_source=why, tie_embeddings=tie_embeddings)
+    cfg.update(overrides)
+    try:
+        return LlamaConfig(**cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def from_hf_config(hf: Mapping[str, Any], *, rope_scaling_factor: Optional[float] = None,
+                   source: str = "config.json", **overrides) -> LlamaConfig:
+    """From an HF Llama `config.json`."""
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "vocab_size")
+    missing = [k for k in required if k not in hf]
+    if missing:
+        raise ConfigError(f"{source}: missing field(s) {missing}")
+    rs = hf.get("rope_scaling") or None
+    if rs is not None:
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind != "llama3":
+            raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported "
+                              "(only 'llama3')")
+        default = float(rs["factor"])
+        why = f"factor {default} from {source} rope_scaling"
+    else:
+        default, why = 0.0, f"{source} has no rope_scaling"
+    rope, why = _rope_from_flag(rs is not None, rope_scaling_factor, default, why)
+    if rope is not None and rs is not None and rope_scaling_factor is None:
+        rope = RopeScaling(factor=default,
+                           low_freq_factor=float(rs.get("low_freq_factor", LLAMA3_LOW_FREQ_FACTOR)),
+                           high_freq_factor=float(rs.get("high_freq_factor",
+                                                         LLAMA3_HIGH_FREQ_FACTOR)),
+                           original_max_position=int(rs.get("original_max_position_embeddings",
+                                                            LLAMA3_ORIGINAL_CONTEXT)))
+    cfg = dict(
+        vocab_size=int(hf["vocab_size"]), dim=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]), n_heads=int(hf["num_attention_heads"]),
+        n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+        ffn_dim=int(hf["intermediate_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(hf.get("rope_theta", 10000.0)), rope_scaling=rope,
+        rope_scaling_source=why, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(hf.get("max_position_embeddings", 8192)),
+        head_dim=int(hf["head_dim"]) if hf.get("head_dim") else None)
+    cfg.update(overrides)
+    try:
+        return LlamaConfig(**cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def from_gguf_metadata(meta: Mapping[str, Any], *, tie_embeddings: bool,
+                       rope_scaling_factor: Optional[float] = None, source: str = "gguf",
+                       **overrides) -> LlamaConfig:
+    """From GGUF key/values (already decoded to Python values), architecture `llama`."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{source}: general.architecture is {arch!r}, expected 'llama'")
+    p = "llama."
+    required = ("embedding_length", "block_count", "attention.head_count", "feed_forward_length")
+    missing = [p + k for k in required if p + k not in meta]
+    if missing:
+        raise ConfigError(f"{source}: missing metadata key(s) {missing}")
+    vocab = meta.get(p + "vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    kind = meta.get(p + "rope.scaling.type")
+    default = float(meta.get(p + "rope.scaling.factor", 0.0) or 0.0)
+    use = kind in ("llama3",) and default > 0
+    rope, why = _rope_from_flag(use, rope_scaling_factor, default,
+                                f"factor {default} from {source}" if use
+                                else f"{source} has no llama3 rope scaling")
+    cfg = dict(
+        vocab_size=int(vocab), dim=int(meta[p + "embedding_length"]),
+        n_layers=int(meta[p + "block_count"]), n_heads=int(meta[p + "attention.head_count"]),
+        n_kv_heads=int(meta.get(p + "attention.head_count_kv") or meta[p + "attention.head_count"]),
+        ffn_dim=int(meta[p + "feed_forward_length"]),
+        norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)), rope_scaling=rope,
+        rope_scaling_source=why, tie_embeddings=tie_embeddings,
+        max_seq_len=int(meta.get(p + "context_length", 8192)))
+    cfg.update(overrides)
+    try:
+        return LlamaConfig(**cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+# Published shapes, for eval_shape tests and for users who want a config without a checkpoint.
+LLAMA3_2_1B_PARAMS = {"dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32,
+                      "n_kv_heads": 8, "n_layers": 16, "norm_eps": 1e-05, "rope_theta": 500000.0,
+                      "use_scaled_rope": True, "vocab_size": 128256}
+LLAMA3_1_8B_PARAMS = {"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32,
+                      "n_kv_heads": 8, "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0,
+                      "use_scaled_rope": True, "vocab_size": 128256}
+LLAMA3_1_70B_PARAMS = {"dim": 8192, "ffn_dim_multiplier": 1.3, "multiple_of": 4096, "n_heads": 64,
+                       "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05, "rope_theta": 500000.0,
+                       "use_scaled_rope": True, "vocab_size": 128256}

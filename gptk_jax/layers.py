@@ -1,0 +1,35 @@
+"""RMSNorm and the SwiGLU feed-forward block (Meta's RMSNorm / FeedForward)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # x [..., D]
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        # Meta: norm in float32, cast back to the input dtype, then multiply by the weight.
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class MLP(nn.Module):
+    ffn_dim: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # x [B,T,D] -> [B,T,D]
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype,
+                                         param_dtype=self.param_dtype, name=name)
+        gate = dense(self.ffn_dim, "w1")(x)
+        up = dense(self.ffn_dim, "w3")(x)
+        return dense(x.shape[-1], "w2")(nn.silu(gate) * up)

@@ -1,0 +1,28 @@
+"""Shared fixtures: repository paths and the real data folder beside the checkout."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = Path(os.environ.get("GPTK_DATA", ROOT.parent / "shared" / "data"))
+WMT = DATA / "wmt14-de-en"
+
+
+def read_lines(path: Path) -> list[str]:
+    """WMT files: split on '\\n' only (never splitlines), strip a trailing '\\r'."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [l[:-1] if l.endswith("\r") else l for l in lines]
+
+
+@pytest.fixture(scope="session")
+def wmt_dir() -> Path:
+    if not WMT.is_dir():
+        pytest.fail(f"real WMT14 data not found at {WMT} (set GPTK_DATA)")
+    return WMT
