@@ -1,0 +1,105 @@
+"""Shared pieces of every converter: per-tensor transforms and the canonical param tree.
+
+A format reader (meta.py, hf.py, gguf_format.py) maps its tensor names onto the canonical names
+below with small per-tensor transforms, then `build_params` stacks the layers. Torch-style
+`Linear.weight` is [out, in]; our kernels are [in, out] reshaped to heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from gptk_jax.config import LlamaConfig
+
+
+class ConversionError(ValueError):
+    """Bad conversion input; the message names the file and tensor/field."""
+
+
+@dataclasses.dataclass
+class Converted:
+    """What a format reader hands to the CLI: ready to `save_converted`."""
+    config: LlamaConfig
+    params: dict                                   # canonical stacked tree (docs/design.md)
+    write_tokenizer: Optional[Callable[[Path], None]]
+    provenance: dict
+
+
+def interleaved_to_half_split(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+    """q/k weight [n_heads*head_dim, in] from Meta's interleaved-pair RoPE layout (also GGUF's)
+    to the half-split layout: per head, rows [0,2,4,…,1,3,5,…]."""
+    perm = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+    out_dim, in_dim = w.shape
+    if out_dim != n_heads * head_dim:
+        raise ConversionError(f"q/k weight has {out_dim} rows, expected {n_heads}*{head_dim}")
+    return w.reshape(n_heads, head_dim, in_dim)[:, perm, :].reshape(out_dim, in_dim)
+
+
+def heads_in_kernel(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+    """Linear weight [n*h, D] -> DenseGeneral kernel [D, n, h] (wq / wk / wv)."""
+    return np.ascontiguousarray(w.T).reshape(w.shape[1], n_heads, head_dim)
+
+
+def heads_out_kernel(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+    """Linear weight [D, n*h] -> DenseGeneral kernel [n, h, D] (wo)."""
+    return np.ascontiguousarray(w.T).reshape(n_heads, head_dim, w.shape[0])
+
+
+def dense_kernel(w: np.ndarray) -> np.ndarray:
+    """Linear weight [out, in] -> Dense kernel [in, out]."""
+    return np.ascontiguousarray(w.T)
+
+
+# canonical per-layer leaf paths (inside params["layers"])
+LAYER_LEAVES = (
+    ("attention_norm", "scale"),
+    ("attention", "wq", "kernel"), ("attention", "wk", "kernel"),
+    ("attention", "wv", "kernel"), ("attention", "wo", "kernel"),
+    ("ffn_norm", "scale"),
+    ("feed_forward", "w1", "kernel"), ("feed_forward", "w3", "kernel"),
+    ("feed_forward", "w2", "kernel"),
+)
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def empty_layer_stack(config: LlamaConfig, dtype) -> dict:
+    """Preallocated stacked layer arrays, filled tensor by tensor (one copy of the weights)."""
+    from gptk_jax.model import abstract_params
+    abstract = abstract_params(config)["layers"]
+    out: dict = {}
+    for path in LAYER_LEAVES:
+        leaf = abstract
+        for key in path:
+            leaf = leaf[key]
+        _set(out, path, np.empty(leaf.shape, dtype))
+    return out
+
+
+def set_layer(stack: dict, path: tuple, layer: int, value: np.ndarray, *, name: str) -> None:
+    """Writes one layer's tensor into the stack, checking its shape against the model's."""
+    leaf = stack
+    for key in path:
+        leaf = leaf[key]
+    if leaf.shape[1:] != value.shape:
+        raise ConversionError(f"tensor {name}: shape {tuple(value.shape)} after conversion, "
+                              f"expected {tuple(leaf.shape[1:])}")
+    leaf[layer] = value
+
+
+def numpy_dtype(name: str):
+    """'float32' | 'bfloat16' -> numpy dtype (bfloat16 via ml_dtypes)."""
+    if name == "float32":
+        return np.float32
+    if name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.bfloat16
+    raise ConversionError(f"--dtype must be float32 or bfloat16, got {name!r}")
