@@ -1,0 +1,152 @@
+"""What every MTP head shares: its input features, the frozen trunk's embed / final norm /
+unembed, the (optionally reduced-vocabulary) draft argmax, and the decoding defaults of heads
+that keep no state.
+
+Einsum letters: B batch, T positions, J trained offsets, K tokens per step, D width, V vocab.
+
+The trunk params are an argument of every head method, never a head variable: callers take
+`jax.grad` with respect to the head params only, and the trunk leaves are additionally wrapped in
+`stop_gradient` so nothing can leak into them. Only `tok_embeddings`, `norm` and `output` are read,
+so stacked and per-layer (`layers_{i}`) trunk trees both work.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gptk_jax.config import LlamaConfig
+from gptk_jax.heads.config import HeadConfig
+from gptk_jax.model import Llama
+
+_TRUNK_KEYS_FOR_HEADS = ("tok_embeddings", "norm", "output")
+
+
+@flax.struct.dataclass
+class HeadFeatures:
+    """Trunk activations a head trains on, over the whole sequence: the LSTM reads the T
+    positions in order as its sequence, so pass `gather_index` to `train_logits` to get logits
+    at the supervised positions only, rather than gathering the features."""
+    hidden: jax.Array         # [B,T,D] last layer output before the final norm (PoMa)
+    hidden_normed: jax.Array  # [B,T,D] after the final norm (LSTM, linear)
+    positions: jax.Array      # [B,T] int32 real positions (PoMa)
+    tokens: jax.Array         # [B,T] int32 input tokens
+    token_mask: jax.Array     # [B,T] bool; False: padding (the LSTM does not consume it)
+    next_tokens: jax.Array    # [B,T,K] int32 tokens at t+1..t+K (teacher-forcing inputs)
+
+
+def shifted_next_tokens(tokens: jax.Array, k: int, pad_id: int = 0) -> jax.Array:
+    """[B,T] -> [B,T,K]: out[b,t,j] = tokens[b,t+1+j], pad_id past the end."""
+    b, t = tokens.shape
+    padded = jnp.concatenate([tokens, jnp.full((b, k), pad_id, tokens.dtype)], axis=1)
+    idx = jnp.arange(t)[:, None] + 1 + jnp.arange(k)[None, :]  # [T,K]
+    return padded[:, idx]
+
+
+def gather_positions(x: Optional[jax.Array], index: Optional[jax.Array]):
+    """x [B,T,...], index [B,M] -> x at those positions [B,M,...] (None passes through)."""
+    if x is None or index is None:
+        return x
+    index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def gather_features(feats: HeadFeatures, index: Optional[jax.Array]) -> HeadFeatures:
+    """Every field at the positions index [B,M] (heads that read each position on its own)."""
+    return jax.tree.map(lambda x: gather_positions(x, index), feats)
+
+
+def _trunk_vars(trunk_params: dict) -> dict:
+    view = {name: trunk_params[name] for name in _TRUNK_KEYS_FOR_HEADS if name in trunk_params}
+    return {"params": jax.lax.stop_gradient(view)}
+
+
+def trunk_embed(trunk_config: LlamaConfig, trunk_params: dict, tokens: jax.Array) -> jax.Array:
+    """[...] int -> [..., D] (the trunk's frozen token embedding)."""
+    return Llama(trunk_config, parent=None).apply(_trunk_vars(trunk_params), tokens,
+                                                  method=Llama.embed)
+
+
+def trunk_final_norm(trunk_config: LlamaConfig, trunk_params: dict, hidden: jax.Array) -> jax.Array:
+    """[..., D] -> [..., D] (the trunk's frozen final RMSNorm)."""
+    return Llama(trunk_config, parent=None).apply(_trunk_vars(trunk_params), hidden,
+                                                  method=Llama.final_norm)
+
+
+def trunk_unembed(trunk_config: LlamaConfig, trunk_params: dict,
+                  hidden_normed: jax.Array) -> jax.Array:
+    """[..., D] -> [..., V] float32 (the trunk's frozen LM head: one matmul, any leading dims)."""
+    return Llama(trunk_config, parent=None).apply(_trunk_vars(trunk_params), hidden_normed,
+                                                  method=Llama.unembed)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
+    """Same arithmetic as layers.RMSNorm (norm in float32, cast, times scale); scale [..., D]
+    broadcasts, so J per-offset norms run as one op."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return normed.astype(dtype) * scale.astype(dtype)
+
+
+def draft_argmax(logits: jax.Array, draft_vocab: Optional[tuple[int, ...]]) -> jax.Array:
+    """[..., V] -> [...] int32 token ids; with a draft vocabulary, the argmax over those only."""
+    if draft_vocab is None:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    ids = jnp.asarray(draft_vocab, jnp.int32)                  # [Vd]
+    best = jnp.argmax(jnp.take(logits, ids, axis=-1), axis=-1)  # index into ids
+    return ids[best]
+
+
+class MTPHead(nn.Module):
+    """Base of every head: config fields, trunk access and the stateless decoding defaults.
+
+    Subclasses implement `train_logits(trunk_params, feats, deterministic=True,
+    gather_index=None) -> [B,T,J,V]` (gather_index [B,M]: logits at those positions only,
+    [B,M,J,V]; feats always cover the whole sequence) and
+    `draft_logits(trunk_params, state, last_hidden, last_hidden_normed, last_position,
+    next_token) -> (draft_tokens [B,K-1], draft_logits [B,K-1,V])`.
+    """
+    head_config: HeadConfig
+    trunk_config: LlamaConfig
+
+    @property
+    def _dtype(self):
+        return jnp.dtype(self.head_config.dtype)
+
+    @property
+    def _param_dtype(self):
+        return jnp.dtype(self.head_config.param_dtype)
+
+    def _embed(self, trunk_params, tokens):
+        return trunk_embed(self.trunk_config, trunk_params, tokens).astype(self._dtype)
+
+    def _final_norm(self, trunk_params, hidden):
+        return trunk_final_norm(self.trunk_config, trunk_params, hidden)
+
+    def _unembed(self, trunk_params, hidden_normed):
+        return trunk_unembed(self.trunk_config, trunk_params, hidden_normed)
+
+    def _argmax(self, logits):
+        return draft_argmax(logits, self.head_config.draft_vocab)
+
+    # --- decoding defaults (heads without state) -----------------------------------------------
+    def init_state(self, trunk_params, batch: int):
+        """Decoding state before any position is consumed (stateless heads: `()`)."""
+        del trunk_params, batch
+        return ()
+
+    def advance(self, trunk_params, state, hidden_normed, advance_mask):
+        """Consumes the accepted positions (advance_mask [B,T]); stateless heads: no-op."""
+        del trunk_params, hidden_normed, advance_mask
+        return state
+
+    def draft(self, trunk_params, state, last_hidden, last_hidden_normed, last_position,
+              next_token):
+        """-> draft_tokens [B,K-1] int32 for offsets 2..K."""
+        draft_tokens, _ = self.draft_logits(trunk_params, state, last_hidden, last_hidden_normed,
+                                            last_position, next_token)
+        return draft_tokens
