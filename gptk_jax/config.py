@@ -169,6 +169,13 @@ def from_meta_params(params: Mapping[str, Any], *, vocab_size: Optional[int] = N
 def from_hf_config(hf: Mapping[str, Any], *, rope_scaling_factor: Optional[float] = None,
                    source: str = "config.json", **overrides) -> LlamaConfig:
     """From an HF Llama `config.json`."""
+    # transformers >= 5 writes RoPE settings as `rope_parameters` {rope_type, rope_theta, factor…}
+    # instead of top-level `rope_theta` / `rope_scaling`; read either spelling.
+    rope_params = hf.get("rope_parameters")
+    if isinstance(rope_params, Mapping) and "rope_theta" not in hf:
+        hf = dict(hf, rope_theta=rope_params.get("rope_theta", 10000.0))
+        if rope_params.get("rope_type", "default") != "default" and not hf.get("rope_scaling"):
+            hf["rope_scaling"] = dict(rope_params)
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "vocab_size")
     missing = [k for k in required if k not in hf]
