@@ -1,0 +1,216 @@
+"""python -m gptk_jax.generate: continue prompts with a converted model; text out, JSON lines out.
+
+    python -m gptk_jax.generate --checkpoint .cache/models/smollm2-135m \\
+        --prompt "The capital of France is" --max-new-tokens 32
+    python -m gptk_jax.generate --checkpoint DIR --input-file prompts.txt --batch-size 8 \\
+        --max-new-tokens 64 --output-json out.jsonl
+    python -m gptk_jax.generate --checkpoint DIR --decoding mtp --heads HEADS_DIR [--k 3] \\
+        --input-file prompts.txt --batch-size 8 --max-new-tokens 64 --output-json out.jsonl
+
+`--input-file`: one prompt per line (split on '\\n' only, '\\r' stripped, blank lines skipped), or a
+`.jsonl` file whose lines are JSON strings or objects with a "prompt" field (for prompts that hold
+newlines). Prompts are encoded with BOS (`--no-bos` to leave it out). Each JSON line has the
+prompt, the generated ids (stop token excluded), their text, why the row stopped and its batch's
+timing (prefill s, decode s, tokens/s over prefill + decode; compilation reported apart).
+
+Decoders are looked up in DECODERS by `--decoding`: a builder (args, model) -> decode function
+(prompt ids, batch_size) -> result with the fields of `greedy.GenerationResult`. A multi-token
+decoder adds its own entry (and its own flags, e.g. `--heads DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+DecodeFn = Callable[[list, int], object]  # (prompt ids, batch_size) -> GenerationResult-like
+
+
+def build_greedy(args: argparse.Namespace, model) -> DecodeFn:
+    from gptk_jax.decoding.greedy import greedy_generate
+
+    tok = model.tokenizer
+
+    def decode(prompt_ids: list, batch_size: int):
+        return greedy_generate(model.config, model.params, prompt_ids, args.max_new_tokens,
+                               tok.stop_ids, tok.pad_id, padding=args.padding,
+                               bucket=args.bucket, batch_size=batch_size)
+    return decode
+
+
+def build_mtp(args: argparse.Namespace, model) -> DecodeFn:
+    """Self-speculative decoding with trained heads (decoding/mtp.py): greedy's tokens, fewer
+    trunk calls. Result rows also carry verify steps and accepted drafts per step."""
+    from gptk_jax.decoding.mtp import mtp_generate
+    from gptk_jax.heads_io import head_drafter, load_heads
+
+    if not args.heads:
+        raise UsageError("--decoding mtp needs --heads DIR (heads saved by gptk_jax.heads_io)")
+    heads = load_heads(args.heads, model.config, model.path.name)  # refuses another trunk's
+    k = args.k or heads.head_config.k
+    drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
+                                      model.params, k)
+    tok = model.tokenizer
+
+    def decode(prompt_ids: list, batch_size: int):
+        return mtp_generate(model.config, model.params, drafter, variables, prompt_ids,
+                            args.max_new_tokens, tok.stop_ids, tok.pad_id,
+                            num_tokens_per_step=k, padding=args.padding, bucket=args.bucket,
+                            batch_size=batch_size)
+    return decode
+
+
+DECODERS: dict[str, Callable[[argparse.Namespace, object], DecodeFn]] = {
+    "greedy": build_greedy, "mtp": build_mtp}
+
+
+class UsageError(Exception):
+    """Bad command-line input (reported as one line, exit code 2)."""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gptk_jax.generate",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="converted model folder (python -m convert)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    src.add_argument("--input-file", type=Path, help="prompts: one per line, or .jsonl")
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per decoding batch")
+    p.add_argument("--output-json", type=Path, help="write one JSON line per prompt here")
+    p.add_argument("--decoding", choices=sorted(DECODERS), default="greedy")
+    p.add_argument("--heads", type=Path, default=None,
+                   help="--decoding mtp: trained heads folder (gptk_jax.heads_io)")
+    p.add_argument("--k", type=int, default=None,
+                   help="--decoding mtp: tokens per verify step (default and maximum: the "
+                        "heads' k)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--padding", choices=["left", "right"], default="left")
+    p.add_argument("--bucket", type=int, default=32,
+                   help="round prompt lengths up to a multiple of this (fewer compilations)")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    p.add_argument("--quiet", action="store_true", help="no per-prompt text on stdout")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if args.bucket < 1:
+        p.error("--bucket must be >= 1")
+    return args
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a text file (one per line) or a .jsonl file (strings or {"prompt": ...})."""
+    if not path.is_file():
+        raise UsageError(f"--input-file {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--input-file {path}: cannot read it as UTF-8 text ({e})") from None
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{number}: invalid JSON ({e})") from None
+            if isinstance(item, dict):
+                item = item.get("prompt")
+            if not isinstance(item, str):
+                raise UsageError(f'{path}:{number}: expected a JSON string or an object with a '
+                                 f'"prompt" string')
+            line = item
+        prompts.append(line)
+    if not prompts:
+        raise UsageError(f"--input-file {path} holds no prompts (it is empty or blank)")
+    return prompts
+
+
+def run(args: argparse.Namespace, prompts: list[str], model, decode: DecodeFn,
+        out=sys.stdout) -> list[dict]:
+    """Decodes the prompts in batches; returns one record per prompt."""
+    from tqdm import tqdm
+
+    tok = model.tokenizer
+    records = []
+    batches = [list(range(i, min(i + args.batch_size, len(prompts))))
+               for i in range(0, len(prompts), args.batch_size)]
+    for batch_index, rows in enumerate(tqdm(batches, desc=args.decoding, unit="batch",
+                                            file=sys.stderr, disable=len(batches) < 2)):
+        ids = [tok.encode(prompts[i], bos=not args.no_bos) for i in rows]
+        if any(not x for x in ids):
+            raise UsageError("a prompt encodes to no tokens; drop --no-bos or give it text")
+        result = decode(ids, args.batch_size)
+        seconds = result.prefill_seconds + result.decode_seconds
+        batch_tokens = int(sum(result.num_generated))
+        timing = {"batch": batch_index, "batch_size": len(rows),
+                  "prefill_s": round(result.prefill_seconds, 6),
+                  "decode_s": round(result.decode_seconds, 6),
+                  "compile_s": round(result.compile_seconds, 6),
+                  "tokens_per_s": round(batch_tokens / seconds, 3) if seconds > 0 else None}
+        # decoders may add per-row fields (mtp: verify steps, accepted drafts per step)
+        extra = result.row_records() if hasattr(result, "row_records") else None
+        for j, i in enumerate(rows):
+            text = tok.decode(result.tokens[j])
+            more = {k: v for k, v in extra[j].items() if k not in ("tokens", "stop_reason",
+                                                                  "num_generated")} \
+                if extra else {}
+            records.append({"index": i, "prompt": prompts[i], "prompt_tokens": len(ids[j]),
+                            "generated_ids": result.tokens[j], "text": text,
+                            "stop_reason": result.stop_reasons[j],
+                            "num_generated": result.num_generated[j],
+                            "decoding": args.decoding, **more, **timing})
+            if not args.quiet:
+                print(f"=== [{i}] {prompts[i]}\n{text}", file=out, flush=True)
+    return records
+
+
+def summarize(records: list[dict]) -> str:
+    batches = {r["batch"]: r for r in records}.values()
+    tokens = sum(r["num_generated"] for r in records)
+    seconds = sum(b["prefill_s"] + b["decode_s"] for b in batches)
+    compile_s = sum(b["compile_s"] for b in batches)
+    rate = f"{tokens / seconds:.1f}" if seconds > 0 else "n/a"
+    return (f"{len(records)} prompts, {tokens} tokens in {seconds:.2f}s ({rate} tokens/s; "
+            f"prefill {sum(b['prefill_s'] for b in batches):.2f}s, "
+            f"decode {sum(b['decode_s'] for b in batches):.2f}s; compile {compile_s:.1f}s apart)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from gptk_jax.checkpoint import CheckpointError, load_converted
+    from gptk_jax.config import ConfigError
+    from gptk_jax.tokenizers import TokenizerError
+
+    try:
+        prompts = args.prompt if args.prompt else read_prompts(args.input_file)
+        start = time.perf_counter()
+        model = load_converted(args.checkpoint, dtype=args.dtype)
+        print(f"loaded {model.path} in {time.perf_counter() - start:.1f}s "
+              f"({model.config.n_layers} layers, dim {model.config.dim}, "
+              f"compute {model.config.dtype})", file=sys.stderr)
+        decode = DECODERS[args.decoding](args, model)
+        records = run(args, prompts, model, decode)
+        if args.output_json:
+            args.output_json.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.output_json, "w", encoding="utf-8") as f:
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except (CheckpointError, TokenizerError, ConfigError, UsageError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summarize(records), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

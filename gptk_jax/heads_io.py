@@ -1,0 +1,176 @@
+"""Trained MTP heads on disk: params + HeadConfig + the fingerprint of the trunk they fit.
+
+    HEADS_DIR/heads.json   {"format": 1, "head_config": {…}, "trunk": {name, dim, vocab_size,
+                            n_layers}, "metadata": {…}}
+    HEADS_DIR/params/      orbax checkpoint of the head params (the head's own tree only)
+
+Written atomically (a hidden sibling folder renamed into place). Loading with the trunk's config
+refuses heads made for another trunk (width, vocabulary or depth differ) with an error that names
+both; a different trunk *name* only warns (the same model converted to another folder).
+`head_drafter` turns loaded heads into the (Drafter, variables) pair decoding/mtp.py runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gptk_jax.config import LlamaConfig
+from gptk_jax.heads.config import HeadConfig, HeadConfigError
+
+FORMAT_VERSION = 1
+META_FILE = "heads.json"
+PARAMS_DIR = "params"
+FINGERPRINT_FIELDS = ("dim", "vocab_size", "n_layers")
+
+
+class HeadsError(ValueError):
+    """A heads folder that is incomplete, or made for another trunk."""
+
+
+@dataclasses.dataclass
+class LoadedHeads:
+    head_config: HeadConfig
+    params: Any
+    trunk: dict       # fingerprint of the trunk the heads were trained on
+    metadata: dict
+    path: Path
+
+
+def trunk_fingerprint(trunk_config: LlamaConfig, name: str) -> dict:
+    return {"name": str(name), **{f: getattr(trunk_config, f) for f in FINGERPRINT_FIELDS}}
+
+
+def check_compatible(saved: dict, trunk_config: LlamaConfig, trunk_name: Optional[str] = None, *,
+                     source: str = "heads") -> None:
+    """Raises HeadsError when the heads were trained for a trunk of another shape."""
+    now = trunk_fingerprint(trunk_config, trunk_name or "?")
+    wrong = [f"{f} {saved.get(f)} (heads) != {now[f]} (trunk)" for f in FINGERPRINT_FIELDS
+             if saved.get(f) != now[f]]
+    if wrong:
+        raise HeadsError(f"{source} were trained for trunk {saved.get('name')!r}, not for this "
+                         f"trunk {now['name']!r}: " + "; ".join(wrong))
+    if trunk_name is not None and saved.get("name") not in (None, trunk_name):
+        warnings.warn(f"{source} were trained on trunk {saved.get('name')!r}, loading them for "
+                      f"{trunk_name!r} (same dim/vocab/depth)")
+
+
+def _abstract_head_params(head_config: HeadConfig, trunk_config: LlamaConfig) -> Any:
+    """Shapes of the head's own params (jax.eval_shape of its init)."""
+    from gptk_jax.heads import init_head_params, make_head
+    from gptk_jax.model import init_params
+
+    head = make_head(head_config, trunk_config)
+    return jax.eval_shape(lambda: init_head_params(
+        head, init_params(trunk_config, jax.random.PRNGKey(0)), jax.random.PRNGKey(0)))
+
+
+def _check_param_shapes(params: Any, expected: Any, source: str) -> None:
+    exp = {jax.tree_util.keystr(k): tuple(v.shape)
+           for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v))
+           for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    problems = [f"missing {n} {exp[n]}" for n in sorted(set(exp) - set(got))]
+    problems += [f"unexpected {n} {got[n]}" for n in sorted(set(got) - set(exp))]
+    problems += [f"{n}: {got[n]} != expected {exp[n]}" for n in sorted(set(got) & set(exp))
+                 if got[n] != exp[n]]
+    if problems:
+        raise HeadsError(f"{source}: head params do not match the HeadConfig: "
+                         + "; ".join(problems))
+
+
+def save_heads(out_dir: str | os.PathLike, head_config: HeadConfig, head_params: Any,
+               trunk_config: LlamaConfig, trunk_name: str, *, metadata: Optional[dict] = None,
+               overwrite: bool = False) -> Path:
+    """Writes HEADS_DIR atomically after checking the params against the head's own shapes."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise HeadsError(f"heads folder {out} already exists (pass overwrite=True to replace)")
+    _check_param_shapes(head_params, _abstract_head_params(head_config, trunk_config),
+                        f"saving heads to {out}")
+    meta = {"format": FORMAT_VERSION, "head_config": head_config.to_dict(),
+            "trunk": trunk_fingerprint(trunk_config, trunk_name), "metadata": metadata or {}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / PARAMS_DIR, jax.device_get(head_params))
+        ckptr.wait_until_finished()
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_heads_meta(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file() or not (path / PARAMS_DIR).is_dir():
+        raise HeadsError(f"{path} is not a heads folder: expected {META_FILE} and {PARAMS_DIR}/ "
+                         "(written by gptk_jax.heads_io.save_heads)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise HeadsError(f"{meta_file}: {e}") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise HeadsError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def load_heads(path: str | os.PathLike, trunk_config: Optional[LlamaConfig] = None,
+               trunk_name: Optional[str] = None) -> LoadedHeads:
+    """Loads HEADS_DIR; with trunk_config, refuses heads made for another trunk before reading
+    any params."""
+    path = Path(path).absolute()
+    meta = read_heads_meta(path)
+    try:
+        hc = dict(meta["head_config"])
+        for field in ("offsets", "draft_vocab"):
+            if hc.get(field) is not None:
+                hc[field] = tuple(hc[field])
+        head_config = HeadConfig.from_dict(hc)
+    except (KeyError, TypeError, HeadConfigError) as e:
+        raise HeadsError(f"{path / META_FILE}: bad head_config: {e}") from None
+    trunk = meta.get("trunk", {})
+    if trunk_config is not None:
+        check_compatible(trunk, trunk_config, trunk_name, source=f"heads in {path}")
+    params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR)
+    if trunk_config is not None:
+        _check_param_shapes(params, _abstract_head_params(head_config, trunk_config), str(path))
+    return LoadedHeads(head_config=head_config, params=params, trunk=trunk,
+                       metadata=meta.get("metadata", {}), path=path)
+
+
+def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaConfig,
+                 trunk_params: Any, num_tokens_per_step: Optional[int] = None):
+    """-> (HeadDrafter, drafter_vars) for decoding.mtp; K defaults to head_config.k and may not
+    exceed it."""
+    from gptk_jax.decoding.mtp import HeadDrafter
+    from gptk_jax.heads import make_head
+
+    k = head_config.k if num_tokens_per_step is None else num_tokens_per_step
+    if k > head_config.k:
+        raise HeadsError(f"K={k} tokens per step needs drafts for offsets 2..{k}, but these "
+                         f"heads were trained for offsets {head_config.offsets} (K <= "
+                         f"{head_config.k})")
+    drafter = HeadDrafter(head=make_head(head_config, trunk_config), max_drafts=head_config.k - 1)
+    return drafter, HeadDrafter.variables(head_params, trunk_params)

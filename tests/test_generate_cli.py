@@ -1,0 +1,101 @@
+"""`python -m gptk_jax.generate` end to end: a tiny random model with the real Llama 3 tokenizer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from gptk_jax import artifacts
+from gptk_jax.checkpoint import load_converted, save_converted
+from gptk_jax.config import LlamaConfig
+from gptk_jax.decoding.greedy import greedy_generate
+from gptk_jax.model import init_params
+from gptk_jax.tokenizers import write_llama3_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = LlamaConfig(vocab_size=128256, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32,
+                  max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tokenizer_model = artifacts.fetch("llama3_tokenizer_model")
+    out = tmp_path_factory.mktemp("cli") / "tiny-llama3"
+    return save_converted(out, CFG, init_params(CFG, jax.random.PRNGKey(3)),
+                          write_tokenizer=lambda folder: write_llama3_tokenizer(tokenizer_model,
+                                                                                folder))
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "gptk_jax.generate", *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow  # three CLI runs in subprocesses (about 10 s)
+def test_prompts_and_input_file(checkpoint, tmp_path):
+    prompts = ["Guten Morgen", "The quick brown fox jumps over the lazy dog, again and again"]
+    out_json = tmp_path / "prompt.jsonl"
+    proc = run_cli("--checkpoint", checkpoint, "--prompt", prompts[0], "--prompt", prompts[1],
+                   "--max-new-tokens", 5, "--batch-size", 2, "--output-json", out_json)
+    assert proc.returncode == 0, proc.stderr
+    records = read_jsonl(out_json)
+    assert [r["prompt"] for r in records] == prompts
+
+    model = load_converted(checkpoint)
+    tok = model.tokenizer
+    ids = [tok.encode(p, bos=True) for p in prompts]
+    expected = greedy_generate(model.config, model.params, ids, 5, tok.stop_ids, tok.pad_id)
+    for r, want, reason, prompt_ids in zip(records, expected.tokens, expected.stop_reasons, ids):
+        assert r["generated_ids"] == want and r["stop_reason"] == reason
+        assert r["prompt_tokens"] == len(prompt_ids) and prompt_ids[0] == tok.bos_id
+        assert r["text"] == tok.decode(r["generated_ids"])
+        assert r["text"] in proc.stdout
+        assert r["decoding"] == "greedy" and r["batch"] == 0 and r["batch_size"] == 2
+        assert r["prefill_s"] > 0 and r["decode_s"] >= 0 and r["tokens_per_s"] > 0
+        assert 1 <= r["num_generated"] <= 5
+    assert "tokens/s" in proc.stderr
+
+    # The same prompts from a file (CRLF, a blank line), in batches of 1: same tokens.
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_bytes(f"{prompts[0]}\r\n\n{prompts[1]}\n".encode())
+    file_json = tmp_path / "file.jsonl"
+    proc = run_cli("--checkpoint", checkpoint, "--input-file", prompt_file, "--max-new-tokens", 5,
+                   "--output-json", file_json, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    from_file = read_jsonl(file_json)
+    assert [r["prompt"] for r in from_file] == prompts
+    assert [r["generated_ids"] for r in from_file] == expected.tokens
+    assert [r["batch"] for r in from_file] == [0, 1]
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no-such-model"
+    proc = run_cli("--checkpoint", missing, "--prompt", "hi", "--max-new-tokens", 2)
+    assert proc.returncode != 0
+    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+    not_a_model = tmp_path / "empty-folder"
+    not_a_model.mkdir()
+    proc = run_cli("--checkpoint", not_a_model, "--prompt", "hi", "--max-new-tokens", 2)
+    assert proc.returncode != 0
+    assert str(not_a_model) in proc.stderr and "config.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_input_file_is_a_clear_error(checkpoint, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    proc = run_cli("--checkpoint", checkpoint, "--input-file", empty, "--max-new-tokens", 2)
+    assert proc.returncode != 0
+    assert "no prompts" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("--checkpoint", checkpoint, "--input-file", tmp_path / "absent.txt",
+                   "--max-new-tokens", 2)
+    assert proc.returncode != 0 and "no such file" in proc.stderr
