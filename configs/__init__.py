@@ -1,0 +1,1 @@
+"""Training configs: `get_config()` per experiment; variants override `configs/base.py`."""

@@ -1,0 +1,100 @@
+"""Host-side metrics: sums and counts from the steps -> per-offset means, the acceptance
+estimate, and the writers (TensorBoard event files + JSON lines in the workdir).
+
+    WORKDIR/metrics.jsonl   one JSON object per line: {"step", "split": "train"|"eval"|..., ...}
+    WORKDIR/tensorboard/    tensorboardX event files, scalars named "<split>/<metric>"
+
+Names: `loss_o2` = mean cross-entropy of offset 2; eval adds `_gold` (against the reference
+tokens) or `_trunk` (against the trunk's own argmax, what verification compares drafts with),
+`top1_*` / `top5_*` accuracies and `acceptance_trunk` / `acceptance_gold`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def acceptance_estimate(accuracies: Sequence[float]) -> float:
+    """Expected tokens per verify step, 1 + sum_k prod_{i<=k} acc_i, from the top-1 accuracies
+    of the draft offsets 2..K in order: the trunk's own token always counts, and draft k is
+    accepted only when it and every earlier draft match (the accuracies taken as independent)."""
+    total, run = 1.0, 1.0
+    for acc in accuracies:
+        run *= float(acc)
+        total += run
+    return total
+
+
+def _ratio(num, den) -> float:
+    return float(num) / float(den) if float(den) > 0 else float("nan")
+
+
+def summarize_train(window: Sequence[dict], offsets: Sequence[int]) -> dict:
+    """Metrics of the steps since the last log (each a dict of numpy sums) -> means."""
+    total = {k: np.sum([m[k] for m in window], axis=0) for k in window[0]}
+    out = {"loss": float(np.mean([m["objective"] for m in window])),
+           "grad_norm": float(np.mean([m["grad_norm"] for m in window]))}
+    for j, o in enumerate(offsets):
+        out[f"loss_o{o}"] = _ratio(total["loss_sum"][j], total["count"][j])
+        out[f"top1_o{o}"] = _ratio(total["top1"][j], total["count"][j])
+    out["tokens"] = float(total["tokens"])            # real tokens (identifies the batches)
+    out["supervised_positions"] = float(np.sum(total["count"]))
+    out["dropped_positions"] = float(total["dropped_positions"])
+    return out
+
+
+def summarize_eval(total: dict, offsets: Sequence[int]) -> dict:
+    """Summed eval metrics ([J] arrays) -> per-offset means and the acceptance estimates."""
+    out = {"positions": float(np.sum(total["count"]))}
+    for j, o in enumerate(offsets):
+        count = total["count"][j]
+        for key, value in total.items():
+            if key != "count":
+                out[f"{key}_o{o}"] = _ratio(value[j], count)
+    drafts = [o for o in offsets if o >= 2]
+    for name in ("trunk", "gold"):
+        out[f"acceptance_{name}"] = acceptance_estimate([out[f"top1_{name}_o{o}"]
+                                                         for o in drafts])
+    return out
+
+
+class MetricWriter:
+    """JSON lines + TensorBoard; a no-op on processes other than 0."""
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, split: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and np.isfinite(value):
+                self._tb.add_scalar(f"{split}/{key}", value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path, split: Optional[str] = None) -> list[dict]:
+    """The records of a metrics.jsonl (a restarted run re-logs the steps after its checkpoint:
+    later records of a step replace earlier ones)."""
+    by_key = {}
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        if split is None or record.get("split") == split:
+            by_key[(record.get("split"), record.get("step"))] = record
+    return sorted(by_key.values(), key=lambda r: (r["step"], str(r.get("split"))))

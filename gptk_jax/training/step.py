@@ -1,0 +1,254 @@
+"""Loss, train_step and eval_step of MTP head training: pure functions, jitted once (sharding.py).
+
+Letters: B batch, T positions, M supervised positions per row, J trained offsets, K max offset,
+D width, V vocab.
+
+    batch: tokens, positions, token_mask, loss_mask [B,T]; targets, target_mask [B,T,K]
+           (gold: targets[b,t,o-1] = tokens[b,t+o], prompts.shift_targets); with the feature
+           cache also hidden / hidden_normed [B,T,D] and trunk_argmax [B,T]
+      -> frozen trunk under stop_gradient (skipped when the cache supplied its outputs)
+      -> targets of offset o at t: gold tokens[t+o], or the trunk's own argmax at t+o-1
+         (teacher-forced self-distillation: what verification will compare drafts against)
+      -> supervised positions: t where any trained offset has a target (or only the last prompt
+         token, the seed's "first K target tokens only") -> gather_index [B,M]
+      -> head.train_logits(..., gather_index) [B,M,J,V] -> cross-entropy per offset
+Only M <= T positions get logits: B*T*J*V floats would not fit for a 128k vocabulary.
+
+Metrics are sums and counts per offset ([J] arrays); the host divides at log time. With
+`axis_name` (pmap) the loss is normalised by the global counts and grads / metrics are summed
+over devices, which is the update one device would make on the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gptk_jax.config import LlamaConfig
+from gptk_jax.heads import HeadFeatures, make_head, trunk_unembed
+from gptk_jax.heads.config import HeadConfig
+from gptk_jax.model import Llama
+from gptk_jax.training.state import TrainState
+
+TOP_K = 5  # eval reports top-1 and top-5 accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Everything static a step needs (hashable: part of the jit cache key)."""
+    trunk_config: LlamaConfig
+    head_config: HeadConfig
+    targets: str                    # 'gold' | 'trunk_argmax'
+    offset_weights: tuple           # [J] loss weight per trained offset
+    first_target_tokens_only: bool  # supervise the last prompt token only (seed)
+    positions_per_row: int          # M
+    argmax_chunk: int               # positions per unembedding chunk for the trunk's argmax
+
+    @property
+    def offsets(self) -> tuple:
+        return self.head_config.offsets
+
+    @property
+    def max_offset(self) -> int:
+        return max(self.head_config.offsets)
+
+
+# --------------------------------------------------------------------------------------------
+# Trunk outputs and targets
+# --------------------------------------------------------------------------------------------
+
+def chunked_argmax(trunk_config: LlamaConfig, trunk_params: dict, hidden_normed: jax.Array,
+                   chunk: int) -> jax.Array:
+    """The trunk's next-token argmax [B,T] int32, unembedding `chunk` positions at a time so
+    only [B,chunk,V] logits exist at once."""
+    b, t, d = hidden_normed.shape
+    n = -(-t // chunk)
+    h = jnp.pad(hidden_normed, ((0, 0), (0, n * chunk - t), (0, 0)))
+    h = jnp.moveaxis(h.reshape(b, n, chunk, d), 1, 0)                    # [n,B,c,D]
+    best = jax.lax.map(lambda x: jnp.argmax(trunk_unembed(trunk_config, trunk_params, x),
+                                            axis=-1).astype(jnp.int32), h)  # [n,B,c]
+    return jnp.moveaxis(best, 0, 1).reshape(b, n * chunk)[:, :t]
+
+
+def trunk_outputs(cfg: StepConfig, trunk_params: dict, batch: dict, need_argmax: bool):
+    """-> (hidden, hidden_normed [B,T,D], trunk_argmax [B,T] or None), all without gradient.
+
+    Cached batches carry them; a head reads only one of hidden / hidden_normed, so the cache
+    may hold just that one and the other aliases it."""
+    if "hidden" in batch or "hidden_normed" in batch:
+        hidden = batch.get("hidden", batch.get("hidden_normed"))
+        hidden_normed = batch.get("hidden_normed", hidden)
+        argmax = batch.get("trunk_argmax")
+        if need_argmax and argmax is None:
+            argmax = chunked_argmax(cfg.trunk_config, trunk_params, hidden_normed,
+                                    cfg.argmax_chunk)
+        return hidden, hidden_normed, argmax
+    out = Llama(cfg.trunk_config).apply({"params": jax.lax.stop_gradient(trunk_params)},
+                                        batch["tokens"], batch["positions"],
+                                        token_mask=batch["token_mask"], compute_logits=False)
+    hidden = jax.lax.stop_gradient(out.hidden)
+    hidden_normed = jax.lax.stop_gradient(out.hidden_normed)
+    argmax = None
+    if need_argmax:
+        argmax = chunked_argmax(cfg.trunk_config, trunk_params, hidden_normed, cfg.argmax_chunk)
+    return hidden, hidden_normed, argmax
+
+
+def argmax_targets(trunk_argmax: jax.Array, k: int, fill_id: int = 0) -> jax.Array:
+    """[B,T] -> [B,T,K]: out[b,t,j] = trunk_argmax[b,t+j] (the trunk's own token for position
+    t+j+1), fill_id past the end. Column o-1 is the self-distillation target of offset o."""
+    b, t = trunk_argmax.shape
+    padded = jnp.concatenate([trunk_argmax, jnp.full((b, k), fill_id, trunk_argmax.dtype)], 1)
+    index = jnp.arange(t)[:, None] + jnp.arange(k)[None, :]               # [T,K]
+    return padded[:, index]
+
+
+def supervised_positions(target_mask: jax.Array, loss_mask: jax.Array,
+                         first_target_tokens_only: bool) -> jax.Array:
+    """target_mask [B,T,J] (trained offsets), loss_mask [B,T] -> [B,T] bool positions that get
+    a loss: every t with a target for some offset, or only the last prompt token."""
+    any_target = target_mask.any(axis=-1)
+    if not first_target_tokens_only:
+        return any_target
+    t = loss_mask.shape[1]
+    first_target = jnp.argmax(loss_mask, axis=1)                           # [B]
+    last_prompt = (jnp.arange(t)[None, :] == (first_target - 1)[:, None])
+    return last_prompt & loss_mask.any(axis=1, keepdims=True) & any_target
+
+
+def gather_index(position_mask: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """position_mask [B,T] -> (index [B,M] int32 of the first M True positions in order,
+    valid [B,M]); rows with fewer fill with position 0, valid False."""
+    order = jnp.argsort(~position_mask, axis=1, stable=True)[:, :m].astype(jnp.int32)
+    valid = jnp.take_along_axis(position_mask, order, axis=1)
+    return jnp.where(valid, order, 0), valid
+
+
+def _at(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B,T,...] at index [B,M] -> [B,M,...]."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def offset_targets(cfg: StepConfig, batch: dict, trunk_argmax: Optional[jax.Array], source: str):
+    """-> (targets [B,T,J], next_tokens [B,T,K]) from `source` ('gold' | 'trunk_argmax');
+    next_tokens are the LSTM's teacher-forcing inputs (tokens at t+1..t+K) from the same
+    source. The mask is always the gold target_mask: position t+o holds a target token."""
+    columns = np.asarray(cfg.offsets) - 1
+    if source == "gold":
+        every = batch["targets"]
+    else:
+        every = argmax_targets(trunk_argmax, cfg.max_offset)
+    return every[..., columns], every
+
+
+def _features(batch, hidden, hidden_normed, next_tokens) -> HeadFeatures:
+    return HeadFeatures(hidden=hidden, hidden_normed=hidden_normed, positions=batch["positions"],
+                        tokens=batch["tokens"], token_mask=batch["token_mask"],
+                        next_tokens=next_tokens)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits [...,V] float32, targets [...] -> negative log-likelihood [...]."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - picked
+
+
+def _psum(tree, axis_name):
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+def train_step(cfg: StepConfig, tx: optax.GradientTransformation, state: TrainState,
+               trunk_params: dict, batch: dict, axis_name: Optional[str] = None):
+    """One optimizer step on the head params -> (state, metrics). The trunk params are an
+    argument only: no gradient, no optimizer state."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    need_argmax = cfg.targets == "trunk_argmax"
+    hidden, hidden_normed, trunk_argmax = trunk_outputs(cfg, trunk_params, batch, need_argmax)
+    targets, next_tokens = offset_targets(cfg, batch, trunk_argmax, cfg.targets)
+    target_mask = batch["target_mask"][..., np.asarray(cfg.offsets) - 1]    # [B,T,J]
+    position_mask = supervised_positions(target_mask, batch["loss_mask"],
+                                         cfg.first_target_tokens_only)
+    index, valid = gather_index(position_mask, cfg.positions_per_row)      # [B,M]
+    targets = _at(targets, index)                                           # [B,M,J]
+    mask = _at(target_mask, index) & valid[..., None]                       # [B,M,J]
+    counts = mask.sum(axis=(0, 1)).astype(jnp.float32)                      # [J]
+    global_counts = _psum(counts, axis_name)
+    weights = np.asarray(cfg.offset_weights, np.float32)
+    weights = jnp.asarray(weights / weights.sum())                          # a weighted mean
+    feats = _features(batch, hidden, hidden_normed, next_tokens)
+    head = make_head(cfg.head_config, cfg.trunk_config)
+
+    def loss_fn(head_params):
+        head_logits = head.apply({"params": head_params}, trunk_params, feats,
+                                 deterministic=False, gather_index=index,
+                                 method=head.train_logits, rngs={"dropout": rng})  # [B,M,J,V]
+        nll = cross_entropy(head_logits, targets)                           # [B,M,J]
+        loss_sum = jnp.where(mask, nll, 0.0).sum(axis=(0, 1))               # [J]
+        objective = jnp.sum(weights * loss_sum / jnp.maximum(global_counts, 1.0))
+        top1 = (jnp.argmax(head_logits, axis=-1) == targets) & mask
+        return objective, (loss_sum, top1.sum(axis=(0, 1)).astype(jnp.float32))
+
+    (objective, (loss_sum, top1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.head_params)
+    grads = _psum(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.head_params)
+    head_params = optax.apply_updates(state.head_params, updates)
+    metrics = {"objective": objective, "loss_sum": loss_sum, "count": counts, "top1": top1,
+               "tokens": batch["token_mask"].sum().astype(jnp.float32),
+               "dropped_positions": (position_mask.sum() - valid.sum()).astype(jnp.float32)}
+    metrics = _psum(metrics, axis_name)
+    metrics["grad_norm"] = optax.global_norm(grads)      # grads are already summed
+    new_state = state.replace(step=state.step + 1, head_params=head_params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict,
+              axis_name: Optional[str] = None) -> dict:
+    """Sums per offset [J]: count, loss / top-1 / top-5 against the gold tokens and against the
+    trunk's own argmax, over every position with a target (cfg.first_target_tokens_only is
+    ignored: evaluation measures what decoding needs)."""
+    hidden, hidden_normed, trunk_argmax = trunk_outputs(cfg, trunk_params, batch, True)
+    gold, next_tokens = offset_targets(cfg, batch, trunk_argmax, cfg.targets)
+    if cfg.targets != "gold":
+        gold, _ = offset_targets(cfg, batch, trunk_argmax, "gold")
+    trunk, _ = offset_targets(cfg, batch, trunk_argmax, "trunk_argmax")
+    target_mask = batch["target_mask"][..., np.asarray(cfg.offsets) - 1]
+    index, valid = gather_index(target_mask.any(axis=-1), cfg.positions_per_row)
+    mask = _at(target_mask, index) & valid[..., None]                       # [B,M,J]
+    head = make_head(cfg.head_config, cfg.trunk_config)
+    head_logits = head.apply({"params": head_params}, trunk_params,
+                             _features(batch, hidden, hidden_normed, next_tokens),
+                             deterministic=True, gather_index=index, method=head.train_logits)
+    _, top = jax.lax.top_k(head_logits, TOP_K)                              # [B,M,J,5]
+    out = {"count": mask.sum(axis=(0, 1)).astype(jnp.float32)}
+    for name, targets in (("gold", _at(gold, index)), ("trunk", _at(trunk, index))):
+        sums = lambda x: jnp.where(mask, x, 0).sum(axis=(0, 1)).astype(jnp.float32)
+        out[f"loss_{name}"] = sums(cross_entropy(head_logits, targets))
+        out[f"top1_{name}"] = sums(top[..., 0] == targets)
+        out[f"top{TOP_K}_{name}"] = sums((top == targets[..., None]).any(axis=-1))
+    return _psum(out, axis_name)
+
+
+def init_train_state(cfg: StepConfig, tx: optax.GradientTransformation, trunk_params: dict,
+                     seed: int) -> TrainState:
+    """Fresh head params (PoMa copies the trunk's final norm scale) and optimizer state; the
+    optimizer sees the head params only."""
+    from gptk_jax.heads import init_head_params
+    head = make_head(cfg.head_config, cfg.trunk_config)
+
+    def init(trunk_params, key):
+        init_rng, step_rng = jax.random.split(key)
+        head_params = init_head_params(head, trunk_params, init_rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), head_params=head_params,
+                          opt_state=tx.init(head_params), rng=step_rng)
+    return jax.jit(init)(trunk_params, jax.random.PRNGKey(seed))
