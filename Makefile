@@ -1,5 +1,7 @@
 # make demo  - set up and run the main job on the real SmolLM2 model and real WMT14 text (CPU)
 # make test  - set up and run the test suite
+# make results - train + evaluate the three head families on SmolLM2 and write docs/results.md
+#                (resumable; options: make results RESULTS_ARGS='--steps 300 --max-sentences 50')
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -ra --durations=15
+
+results: $(STAMP)
+	$(PY) bench/results.py $(RESULTS_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -ra -m "not slow"

@@ -1,13 +1,23 @@
 """`make demo`: the real SmolLM2-135M-Instruct (GGUF) translating newstest2014 German with our
-jitted greedy decoder, on CPU.
+jitted greedy decoder, then with self-speculative (MTP) decoding through linear heads, on CPU.
 
     python -m gptk_jax.demo [--num-sentences 8] [--shots 3] [--max-new-tokens 64] [--batch-size 8]
+        [--train-steps 150] [--heads DIR] [--k 4] [--eval-sentences 200] [--no-mtp]
 
 Steps: fetch the GGUF (`gptk_jax.artifacts`), convert it once into .cache/models/smollm2-135m
 (`python -m convert --format gguf`), build few-shot prompts (instruction, newstest2013 pairs as
 shots, then the query; gptk_jax.data.prompts), decode greedily stopping at the tokenizer's stop ids
 and at any token holding a newline, and print source, translation, reference and tokens/s.
 Data come from ../shared/data/wmt14-de-en (or $GPTK_DATA/wmt14-de-en), else from sacreBLEU.
+
+Then MTP: linear heads (K tokens per verify step) from --heads DIR, else from
+runs/results/linear/heads when `make results` made them (and --train-steps is not given), else
+trained here (gptk_jax.training.train_and_evaluate: --train-steps steps of 16 News Commentary
+rows, loss against the trunk's own argmax, trunk-feature cache, newstest2013 evaluation before
+and after; into runs/demo/linear-k<K>-<steps>steps, reused by a rerun). Printed: the per-offset
+top-1 accuracy against the trunk untrained vs trained, then the demo sentences decoded with MTP
+next to greedy's output, whether they are token-identical, τ (tokens per verify step) and the
+speedup over the greedy run above (compilation excluded from both).
 """
 
 from __future__ import annotations
@@ -23,6 +33,9 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "smollm2-135m"
 DATA_DIR = Path(os.environ.get("GPTK_DATA", ROOT.parent / "shared" / "data")) / "wmt14-de-en"
+RESULTS_HEADS = ROOT / "runs" / "results" / "linear" / "heads"
+DEMO_RUNS = ROOT / "runs" / "demo"
+NEWS_COMMENTARY = "../shared/data/wmt14-de-en/train/news-commentary.first10k"
 DISCLAIMER = ("Note: SmolLM2-135M is a weak translator (135M parameters, trained mostly on "
               "English); this demo shows the mechanics and speed of decoding, not translation "
               "quality.")
@@ -74,7 +87,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="end the prompt at 'en:' instead of 'en: ' (byte-level BPE attaches the "
                         "space to the next word, so the research format's trailing space is an "
                         "unusual token boundary for SmolLM2)")
-    return p.parse_args(argv)
+    mtp = p.add_argument_group("MTP (after the greedy translations)")
+    mtp.add_argument("--no-mtp", action="store_true", help="greedy only")
+    mtp.add_argument("--heads", type=Path, default=None,
+                     help="trained heads folder (gptk_jax.heads_io) to use instead of training")
+    mtp.add_argument("--train-steps", type=int, default=None,
+                     help=f"train linear heads for this many steps (default: reuse "
+                          f"{RESULTS_HEADS.relative_to(ROOT)} if present, else 150 steps)")
+    mtp.add_argument("--train-batch-size", type=int, default=16)
+    mtp.add_argument("--k", type=int, default=4, help="tokens per verify step of trained heads")
+    mtp.add_argument("--eval-sentences", type=int, default=200,
+                     help="newstest2013 sentences of the before/after evaluation")
+    args = p.parse_args(argv)
+    if args.train_steps is not None and args.train_steps < 1:
+        p.error("--train-steps must be >= 1")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -96,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"max {args.max_new_tokens} new tokens\n")
 
     results, tokens, seconds, compile_seconds = [], 0, 0.0, 0.0
+    prompt_batches, greedy_ids = [], []
     start = time.perf_counter()
     for b in range(0, len(pairs), args.batch_size):
         batch = pairs[b:b + args.batch_size]
@@ -105,6 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prompt_ids = [tok.encode(t, bos=True) for t in texts]
         result = greedy_generate(model.config, model.params, prompt_ids, args.max_new_tokens,
                                  stop_ids, tok.pad_id, batch_size=args.batch_size)
+        prompt_batches.append(prompt_ids)
+        greedy_ids += result.tokens
         tokens += result.total_generated
         seconds += result.prefill_seconds + result.decode_seconds
         compile_seconds += result.compile_seconds
@@ -121,7 +151,150 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.strip_query_space:
         print("The prompt ends with 'en: ' (the research format); --strip-query-space often gives "
               "SmolLM2 a better start.")
-    return 0
+    if args.no_mtp:
+        return 0
+    greedy = {"tokens": greedy_ids, "count": tokens, "seconds": seconds}
+    return mtp_part(args, model, model_dir, prompt_batches, greedy, results, stop_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# MTP: heads (reused or trained), then the same prompts decoded draft-and-verify
+# --------------------------------------------------------------------------------------------
+
+def train_config(model_dir: Path, steps: int, batch: int, k: int, eval_sentences: int):
+    """configs/linear_smollm2_wmt14.py for a short run: News Commentary references, one pass
+    over steps * batch rows, loss against the trunk's own argmax (what verification accepts)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from configs import linear_smollm2_wmt14
+
+    config = linear_smollm2_wmt14.get_config()
+    config.trunk_checkpoint = str(model_dir)
+    config.head.k = k
+    config.loss.targets = "trunk_argmax"
+    config.data.train_prefixes = (NEWS_COMMENTARY,)
+    config.data.train_target_files = ()
+    config.data.max_train_pairs = steps * batch
+    config.data.shots = 0
+    config.data.eval_max_sentences = eval_sentences
+    config.features.cache = True
+    config.optimizer.warmup_steps = min(30, steps // 10)
+    config.training.global_batch_size = batch
+    config.training.num_train_steps = steps
+    config.training.log_every_steps = max(1, min(10, steps // 5))
+    config.training.eval_every_steps = 0          # at the start and at the end only
+    config.training.eval_at_start = True
+    config.training.checkpoint_every_steps = 0    # at the end (and on SIGTERM) only
+    return config
+
+
+def find_or_train_heads(args, model_dir: Path) -> Path:
+    """The heads folder: --heads, else `make results`' linear heads, else trained here."""
+    if args.heads is not None:
+        print(f"heads: {args.heads} (--heads)")
+        return args.heads
+    if args.train_steps is None and (RESULTS_HEADS / "heads.json").is_file():
+        print(f"heads: {RESULTS_HEADS.relative_to(ROOT)} (made by `make results`; "
+              f"--train-steps N trains new ones here instead)")
+        return RESULTS_HEADS
+    steps = args.train_steps or 150
+    workdir = DEMO_RUNS / f"linear-k{args.k}-{steps}steps"
+    if (workdir / "heads" / "heads.json").is_file():
+        print(f"heads: {workdir.relative_to(ROOT)}/heads (trained by an earlier demo run)")
+        return workdir / "heads"
+    from gptk_jax.training import TrainingError, train_and_evaluate
+    print(f"training linear heads (K={args.k}) for {steps} steps of {args.train_batch_size} "
+          f"News Commentary rows into {workdir.relative_to(ROOT)} ...", flush=True)
+    start = time.perf_counter()
+    try:
+        result = train_and_evaluate(train_config(model_dir, steps, args.train_batch_size, args.k,
+                                                 args.eval_sentences), workdir)
+    except TrainingError as e:
+        raise SystemExit(f"error: head training failed: {e}")
+    if result["status"] != "completed" or result["heads"] is None:
+        raise SystemExit(f"error: head training ended with status {result['status']}; rerun to "
+                         f"continue it")
+    print(f"trained in {time.perf_counter() - start:.0f}s")
+    return Path(result["heads"])
+
+
+def print_offset_table(metrics_path: Path) -> None:
+    """Per-offset top-1 against the trunk's argmax, first vs last evaluation of the run."""
+    from gptk_jax.training import read_metrics
+
+    if not metrics_path.is_file():
+        print(f"(no {metrics_path}: no before/after evaluation to show)")
+        return
+    evals = read_metrics(metrics_path, "eval")
+    if not evals:
+        print(f"(no evaluation records in {metrics_path})")
+        return
+    first, last = evals[0], evals[-1]
+    offsets = sorted(int(k[len("top1_trunk_o"):]) for k in last if k.startswith("top1_trunk_o"))
+    before = "untrained" if first["step"] == 0 else f"step {first['step']}"
+    print(f"\nnewstest2013, teacher-forced: top-1 agreement with the trunk's own next tokens "
+          f"({last.get('positions', 0):.0f} positions)")
+    print(f"  {'offset':>8}  {before:>10}  {'step ' + str(last['step']):>10}")
+    for o in offsets:
+        print(f"  {o:>8}  {100 * first[f'top1_trunk_o{o}']:>9.1f}%  "
+              f"{100 * last[f'top1_trunk_o{o}']:>9.1f}%")
+    print(f"  {'accept.':>8}  {first['acceptance_trunk']:>10.3f}  {last['acceptance_trunk']:>10.3f}"
+          f"   (estimated tokens per verify step, 1 + sum of products of the accuracies)")
+
+
+def mtp_part(args, model, model_dir: Path, prompt_batches, greedy: dict, results,
+             stop_ids) -> int:
+    from gptk_jax.decoding.acceptance import acceptance_stats
+    from gptk_jax.decoding.mtp import mtp_generate
+    from gptk_jax.heads_io import HeadsError, head_drafter, load_heads
+
+    print("\n" + "=" * 78 + "\nSelf-speculative (MTP) decoding: heads draft K-1 tokens, one "
+          "trunk call verifies them\n" + "=" * 78)
+    heads_dir = find_or_train_heads(args, model_dir)
+    print_offset_table(heads_dir.parent / "metrics.jsonl")
+    try:
+        heads = load_heads(heads_dir, model.config, model_dir.name)
+    except HeadsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    k = heads.head_config.k
+    drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
+                                      model.params, k)
+    tok = model.tokenizer
+    mtp_ids, count, seconds, compile_seconds, accepted, emitted = [], 0, 0.0, 0.0, [], []
+    for prompt_ids in prompt_batches:
+        r = mtp_generate(model.config, model.params, drafter, variables, prompt_ids,
+                         args.max_new_tokens, stop_ids, tok.pad_id, num_tokens_per_step=k,
+                         batch_size=args.batch_size)
+        mtp_ids += r.tokens
+        count += r.total_generated
+        seconds += r.prefill_seconds + r.decode_seconds
+        compile_seconds += r.compile_seconds
+        accepted += [a for row in r.stats["accepted_per_row"] for a in row]
+        emitted += [e for row in r.stats["emitted_per_row"] for e in row]
+    print(f"\n{heads.head_config.kind} heads, K={k} ({k - 1} drafts per step), batch "
+          f"{args.batch_size}, the prompts above:\n")
+    identical = 0
+    for i, ((pair, greedy_text), g_ids, m_ids) in enumerate(zip(results, greedy["tokens"],
+                                                                  mtp_ids)):
+        same = g_ids == m_ids
+        identical += same
+        print(f"[{i}] greedy: {greedy_text}\n    mtp:    "
+              f"{tok.decode(m_ids).split(chr(10))[0].strip()}\n    "
+              f"{'identical tokens' if same else 'DIFFERENT TOKENS'}\n")
+    stats = acceptance_stats(accepted, emitted, num_drafts=k - 1)
+    greedy_rate = greedy["count"] / greedy["seconds"] if greedy["seconds"] > 0 else float("nan")
+    rate = count / seconds if seconds > 0 else float("nan")
+    tau = stats["tokens_per_step"]
+    print(f"MTP == greedy: {identical}/{len(mtp_ids)} sentences token-identical")
+    print(f"τ = {tau:.2f} tokens per verify step (at most {k}); accepted drafts per step "
+          f"histogram {stats['accepted_histogram']}" if tau is not None else "τ: no verify steps")
+    print(f"MTP {count} tokens in {seconds:.2f}s: {rate:.1f} tokens/s vs greedy "
+          f"{greedy_rate:.1f} tokens/s: speedup {rate / greedy_rate:.2f}x (compilation "
+          f"{compile_seconds:.1f}s apart)")
+    print("On CPU a verify step over K tokens costs more than a one-token step, so the speedup "
+          "stays below τ; heads trained longer (make results) accept more drafts.")
+    return 0 if identical == len(mtp_ids) else 1
 
 
 if __name__ == "__main__":
