@@ -75,7 +75,7 @@ def load_model(args):
 
     model = load_converted(args.checkpoint, scan_layers=args.scan_layers, dtype=args.dtype)
     tok = model.tokenizer
-    fmt = prompt_format("de", "en", args.shots)
+    fmt = prompt_format("de", "en", args.shots, space_with_target=not args.research_space)
     sources = read_sources(NEWSTEST_DE, args.num_prompts)
     prompts = [tok.encode(fmt.prompt_text(s), bos=True) for s in sources]
     stop_ids = translation_stop_ids(tok) if args.stop_at_newline else set(tok.stop_ids)
@@ -310,6 +310,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--shots", type=int, default=5,
+    p.add_argument("--research-space", action="store_true", help="prompts end at 'en: ' (default: 'en:', space with the target)")
                    help="few-shot lines (the first suitable News Commentary pairs)")
     p.add_argument("--bucket", type=int, default=64, help="prompt length bucket")
     p.add_argument("--reps", type=int, default=3,

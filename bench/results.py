@@ -87,6 +87,7 @@ def train_overrides(args: argparse.Namespace, family: str) -> list[tuple[str, st
         ("loss.targets", "trunk_argmax"),
         ("loss.first_target_tokens_only", "False"),
         ("data.shots", "0"),
+        ("data.space_with_target", "True"),
         ("data.max_len", str(args.max_len)),
         ("data.truncate", "drop"),
         ("data.train_prefixes", _tuple((NEWS_COMMENTARY,))),
@@ -126,7 +127,7 @@ def eval_command(args: argparse.Namespace, family: str) -> list[str]:
            "--heads", str(run / "heads"), "--split", "newstest2014",
            "--max-sentences", str(args.max_sentences), "--batch-sizes", args.batch_sizes,
            "--max-new-tokens", str(args.max_new_tokens), "--output", str(run / "eval"),
-           "--no-progress"]
+           "--space-with-target", "--no-progress"]
     if family == args.oracle_family:
         cmd.append("--oracle")
     return cmd
@@ -136,7 +137,7 @@ def distill_command(args: argparse.Namespace) -> list[str]:
     return ["-m", "gptk_jax.distill", "--checkpoint", args.checkpoint, "--input",
             NEWS_COMMENTARY, "--output", args.distill_output, "--max-pairs", str(args.pairs),
             "--batch-size", str(args.distill_batch_size), "--max-new-tokens",
-            str(args.distill_max_new_tokens), "--no-progress"]
+            str(args.distill_max_new_tokens), "--space-with-target", "--no-progress"]
 
 
 def shown(cmd: Sequence[str]) -> str:

@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.bucket_lengths = ()                # row lengths to pad to (fewer pads); (): max_len
     data.shots = 0                          # few-shot pairs in every prompt
     data.shots_prefix = f"{WMT}/train/news-commentary.first10k"  # where few-shot pairs come from
+    data.space_with_target = False          # prompt ends 'en:', target ' {tgt}' (byte-level BPE
+                                            # models such as SmolLM2); False: 'en: ' + '{tgt}'
+
     data.eval_prefix = f"{WMT}/newstest2013"  # evaluation set ('' : no evaluation)
     data.eval_max_sentences = 500           # first N evaluation pairs; None: all 3000
 

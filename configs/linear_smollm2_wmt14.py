@@ -16,6 +16,7 @@ def get_config():
                                   f"{base.WMT}/train/news-commentary.first10k")
     config.data.eval_max_sentences = 200
     config.features.cache = True
+    config.data.space_with_target = True       # SmolLM2's byte-level BPE: ' {tgt}' after 'en:'
     config.data.max_train_pairs = 4000
     config.training.global_batch_size = 16
     config.training.num_epochs = 2.0

@@ -16,6 +16,7 @@ def get_config():
                                   f"{base.WMT}/train/news-commentary.first10k")
     config.data.eval_max_sentences = 200
     config.features.cache = True
+    config.data.space_with_target = True       # SmolLM2's byte-level BPE: ' {tgt}' after 'en:'
     config.data.max_train_pairs = 2000         # seed: 20,000
     config.training.eval_every_steps = 100
     config.training.checkpoint_every_steps = 100

@@ -83,10 +83,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--shots", type=int, default=3, help="newstest2013 pairs in the prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--strip-query-space", action="store_true",
-                   help="end the prompt at 'en:' instead of 'en: ' (byte-level BPE attaches the "
-                        "space to the next word, so the research format's trailing space is an "
-                        "unusual token boundary for SmolLM2)")
+    p.add_argument("--research-space", action="store_true",
+                   help="end the prompt at 'en: ' as the research code did, instead of 'en:' "
+                        "(SmolLM2's byte-level BPE attaches a space to the next word, so after a "
+                        "bare trailing space it mostly emits a newline: empty translations)")
     mtp = p.add_argument_group("MTP (after the greedy translations)")
     mtp.add_argument("--no-mtp", action="store_true", help="greedy only")
     mtp.add_argument("--heads", type=Path, default=None,
@@ -115,7 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = load_converted(model_dir)
     tok = model.tokenizer
     pairs, shots, source = load_pairs(args.num_sentences, args.shots)
-    fmt = PromptFormat.for_languages("de", "en", shots=shots)
+    fmt = PromptFormat.for_languages("de", "en", shots=shots,
+                                     space_with_target=not args.research_space)
     stop_ids = set(tok.stop_ids) | newline_token_ids(tok)
     print(f"model {model_dir} ({model.config.n_layers} layers, dim {model.config.dim}, "
           f"vocab {model.config.vocab_size}); {len(pairs)} sentences from {source}, "
@@ -128,8 +129,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for b in range(0, len(pairs), args.batch_size):
         batch = pairs[b:b + args.batch_size]
         texts = [fmt.prompt_text(p.src) for p in batch]
-        if args.strip_query_space:
-            texts = [t.rstrip(" ") for t in texts]
         prompt_ids = [tok.encode(t, bos=True) for t in texts]
         result = greedy_generate(model.config, model.params, prompt_ids, args.max_new_tokens,
                                  stop_ids, tok.pad_id, batch_size=args.batch_size)
@@ -148,9 +147,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{tokens} tokens generated in {seconds:.2f}s: {rate:.1f} tokens/s "
           f"(prefill + decode; compilation {compile_seconds:.1f}s apart, wall {wall:.1f}s)")
     print(DISCLAIMER)
-    if not args.strip_query_space:
-        print("The prompt ends with 'en: ' (the research format); --strip-query-space often gives "
-              "SmolLM2 a better start.")
     if args.no_mtp:
         return 0
     greedy = {"tokens": greedy_ids, "count": tokens, "seconds": seconds}
@@ -176,6 +172,7 @@ def train_config(model_dir: Path, steps: int, batch: int, k: int, eval_sentences
     config.data.train_target_files = ()
     config.data.max_train_pairs = steps * batch
     config.data.shots = 0
+    config.data.space_with_target = True
     config.data.eval_max_sentences = eval_sentences
     config.features.cache = True
     config.optimizer.warmup_steps = min(30, steps // 10)

@@ -50,7 +50,8 @@ def _one_line(text: str) -> str:
 def distill(checkpoint: str | os.PathLike, input_prefix: str, output: str | os.PathLike, *,
             max_pairs: Optional[int] = None, batch_size: int = 16, max_new_tokens: int = 128,
             src_lang: str = "de", tgt_lang: str = "en", shots: int = 0,
-            shots_prefix: str = DEFAULT_SHOTS_PREFIX, progress: bool = True) -> int:
+            shots_prefix: str = DEFAULT_SHOTS_PREFIX, space_with_target: bool = False,
+            progress: bool = True) -> int:
     """Appends translations of source lines [lines already in output, max_pairs) to `output`;
     returns the number of lines written now."""
     from tqdm import tqdm
@@ -81,7 +82,8 @@ def distill(checkpoint: str | os.PathLike, input_prefix: str, output: str | os.P
         shots_path = Path(shots_prefix)
         shots_path = shots_path if shots_path.is_absolute() else ROOT / shots_path
         pool = few_shot_from(read_parallel_text(shots_path, src_lang, tgt_lang).pairs, shots)
-    fmt = PromptFormat.for_languages(src_lang, tgt_lang, shots=pool)
+    fmt = PromptFormat.for_languages(src_lang, tgt_lang, shots=pool,
+                                     space_with_target=space_with_target)
     stop_ids = translation_stop_ids(tok)
     bos = getattr(tok, "add_bos", True)
     todo = sources[start:]
@@ -119,6 +121,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--shots", type=int, default=0, help="few-shot pairs (as in training)")
     p.add_argument("--shots-prefix", default=DEFAULT_SHOTS_PREFIX,
                    help="few-shot pool PREFIX (relative paths: from the repository root)")
+    p.add_argument("--space-with-target", action="store_true",
+                   help="prompts end at 'en:' (as config.data.space_with_target in training)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -131,7 +135,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         written = distill(args.checkpoint, args.input, args.output, max_pairs=args.max_pairs,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           src_lang=args.src_lang, tgt_lang=args.tgt_lang, shots=args.shots,
-                          shots_prefix=args.shots_prefix, progress=not args.no_progress)
+                          shots_prefix=args.shots_prefix,
+                          space_with_target=args.space_with_target,
+                          progress=not args.no_progress)
     except (CheckpointError, DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

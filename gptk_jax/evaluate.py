@@ -46,6 +46,7 @@ class EvalConfig:
     k: Optional[int] = None               # tokens per verify step; default: the heads' k
     max_new_tokens: int = 128
     shots: int = 0                        # few-shot lines from the News Commentary head
+    space_with_target: bool = False       # prompt ends 'en:' (byte-level BPE models, SmolLM2)
     bucket: int = 32                      # prompt length bucket (fewer compilations)
     dtype: Optional[str] = None           # compute dtype (exactness is promised for float32)
     oracle: bool = False                  # also run the oracle drafter (upper bound for K)
@@ -64,7 +65,7 @@ def load_split(split: str, src_lang: str, tgt_lang: str, max_sentences: Optional
                               max_pairs=max_sentences).pairs
 
 
-def prompt_format(src_lang: str, tgt_lang: str, shots: int):
+def prompt_format(src_lang: str, tgt_lang: str, shots: int, space_with_target: bool = False):
     from gptk_jax.data.prompts import PromptFormat, few_shot_from
     from gptk_jax.data.wmt import read_parallel_text
     pool = ()
@@ -72,7 +73,8 @@ def prompt_format(src_lang: str, tgt_lang: str, shots: int):
         train = read_parallel_text(DATA / "wmt14-de-en" / "train" / "news-commentary.first10k",
                                    src_lang, tgt_lang)
         pool = few_shot_from(train.pairs, shots)
-    return PromptFormat.for_languages(src_lang, tgt_lang, shots=pool)
+    return PromptFormat.for_languages(src_lang, tgt_lang, shots=pool,
+                                      space_with_target=space_with_target)
 
 
 def translation_stop_ids(tokenizer) -> list[int]:
@@ -152,7 +154,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         raise ValueError("nothing to compare: give --heads and/or --oracle")
 
     pairs = load_split(cfg.split, cfg.src_lang, cfg.tgt_lang, cfg.max_sentences)
-    fmt = prompt_format(cfg.src_lang, cfg.tgt_lang, cfg.shots)
+    fmt = prompt_format(cfg.src_lang, cfg.tgt_lang, cfg.shots, cfg.space_with_target)
     prompts = [tok.encode(fmt.prompt_text(p.src), bos=True) for p in pairs]
     refs = [p.tgt for p in pairs]
     stop_ids = translation_stop_ids(tok)
@@ -189,7 +191,9 @@ def run_evaluation(cfg: EvalConfig) -> dict:
                 "method": name, "batch_size": batch, **stats,
                 "speedup": stats["tokens_per_second"] / runs[f"greedy/b{batch}"][
                     "tokens_per_second"],
-                "identical_to_greedy": tokens == greedy_tokens, **mtp_summary(results, k)}
+                "identical_to_greedy": tokens == greedy_tokens,
+                "rows_differing_from_greedy": sum(a != b for a, b in zip(tokens, greedy_tokens)),
+                **mtp_summary(results, k)}
             outputs[name, batch] = (tokens, [rec for r in results for rec in r.row_records()])
 
     first = cfg.batch_sizes[0]
@@ -207,7 +211,8 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     all_identical = all(r.get("identical_to_greedy", True) for r in runs.values())
     return {"checkpoint": str(cfg.checkpoint), "heads": cfg.heads, "split": cfg.split,
             "num_sentences": len(pairs), "k": k, "max_new_tokens": cfg.max_new_tokens,
-            "shots": cfg.shots, "dtype": config.dtype, "platform": jax.devices()[0].platform,
+            "shots": cfg.shots, "space_with_target": cfg.space_with_target,
+            "dtype": config.dtype, "platform": jax.devices()[0].platform,
             "quality": quality, "runs": runs, "all_identical_to_greedy": all_identical,
             "scores_identical": len({(q["bleu"], q["chrf"]) for q in quality.values()}) == 1,
             "translations": translations}
@@ -246,7 +251,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Greedy vs MTP: {Path(report['checkpoint']).name} on {report['split']} "
              f"({report['num_sentences']} sentences, K={report['k']}, {report['platform']}, "
              f"{report['dtype']})", "",
-             "| run | BLEU | chrF | tokens/s | speedup | τ | accepted histogram | identical |",
+             "| run | BLEU | chrF | tokens/s | speedup | τ | accepted histogram | identical "
+             "(rows differing) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, run in report["runs"].items():
         q = report["quality"][name]
@@ -254,7 +260,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {q['bleu']:.2f} | {q['chrf']:.2f} | "
                      f"{run['tokens_per_second']:.1f} | {run.get('speedup', 1.0):.2f} | {tau} | "
                      f"{run.get('accepted_histogram', '–')} | "
-                     f"{run.get('identical_to_greedy', '–')} |")
+                     f"{run.get('identical_to_greedy', '–')}"
+                     + (f" ({run['rows_differing_from_greedy']})"
+                        if "rows_differing_from_greedy" in run else "") + " |")
     any_q = next(iter(report["quality"].values()))
     lines += ["", f"BLEU signature: `{any_q['bleu_signature']}`",
               f"chrF signature: `{any_q['chrf_signature']}`", "",
@@ -321,6 +329,9 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--k", type=int, default=None, help="tokens per step (default: heads' k)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--shots", type=int, default=0)
+    p.add_argument("--space-with-target", action="store_true",
+                   help="end prompts at 'en:' (the space goes with the target): for byte-level "
+                        "BPE models such as SmolLM2; use what the heads were trained with")
     p.add_argument("--bucket", type=int, default=32)
     p.add_argument("--dtype", default=None)
     p.add_argument("--oracle", action="store_true", help="also run the oracle drafter")
@@ -330,7 +341,8 @@ def parse_args(argv=None) -> EvalConfig:
     return EvalConfig(checkpoint=a.checkpoint, heads=a.heads, output=a.output, split=a.split,
                       src_lang=a.src_lang, tgt_lang=a.tgt_lang, max_sentences=a.max_sentences,
                       batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",")), k=a.k,
-                      max_new_tokens=a.max_new_tokens, shots=a.shots, bucket=a.bucket,
+                      max_new_tokens=a.max_new_tokens, shots=a.shots,
+                      space_with_target=a.space_with_target, bucket=a.bucket,
                       dtype=a.dtype, oracle=a.oracle, progress=not a.no_progress)
 
 
@@ -341,7 +353,13 @@ def main(argv=None) -> int:
     print(markdown(report))
     print(f"wrote {cfg.output}/report.json, report.md, acceptance.png, translations.jsonl")
     if not (report["all_identical_to_greedy"] and report["scores_identical"]):
-        print("ERROR: MTP output differs from greedy", file=sys.stderr)
+        differing = {name: f"{r['rows_differing_from_greedy']}/{report['num_sentences']}"
+                     for name, r in report["runs"].items() if "rows_differing_from_greedy" in r}
+        if report["dtype"] != "float32":   # exactness is promised in float32 only: report it
+            print(f"note: in {report['dtype']}, rows whose MTP tokens differ from greedy: "
+                  f"{differing} (a K-token verify step rounds differently from 1-token steps)")
+            return 0
+        print(f"ERROR: MTP output differs from greedy in float32: {differing}", file=sys.stderr)
         return 1
     return 0
 

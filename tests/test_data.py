@@ -49,6 +49,18 @@ def test_prompt_text_matches_research_prompt():
         PromptFormat(query_template="{src} {tgt}")
 
 
+def test_space_with_target_moves_the_space_from_the_prompt_to_the_target():
+    shots = [Pair("s0", "t0")]
+    fmt = PromptFormat.for_languages(shots=shots, space_with_target=True)
+    assert fmt.prompt_text("Hallo") == "Translate from de to en\nde: s0; en: t0\nde: Hallo; en:"
+    assert fmt.target_text("Hi there") == " Hi there"
+    assert PromptFormat().target_text("Hi") == "Hi"
+    ex = encode_example(fmt, ByteTokenizer(), Pair("a", "b"))
+    # prompt + target together spell the research format's text exactly
+    text = bytes(i - 3 for i in ex.prompt_ids[1:] + ex.target_ids[:-1]).decode()
+    assert text == "Translate from de to en\nde: s0; en: t0\nde: a; en: b"
+
+
 def test_encode_example_and_build_sequence_by_hand():
     fmt = PromptFormat(instruction="I\n", shot_template="{src}={tgt}\n", query_template="{src}=")
     ex = encode_example(fmt, ByteTokenizer(), Pair("a", "b"))

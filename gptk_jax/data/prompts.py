@@ -50,6 +50,7 @@ class PromptFormat:
     shot_template: str = "de: {src}; en: {tgt}\n"
     query_template: str = "de: {src}; en: "
     shots: tuple = ()
+    target_prefix: str = ""   # put before the target text when it is encoded (see for_languages)
 
     def __post_init__(self):
         object.__setattr__(self, "shots", tuple(Pair(*s) if not isinstance(s, Pair) else s
@@ -62,11 +63,18 @@ class PromptFormat:
 
     @classmethod
     def for_languages(cls, src_lang: str = "de", tgt_lang: str = "en",
-                      shots: Iterable[Pair] = ()) -> "PromptFormat":
+                      shots: Iterable[Pair] = (), space_with_target: bool = False
+                      ) -> "PromptFormat":
+        """The research format. `space_with_target`: the prompt ends at `en:` and the space goes
+        with the target (` {tgt}`), as byte-level BPE tokenizers (GPT-2 style, SmolLM2) split
+        text: they attach a space to the word after it, so a prompt ending in a bare space is an
+        unusual boundary after which such models mostly emit a newline. Tiktoken's Llama 3
+        pattern also attaches spaces to words; the research code used the trailing space."""
+        query = f"{src_lang}: {{src}}; {tgt_lang}:" + ("" if space_with_target else " ")
         return cls(instruction=f"Translate from {src_lang} to {tgt_lang}\n",
                    shot_template=f"{src_lang}: {{src}}; {tgt_lang}: {{tgt}}\n",
-                   query_template=f"{src_lang}: {{src}}; {tgt_lang}: ",
-                   shots=tuple(shots))
+                   query_template=query, shots=tuple(shots),
+                   target_prefix=" " if space_with_target else "")
 
     def with_shots(self, shots: Iterable[Pair]) -> "PromptFormat":
         return dataclasses.replace(self, shots=tuple(shots))
@@ -79,6 +87,10 @@ class PromptFormat:
         """The whole prompt for source `src` (the target follows it directly)."""
         shot_lines = "".join(self.shot_template.format(src=s.src, tgt=s.tgt) for s in self.shots)
         return self.instruction + shot_lines + self.query_template.format(src=src)
+
+    def target_text(self, tgt: str) -> str:
+        """What is encoded as the target after the prompt."""
+        return self.target_prefix + tgt
 
 
 def _check_template(name: str, template: str, fields: set) -> None:
@@ -132,7 +144,7 @@ class Example:
 def encode_example(fmt: PromptFormat, tokenizer: TokenizerLike, pair: Pair) -> Example:
     bos = getattr(tokenizer, "add_bos", True)      # models trained without BOS don't get one
     prompt_ids = tokenizer.encode(fmt.prompt_text(pair.src), bos=bos)
-    target_ids = tokenizer.encode(pair.tgt, eos=True)
+    target_ids = tokenizer.encode(fmt.target_text(pair.tgt), eos=True)
     return Example(tuple(prompt_ids), tuple(target_ids), pair)
 
 
@@ -143,7 +155,7 @@ def encode_examples(fmt: PromptFormat, tokenizer: TokenizerLike,
         return [encode_example(fmt, tokenizer, p) for p in pairs]
     bos = getattr(tokenizer, "add_bos", True)
     prompts = tokenizer.encode_batch([fmt.prompt_text(p.src) for p in pairs], bos=bos)
-    targets = tokenizer.encode_batch([p.tgt for p in pairs], eos=True)
+    targets = tokenizer.encode_batch([fmt.target_text(p.tgt) for p in pairs], eos=True)
     return [Example(tuple(a), tuple(b), p) for a, b, p in zip(prompts, targets, pairs)]
 
 

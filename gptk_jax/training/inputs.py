@@ -165,7 +165,8 @@ def prompt_format(data: DataSettings) -> PromptFormat:
             shots = few_shot_from(pool, data.shots)
         except (OSError, DataError, ValueError) as e:
             raise TrainingError(f"config.data.shots_prefix: {e}") from None
-    return PromptFormat.for_languages(data.src_lang, data.tgt_lang, shots=shots)
+    return PromptFormat.for_languages(data.src_lang, data.tgt_lang, shots=shots,
+                                      space_with_target=data.space_with_target)
 
 
 def build_pipelines(settings: RunSettings, tokenizer, fmt: PromptFormat,

@@ -73,6 +73,7 @@ class DataSettings:
     bucket_lengths: tuple = ()
     shots: int = 0
     shots_prefix: str = ""
+    space_with_target: bool = False
     eval_prefix: str = ""
     eval_max_sentences: Optional[int] = None
 
