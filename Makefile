@@ -1,7 +1,7 @@
 # make demo  - set up and run the main job on the real SmolLM2 model and real WMT14 text (CPU)
 # make test  - set up and run the test suite
 # make results - train + evaluate the three head families on SmolLM2 and write docs/results.md
-#                (resumable; options: make results RESULTS_ARGS='--steps 300 --max-sentences 50')
+#                (resumable; options: make results RESULTS_ARGS='--steps 300 --max-sentences 100')
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -1,5 +1,5 @@
 """MTP head training: hand-computed loss pieces, frozen trunk, every config family, resume after
-SIGKILL / SIGTERM, bad input, self-distillation, and (slow) a real SmolLM2 run."""
+SIGKILL / SIGTERM, bad input, self-distillation (the real-trunk run: test_real_heads.py)."""
 
 import importlib
 import json
@@ -390,34 +390,5 @@ def test_distill_is_line_aligned_resumable_and_trainable(tmp_path):
     kept = [(s, t) for s, t in zip(sources, lines) if s and t]
     assert [(p.src, p.tgt) for p in pairs] == kept
 
-
-# --------------------------------------------------------------------------------------------
-# Real trunk (slow)
-# --------------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_real_smollm2_short_run_learns(tmp_path):
-    model_dir = ROOT / ".cache" / "models" / "smollm2-135m"
-    if not (model_dir / "config.json").is_file():
-        from gptk_jax import artifacts
-        gguf = artifacts.fetch("smollm2_gguf")
-        model_dir = tmp_path / "smollm2"
-        subprocess.run([sys.executable, "-m", "convert", "--format", "gguf", "--input", str(gguf),
-                        "--output", str(model_dir)], cwd=ROOT, check=True)
-    config = with_fields(get_config("linear_smollm2_wmt14"), {
-        "trunk_checkpoint": str(model_dir), "data.max_train_pairs": 96,
-        "data.eval_max_sentences": 24, "training.global_batch_size": 8,
-        "training.num_train_steps": 36, "training.log_every_steps": 4,
-        "training.eval_every_steps": 0, "training.eval_at_start": True,
-        "training.checkpoint_every_steps": 0, "optimizer.warmup_steps": 0,
-        "optimizer.learning_rate": 2e-3})
-    result = train_and_evaluate(config, tmp_path / "run", progress=False)
-    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl", "train")]
-    evals = read_metrics(tmp_path / "run" / "metrics.jsonl", "eval")
-    assert [e["step"] for e in evals] == [0, 36]
-    assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 0.1, losses
-    untrained, trained = evals[0], evals[-1]
-    for o in config.head.offsets or (2, 3):
-        assert trained[f"top1_trunk_o{o}"] > untrained[f"top1_trunk_o{o}"], (o, evals)
-    assert trained["acceptance_trunk"] > untrained["acceptance_trunk"]
-    assert result["heads"] is not None
+# The real-trunk training run (slow) lives in tests/test_real_heads.py, where its heads are
+# reused for the exactness tests.
