@@ -148,8 +148,9 @@ def test_few_shot_from_is_deterministic_and_filtered():
 def test_read_newstest_plain(wmt_dir):
     r14 = read_parallel_text(wmt_dir / "newstest2014")
     assert len(r14.pairs) == 3003 and r14.dropped_empty == 0 and r14.stripped_cr == 0
-    assert r14.pairs[0] == Pair("Gutach: Noch mehr Sicherheit für Fußgänger",
-                                "Gutach: Increased safety for pedestrians")
+    first_de = read_lines(wmt_dir / "newstest2014.de")[0]
+    first_en = read_lines(wmt_dir / "newstest2014.en")[0]
+    assert r14.pairs[0] == Pair(first_de, first_en) and first_de and first_en
     assert [p.src for p in r14.pairs] == read_lines(wmt_dir / "newstest2014.de")
     assert len(read_parallel_text(wmt_dir / "newstest2013").pairs) == 3000
 
@@ -451,7 +452,7 @@ def test_llama3_examples_and_batch(llama3, wmt_dir, train_pairs):
     assert ex.prompt_ids[0] == llama3.bos_id == 128000
     assert ex.target_ids[-1] == llama3.eos_id == 128001          # <|end_of_text|>
     assert llama3.decode(ex.prompt_ids[1:]) == fmt.prompt_text(test.pairs[0].src)
-    assert llama3.decode(ex.target_ids[:-1]) == "Gutach: Increased safety for pedestrians"
+    assert llama3.decode(ex.target_ids[:-1]) == read_lines(wmt_dir / "newstest2014.en")[0]
     assert llama3.encode(fmt.prompt_text(test.pairs[0].src), bos=True) == list(ex.prompt_ids)
 
     pipe = TranslationPipeline(test, llama3, fmt, PipelineConfig(8, 512, max_offset=4),
