@@ -178,7 +178,9 @@ def test_read_news_commentary_drops_empty_and_strips_cr(wmt_dir):
 def test_read_europarl_train(wmt_dir):
     r = read_parallel_text(wmt_dir / "train" / "europarl-v7.first20k")
     assert len(r.pairs) == 20000 and r.dropped_empty == 0
-    assert r.pairs[0] == Pair("Wiederaufnahme der Sitzungsperiode", "Resumption of the session")
+    prefix = wmt_dir / "train" / "europarl-v7.first20k"
+    assert r.pairs[0] == Pair(read_lines(prefix.with_suffix(".first20k.de"))[0],
+                              read_lines(prefix.with_suffix(".first20k.en"))[0])
 
 
 def test_plain_reader_splits_on_newline_only(tmp_path):
