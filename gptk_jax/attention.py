@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptk_jax.kv_cache import write_rows
+from gptk_jax.kv_cache import write_layer
 from gptk_jax.rope import apply_rope
 
 NEG_INF = float(np.finfo(np.float32).min)
@@ -32,10 +32,11 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, inv_freq, mask, cache_k, cache_v, write_start):
-        """x [B,T,D]; positions [B,T]; mask [B,T,S]; cache_k/v [B,S,K,H]; write_start [B].
+    def __call__(self, x, positions, inv_freq, mask, cache_k, cache_v, write_start, layer=None):
+        """x [B,T,D]; positions [B,T]; mask [B,T,S]; write_start [B]; cache_k/v either this
+        layer's [B,K,S,H] (layer None) or the stacked [L,B,K,S,H] with `layer` the index to use.
 
-        Returns (out [B,T,D], cache_k, cache_v) with the T new keys/values written.
+        Returns (out [B,T,D], cache_k, cache_v) with the T new keys/values written (same form).
         """
         dense = lambda feats, name: nn.DenseGeneral(
             feats, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -44,18 +45,20 @@ class Attention(nn.Module):
         v = dense((self.n_kv_heads, self.head_dim), "wv")(x)    # [B,T,K,H]
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        cache_k = write_rows(cache_k, k, write_start)           # [B,S,K,H]
-        cache_v = write_rows(cache_v, v, write_start)
+        cache_k = write_layer(cache_k, k.transpose(0, 2, 1, 3), write_start, layer)
+        cache_v = write_layer(cache_v, v.transpose(0, 2, 1, 3), write_start, layer)
+        keys = cache_k if layer is None else cache_k[layer]     # [B,K,S,H]
+        values = cache_v if layer is None else cache_v[layer]   # [B,K,S,H]
 
         b, t = x.shape[:2]
         groups = self.n_heads // self.n_kv_heads
         q = q.reshape(b, t, self.n_kv_heads, groups, self.head_dim)  # [B,T,K,G,H]
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, cache_k.astype(self.dtype),
+        scores = jnp.einsum("btkgh,bksh->bkgts", q, keys.astype(self.dtype),
                             preferred_element_type=jnp.float32)
         scores = scores / np.sqrt(self.head_dim).astype(np.float32)
         scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B,K,G,T,S]
-        attended = jnp.einsum("bkgts,bskh->btkgh", probs, cache_v.astype(self.dtype))
+        attended = jnp.einsum("bkgts,bksh->btkgh", probs, values.astype(self.dtype))
         attended = attended.reshape(b, t, self.n_heads, self.head_dim)  # [B,T,N,H]
         out = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype, name="wo")(attended)

@@ -8,6 +8,8 @@ and never seen before that, because a query at slot q only sees slots <= q.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -17,22 +19,22 @@ from gptk_jax.config import LlamaConfig
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array        # [L,B,S,K,H]
-    v: jax.Array        # [L,B,S,K,H]
+    k: jax.Array        # [L,B,K,S,H] (kv heads before slots: attention reads [B,K,S,H] as is)
+    v: jax.Array        # [L,B,K,S,H]
     valid: jax.Array    # [B,S] bool
     lengths: jax.Array  # [B] int32, slots filled so far
 
     @classmethod
     def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or config.dtype
-        shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, max_len), bool),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -40,3 +42,21 @@ def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     def one(buf, upd, s):
         return jax.lax.dynamic_update_slice_in_dim(buf, upd, s, axis=0)
     return jax.vmap(one)(buffer, new.astype(buffer.dtype), start)
+
+
+def write_layer(buffer: jax.Array, new: jax.Array, start: jax.Array,
+                layer: Optional[int] = None) -> jax.Array:
+    """Writes new keys or values [B,K,T,H] at per-row slots start[b] .. start[b]+T-1 into a
+    layer's cache [B,K,S,H] (layer None) or into layer `layer` of the stacked cache [L,B,K,S,H].
+
+    One scatter of B*T slots straight into the (loop-carried) buffer, which XLA updates in place.
+    Slicing a layer out, writing it and stacking the layers again copies the whole cache every
+    step, and a vmap over the batch axis transposes it (both measured, docs/benchmarks.md).
+    """
+    batch, _, t, _ = new.shape
+    rows = jnp.arange(batch)[:, None]                              # [B,1]
+    slots = start[:, None] + jnp.arange(t)[None, :]                # [B,T]
+    new = new.transpose(0, 2, 1, 3).astype(buffer.dtype)           # [B,T,K,H]
+    if layer is None:
+        return buffer.at[rows, :, slots].set(new, mode="drop", unique_indices=True)
+    return buffer.at[layer, rows, :, slots].set(new, mode="drop", unique_indices=True)

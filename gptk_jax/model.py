@@ -35,15 +35,16 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask, write_start):
-        """x [B,T,D]; layer_cache (k, v) each [B,S,K,H]. Returns (x, (k, v))."""
+    def __call__(self, x, layer_cache, positions, mask, write_start, layer=None):
+        """x [B,T,D]; layer_cache (k, v): this layer's [B,K,S,H] each (layer None, under scan)
+        or the stacked [L,B,K,S,H] with `layer` the index to use. Returns (x, (k, v))."""
         c = self.config
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="attention_norm")(x)
         attn, k, v = Attention(c.n_heads, c.n_kv_heads, c.head_dim, dtype, pdtype,
                                name="attention")(h, positions, inv_freq, mask, *layer_cache,
-                                                 write_start)
+                                                 write_start, layer)
         x = x + attn
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="ffn_norm")(x)
         x = x + MLP(c.ffn_dim, dtype, pdtype, name="feed_forward")(h)
@@ -91,7 +92,7 @@ class Llama(nn.Module):
         if token_mask is None:
             token_mask = jnp.ones((b, t), bool)
         if cache is None:  # attend within the new tokens only
-            shape = (c.n_layers, b, t, c.n_kv_heads, c.head_dim)
+            shape = (c.n_layers, b, c.n_kv_heads, t, c.head_dim)
             ks = vs = jnp.zeros(shape, jnp.dtype(c.dtype))
             valid, lengths = jnp.zeros((b, t), bool), jnp.zeros((b,), jnp.int32)
         else:
@@ -103,12 +104,8 @@ class Llama(nn.Module):
         if c.scan_layers:
             x, (ks, vs) = self.layers(x, (ks, vs), positions, mask, lengths)
         else:
-            new_k, new_v = [], []
-            for i, layer in enumerate(self.layers):
-                x, (k, v) = layer(x, (ks[i], vs[i]), positions, mask, lengths)
-                new_k.append(k)
-                new_v.append(v)
-            ks, vs = jnp.stack(new_k), jnp.stack(new_v)
+            for i, layer in enumerate(self.layers):  # writes in place into the stacked cache
+                x, (ks, vs) = layer(x, (ks, vs), positions, mask, lengths, i)
         hidden = x
         hidden_normed = self.final_norm(hidden)
         logits = None
