@@ -46,7 +46,8 @@ class EvalConfig:
     k: Optional[int] = None               # tokens per verify step; default: the heads' k
     max_new_tokens: int = 128
     shots: int = 0                        # few-shot lines from the News Commentary head
-    space_with_target: bool = False       # prompt ends 'en:' (byte-level BPE models, SmolLM2)
+    space_with_target: Optional[bool] = None  # prompt ends 'en:' (byte-level BPE models,
+                                              # SmolLM2); None: as the heads were trained, else False
     bucket: int = 32                      # prompt length bucket (fewer compilations)
     dtype: Optional[str] = None           # compute dtype (exactness is promised for float32)
     oracle: bool = False                  # also run the oracle drafter (upper bound for K)
@@ -131,6 +132,26 @@ def score(hyps: list[str], refs: list[str]) -> dict:
             "chrf_signature": str(chrf.get_signature())}
 
 
+def resolve_space_with_target(given: Optional[bool], heads_metadata: Optional[dict]) -> bool:
+    """The prompt boundary to decode with: the flag when given, else what the heads were trained
+    with (heads.json records the training config), else False. Prints the choice and warns when
+    the flag contradicts the heads (drafts then start from a shifted boundary: low acceptance)."""
+    trained = None
+    if heads_metadata:
+        trained = ((heads_metadata.get("config") or {}).get("data") or {}).get(
+            "space_with_target")
+    if given is None:
+        chosen = bool(trained) if trained is not None else False
+        why = "as the heads were trained (heads.json)" if trained is not None else "default"
+    else:
+        chosen, why = bool(given), "flag"
+        if trained is not None and bool(trained) != chosen:
+            print(f"warning: --{'' if chosen else 'no-'}space-with-target, but the heads were "
+                  f"trained with space_with_target={bool(trained)}", flush=True)
+    print(f"prompt: space_with_target={chosen} ({why})", flush=True)
+    return chosen
+
+
 def run_evaluation(cfg: EvalConfig) -> dict:
     import jax
 
@@ -148,13 +169,15 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         heads = load_heads(cfg.heads, config, trunk_name)
         k = k or heads.head_config.k
         drafters["mtp"] = head_drafter(heads.head_config, heads.params, config, params, k)
+    space_with_target = resolve_space_with_target(cfg.space_with_target,
+                                                  heads.metadata if cfg.heads else None)
     if k is None:
         raise ValueError("give --heads (K defaults to the heads' k) or --k with --oracle")
     if not drafters and not cfg.oracle:
         raise ValueError("nothing to compare: give --heads and/or --oracle")
 
     pairs = load_split(cfg.split, cfg.src_lang, cfg.tgt_lang, cfg.max_sentences)
-    fmt = prompt_format(cfg.src_lang, cfg.tgt_lang, cfg.shots, cfg.space_with_target)
+    fmt = prompt_format(cfg.src_lang, cfg.tgt_lang, cfg.shots, space_with_target)
     prompts = [tok.encode(fmt.prompt_text(p.src), bos=True) for p in pairs]
     refs = [p.tgt for p in pairs]
     stop_ids = translation_stop_ids(tok)
@@ -211,7 +234,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     all_identical = all(r.get("identical_to_greedy", True) for r in runs.values())
     return {"checkpoint": str(cfg.checkpoint), "heads": cfg.heads, "split": cfg.split,
             "num_sentences": len(pairs), "k": k, "max_new_tokens": cfg.max_new_tokens,
-            "shots": cfg.shots, "space_with_target": cfg.space_with_target,
+            "shots": cfg.shots, "space_with_target": space_with_target,
             "dtype": config.dtype, "platform": jax.devices()[0].platform,
             "quality": quality, "runs": runs, "all_identical_to_greedy": all_identical,
             "scores_identical": len({(q["bleu"], q["chrf"]) for q in quality.values()}) == 1,
@@ -329,9 +352,10 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--k", type=int, default=None, help="tokens per step (default: heads' k)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--shots", type=int, default=0)
-    p.add_argument("--space-with-target", action="store_true",
+    p.add_argument("--space-with-target", action=argparse.BooleanOptionalAction, default=None,
                    help="end prompts at 'en:' (the space goes with the target): for byte-level "
-                        "BPE models such as SmolLM2; use what the heads were trained with")
+                        "BPE models such as SmolLM2 (default: what the heads were trained with, "
+                        "read from heads.json; without heads: off)")
     p.add_argument("--bucket", type=int, default=32)
     p.add_argument("--dtype", default=None)
     p.add_argument("--oracle", action="store_true", help="also run the oracle drafter")

@@ -10,7 +10,7 @@ import pytest
 from gptk_jax import artifacts
 from gptk_jax.checkpoint import save_converted
 from gptk_jax.config import LlamaConfig
-from gptk_jax.evaluate import hypothesis_text, main, translation_stop_ids
+from gptk_jax.evaluate import hypothesis_text, main, resolve_space_with_target, translation_stop_ids
 from gptk_jax.heads import HeadConfig, init_head_params, make_head
 from gptk_jax.heads_io import save_heads
 from gptk_jax.model import init_params
@@ -93,3 +93,14 @@ def test_generate_cli_mtp_equals_greedy(folders, tmp_path):
     # heads are refused for a K they were not trained for
     assert generate_main(["--checkpoint", str(ckpt), "--prompt", "x", "--max-new-tokens", "2",
                           "--decoding", "mtp", "--heads", str(heads), "--k", "4"]) == 2
+
+
+def test_prompt_boundary_follows_the_heads_unless_the_flag_says_otherwise(capsys):
+    trained = {"config": {"data": {"space_with_target": True}}}
+    assert resolve_space_with_target(None, trained) is True          # heads.json decides
+    assert resolve_space_with_target(None, {"config": {}}) is False  # nothing recorded
+    assert resolve_space_with_target(None, None) is False            # no heads
+    assert resolve_space_with_target(True, None) is True
+    assert "warning" not in capsys.readouterr().out
+    assert resolve_space_with_target(False, trained) is False        # the flag wins, with a warning
+    assert "trained with space_with_target=True" in capsys.readouterr().out
