@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gptk_jax.atomic import atomic_folder
 from gptk_jax.config import ConfigError, LlamaConfig
 from gptk_jax.model import abstract_params, params_for_model
 
@@ -116,27 +116,13 @@ def save_converted(out_dir: str | os.PathLike, config: LlamaConfig, params: dict
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"cannot create {out.parent}: {e}") from None
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
+    with atomic_folder(out) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json())
         _save_params(tmp / PARAMS_DIR, params)
         if write_tokenizer is not None:
             (tmp / TOKENIZER_DIR).mkdir()
             write_tokenizer(tmp / TOKENIZER_DIR)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance or {}, indent=2, default=str))
-        if out.exists():  # overwrite: move the old one aside only once the new one is complete
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gptk_jax.atomic import atomic_folder
 from gptk_jax.config import LlamaConfig
 from gptk_jax.heads.config import HeadConfig, HeadConfigError
 
@@ -100,24 +100,11 @@ def save_heads(out_dir: str | os.PathLike, head_config: HeadConfig, head_params:
     meta = {"format": FORMAT_VERSION, "head_config": head_config.to_dict(),
             "trunk": trunk_fingerprint(trunk_config, trunk_name), "metadata": metadata or {}}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_folder(out) as tmp:
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / PARAMS_DIR, jax.device_get(head_params))
         ckptr.wait_until_finished()
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
