@@ -54,6 +54,41 @@ def dense_kernel(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.T)
 
 
+# kind -> the full torch `[out, in]` shape a config implies (Meta, HF and GGUF agree on it; GGUF
+# stores the dims reversed, ne0 innermost)
+TORCH_SHAPES = {
+    "norm": lambda c: (c.dim,),
+    "q": lambda c: (c.n_heads * c.head_dim, c.dim),
+    "k": lambda c: (c.n_kv_heads * c.head_dim, c.dim),
+    "v": lambda c: (c.n_kv_heads * c.head_dim, c.dim),
+    "o": lambda c: (c.dim, c.n_heads * c.head_dim),
+    "ffn_in": lambda c: (c.ffn_dim, c.dim),
+    "ffn_out": lambda c: (c.dim, c.ffn_dim),
+    "embedding": lambda c: (c.vocab_size, c.dim),
+    "output": lambda c: (c.vocab_size, c.dim),
+}
+
+
+def torch_to_kernel(kind: str, w: np.ndarray, config: LlamaConfig, *,
+                    interleaved_qk: bool) -> np.ndarray:
+    """A torch-layout tensor of `kind` (TORCH_SHAPES) -> our kernel layout. `interleaved_qk`:
+    q/k rows in Meta's interleaved rotary pairs (Meta, GGUF), permuted here to half-split;
+    HF checkpoints are half-split already. Norms and embeddings pass through unchanged."""
+    c = config
+    if kind in ("q", "k"):
+        n = c.n_heads if kind == "q" else c.n_kv_heads
+        if interleaved_qk:
+            w = interleaved_to_half_split(w, n, c.head_dim)
+        return heads_in_kernel(w, n, c.head_dim)
+    if kind == "v":
+        return heads_in_kernel(w, c.n_kv_heads, c.head_dim)
+    if kind == "o":
+        return heads_out_kernel(w, c.n_heads, c.head_dim)
+    if kind in ("ffn_in", "ffn_out", "output"):
+        return dense_kernel(w)
+    return w  # norm, embedding
+
+
 # canonical per-layer leaf paths (inside params["layers"])
 LAYER_LEAVES = (
     ("attention_norm", "scale"),

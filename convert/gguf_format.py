@@ -18,7 +18,6 @@ divisors; it is matched against Llama 3 scaling to recover the factor.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import re
 import struct
@@ -27,9 +26,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from convert.common import (ConversionError, Converted, dense_kernel, empty_layer_stack,
-                            heads_in_kernel, heads_out_kernel, interleaved_to_half_split,
-                            numpy_dtype, set_layer)
+from convert.common import (ConversionError, Converted, TORCH_SHAPES, empty_layer_stack,
+                            numpy_dtype, set_layer, torch_to_kernel)
+from gptk_jax.artifacts import sha256_file
 from gptk_jax.config import (LLAMA3_ORIGINAL_CONTEXT, ConfigError, LlamaConfig, RopeScaling,
                              from_gguf_metadata)
 
@@ -63,18 +62,6 @@ TOP_TABLE = {
 }
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 
-# kind -> the torch `[out, in]` shape (GGUF dims are the reverse: ne0 is the innermost)
-TORCH_SHAPES = {
-    "norm": lambda c: (c.dim,),
-    "q": lambda c: (c.n_heads * c.head_dim, c.dim),
-    "k": lambda c: (c.n_kv_heads * c.head_dim, c.dim),
-    "v": lambda c: (c.n_kv_heads * c.head_dim, c.dim),
-    "o": lambda c: (c.dim, c.n_heads * c.head_dim),
-    "ffn_in": lambda c: (c.ffn_dim, c.dim),
-    "ffn_out": lambda c: (c.dim, c.ffn_dim),
-    "embedding": lambda c: (c.vocab_size, c.dim),
-    "output": lambda c: (c.vocab_size, c.dim),
-}
 
 # tokenizer arrays: large, read by gptk_jax.tokenizers, not needed as config metadata
 _SKIP_METADATA = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
@@ -348,24 +335,6 @@ def check_tensors(tensors: dict, config: LlamaConfig, path: Path) -> list[str]:
     return names
 
 
-def _transform(kind: str, w: np.ndarray, config: LlamaConfig) -> np.ndarray:
-    """Dequantized torch-order [out, in] -> our kernel layout; q/k back to half-split."""
-    c = config
-    if kind == "q":
-        return heads_in_kernel(interleaved_to_half_split(w, c.n_heads, c.head_dim),
-                               c.n_heads, c.head_dim)
-    if kind == "k":
-        return heads_in_kernel(interleaved_to_half_split(w, c.n_kv_heads, c.head_dim),
-                               c.n_kv_heads, c.head_dim)
-    if kind == "v":
-        return heads_in_kernel(w, c.n_kv_heads, c.head_dim)
-    if kind == "o":
-        return heads_out_kernel(w, c.n_heads, c.head_dim)
-    if kind in ("ffn_in", "ffn_out", "output"):
-        return dense_kernel(w)
-    return w
-
-
 def dequantized(tensor, path: Path) -> np.ndarray:
     """One ReaderTensor as float32 in torch order."""
     from gguf.quants import dequantize
@@ -385,7 +354,8 @@ def convert_tensors(reader, names: list[str], config: LlamaConfig, dtype, path: 
     params: dict = {"layers": layers}
     for name in tqdm(names, desc="dequantizing", unit="tensor", disable=None, leave=False):
         leaf_path, kind, layer = _kind(name)
-        value = _transform(kind, dequantized(by_name[name], path), config).astype(dtype)
+        value = torch_to_kernel(kind, dequantized(by_name[name], path), config,
+                                interleaved_qk=True).astype(dtype)
         if layer is None:
             params.setdefault(leaf_path[0], {})[leaf_path[1]] = value
         else:
@@ -407,14 +377,6 @@ def tokenizer_writer(reader, path: Path) -> tuple[Optional[Any], Optional[int], 
     except tokenizers.TokenizerError as e:
         return None, None, str(e)
     return (lambda folder: tokenizers.write_gguf_tokenizer(reader, folder)), vocab, None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- entry point --------------------------------------------------------------------------------
@@ -457,7 +419,7 @@ def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optio
     provenance = {
         "format": "gguf",
         "input": str(path.absolute()),
-        "files": {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}},
+        "files": {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}},
         "gguf_version": scan["version"],
         "general.name": meta.get("general.name"),
         "tensor_types": sorted({tensors[n][0].name for n in names}),

@@ -14,7 +14,6 @@ HF already stores q/k in the half-split RoPE layout: no permutation here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -23,8 +22,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from convert.common import (ConversionError, Converted, dense_kernel, empty_layer_stack,
-                            heads_in_kernel, heads_out_kernel, numpy_dtype, set_layer)
+from convert.common import (ConversionError, Converted, TORCH_SHAPES, empty_layer_stack,
+                            numpy_dtype, set_layer, torch_to_kernel)
+from gptk_jax.artifacts import sha256_file
 from gptk_jax.config import LlamaConfig, from_hf_config
 
 CONFIG_FILE = "config.json"
@@ -55,18 +55,6 @@ TOP_TABLE = {
     "model.embed_tokens.weight": (("tok_embeddings", "embedding"), "embedding"),
     "model.norm.weight": (("norm", "scale"), "norm"),
     "lm_head.weight": (("output", "kernel"), "output"),
-}
-# kind -> the torch `[out, in]` shape config.json implies
-TORCH_SHAPES = {
-    "norm": lambda c: (c.dim,),
-    "q": lambda c: (c.n_heads * c.head_dim, c.dim),
-    "k": lambda c: (c.n_kv_heads * c.head_dim, c.dim),
-    "v": lambda c: (c.n_kv_heads * c.head_dim, c.dim),
-    "o": lambda c: (c.dim, c.n_heads * c.head_dim),
-    "ffn_in": lambda c: (c.ffn_dim, c.dim),
-    "ffn_out": lambda c: (c.dim, c.ffn_dim),
-    "embedding": lambda c: (c.vocab_size, c.dim),
-    "output": lambda c: (c.vocab_size, c.dim),
 }
 
 # safetensors dtype -> bytes per element (the format's full list)
@@ -246,20 +234,6 @@ def check_tensors(tensors: dict, config: LlamaConfig, folder: Path) -> tuple[lis
 
 # --- tensors ------------------------------------------------------------------------------------
 
-def _transform(kind: str, w: np.ndarray, config: LlamaConfig) -> np.ndarray:
-    """Torch layout -> our kernel layout (q/k are already half-split in HF checkpoints)."""
-    c = config
-    if kind == "q":
-        return heads_in_kernel(w, c.n_heads, c.head_dim)
-    if kind in ("k", "v"):
-        return heads_in_kernel(w, c.n_kv_heads, c.head_dim)
-    if kind == "o":
-        return heads_out_kernel(w, c.n_heads, c.head_dim)
-    if kind in ("ffn_in", "ffn_out", "output"):
-        return dense_kernel(w)
-    return np.array(w, copy=True)  # norm, embedding
-
-
 class _TensorReader:
     """safe_open handles per file, opened on first use: numpy for F16/F32/F64, torch for BF16
     (numpy has no bfloat16; the bits are reinterpreted through ml_dtypes, exactly)."""
@@ -298,7 +272,10 @@ def convert_tensors(tensors: dict, names: list[str], config: LlamaConfig, dtype)
     for name in tqdm(names, desc="converting", unit="tensor", disable=None, leave=False):
         st_dtype, _, file = tensors[name]
         path, kind, layer = _kind(name)
-        value = _transform(kind, reader.get(name, st_dtype, file, dtype), config)
+        value = torch_to_kernel(kind, reader.get(name, st_dtype, file, dtype), config,
+                                interleaved_qk=False)
+        if kind in ("norm", "embedding"):
+            value = np.array(value, copy=True)  # not a view of the memory-mapped file
         if layer is None:
             params.setdefault(path[0], {})[path[1]] = value
         else:
@@ -396,14 +373,6 @@ def tokenizer_writer(folder: Path, hf_config: dict) -> tuple[Optional[Callable[[
     return None, "none", None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- entry point --------------------------------------------------------------------------------
 
 def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optional[float] = None,
@@ -443,7 +412,7 @@ def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optio
     provenance = {
         "format": "hf",
         "input": str(folder.absolute()),
-        "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                   for p in extra_files + files},
         "shards": len(files),
         "source_dtypes": sorted({tensors[n][0] for n in names}),

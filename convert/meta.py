@@ -17,7 +17,6 @@ in Meta's interleaved-pair RoPE layout and are permuted to half-split once conca
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -26,9 +25,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from convert.common import (ConversionError, Converted, dense_kernel, empty_layer_stack,
-                            heads_in_kernel, heads_out_kernel, interleaved_to_half_split,
-                            numpy_dtype, set_layer)
+from convert.common import (ConversionError, Converted, TORCH_SHAPES, empty_layer_stack,
+                            numpy_dtype, set_layer, torch_to_kernel)
+from gptk_jax.artifacts import sha256_file
 from gptk_jax.config import LlamaConfig, from_meta_params
 
 PARAMS_FILE = "params.json"
@@ -58,36 +57,6 @@ TOP_TABLE = {
     "output.weight": (("output", "kernel"), 0, "output"),
 }
 
-# kind -> the full (unsharded) torch shape Meta stores
-TORCH_SHAPES = {
-    "norm": lambda c: (c.dim,),
-    "q": lambda c: (c.n_heads * c.head_dim, c.dim),
-    "k": lambda c: (c.n_kv_heads * c.head_dim, c.dim),
-    "v": lambda c: (c.n_kv_heads * c.head_dim, c.dim),
-    "o": lambda c: (c.dim, c.n_heads * c.head_dim),
-    "ffn_in": lambda c: (c.ffn_dim, c.dim),
-    "ffn_out": lambda c: (c.dim, c.ffn_dim),
-    "embedding": lambda c: (c.vocab_size, c.dim),
-    "output": lambda c: (c.vocab_size, c.dim),
-}
-
-
-def _transform(kind: str, w: np.ndarray, config: LlamaConfig) -> np.ndarray:
-    """Torch layout -> our kernel layout (see convert/common.py)."""
-    c = config
-    if kind == "q":
-        return heads_in_kernel(interleaved_to_half_split(w, c.n_heads, c.head_dim),
-                               c.n_heads, c.head_dim)
-    if kind == "k":
-        return heads_in_kernel(interleaved_to_half_split(w, c.n_kv_heads, c.head_dim),
-                               c.n_kv_heads, c.head_dim)
-    if kind == "v":
-        return heads_in_kernel(w, c.n_kv_heads, c.head_dim)
-    if kind == "o":
-        return heads_out_kernel(w, c.n_heads, c.head_dim)
-    if kind in ("ffn_in", "ffn_out", "output"):
-        return dense_kernel(w)
-    return w  # norm, embedding
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -149,14 +118,6 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
     text = str(error).strip()
     line = text.splitlines()[0] if text else type(error).__name__
     return line if len(line) <= limit else line[:limit] + "..."
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- names and shapes ----------------------------------------------------------------------------
@@ -290,7 +251,8 @@ def convert_tensors(shards: list[dict], paths: list[Path], config: LlamaConfig, 
             if kind in ("embedding", "output"):
                 value = _vocab_matrix(kind, tensor, dtype)
             else:  # at most a few times one layer's tensor in flight
-                value = _transform(kind, _to_numpy(tensor, dtype), config)
+                value = torch_to_kernel(kind, _to_numpy(tensor, dtype), config,
+                                        interleaved_qk=True)
             del tensor
             if is_layer:
                 set_layer(layers, path, int(name.split(".")[1]), value, name=name)
@@ -365,7 +327,7 @@ def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optio
     provenance = {
         "format": "meta",
         "input": str(folder.absolute()),
-        "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+        "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
         "shards": len(paths),
         "dtype": dtype,
         "tie_embeddings": tied,

@@ -34,7 +34,8 @@ ARTIFACTS = {
 }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -74,7 +75,7 @@ def fetch(name: str) -> Path:
                 if not (out_root / m).exists():
                     zf.extract(m, out_root)
     if sha is not None and target.is_file():
-        got = _sha256(target)
+        got = sha256_file(target)
         if got != sha:
             raise ValueError(f"{target}: sha256 {got}, expected {sha}")
     return target
