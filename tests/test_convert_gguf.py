@@ -138,8 +138,8 @@ def test_greedy_continuation_matches_transformers_generate(converted, name):
 def test_skipping_the_qk_permutation_breaks_parity(base_gguf, base_model, tmp_path, monkeypatch):
     """Without interleaved -> half-split on attn_q / attn_k the logits are far off: the parity
     tests do see the RoPE layout."""
-    import convert.gguf_format
-    monkeypatch.setattr(convert.gguf_format, "interleaved_to_half_split", lambda w, n, h: w)
+    import convert.common
+    monkeypatch.setattr(convert.common, "interleaved_to_half_split", lambda w, n, h: w)
     assert convert_gguf(base_gguf, tmp_path / "out") == 0
     ours = load_converted(tmp_path / "out")
     tokens = np.random.RandomState(0).randint(0, ref.VOCAB, (2, 17))

@@ -212,8 +212,8 @@ def test_real_sentence_with_full_vocabulary(tmp_path, wmt_dir):
 def test_skipping_the_rope_permutation_breaks_parity(base_checkpoint, tmp_path, monkeypatch):
     """Without the interleaved -> half-split permutation the logits are far off: the parity
     tests do see the RoPE layout."""
-    import convert.meta
-    monkeypatch.setattr(convert.meta, "interleaved_to_half_split", lambda w, n, h: w)
+    import convert.common
+    monkeypatch.setattr(convert.common, "interleaved_to_half_split", lambda w, n, h: w)
     assert convert_meta(base_checkpoint, tmp_path / "out") == 0
     ours = load_converted(tmp_path / "out", load_tokenizer=False)
     model = ref.build_reference(BASE, seed=7)  # the weights base_checkpoint was written from
