@@ -492,7 +492,17 @@ def research_question(families: list[dict], nums: dict) -> list[str]:
           "offset by offset, one unembedding each; linear heads project every offset in one "
           "unembedding call). With τ this close to 1 for every family, these heads, trained "
           "this briefly on a weak translator, do not settle the question; they show the "
-          "ranking at this budget only.", ""]
+          "ranking at this budget only."]
+    if any(f["family"] == "poma" for f in have):
+        L += ["", "PoMa, as configured here (the trunk's LM head frozen, unlike the research "
+              "code), has no parameter that sees the content: it adds a learned vector per "
+              "absolute position to the last hidden state and renormalises with a learned per-channel "
+              "scale, so each offset's "
+              "draft is the trunk's next-token distribution nudged by position. Its per-offset "
+              "newstest2013 accuracy barely moves in training (its table below), and its "
+              "drafts are mostly the next token again. The research code trained the shared LM head "
+              "instead, which the issue records as degrading next-token prediction."]
+    L += [""]
     return L
 
 

@@ -301,6 +301,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
                     window, window_start = [], now
                 if (step * loop.global_batch_size) // rows > \
                         ((step - 1) * loop.global_batch_size) // rows:
+                    drain()  # steps run asynchronously: wait for this epoch's last one to finish
                     now = time.perf_counter()
                     epoch = (step * loop.global_batch_size) // rows
                     writer.write(step, "epoch", {"epoch": epoch, "seconds": now - epoch_start})
