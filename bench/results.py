@@ -499,8 +499,7 @@ def research_question(families: list[dict], nums: dict) -> list[str]:
               "absolute position to the last hidden state and renormalises with a learned per-channel "
               "scale, so each offset's "
               "draft is the trunk's next-token distribution nudged by position. Its per-offset "
-              "newstest2013 accuracy barely moves in training (its table below), and its "
-              "drafts are mostly the next token again. The research code trained the shared LM head "
+              "newstest2013 accuracy barely moves in training (its table below). The research code trained the shared LM head "
               "instead, which the issue records as degrading next-token prediction."]
     L += [""]
     return L
