@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from gptk_jax.config import LlamaConfig  # noqa: E402
 from gptk_jax.decoding.greedy import (greedy_generate, pad_prompts,  # noqa: E402
                                       stop_id_array)
-from gptk_jax.decoding.mtp import mtp_cache_slots, mtp_generate, mtp_step, prefill_state  # noqa
+from gptk_jax.decoding.mtp import mtp_generate, mtp_step, prefill_state  # noqa: E402
 from gptk_jax.decoding.oracle import OracleDrafter, oracle_variables  # noqa: E402
 from gptk_jax.kv_cache import KVCache  # noqa: E402
 from gptk_jax.model import Llama, init_params, params_for_model  # noqa: E402
@@ -310,8 +310,9 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--shots", type=int, default=5,
-    p.add_argument("--research-space", action="store_true", help="prompts end at 'en: ' (default: 'en:', space with the target)")
                    help="few-shot lines (the first suitable News Commentary pairs)")
+    p.add_argument("--research-space", action="store_true",
+                   help="prompts end at 'en: ' (default: 'en:', the space with the target)")
     p.add_argument("--bucket", type=int, default=64, help="prompt length bucket")
     p.add_argument("--reps", type=int, default=3,
                    help="repetitions of each micro-benchmark loop (the best is kept)")

@@ -592,7 +592,7 @@ def markdown(families: list[dict], args: argparse.Namespace, invocation: str) ->
     any_n = next(iter(nums.values()))
     batches = any_n["batches"]
     now = datetime.datetime.now().isoformat(timespec="minutes")
-    L = [f"# Results: MTP heads on SmolLM2-135M, WMT14 de→en (CPU)", "",
+    L = ["# Results: MTP heads on SmolLM2-135M, WMT14 de→en (CPU)", "",
          f"Generated {now} by `{invocation}` from the JSON files under `{args.runs_dir}/` "
          f"(every number below is read from them; rerun the command to regenerate).", ""]
 

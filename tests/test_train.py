@@ -2,7 +2,6 @@
 SIGKILL / SIGTERM, bad input, self-distillation (the real-trunk run: test_real_heads.py)."""
 
 import importlib
-import json
 import os
 import signal
 import subprocess

@@ -168,7 +168,7 @@ class ParallelSettings:
     def __post_init__(self):
         _check(self.mode in PARALLEL_MODES,
                f"mode must be one of {PARALLEL_MODES}, got {self.mode!r}")
-        _check(self.model_axis_size >= 1, f"model_axis_size must be >= 1")
+        _check(self.model_axis_size >= 1, "model_axis_size must be >= 1")
         _check(self.mode == "mesh" or self.model_axis_size == 1,
                "model_axis_size > 1 (trunk sharded over 'model') needs mode='mesh'")
 
