@@ -45,8 +45,8 @@ class Attention(nn.Module):
         v = dense((self.n_kv_heads, self.head_dim), "wv")(x)    # [B,T,K,H]
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        cache_k = write_layer(cache_k, k.transpose(0, 2, 1, 3), write_start, layer)
-        cache_v = write_layer(cache_v, v.transpose(0, 2, 1, 3), write_start, layer)
+        cache_k = write_layer(cache_k, k, write_start, layer)
+        cache_v = write_layer(cache_v, v, write_start, layer)
         keys = cache_k if layer is None else cache_k[layer]     # [B,K,S,H]
         values = cache_v if layer is None else cache_v[layer]   # [B,K,S,H]
 

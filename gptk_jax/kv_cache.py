@@ -46,17 +46,17 @@ def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
 
 def write_layer(buffer: jax.Array, new: jax.Array, start: jax.Array,
                 layer: Optional[int] = None) -> jax.Array:
-    """Writes new keys or values [B,K,T,H] at per-row slots start[b] .. start[b]+T-1 into a
+    """Writes new keys or values [B,T,K,H] at per-row slots start[b] .. start[b]+T-1 into a
     layer's cache [B,K,S,H] (layer None) or into layer `layer` of the stacked cache [L,B,K,S,H].
 
     One scatter of B*T slots straight into the (loop-carried) buffer, which XLA updates in place.
     Slicing a layer out, writing it and stacking the layers again copies the whole cache every
     step, and a vmap over the batch axis transposes it (both measured, docs/benchmarks.md).
     """
-    batch, _, t, _ = new.shape
+    batch, t = new.shape[:2]
     rows = jnp.arange(batch)[:, None]                              # [B,1]
     slots = start[:, None] + jnp.arange(t)[None, :]                # [B,T]
-    new = new.transpose(0, 2, 1, 3).astype(buffer.dtype)           # [B,T,K,H]
+    new = new.astype(buffer.dtype)     # [B,T,K,H]: the advanced indices' dims come first
     if layer is None:
         return buffer.at[rows, :, slots].set(new, mode="drop", unique_indices=True)
     return buffer.at[layer, rows, :, slots].set(new, mode="drop", unique_indices=True)
