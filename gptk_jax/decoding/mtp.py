@@ -39,7 +39,7 @@ from gptk_jax.config import LlamaConfig
 from gptk_jax.decoding.acceptance import accept_step, is_stop, summarize
 from gptk_jax.decoding.greedy import (DEFAULT_BUCKET, GenerationResult, PromptBatch, _compiled,
                                       cache_slots, greedy_pick, pad_prompts, stop_id_array)
-from gptk_jax.kv_cache import KVCache
+from gptk_jax.kv_cache import KVCache, write_rows
 from gptk_jax.model import Llama, params_for_model
 
 
@@ -53,16 +53,18 @@ class Drafter:
 
     State is whatever pytree the drafter carries between steps (fixed shapes); `advance` consumes
     trunk positions that became part of the sequence (the prompt, then accepted positions only),
-    so a recurrent drafter never re-reads the prefix.
+    so a recurrent drafter never re-reads the prefix, and a lookup drafter sees every token once.
     """
     max_drafts: int  # K-1 at most
 
-    def init_state(self, variables: Any, batch_size: int) -> Any:
+    def init_state(self, variables: Any, batch_size: int, capacity: int) -> Any:
+        """capacity: the most positions a row's sequence can hold (the cache's slots)."""
         return ()
 
     def advance(self, variables: Any, state: Any, hidden_normed: jax.Array,
-                advance_mask: jax.Array) -> Any:
-        """hidden_normed [B,T,D]; advance_mask [B,T] bool (False: not part of the sequence)."""
+                advance_mask: jax.Array, tokens: jax.Array) -> Any:
+        """hidden_normed [B,T,D]; advance_mask [B,T] bool (False: not part of the sequence);
+        tokens [B,T] int32 at those positions."""
         return state
 
     def draft(self, variables: Any, state: Any, last_hidden: jax.Array,
@@ -86,10 +88,10 @@ class HeadDrafter(Drafter):
         return self.head.apply({"params": variables["head"]}, variables["trunk"], *args,
                                method=method)
 
-    def init_state(self, variables, batch_size):
+    def init_state(self, variables, batch_size, capacity):
         return self._apply(variables, "init_state", batch_size)
 
-    def advance(self, variables, state, hidden_normed, advance_mask):
+    def advance(self, variables, state, hidden_normed, advance_mask, tokens):
         return self._apply(variables, "advance", state, hidden_normed, advance_mask)
 
     def draft(self, variables, state, last_hidden, last_hidden_normed, last_position, next_token):
@@ -126,12 +128,6 @@ def mtp_cache_slots(padded_length: int, max_new_tokens: int, num_tokens_per_step
     return cache_slots(padded_length, max_new_tokens) + num_tokens_per_step - 1
 
 
-def _write_rows_1d(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """buffer [B,N], new [B,T], start [B] -> buffer with new written at per-row columns."""
-    one = lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, axis=0)
-    return jax.vmap(one)(buffer, new, start)
-
-
 def prefill_state(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int,
                   max_new_tokens: int, params: dict, drafter_vars: Any, prompts: PromptBatch,
                   stop_ids: jax.Array, pad_id: jax.Array) -> MTPState:
@@ -139,15 +135,16 @@ def prefill_state(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: in
     drafter consumes every real prompt position."""
     k, m = num_tokens_per_step, max_new_tokens
     batch, width = prompts.tokens.shape
-    cache = KVCache.init(config, batch, mtp_cache_slots(width, m, k))
+    slots = mtp_cache_slots(width, m, k)
+    cache = KVCache.init(config, batch, slots)
     out = Llama(config).apply({"params": params}, prompts.tokens, prompts.positions, cache=cache,
                               token_mask=prompts.token_mask, logits_index=prompts.last_index)
     at_last = lambda x: jnp.take_along_axis(x, prompts.last_index[:, None, None], axis=1)[:, 0]
     active = jnp.asarray(prompts.active)
     first = jnp.where(active, greedy_pick(out.logits[:, 0]), pad_id)
-    drafter_state = drafter.init_state(drafter_vars, batch)
+    drafter_state = drafter.init_state(drafter_vars, batch, slots)
     drafter_state = drafter.advance(drafter_vars, drafter_state, out.hidden_normed,
-                                    prompts.token_mask & active[:, None])
+                                    prompts.token_mask & active[:, None], prompts.tokens)
     no_log = jnp.full((m, batch), -1, jnp.int32)
     return MTPState(
         cache=out.cache.replace(lengths=jnp.asarray(prompts.cache_lengths)),
@@ -186,13 +183,14 @@ def mtp_step(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, pa
     log_row = lambda x: jnp.where(active, x, -1)
     return MTPState(
         cache=out.cache.replace(lengths=state.cache.lengths + num_kept),
-        tokens=_write_rows_1d(state.tokens, trunk_tokens, state.num_generated),
+        tokens=write_rows(state.tokens, trunk_tokens, state.num_generated),
         next_token=keep_old(jnp.take_along_axis(trunk_tokens, acc.accepted[:, None], 1)[:, 0],
                             state.next_token),
         positions=state.positions + num_kept,
         last_hidden=keep_old(take(out.hidden), state.last_hidden),
         last_hidden_normed=keep_old(take(out.hidden_normed), state.last_hidden_normed),
-        drafter_state=drafter.advance(drafter_vars, state.drafter_state, out.hidden_normed, kept),
+        drafter_state=drafter.advance(drafter_vars, state.drafter_state, out.hidden_normed, kept,
+                                      verify_tokens),
         num_generated=state.num_generated + acc.emitted,
         done=state.done | acc.finished,
         step=state.step + 1,

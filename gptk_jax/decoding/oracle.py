@@ -36,10 +36,10 @@ class OracleDrafter(Drafter):
     vocab_size: int
     corrupt_prob: float = 0.0
 
-    def init_state(self, variables, batch_size):
+    def init_state(self, variables, batch_size, capacity):
         return jnp.zeros((batch_size,), jnp.int32)
 
-    def advance(self, variables, state, hidden_normed, advance_mask):
+    def advance(self, variables, state, hidden_normed, advance_mask, tokens):
         return state + advance_mask.sum(axis=1).astype(jnp.int32)
 
     def draft(self, variables, state, last_hidden, last_hidden_normed, last_position, next_token):
