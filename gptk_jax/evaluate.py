@@ -51,6 +51,10 @@ class EvalConfig:
     bucket: int = 32                      # prompt length bucket (fewer compilations)
     dtype: Optional[str] = None           # compute dtype (exactness is promised for float32)
     oracle: bool = False                  # also run the oracle drafter (upper bound for K)
+    lookup: bool = False                  # also run prompt-lookup drafting: alone ("lookup")
+                                          # and in front of the heads ("heads+lookup")
+    lookup_k: Optional[int] = None        # tokens per step of the lookup runs (default: K)
+    lookup_max_ngram: int = 3
     progress: bool = True
 
 
@@ -157,24 +161,35 @@ def run_evaluation(cfg: EvalConfig) -> dict:
 
     from gptk_jax.checkpoint import load_converted
     from gptk_jax.decoding.greedy import greedy_generate
+    from gptk_jax.decoding.lookup import LookupDrafter
     from gptk_jax.decoding.mtp import mtp_generate
     from gptk_jax.heads_io import head_drafter, load_heads
 
     model = load_converted(cfg.checkpoint, dtype=cfg.dtype)
     config, params, tok = model.config, model.params, model.tokenizer
     trunk_name = Path(cfg.checkpoint).name
-    drafters = {}
+    drafters = {}   # name -> (drafter, variables, K)
     k = cfg.k
     if cfg.heads:
         heads = load_heads(cfg.heads, config, trunk_name)
         k = k or heads.head_config.k
-        drafters["mtp"] = head_drafter(heads.head_config, heads.params, config, params, k)
+        drafters["mtp"] = head_drafter(heads.head_config, heads.params, config, params, k) + (k,)
     space_with_target = resolve_space_with_target(cfg.space_with_target,
                                                   heads.metadata if cfg.heads else None)
     if k is None:
-        raise ValueError("give --heads (K defaults to the heads' k) or --k with --oracle")
+        raise ValueError("give --heads (K defaults to the heads' k) or --k with --oracle or "
+                         "--lookup")
+    if cfg.lookup:
+        lk = cfg.lookup_k or k
+        drafters["lookup"] = (LookupDrafter(lk - 1, max_ngram=cfg.lookup_max_ngram),
+                              LookupDrafter.variables(), lk)
+        if cfg.heads:
+            fallback, fallback_vars, _ = drafters["mtp"]
+            drafters["heads+lookup"] = (LookupDrafter(lk - 1, max_ngram=cfg.lookup_max_ngram,
+                                                      fallback=fallback),
+                                        LookupDrafter.variables(fallback_vars), lk)
     if not drafters and not cfg.oracle:
-        raise ValueError("nothing to compare: give --heads and/or --oracle")
+        raise ValueError("nothing to compare: give --heads, --lookup and/or --oracle")
 
     pairs = load_split(cfg.split, cfg.src_lang, cfg.tgt_lang, cfg.max_sentences)
     fmt = prompt_format(cfg.src_lang, cfg.tgt_lang, cfg.shots, space_with_target)
@@ -205,18 +220,19 @@ def run_evaluation(cfg: EvalConfig) -> dict:
                                      prompts, batch, f"oracle b={batch}", cfg.progress)
             else:
                 results = decode_all(lambda c, b, d=drafter: mtp_generate(
-                    config, params, d[0], d[1], c, num_tokens_per_step=k, bucket=cfg.bucket,
+                    config, params, d[0], d[1], c, num_tokens_per_step=d[2], bucket=cfg.bucket,
                     batch_size=b, **common), prompts, batch, f"{name} b={batch}", cfg.progress)
                 known_stop_tokens = [r.stop_tokens for r in results]
             tokens = [t for r in results for t in r.tokens]
             stats = pooled(results)
+            method_k = k if drafter is None else drafter[2]
             runs[f"{name}/b{batch}"] = {
-                "method": name, "batch_size": batch, **stats,
+                "method": name, "batch_size": batch, "k": method_k, **stats,
                 "speedup": stats["tokens_per_second"] / runs[f"greedy/b{batch}"][
                     "tokens_per_second"],
                 "identical_to_greedy": tokens == greedy_tokens,
                 "rows_differing_from_greedy": sum(a != b for a, b in zip(tokens, greedy_tokens)),
-                **mtp_summary(results, k)}
+                **mtp_summary(results, method_k)}
             outputs[name, batch] = (tokens, [rec for r in results for rec in r.row_records()])
 
     first = cfg.batch_sizes[0]
@@ -225,7 +241,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     for (name, batch), (tokens, _) in outputs.items():
         hyps = [hypothesis_text(tok, t) for t in tokens]
         quality[f"{name}/b{batch}"] = {**score(hyps, refs), "identical_text": hyps == greedy_hyps}
-    main_method = "mtp" if "mtp" in drafters else "oracle"
+    main_method = next(iter(drafters), "oracle")
     records = outputs[main_method, first][1]
     translations = [{"index": i, "source": p.src, "reference": p.tgt, "hypothesis": h,
                      "verify_steps": rec["verify_steps"],
@@ -274,13 +290,13 @@ def markdown(report: dict) -> str:
     lines = [f"# Greedy vs MTP: {Path(report['checkpoint']).name} on {report['split']} "
              f"({report['num_sentences']} sentences, K={report['k']}, {report['platform']}, "
              f"{report['dtype']})", "",
-             "| run | BLEU | chrF | tokens/s | speedup | τ | accepted histogram | identical "
+             "| run | K | BLEU | chrF | tokens/s | speedup | τ | accepted histogram | identical "
              "(rows differing) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, run in report["runs"].items():
         q = report["quality"][name]
         tau = f"{run['tokens_per_step']:.2f}" if run.get("tokens_per_step") else "–"
-        lines.append(f"| {name} | {q['bleu']:.2f} | {q['chrf']:.2f} | "
+        lines.append(f"| {name} | {run.get('k', 1)} | {q['bleu']:.2f} | {q['chrf']:.2f} | "
                      f"{run['tokens_per_second']:.1f} | {run.get('speedup', 1.0):.2f} | {tau} | "
                      f"{run.get('accepted_histogram', '–')} | "
                      f"{run.get('identical_to_greedy', '–')}"
@@ -359,6 +375,12 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--bucket", type=int, default=32)
     p.add_argument("--dtype", default=None)
     p.add_argument("--oracle", action="store_true", help="also run the oracle drafter")
+    p.add_argument("--lookup", action="store_true",
+                   help="also run prompt-lookup drafting (decoding/lookup.py): alone, and in "
+                        "front of the heads when --heads is given")
+    p.add_argument("--lookup-k", type=int, default=None,
+                   help="tokens per verify step of the lookup runs (default: K)")
+    p.add_argument("--lookup-max-ngram", type=int, default=3)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--output", required=True, help="report folder")
     a = p.parse_args(argv)
@@ -367,7 +389,8 @@ def parse_args(argv=None) -> EvalConfig:
                       batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",")), k=a.k,
                       max_new_tokens=a.max_new_tokens, shots=a.shots,
                       space_with_target=a.space_with_target, bucket=a.bucket,
-                      dtype=a.dtype, oracle=a.oracle, progress=not a.no_progress)
+                      dtype=a.dtype, oracle=a.oracle, lookup=a.lookup, lookup_k=a.lookup_k,
+                      lookup_max_ngram=a.lookup_max_ngram, progress=not a.no_progress)
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@
         --max-new-tokens 64 --output-json out.jsonl
     python -m gptk_jax.generate --checkpoint DIR --decoding mtp --heads HEADS_DIR [--k 3] \\
         --input-file prompts.txt --batch-size 8 --max-new-tokens 64 --output-json out.jsonl
+    python -m gptk_jax.generate --checkpoint DIR --decoding lookup [--heads HEADS_DIR] [--k 6] …
 
 `--input-file`: one prompt per line (split on '\\n' only, '\\r' stripped, blank lines skipped), or a
 `.jsonl` file whose lines are JSON strings or objects with a "prompt" field (for prompts that hold
@@ -64,8 +65,35 @@ def build_mtp(args: argparse.Namespace, model) -> DecodeFn:
     return decode
 
 
+def build_lookup(args: argparse.Namespace, model) -> DecodeFn:
+    """Prompt-lookup drafting (decoding/lookup.py) in the same draft-verify loop: drafts are the
+    tokens that followed the latest earlier occurrence of the last n tokens (prompt included);
+    with --heads, offsets the lookup cannot fill come from the trained heads."""
+    from gptk_jax.decoding.lookup import LookupDrafter
+    from gptk_jax.decoding.mtp import mtp_generate
+    from gptk_jax.heads_io import head_drafter, load_heads
+
+    k = args.k or DEFAULT_LOOKUP_K
+    fallback, fallback_vars = None, None
+    if args.heads:
+        heads = load_heads(args.heads, model.config, model.path.name)
+        fallback, fallback_vars = head_drafter(heads.head_config, heads.params, model.config,
+                                               model.params)
+    drafter = LookupDrafter(k - 1, max_ngram=args.lookup_max_ngram, fallback=fallback)
+    variables = LookupDrafter.variables(fallback_vars)
+    tok = model.tokenizer
+
+    def decode(prompt_ids: list, batch_size: int):
+        return mtp_generate(model.config, model.params, drafter, variables, prompt_ids,
+                            args.max_new_tokens, tok.stop_ids, tok.pad_id,
+                            num_tokens_per_step=k, padding=args.padding, bucket=args.bucket,
+                            batch_size=batch_size)
+    return decode
+
+
+DEFAULT_LOOKUP_K = 4
 DECODERS: dict[str, Callable[[argparse.Namespace, object], DecodeFn]] = {
-    "greedy": build_greedy, "mtp": build_mtp}
+    "greedy": build_greedy, "mtp": build_mtp, "lookup": build_lookup}
 
 
 class UsageError(Exception):
@@ -84,10 +112,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--output-json", type=Path, help="write one JSON line per prompt here")
     p.add_argument("--decoding", choices=sorted(DECODERS), default="greedy")
     p.add_argument("--heads", type=Path, default=None,
-                   help="--decoding mtp: trained heads folder (gptk_jax.heads_io)")
+                   help="--decoding mtp: trained heads folder (gptk_jax.heads_io); "
+                        "--decoding lookup: heads that draft where the lookup finds nothing")
     p.add_argument("--k", type=int, default=None,
-                   help="--decoding mtp: tokens per verify step (default and maximum: the "
-                        "heads' k)")
+                   help="tokens per verify step (--decoding mtp: default and maximum the "
+                        f"heads' k; --decoding lookup: default {DEFAULT_LOOKUP_K})")
+    p.add_argument("--lookup-max-ngram", type=int, default=3,
+                   help="--decoding lookup: longest n-gram matched")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--padding", choices=["left", "right"], default="left")

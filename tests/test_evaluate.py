@@ -51,12 +51,15 @@ def test_evaluate_end_to_end(folders):
     ckpt, heads, out = folders
     rc = main(["--checkpoint", str(ckpt), "--heads", str(heads), "--split", "newstest2014",
                "--max-sentences", "3", "--batch-sizes", "1,2", "--max-new-tokens", "6",
-               "--oracle", "--no-progress", "--output", str(out)])
+               "--oracle", "--lookup", "--lookup-k", "5", "--no-progress", "--output", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["all_identical_to_greedy"] and report["scores_identical"]
-    assert set(report["runs"]) == {f"{m}/b{b}" for m in ("greedy", "mtp", "oracle")
-                                   for b in (1, 2)}
+    methods = ("greedy", "mtp", "lookup", "heads+lookup", "oracle")
+    assert set(report["runs"]) == {f"{m}/b{b}" for m in methods for b in (1, 2)}
+    for m, k in (("mtp", 3), ("lookup", 5), ("heads+lookup", 5), ("oracle", 3)):
+        assert report["runs"][f"{m}/b1"]["k"] == k
+        assert len(report["runs"][f"{m}/b1"]["accepted_histogram"]) == k
     for b in (1, 2):
         oracle = report["runs"][f"oracle/b{b}"]
         assert oracle["accepted_histogram"][:-1] == [0, 0]  # every draft accepted
@@ -77,17 +80,19 @@ def test_generate_cli_mtp_equals_greedy(folders, tmp_path):
     from gptk_jax.generate import main as generate_main
     ckpt, heads, _ = folders
     records = {}
-    for decoding in ("greedy", "mtp"):
+    for decoding in ("greedy", "mtp", "lookup"):
         out = tmp_path / f"{decoding}.jsonl"
-        extra = ["--heads", str(heads)] if decoding == "mtp" else []
+        extra = {"greedy": [], "mtp": ["--heads", str(heads)],
+                 "lookup": ["--heads", str(heads), "--k", "5"]}[decoding]
         assert generate_main(["--checkpoint", str(ckpt), "--prompt", "Guten Tag", "--prompt",
                               "Ein längerer Satz, der mehr Tokens hat.", "--batch-size", "2",
                               "--max-new-tokens", "5", "--decoding", decoding, "--quiet",
                               "--output-json", str(out), *extra]) == 0
         records[decoding] = [json.loads(l) for l in out.read_text().splitlines()]
-    assert [r["generated_ids"] for r in records["mtp"]] == \
-        [r["generated_ids"] for r in records["greedy"]]
-    for r in records["mtp"]:
+    for decoding in ("mtp", "lookup"):
+        assert [r["generated_ids"] for r in records[decoding]] == \
+            [r["generated_ids"] for r in records["greedy"]]
+    for r in records["mtp"] + records["lookup"]:
         assert sum(r["emitted_per_step"]) == r["num_generated"] - 1
         assert len(r["accepted_per_step"]) == r["verify_steps"]
     # heads are refused for a K they were not trained for

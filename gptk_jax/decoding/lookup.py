@@ -10,7 +10,8 @@ from the source, so the lookup is often right where trained heads are not.
 
 With a `fallback` drafter (e.g. the trained heads' HeadDrafter), offsets the lookup cannot fill
 (no match, or a match too close to the end of the sequence) take the fallback's drafts; without
-one they repeat the trunk's next token. The trunk verifies every draft, so the output is greedy
+one they repeat the trunk's next token. The fallback drafts only in steps where some row
+needs it (`lax.cond`: at batch 1, a full lookup match skips the heads' vocabulary projection). The trunk verifies every draft, so the output is greedy
 decoding's whatever is drafted.
 
 State: the row's tokens so far (`history` [B,C], C = capacity = the cache's slots) and their
@@ -122,12 +123,19 @@ class LookupDrafter(Drafter):
         drafts, valid = lookup_drafts(state["history"], state["length"], next_token, k1,
                                       self.max_ngram, self.min_ngram)          # [B,K-1]
         if self.fallback is None:
-            other = jnp.repeat(next_token[:, None], k1, axis=1)
-        else:
+            return jnp.where(valid, drafts, next_token[:, None]).astype(jnp.int32)
+
+        def fallback_drafts(_):
             other = self.fallback.draft(variables["fallback"], state["fallback"], last_hidden,
                                         last_hidden_normed, last_position, next_token)
             other = other[:, :k1].astype(jnp.int32)
             if other.shape[1] < k1:   # fallback trained for fewer offsets: repeat its last
                 pad = jnp.repeat(other[:, -1:], k1 - other.shape[1], axis=1)
                 other = jnp.concatenate([other, pad], axis=1)
+            return other
+
+        # The fallback's drafting (a vocabulary projection for heads) runs only when some row
+        # needs it; its state still advances every step (in `advance`).
+        other = jax.lax.cond(jnp.all(valid), lambda _: jnp.zeros_like(drafts), fallback_drafts,
+                             None)
         return jnp.where(valid, drafts, other).astype(jnp.int32)
