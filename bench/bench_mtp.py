@@ -127,7 +127,7 @@ def run_method(name, generate, prompt_chunks, batch, repeats):
     return row, [t for r in results for t in r.tokens], results
 
 
-def end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name, heads):
+def end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name, heads, lookups):
     rows, checks = [], []
     for batch in args.batch_sizes:
         prompt_chunks = chunks(prompts, batch)
@@ -165,6 +165,10 @@ def end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name, head
             drafter, variables = heads
             methods.append((f"mtp-heads-k{k}", lambda chunk, b, _: mtp_generate(
                 config, params, drafter, variables, chunk, args.max_new_tokens, stop_ids, pad_id,
+                num_tokens_per_step=k, bucket=args.bucket, batch_size=b)))
+        for name, (drafter, variables) in lookups.items():
+            methods.append((name, lambda chunk, b, _, d=drafter, v=variables: mtp_generate(
+                config, params, d, v, chunk, args.max_new_tokens, stop_ids, pad_id,
                 num_tokens_per_step=k, bucket=args.bucket, batch_size=b)))
         for name, fn in methods:
             if args.profile and name.startswith("mtp-oracle") and batch == args.batch_sizes[0]:
@@ -279,12 +283,12 @@ def print_report(report):
     print(f"\n== end to end: {report['num_prompts']} prompts, max {report['max_new_tokens']} new "
           f"tokens, K={report['k']} (tau = tokens per verify step, bonus token included; "
           "decode = after the prefill, which emits each row's first token)")
-    print(f"{'method':<16} {'batch':>5} {'tokens':>6} {'prefill s':>9} {'decode s':>8} "
+    print(f"{'method':<24} {'batch':>5} {'tokens':>6} {'prefill s':>9} {'decode s':>8} "
           f"{'ms/iter':>7} {'tok/s':>6} {'dec tok/s':>9} {'tau':>5} {'speedup':>7} "
           f"{'dec speedup':>11} {'identical':>9}  accepted-drafts histogram")
     for r in report["end_to_end"]:
         tau = f"{r['tau']:.2f}" if r.get("tau") else "-"
-        print(f"{r['method']:<16} {r['batch_size']:>5} {r['tokens']:>6} "
+        print(f"{r['method']:<24} {r['batch_size']:>5} {r['tokens']:>6} "
               f"{r['prefill_seconds']:>9.2f} {r['decode_seconds']:>8.2f} "
               f"{r['ms_per_iteration']:>7.1f} {r['tokens_per_second']:>6.1f} {r['decode_tokens_per_second']:>9.1f} {tau:>5} "
               f"{r.get('speedup', 1.0):>7.2f} {r.get('decode_speedup', 1.0):>11.2f} "
@@ -296,7 +300,7 @@ def print_report(report):
     print("\n== one MTP step in a loop (ms): draft / verify / rest (acceptance, rollback, "
           "drafter advance, logs; timed apart, so the parts need not add up exactly)")
     for s in report["step_breakdown"]:
-        print(f"{s['drafter']:<8} batch {s['batch_size']}: step {s['step_seconds'] * 1e3:.2f} = "
+        print(f"{s['drafter']:<14} batch {s['batch_size']}: step {s['step_seconds'] * 1e3:.2f} = "
               f"draft {s['draft_seconds'] * 1e3:.2f} + verify {s['verify_seconds'] * 1e3:.2f} + "
               f"rest {s['other_seconds'] * 1e3:.2f}")
 
@@ -324,6 +328,11 @@ def main(argv=None):
     p.add_argument("--output", default=str(ROOT / "out" / "bench_mtp.json"))
     p.add_argument("--profile", default=None, help="write a jax profiler trace of the oracle run")
     p.add_argument("--random-trunk", action="store_true", help="tiny random trunk (smoke test)")
+    p.add_argument("--lookup", action="store_true",
+                   help="also prompt-lookup drafting (decoding/lookup.py), alone and, with "
+                        "--heads, in front of the heads")
+    p.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="heads draft over the N most frequent News Commentary English tokens")
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
@@ -332,13 +341,31 @@ def main(argv=None):
     if args.heads:
         from gptk_jax.heads_io import head_drafter, load_heads
         loaded = load_heads(args.heads, config, trunk_name)
-        heads = head_drafter(loaded.head_config, loaded.params, config, params, args.k)
+        draft_vocab = None
+        if args.draft_vocab_size:
+            from gptk_jax.checkpoint import load_converted
+            from gptk_jax.evaluate import DRAFT_VOCAB_TEXT, translation_stop_ids
+            from gptk_jax.decoding.draft_vocab import frequent_token_ids, read_lines
+            tok = load_converted(args.checkpoint).tokenizer
+            draft_vocab = frequent_token_ids(tok, read_lines(DRAFT_VOCAB_TEXT),
+                                             args.draft_vocab_size,
+                                             prefix="" if args.research_space else " ",
+                                             always=translation_stop_ids(tok))
+        heads = head_drafter(loaded.head_config, loaded.params, config, params, args.k,
+                             draft_vocab=draft_vocab)
+    lookups = {}
+    if args.lookup:
+        from gptk_jax.decoding.lookup import LookupDrafter
+        lookups[f"mtp-lookup-k{args.k}"] = (LookupDrafter(args.k - 1), LookupDrafter.variables())
+        if heads is not None:
+            lookups[f"mtp-heads+lookup-k{args.k}"] = (
+                LookupDrafter(args.k - 1, fallback=heads[0]), LookupDrafter.variables(heads[1]))
     print(f"trunk {trunk_name}: dim {config.dim}, {config.n_layers} layers, vocab "
           f"{config.vocab_size}, dtype {config.dtype}; {jax.devices()[0].platform}; "
           f"{len(prompts)} prompts, mean {np.mean([len(p) for p in prompts]):.0f} tokens")
 
     rows, identical = end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name,
-                                 heads)
+                                 heads, lookups)
     context = int(np.mean([len(q) for q in prompts])) + args.max_new_tokens // 2
     costs = [verify_cost(config, params, b, context, args.k, args.reps)
              for b in args.batch_sizes]
@@ -354,9 +381,15 @@ def main(argv=None):
             breakdown.append(step_breakdown(config, params, prompts, stop_ids, pad_id, *heads,
                                             args.k, b, args.max_new_tokens, args.bucket,
                                             args.reps, "heads"))
+        for name, drafter_and_vars in lookups.items():
+            breakdown.append(step_breakdown(config, params, prompts, stop_ids, pad_id,
+                                            *drafter_and_vars, args.k, b, args.max_new_tokens,
+                                            args.bucket, args.reps,
+                                            name.replace("mtp-", "").rsplit("-k", 1)[0]))
     report = {"trunk": trunk_name, "platform": jax.devices()[0].platform,
               "dtype": config.dtype, "k": args.k, "num_prompts": len(prompts),
               "max_new_tokens": args.max_new_tokens, "heads": args.heads,
+              "draft_vocab_size": args.draft_vocab_size,
               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "end_to_end": rows, "verify_cost": costs, "step_breakdown": breakdown,
               "all_identical_to_greedy": identical}

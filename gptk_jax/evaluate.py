@@ -55,6 +55,8 @@ class EvalConfig:
                                           # and in front of the heads ("heads+lookup")
     lookup_k: Optional[int] = None        # tokens per step of the lookup runs (default: K)
     lookup_max_ngram: int = 3
+    draft_vocab_size: Optional[int] = None  # heads draft over the N most frequent target tokens
+    draft_vocab_from: Optional[str] = None  # of this text file (default: News Commentary .en)
     progress: bool = True
 
 
@@ -93,6 +95,25 @@ def translation_stop_ids(tokenizer) -> list[int]:
         if "\n" in text and not text.strip():
             newline.add(i)
     return sorted(set(tokenizer.stop_ids) | newline)
+
+
+DRAFT_VOCAB_TEXT = DATA / "wmt14-de-en" / "train" / "news-commentary.first10k.en"
+
+
+def build_draft_vocab(cfg: "EvalConfig", tokenizer, space_with_target: bool) -> tuple[int, ...]:
+    """The cfg.draft_vocab_size most frequent target-side tokens of training text (never the
+    test set), stop ids included."""
+    from gptk_jax.decoding.draft_vocab import frequent_token_ids, read_lines
+    path = Path(cfg.draft_vocab_from or DRAFT_VOCAB_TEXT)
+    if not path.is_file():
+        raise FileNotFoundError(f"--draft-vocab-from {path}: no such file")
+    ids = frequent_token_ids(tokenizer, read_lines(path), cfg.draft_vocab_size,
+                             prefix=" " if space_with_target else "",
+                             always=translation_stop_ids(tokenizer))
+    cfg.draft_vocab_from = str(path)
+    print(f"draft vocabulary: the {len(ids)} most frequent tokens of {path} (stop ids included)",
+          flush=True)
+    return ids
 
 
 def hypothesis_text(tokenizer, ids: Sequence[int]) -> str:
@@ -173,9 +194,14 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     if cfg.heads:
         heads = load_heads(cfg.heads, config, trunk_name)
         k = k or heads.head_config.k
-        drafters["mtp"] = head_drafter(heads.head_config, heads.params, config, params, k) + (k,)
     space_with_target = resolve_space_with_target(cfg.space_with_target,
                                                   heads.metadata if cfg.heads else None)
+    draft_vocab = None
+    if cfg.draft_vocab_size:
+        draft_vocab = build_draft_vocab(cfg, tok, space_with_target)
+    if cfg.heads:
+        drafters["mtp"] = head_drafter(heads.head_config, heads.params, config, params, k,
+                                       draft_vocab=draft_vocab) + (k,)
     if k is None:
         raise ValueError("give --heads (K defaults to the heads' k) or --k with --oracle or "
                          "--lookup")
@@ -251,6 +277,8 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     return {"checkpoint": str(cfg.checkpoint), "heads": cfg.heads, "split": cfg.split,
             "num_sentences": len(pairs), "k": k, "max_new_tokens": cfg.max_new_tokens,
             "shots": cfg.shots, "space_with_target": space_with_target,
+            "draft_vocab_size": len(draft_vocab) if draft_vocab else None,
+            "draft_vocab_from": cfg.draft_vocab_from if draft_vocab else None,
             "dtype": config.dtype, "platform": jax.devices()[0].platform,
             "quality": quality, "runs": runs, "all_identical_to_greedy": all_identical,
             "scores_identical": len({(q["bleu"], q["chrf"]) for q in quality.values()}) == 1,
@@ -381,6 +409,11 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--lookup-k", type=int, default=None,
                    help="tokens per verify step of the lookup runs (default: K)")
     p.add_argument("--lookup-max-ngram", type=int, default=3)
+    p.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="heads draft over the N most frequent target-side tokens only (a "
+                        "cheaper projection; the output is unchanged)")
+    p.add_argument("--draft-vocab-from", default=None,
+                   help=f"text whose tokens are counted (default: {DRAFT_VOCAB_TEXT})")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--output", required=True, help="report folder")
     a = p.parse_args(argv)
@@ -390,7 +423,9 @@ def parse_args(argv=None) -> EvalConfig:
                       max_new_tokens=a.max_new_tokens, shots=a.shots,
                       space_with_target=a.space_with_target, bucket=a.bucket,
                       dtype=a.dtype, oracle=a.oracle, lookup=a.lookup, lookup_k=a.lookup_k,
-                      lookup_max_ngram=a.lookup_max_ngram, progress=not a.no_progress)
+                      lookup_max_ngram=a.lookup_max_ngram,
+                      draft_vocab_size=a.draft_vocab_size, draft_vocab_from=a.draft_vocab_from,
+                      progress=not a.no_progress)
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -148,11 +148,17 @@ def load_heads(path: str | os.PathLike, trunk_config: Optional[LlamaConfig] = No
 
 
 def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaConfig,
-                 trunk_params: Any, num_tokens_per_step: Optional[int] = None):
+                 trunk_params: Any, num_tokens_per_step: Optional[int] = None,
+                 draft_vocab: Optional[Sequence[int]] = None):
     """-> (HeadDrafter, drafter_vars) for decoding.mtp; K defaults to head_config.k and may not
-    exceed it."""
+    exceed it. draft_vocab (or the heads' own head_config.draft_vocab): drafts are the argmax
+    over these ids only, projected onto their unembedding rows (precomputed here once)."""
     from gptk_jax.decoding.mtp import HeadDrafter
     from gptk_jax.heads import make_head
+    from gptk_jax.heads.common import with_draft_unembedding
+
+    if draft_vocab is not None:
+        head_config = head_config.replace(draft_vocab=tuple(int(i) for i in draft_vocab))
 
     k = head_config.k if num_tokens_per_step is None else num_tokens_per_step
     if k > head_config.k:
@@ -160,4 +166,5 @@ def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaC
                          f"heads were trained for offsets {head_config.offsets} (K <= "
                          f"{head_config.k})")
     drafter = HeadDrafter(head=make_head(head_config, trunk_config), max_drafts=head_config.k - 1)
-    return drafter, HeadDrafter.variables(head_params, trunk_params)
+    trunk_view = with_draft_unembedding(trunk_config, trunk_params, head_config.draft_vocab)
+    return drafter, HeadDrafter.variables(head_params, trunk_view)

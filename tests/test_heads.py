@@ -329,6 +329,56 @@ def test_draft_vocab_restricts_the_argmax(trunk_params, trunk):
                                   ids[np.argmax(np.asarray(draft_logits)[..., ids], -1)])
 
 
+@pytest.mark.parametrize("kind", ["linear", "poma", "lstm"])
+def test_precomputed_draft_rows_give_the_filtered_full_argmax(trunk_params, trunk, kind):
+    """Projecting onto the draft vocabulary's unembedding rows (decoding's cheap path) drafts
+    what the full projection filtered to those ids drafts (the LSTM feeds each draft back, so
+    every step must agree); an untied trunk's output kernel is sliced the same way."""
+    from gptk_jax.heads.common import DRAFT_ROWS_KEY, with_draft_unembedding
+    allowed = (3, 17, 40, 41, 63, 0, 9)
+    head, hp = _build(HeadConfig(kind, k=4, draft_vocab=allowed), trunk_params, randomize=True)
+    next_token = np.array([17, 5], np.int32)
+    full_tokens, full_logits = _draft(head, hp, trunk_params, _state(head, hp, trunk_params),
+                                      trunk, next_token)
+    fast_params = with_draft_unembedding(CFG, trunk_params, allowed)
+    assert fast_params[DRAFT_ROWS_KEY].shape == (len(allowed), CFG.dim)
+    fast_tokens, fast_logits = _draft(head, hp, fast_params, _state(head, hp, trunk_params),
+                                      trunk, next_token)
+    np.testing.assert_array_equal(fast_tokens, full_tokens)
+    assert set(np.asarray(fast_tokens).ravel()) <= set(allowed)
+    np.testing.assert_allclose(fast_logits, np.asarray(full_logits)[..., list(allowed)],
+                               atol=2e-5, rtol=1e-5)
+    untied = CFG.replace(tie_embeddings=False)
+    kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (CFG.dim, CFG.vocab_size)))
+    rows = with_draft_unembedding(untied, {**trunk_params, "output": {"kernel": kernel}},
+                                  allowed)[DRAFT_ROWS_KEY]
+    np.testing.assert_array_equal(rows, kernel[:, list(allowed)].T)
+
+
+def _state(head, hp, trunk_params):
+    """A decoding state that has consumed the trunk's sequence (stateless heads: ())."""
+    if head.head_config.kind != "lstm":
+        return ()
+    state = head.apply({"params": hp}, trunk_params, B, method=head.init_state)
+    return jax.tree.map(lambda x: x + 0.1, state)
+
+
+def test_frequent_token_ids():
+    from gptk_jax.decoding.draft_vocab import frequent_token_ids
+
+    class Chars:   # one id per character
+        def encode(self, text, bos=False):
+            return [ord(c) for c in text]
+    lines = ["abca", "ba", "", "cd"]
+    # counts: a 3, b 2, c 2, d 1, ' ' (prefix) 3 -> ties by id
+    assert frequent_token_ids(Chars(), lines, 3) == (ord("a"), ord("b"), ord("c"))
+    assert frequent_token_ids(Chars(), lines, 3, prefix=" ") == (ord(" "), ord("a"), ord("b"))
+    assert frequent_token_ids(Chars(), lines, 3, always=[ord("d")]) == (ord("d"), ord("a"),
+                                                                        ord("b"))
+    with pytest.raises(ValueError, match="only 4 distinct"):
+        frequent_token_ids(Chars(), lines, 5)
+
+
 @pytest.mark.parametrize("config", [HeadConfig("lstm"), seed_config("lstm"), HeadConfig("poma"),
                                     HeadConfig("linear")],
                          ids=["lstm", "lstm-seed", "poma", "linear"])

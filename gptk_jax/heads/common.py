@@ -24,6 +24,10 @@ from gptk_jax.heads.config import HeadConfig
 from gptk_jax.model import Llama
 
 _TRUNK_KEYS_FOR_HEADS = ("tok_embeddings", "norm", "output")
+# Decoding only: the unembedding's rows for head_config.draft_vocab, [Vd,D], precomputed once
+# (`draft_unembedding`) and passed next to the trunk params, so a draft projects onto Vd tokens
+# instead of projecting onto all V and filtering.
+DRAFT_ROWS_KEY = "draft_unembedding"
 
 
 @flax.struct.dataclass
@@ -92,6 +96,26 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
     return normed.astype(dtype) * scale.astype(dtype)
 
 
+def draft_unembedding(trunk_config: LlamaConfig, trunk_params: dict,
+                      draft_vocab: tuple[int, ...]) -> jax.Array:
+    """The unembedding rows of the draft vocabulary: [Vd,D] (tied: embedding rows; untied: the
+    output kernel's columns)."""
+    ids = jnp.asarray(draft_vocab, jnp.int32)
+    if trunk_config.tie_embeddings:
+        table = trunk_params["tok_embeddings"]["embedding"]             # [V,D]
+        return jnp.take(table, ids, axis=0)
+    return jnp.take(trunk_params["output"]["kernel"], ids, axis=1).T    # [D,V] -> [Vd,D]
+
+
+def with_draft_unembedding(trunk_config: LlamaConfig, trunk_params: dict,
+                           draft_vocab: Optional[tuple[int, ...]]) -> dict:
+    """trunk_params plus DRAFT_ROWS_KEY when there is a draft vocabulary (decoding)."""
+    if draft_vocab is None:
+        return trunk_params
+    return {**trunk_params, DRAFT_ROWS_KEY: draft_unembedding(trunk_config, trunk_params,
+                                                              draft_vocab)}
+
+
 def draft_argmax(logits: jax.Array, draft_vocab: Optional[tuple[int, ...]]) -> jax.Array:
     """[..., V] -> [...] int32 token ids; with a draft vocabulary, the argmax over those only."""
     if draft_vocab is None:
@@ -108,7 +132,8 @@ class MTPHead(nn.Module):
     gather_index=None) -> [B,T,J,V]` (gather_index [B,M]: logits at those positions only,
     [B,M,J,V]; feats always cover the whole sequence) and
     `draft_logits(trunk_params, state, last_hidden, last_hidden_normed, last_position,
-    next_token) -> (draft_tokens [B,K-1], draft_logits [B,K-1,V])`.
+    next_token) -> (draft_tokens [B,K-1], draft_logits [B,K-1,V])` (over the draft vocabulary,
+    [B,K-1,Vd], when trunk_params carries a precomputed draft unembedding, DRAFT_ROWS_KEY).
     """
     head_config: HeadConfig
     trunk_config: LlamaConfig
@@ -132,6 +157,20 @@ class MTPHead(nn.Module):
 
     def _argmax(self, logits):
         return draft_argmax(logits, self.head_config.draft_vocab)
+
+    def _draft_project(self, trunk_params, hidden_normed):
+        """[..., D] (after the trunk's final norm) -> (tokens [...] int32, logits [..., V]; with
+        a precomputed draft unembedding (DRAFT_ROWS_KEY in trunk_params) logits over the draft
+        vocabulary only, [..., Vd]: the same argmax, 1/(V/Vd) of the projection's cost)."""
+        rows = trunk_params.get(DRAFT_ROWS_KEY) if isinstance(trunk_params, dict) else None
+        if rows is None or self.head_config.draft_vocab is None:
+            logits = self._unembed(trunk_params, hidden_normed)
+            return self._argmax(logits), logits
+        rows = jax.lax.stop_gradient(rows)
+        logits = jnp.einsum("...d,vd->...v", hidden_normed.astype(rows.dtype), rows)
+        logits = logits.astype(jnp.float32)
+        ids = jnp.asarray(self.head_config.draft_vocab, jnp.int32)
+        return ids[jnp.argmax(logits, axis=-1)], logits
 
     # --- decoding defaults (heads without state) -----------------------------------------------
     def init_state(self, trunk_params, batch: int):

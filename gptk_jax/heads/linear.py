@@ -46,5 +46,4 @@ class LinearHead(MTPHead):
         """-> (draft_tokens [B,K-1] int32, draft_logits [B,K-1,V]) for offsets 2..K."""
         del state, last_hidden, last_position, next_token
         proj = self.proj[jnp.asarray(self.head_config.draft_offset_indices)]  # [K-1,D,D]
-        logits = self._unembed(trunk_params, self._offset_hidden(last_hidden_normed, proj))
-        return self._argmax(logits), logits
+        return self._draft_project(trunk_params, self._offset_hidden(last_hidden_normed, proj))

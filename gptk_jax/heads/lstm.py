@@ -169,8 +169,12 @@ class LSTMHead(MTPHead):
         tokens, logits = [], []
         for _ in range(2, c.k + 1):
             state, y = self.lstm(state, self._embed(trunk_params, token), True)
-            step_logits = self._project(trunk_params, y)                    # [B,V]
-            token = self._argmax(step_logits)
+            if c.lstm_vocab_projection == "own":
+                step_logits = self._project(trunk_params, y)                # [B,V]
+                token = self._argmax(step_logits)
+            else:   # [B,V] or [B,Vd] with a precomputed draft unembedding
+                token, step_logits = self._draft_project(trunk_params,
+                                                         self._final_norm(trunk_params, y))
             tokens.append(token)
             logits.append(step_logits)
         return jnp.stack(tokens, axis=1), jnp.stack(logits, axis=1)

@@ -103,5 +103,4 @@ class PomaHead(MTPHead):
         idx = np.asarray(self.head_config.draft_offset_indices)
         valid = jnp.ones(last_position.shape, bool)
         h = self._offset_hidden(trunk_params, last_hidden, last_position, valid, idx)  # [B,K-1,D]
-        logits = self._unembed(trunk_params, h)
-        return self._argmax(logits), logits
+        return self._draft_project(trunk_params, h)

@@ -1,0 +1,41 @@
+"""A reduced draft vocabulary: the most frequent target-side tokens of a text.
+
+Heads that draft offset by offset (the LSTM) or over several offsets project onto the whole
+vocabulary for every draft; an argmax over the N most frequent target-language tokens costs N/V
+of that (SmolLM2: 4,096 of 49,152 ids = 1/12). The trunk verifies every draft, so the output
+stays greedy decoding's; only acceptance can change (a draft outside the set is never proposed).
+
+    ids = frequent_token_ids(tokenizer, lines, 4096, always=stop_ids)
+    head_drafter(..., draft_vocab=ids)
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+def frequent_token_ids(tokenizer, lines: Iterable[str], size: int, *, prefix: str = "",
+                       always: Sequence[int] = ()) -> tuple[int, ...]:
+    """The `size` most frequent ids of prefix + line (no BOS), ties by id; `always` (e.g. the
+    stop ids, so a draft can end a translation) come first and count towards size."""
+    if size < 1:
+        raise ValueError(f"draft vocabulary size must be >= 1, got {size}")
+    counts = collections.Counter()
+    for line in lines:
+        if line.strip():
+            counts.update(tokenizer.encode(prefix + line, bos=False))
+    ranked = sorted(counts, key=lambda i: (-counts[i], i))
+    ids = list(dict.fromkeys(int(i) for i in always))
+    ids += [i for i in ranked if i not in set(ids)]
+    if len(ids) < size:
+        raise ValueError(f"the text has only {len(ids)} distinct tokens, fewer than the draft "
+                         f"vocabulary size {size}")
+    return tuple(ids[:size])
+
+
+def read_lines(path: Path) -> list[str]:
+    """Lines split on '\\n' only, '\\r' stripped (the WMT files' convention)."""
+    text = Path(path).read_bytes().decode("utf-8")
+    return [l[:-1] if l.endswith("\r") else l for l in text.split("\n")]
