@@ -127,7 +127,8 @@ def run_method(name, generate, prompt_chunks, batch, repeats):
     return row, [t for r in results for t in r.tokens], results
 
 
-def end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name, heads, lookups):
+def end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name, heads, others):
+    """others: name -> (drafter, variables) run after the oracle and the heads."""
     rows, checks = [], []
     for batch in args.batch_sizes:
         prompt_chunks = chunks(prompts, batch)
@@ -162,11 +163,14 @@ def end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name, head
             return result
         methods = [(f"mtp-oracle-k{k}", oracle_fn)]
         if heads is not None:
-            drafter, variables = heads
-            methods.append((f"mtp-heads-k{k}", lambda chunk, b, _: mtp_generate(
-                config, params, drafter, variables, chunk, args.max_new_tokens, stop_ids, pad_id,
-                num_tokens_per_step=k, bucket=args.bucket, batch_size=b)))
-        for name, (drafter, variables) in lookups.items():
+            heads_name = f"mtp-heads-v{args.draft_vocab_size}" if args.draft_vocab_size else \
+                "mtp-heads"
+            methods.append((f"{heads_name}-k{k}", lambda chunk, b, _, d=heads[0], v=heads[1]:
+                            mtp_generate(config, params, d, v, chunk, args.max_new_tokens,
+                                         stop_ids, pad_id, num_tokens_per_step=k,
+                                         bucket=args.bucket, batch_size=b)))
+        # (default arguments bind each drafter now: a closure would see the loop's last one)
+        for name, (drafter, variables) in others.items():
             methods.append((name, lambda chunk, b, _, d=drafter, v=variables: mtp_generate(
                 config, params, d, v, chunk, args.max_new_tokens, stop_ids, pad_id,
                 num_tokens_per_step=k, bucket=args.bucket, batch_size=b)))
@@ -337,7 +341,7 @@ def main(argv=None):
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     config, params, prompts, stop_ids, pad_id, trunk_name = load_model(args)
-    heads = None
+    heads, lookups = None, {}
     if args.heads:
         from gptk_jax.heads_io import head_drafter, load_heads
         loaded = load_heads(args.heads, config, trunk_name)
@@ -353,7 +357,9 @@ def main(argv=None):
                                              always=translation_stop_ids(tok))
         heads = head_drafter(loaded.head_config, loaded.params, config, params, args.k,
                              draft_vocab=draft_vocab)
-    lookups = {}
+        if draft_vocab is not None:   # the same heads over the full vocabulary, side by side
+            lookups[f"mtp-heads-fullvocab-k{args.k}"] = head_drafter(
+                loaded.head_config, loaded.params, config, params, args.k)
     if args.lookup:
         from gptk_jax.decoding.lookup import LookupDrafter
         lookups[f"mtp-lookup-k{args.k}"] = (LookupDrafter(args.k - 1), LookupDrafter.variables())
@@ -380,7 +386,8 @@ def main(argv=None):
         if heads is not None:
             breakdown.append(step_breakdown(config, params, prompts, stop_ids, pad_id, *heads,
                                             args.k, b, args.max_new_tokens, args.bucket,
-                                            args.reps, "heads"))
+                                            args.reps, "heads" + (f"-v{args.draft_vocab_size}"
+                                                                  if args.draft_vocab_size else "")))
         for name, drafter_and_vars in lookups.items():
             breakdown.append(step_breakdown(config, params, prompts, stop_ids, pad_id,
                                             *drafter_and_vars, args.k, b, args.max_new_tokens,

@@ -17,7 +17,8 @@ rows, loss against the trunk's own argmax, trunk-feature cache, newstest2013 eva
 and after; into runs/demo/linear-k<K>-<steps>steps, reused by a rerun). Printed: the per-offset
 top-1 accuracy against the trunk untrained vs trained, then the demo sentences decoded with MTP
 next to greedy's output, whether they are token-identical, τ (tokens per verify step) and the
-speedup over the greedy run above (compilation excluded from both).
+speedup over the greedy run above (compilation excluded from both). Last, the same with prompt
+lookup drafting in front of the heads (gptk_jax/decoding/lookup.py): identity, τ and speedup.
 """
 
 from __future__ import annotations
@@ -241,8 +242,6 @@ def print_offset_table(metrics_path: Path) -> None:
 
 def mtp_part(args, model, model_dir: Path, prompt_batches, greedy: dict, results,
              stop_ids) -> int:
-    from gptk_jax.decoding.acceptance import acceptance_stats
-    from gptk_jax.decoding.mtp import mtp_generate
     from gptk_jax.heads_io import HeadsError, head_drafter, load_heads
 
     print("\n" + "=" * 78 + "\nSelf-speculative (MTP) decoding: heads draft K-1 tokens, one "
@@ -257,6 +256,29 @@ def mtp_part(args, model, model_dir: Path, prompt_batches, greedy: dict, results
     k = heads.head_config.k
     drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
                                       model.params, k)
+    ok = draft_and_verify(f"{heads.head_config.kind} heads", drafter, variables, k, args, model,
+                          prompt_batches, greedy, results, stop_ids, show_rows=True)
+    print("On CPU a verify step over K tokens costs more than a one-token step, so the speedup "
+          "stays below τ; heads trained longer (make results) accept more drafts.")
+
+    from gptk_jax.decoding.lookup import LookupDrafter
+    print("\n" + "=" * 78 + "\nPrompt lookup in front of the heads: drafts are the tokens that "
+          "followed the last\n1-3 tokens' latest earlier occurrence (prompt included); the heads "
+          "draft where\nthere is none\n" + "=" * 78)
+    ok &= draft_and_verify("prompt lookup + heads", LookupDrafter(k - 1, fallback=drafter),
+                           LookupDrafter.variables(variables), k, args, model, prompt_batches,
+                           greedy, results, stop_ids, show_rows=False)
+    print("This weak translator copies much of the German source, which the lookup drafts "
+          "exactly (docs/results.md).")
+    return 0 if ok else 1
+
+
+def draft_and_verify(label: str, drafter, variables, k: int, args, model, prompt_batches,
+                     greedy: dict, results, stop_ids, show_rows: bool) -> bool:
+    """Decodes the demo's prompts draft-and-verify; prints identity with greedy, τ, speed."""
+    from gptk_jax.decoding.acceptance import acceptance_stats
+    from gptk_jax.decoding.mtp import mtp_generate
+
     tok = model.tokenizer
     mtp_ids, count, seconds, compile_seconds, accepted, emitted = [], 0, 0.0, 0.0, [], []
     for prompt_ids in prompt_batches:
@@ -269,29 +291,28 @@ def mtp_part(args, model, model_dir: Path, prompt_batches, greedy: dict, results
         compile_seconds += r.compile_seconds
         accepted += [a for row in r.stats["accepted_per_row"] for a in row]
         emitted += [e for row in r.stats["emitted_per_row"] for e in row]
-    print(f"\n{heads.head_config.kind} heads, K={k} ({k - 1} drafts per step), batch "
-          f"{args.batch_size}, the prompts above:\n")
+    print(f"\n{label}, K={k} ({k - 1} drafts per step), batch {args.batch_size}, the prompts "
+          f"above:\n")
     identical = 0
     for i, ((pair, greedy_text), g_ids, m_ids) in enumerate(zip(results, greedy["tokens"],
                                                                   mtp_ids)):
         same = g_ids == m_ids
         identical += same
-        print(f"[{i}] greedy: {greedy_text}\n    mtp:    "
-              f"{tok.decode(m_ids).split(chr(10))[0].strip()}\n    "
-              f"{'identical tokens' if same else 'DIFFERENT TOKENS'}\n")
+        if show_rows or not same:
+            print(f"[{i}] greedy: {greedy_text}\n    mtp:    "
+                  f"{tok.decode(m_ids).split(chr(10))[0].strip()}\n    "
+                  f"{'identical tokens' if same else 'DIFFERENT TOKENS'}\n")
     stats = acceptance_stats(accepted, emitted, num_drafts=k - 1)
     greedy_rate = greedy["count"] / greedy["seconds"] if greedy["seconds"] > 0 else float("nan")
     rate = count / seconds if seconds > 0 else float("nan")
     tau = stats["tokens_per_step"]
-    print(f"MTP == greedy: {identical}/{len(mtp_ids)} sentences token-identical")
+    print(f"{label} == greedy: {identical}/{len(mtp_ids)} sentences token-identical")
     print(f"τ = {tau:.2f} tokens per verify step (at most {k}); accepted drafts per step "
           f"histogram {stats['accepted_histogram']}" if tau is not None else "τ: no verify steps")
-    print(f"MTP {count} tokens in {seconds:.2f}s: {rate:.1f} tokens/s vs greedy "
+    print(f"{label}: {count} tokens in {seconds:.2f}s: {rate:.1f} tokens/s vs greedy "
           f"{greedy_rate:.1f} tokens/s: speedup {rate / greedy_rate:.2f}x (compilation "
           f"{compile_seconds:.1f}s apart)")
-    print("On CPU a verify step over K tokens costs more than a one-token step, so the speedup "
-          "stays below τ; heads trained longer (make results) accept more drafts.")
-    return 0 if identical == len(mtp_ids) else 1
+    return identical == len(mtp_ids)
 
 
 if __name__ == "__main__":
