@@ -18,7 +18,8 @@ Every step emits >= 1 token per active row, and the tokens are the trunk's own a
 output is greedy decoding's (in float32, up to argmax ties).
 
 A drafter is a hashable `Drafter` (static under jit) plus a pytree of arrays (`drafter_vars`)
-passed to each call; see `HeadDrafter` here and the test drafters in decoding/oracle.py.
+passed to each call; see `HeadDrafter` here, `LookupDrafter` (prompt lookup, optionally in
+front of another drafter) in decoding/lookup.py, and the bounding drafters in decoding/oracle.py.
 
 Letters: B batch, P padded prompt length, S cache slots, K tokens per verify step, M max new
 tokens, R verify steps, D width, V vocab.
