@@ -349,9 +349,10 @@ def main(argv=None):
         if args.draft_vocab_size:
             from gptk_jax.checkpoint import load_converted
             from gptk_jax.evaluate import DRAFT_VOCAB_TEXT, translation_stop_ids
-            from gptk_jax.decoding.draft_vocab import frequent_token_ids, read_lines
+            from gptk_jax.data.wmt import read_text_lines
+            from gptk_jax.decoding.draft_vocab import frequent_token_ids
             tok = load_converted(args.checkpoint).tokenizer
-            draft_vocab = frequent_token_ids(tok, read_lines(DRAFT_VOCAB_TEXT),
+            draft_vocab = frequent_token_ids(tok, read_text_lines(DRAFT_VOCAB_TEXT),
                                              args.draft_vocab_size,
                                              prefix="" if args.research_space else " ",
                                              always=translation_stop_ids(tok))

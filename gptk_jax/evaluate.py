@@ -103,11 +103,12 @@ DRAFT_VOCAB_TEXT = DATA / "wmt14-de-en" / "train" / "news-commentary.first10k.en
 def build_draft_vocab(cfg: "EvalConfig", tokenizer, space_with_target: bool) -> tuple[int, ...]:
     """The cfg.draft_vocab_size most frequent target-side tokens of training text (never the
     test set), stop ids included."""
-    from gptk_jax.decoding.draft_vocab import frequent_token_ids, read_lines
+    from gptk_jax.data.wmt import read_text_lines
+    from gptk_jax.decoding.draft_vocab import frequent_token_ids
     path = Path(cfg.draft_vocab_from or DRAFT_VOCAB_TEXT)
     if not path.is_file():
         raise FileNotFoundError(f"--draft-vocab-from {path}: no such file")
-    ids = frequent_token_ids(tokenizer, read_lines(path), cfg.draft_vocab_size,
+    ids = frequent_token_ids(tokenizer, read_text_lines(path), cfg.draft_vocab_size,
                              prefix=" " if space_with_target else "",
                              always=translation_stop_ids(tokenizer))
     cfg.draft_vocab_from = str(path)

@@ -43,18 +43,9 @@ def build_greedy(args: argparse.Namespace, model) -> DecodeFn:
     return decode
 
 
-def build_mtp(args: argparse.Namespace, model) -> DecodeFn:
-    """Self-speculative decoding with trained heads (decoding/mtp.py): greedy's tokens, fewer
-    trunk calls. Result rows also carry verify steps and accepted drafts per step."""
+def _draft_verify(args: argparse.Namespace, model, drafter, variables, k: int) -> DecodeFn:
+    """The decode function of decoding/mtp.py's loop with this drafter, K tokens per step."""
     from gptk_jax.decoding.mtp import mtp_generate
-    from gptk_jax.heads_io import head_drafter, load_heads
-
-    if not args.heads:
-        raise UsageError("--decoding mtp needs --heads DIR (heads saved by gptk_jax.heads_io)")
-    heads = load_heads(args.heads, model.config, model.path.name)  # refuses another trunk's
-    k = args.k or heads.head_config.k
-    drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
-                                      model.params, k)
     tok = model.tokenizer
 
     def decode(prompt_ids: list, batch_size: int):
@@ -65,12 +56,25 @@ def build_mtp(args: argparse.Namespace, model) -> DecodeFn:
     return decode
 
 
+def build_mtp(args: argparse.Namespace, model) -> DecodeFn:
+    """Self-speculative decoding with trained heads (decoding/mtp.py): greedy's tokens, fewer
+    trunk calls. Result rows also carry verify steps and accepted drafts per step."""
+    from gptk_jax.heads_io import head_drafter, load_heads
+
+    if not args.heads:
+        raise UsageError("--decoding mtp needs --heads DIR (heads saved by gptk_jax.heads_io)")
+    heads = load_heads(args.heads, model.config, model.path.name)  # refuses another trunk's
+    k = args.k or heads.head_config.k
+    drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
+                                      model.params, k)
+    return _draft_verify(args, model, drafter, variables, k)
+
+
 def build_lookup(args: argparse.Namespace, model) -> DecodeFn:
     """Prompt-lookup drafting (decoding/lookup.py) in the same draft-verify loop: drafts are the
     tokens that followed the latest earlier occurrence of the last n tokens (prompt included);
     with --heads, offsets the lookup cannot fill come from the trained heads."""
     from gptk_jax.decoding.lookup import LookupDrafter
-    from gptk_jax.decoding.mtp import mtp_generate
     from gptk_jax.heads_io import head_drafter, load_heads
 
     k = args.k or DEFAULT_LOOKUP_K
@@ -81,14 +85,7 @@ def build_lookup(args: argparse.Namespace, model) -> DecodeFn:
                                                model.params)
     drafter = LookupDrafter(k - 1, max_ngram=args.lookup_max_ngram, fallback=fallback)
     variables = LookupDrafter.variables(fallback_vars)
-    tok = model.tokenizer
-
-    def decode(prompt_ids: list, batch_size: int):
-        return mtp_generate(model.config, model.params, drafter, variables, prompt_ids,
-                            args.max_new_tokens, tok.stop_ids, tok.pad_id,
-                            num_tokens_per_step=k, padding=args.padding, bucket=args.bucket,
-                            batch_size=batch_size)
-    return decode
+    return _draft_verify(args, model, drafter, variables, k)
 
 
 DEFAULT_LOOKUP_K = 4

@@ -21,7 +21,8 @@ import pytest
 from conftest import ROOT
 
 from gptk_jax.checkpoint import load_converted
-from gptk_jax.decoding.draft_vocab import frequent_token_ids, read_lines
+from gptk_jax.data.wmt import read_text_lines
+from gptk_jax.decoding.draft_vocab import frequent_token_ids
 from gptk_jax.decoding.greedy import greedy_generate
 from gptk_jax.decoding.lookup import LookupDrafter
 from gptk_jax.decoding.mtp import mtp_generate
@@ -121,7 +122,7 @@ def _drafters(setting, greedy_results, trained_dir, batch):
     bad = head_drafter(bad_config, bad_params, config, params)
     # prompt lookup in front of the trained heads, which draft over a reduced vocabulary (the
     # 2,048 most frequent tokens of News Commentary English: the precomputed-rows path)
-    english = read_lines(ROOT.parent / "shared" / "data" / "wmt14-de-en" / "train" /
+    english = read_text_lines(ROOT.parent / "shared" / "data" / "wmt14-de-en" / "train" /
                          "news-commentary.first10k.en")[:2000]
     vocab = frequent_token_ids(setting[-1], english, 2048, prefix=" ", always=stops)
     cheap = head_drafter(loaded.head_config, loaded.params, config, params, draft_vocab=vocab)

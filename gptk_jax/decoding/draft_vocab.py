@@ -12,30 +12,26 @@ stays greedy decoding's; only acceptance can change (a draft outside the set is 
 from __future__ import annotations
 
 import collections
-from pathlib import Path
 from typing import Iterable, Sequence
 
 
 def frequent_token_ids(tokenizer, lines: Iterable[str], size: int, *, prefix: str = "",
                        always: Sequence[int] = ()) -> tuple[int, ...]:
-    """The `size` most frequent ids of prefix + line (no BOS), ties by id; `always` (e.g. the
-    stop ids, so a draft can end a translation) come first and count towards size."""
+    """The `size` most frequent ids of prefix + line (no BOS; a trailing '\\r' dropped, blank
+    lines skipped), ties by id; `always` (e.g. the stop ids, so a draft can end a translation)
+    come first and count towards size."""
     if size < 1:
         raise ValueError(f"draft vocabulary size must be >= 1, got {size}")
     counts = collections.Counter()
     for line in lines:
+        line = line[:-1] if line.endswith("\r") else line
         if line.strip():
             counts.update(tokenizer.encode(prefix + line, bos=False))
     ranked = sorted(counts, key=lambda i: (-counts[i], i))
     ids = list(dict.fromkeys(int(i) for i in always))
-    ids += [i for i in ranked if i not in set(ids)]
+    first = set(ids)
+    ids += [i for i in ranked if i not in first]
     if len(ids) < size:
         raise ValueError(f"the text has only {len(ids)} distinct tokens, fewer than the draft "
                          f"vocabulary size {size}")
     return tuple(ids[:size])
-
-
-def read_lines(path: Path) -> list[str]:
-    """Lines split on '\\n' only, '\\r' stripped (the WMT files' convention)."""
-    text = Path(path).read_bytes().decode("utf-8")
-    return [l[:-1] if l.endswith("\r") else l for l in text.split("\n")]
