@@ -347,15 +347,12 @@ def main(argv=None):
         loaded = load_heads(args.heads, config, trunk_name)
         draft_vocab = None
         if args.draft_vocab_size:
-            from gptk_jax.checkpoint import load_converted
-            from gptk_jax.evaluate import DRAFT_VOCAB_TEXT, translation_stop_ids
-            from gptk_jax.data.wmt import read_text_lines
-            from gptk_jax.decoding.draft_vocab import frequent_token_ids
-            tok = load_converted(args.checkpoint).tokenizer
-            draft_vocab = frequent_token_ids(tok, read_text_lines(DRAFT_VOCAB_TEXT),
-                                             args.draft_vocab_size,
-                                             prefix="" if args.research_space else " ",
-                                             always=translation_stop_ids(tok))
+            from gptk_jax.evaluate import build_draft_vocab
+            from gptk_jax.checkpoint import TOKENIZER_DIR
+            from gptk_jax.tokenizers import load_tokenizer
+            tok = load_tokenizer(Path(args.checkpoint) / TOKENIZER_DIR)
+            draft_vocab, _ = build_draft_vocab(tok, args.draft_vocab_size,
+                                               space_with_target=not args.research_space)
         heads = head_drafter(loaded.head_config, loaded.params, config, params, args.k,
                              draft_vocab=draft_vocab)
         if draft_vocab is not None:   # the same heads over the full vocabulary, side by side

@@ -100,21 +100,21 @@ def translation_stop_ids(tokenizer) -> list[int]:
 DRAFT_VOCAB_TEXT = DATA / "wmt14-de-en" / "train" / "news-commentary.first10k.en"
 
 
-def build_draft_vocab(cfg: "EvalConfig", tokenizer, space_with_target: bool) -> tuple[int, ...]:
-    """The cfg.draft_vocab_size most frequent target-side tokens of training text (never the
-    test set), stop ids included."""
+def build_draft_vocab(tokenizer, size: int, space_with_target: bool,
+                      path: Optional[str] = None) -> tuple[tuple[int, ...], Path]:
+    """The `size` most frequent target-side tokens of training text (never the test set; default
+    News Commentary English), stop ids included -> (ids, the text's path)."""
     from gptk_jax.data.wmt import read_text_lines
     from gptk_jax.decoding.draft_vocab import frequent_token_ids
-    path = Path(cfg.draft_vocab_from or DRAFT_VOCAB_TEXT)
+    path = Path(path or DRAFT_VOCAB_TEXT)
     if not path.is_file():
         raise FileNotFoundError(f"--draft-vocab-from {path}: no such file")
-    ids = frequent_token_ids(tokenizer, read_text_lines(path), cfg.draft_vocab_size,
+    ids = frequent_token_ids(tokenizer, read_text_lines(path), size,
                              prefix=" " if space_with_target else "",
                              always=translation_stop_ids(tokenizer))
-    cfg.draft_vocab_from = str(path)
     print(f"draft vocabulary: the {len(ids)} most frequent tokens of {path} (stop ids included)",
           flush=True)
-    return ids
+    return ids, path
 
 
 def hypothesis_text(tokenizer, ids: Sequence[int]) -> str:
@@ -197,9 +197,10 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         k = k or heads.head_config.k
     space_with_target = resolve_space_with_target(cfg.space_with_target,
                                                   heads.metadata if cfg.heads else None)
-    draft_vocab = None
+    draft_vocab = draft_vocab_path = None
     if cfg.draft_vocab_size:
-        draft_vocab = build_draft_vocab(cfg, tok, space_with_target)
+        draft_vocab, draft_vocab_path = build_draft_vocab(tok, cfg.draft_vocab_size,
+                                                          space_with_target, cfg.draft_vocab_from)
     if cfg.heads:
         drafters["mtp"] = head_drafter(heads.head_config, heads.params, config, params, k,
                                        draft_vocab=draft_vocab) + (k,)
@@ -279,7 +280,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
             "num_sentences": len(pairs), "k": k, "max_new_tokens": cfg.max_new_tokens,
             "shots": cfg.shots, "space_with_target": space_with_target,
             "draft_vocab_size": len(draft_vocab) if draft_vocab else None,
-            "draft_vocab_from": cfg.draft_vocab_from if draft_vocab else None,
+            "draft_vocab_from": str(draft_vocab_path) if draft_vocab else None,
             "dtype": config.dtype, "platform": jax.devices()[0].platform,
             "quality": quality, "runs": runs, "all_identical_to_greedy": all_identical,
             "scores_identical": len({(q["bleu"], q["chrf"]) for q in quality.values()}) == 1,
