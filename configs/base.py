@@ -64,6 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
                                             # offsets 1..k cover the first k target tokens (seed)
     loss.positions_per_row = config_dict.placeholder(int)  # logits per row; None: from the data
     loss.argmax_chunk = 64                  # positions per chunk for the trunk's argmax (memory)
+    loss.position_chunk = 64                # linear/PoMa: pack the supervised positions and project
+                                            # this many at a time, skipping padding; 0: per row
 
     opt = config.optimizer = ml_collections.ConfigDict()
     opt.name = "adamw"                      # 'adamw' (decoupled decay) | 'adam_l2' (seed: coupled)

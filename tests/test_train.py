@@ -116,9 +116,12 @@ HAND_ALL = [(0, 2, 1), (0, 3, 1), (0, 4, 1), (1, 1, 1), (1, 2, 1),
 HAND_FIRST = [(0, 2, 1), (0, 2, 2), (0, 2, 3), (1, 1, 1), (1, 1, 2)]  # (1,1,3) -> pad: masked
 
 
-@pytest.mark.parametrize("targets,first_only", [("gold", False), ("gold", True),
-                                                ("trunk_argmax", False)])
-def test_loss_uses_the_offset_targets_on_a_hand_case(tiny_trunk, targets, first_only):
+@pytest.mark.parametrize("targets,first_only,chunk,groups", [
+    ("gold", False, 0, 1), ("gold", True, 0, 1), ("trunk_argmax", False, 0, 1),
+    # packed positions: 8 of 16 [B,M] entries valid, chunks of 3 -> 3 computed, 3 skipped
+    ("gold", False, 3, 1), ("gold", True, 3, 2), ("trunk_argmax", False, 4, 2)])
+def test_loss_uses_the_offset_targets_on_a_hand_case(tiny_trunk, targets, first_only, chunk,
+                                                     groups):
     trunk_config, trunk_params = tiny_trunk
     head_config = HeadConfig(kind="linear", k=3, offsets=(1, 2, 3))
     head = make_head(head_config, trunk_config)
@@ -140,7 +143,8 @@ def test_loss_uses_the_offset_targets_on_a_hand_case(tiny_trunk, targets, first_
 
     cfg = step_lib.StepConfig(trunk_config=trunk_config, head_config=head_config, targets=targets,
                               offset_weights=(2.0, 1.0, 1.0), first_target_tokens_only=first_only,
-                              positions_per_row=8, argmax_chunk=3)
+                              positions_per_row=8, argmax_chunk=3, position_chunk=chunk,
+                              pack_groups=groups)
     tx = optax.sgd(0.0)
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), head_params=head_params,
                                 opt_state=tx.init(head_params), rng=jax.random.PRNGKey(0))
@@ -151,6 +155,39 @@ def test_loss_uses_the_offset_targets_on_a_hand_case(tiny_trunk, targets, first_
     means = expected_sum / expected_count
     np.testing.assert_allclose(metrics["objective"], (2 * means[0] + means[1] + means[2]) / 4,
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "poma"])
+@pytest.mark.parametrize("chunk,groups", [(3, 1), (5, 2), (64, 1)])
+def test_packed_positions_give_the_same_update(tiny_trunk, kind, chunk, groups):
+    """Packing the supervised positions (and skipping empty chunks) changes the summation order
+    only: the same loss, metrics and parameter update as the per-row [B,M] layout."""
+    trunk_config, trunk_params = tiny_trunk
+    head_config = HeadConfig(kind=kind, k=3, offsets=(2, 3), poma_max_positions=16)
+    batch = _hand_batch()
+    tx = optax.sgd(1.0)  # the update is minus the gradient
+
+    def step(position_chunk, pack_groups):
+        cfg = step_lib.StepConfig(trunk_config=trunk_config, head_config=head_config,
+                                  targets="trunk_argmax", offset_weights=(1.0, 2.0),
+                                  first_target_tokens_only=False, positions_per_row=8,
+                                  argmax_chunk=8, position_chunk=position_chunk,
+                                  pack_groups=pack_groups)
+        state = step_lib.init_train_state(cfg, tx, trunk_params, 0)
+        # non-trivial head params (the zero / trunk-copy init would make offsets identical)
+        state = state.replace(head_params=jax.tree.map(
+            lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape),
+            state.head_params))
+        new, metrics = jax.jit(lambda s, p, b: step_lib.train_step(cfg, tx, s, p, b))(
+            state, trunk_params, batch)
+        return jax.tree.map(np.asarray, (new.head_params, metrics))
+
+    (per_row, m_row), (packed, m_packed) = step(0, 1), step(chunk, groups)
+    for key in ("objective", "loss_sum", "count", "top1", "dropped_positions"):
+        np.testing.assert_allclose(m_packed[key], m_row[key], rtol=1e-5, err_msg=key)
+    assert m_row["count"].sum() > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 packed, per_row)
 
 
 # --------------------------------------------------------------------------------------------

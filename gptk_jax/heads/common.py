@@ -88,6 +88,14 @@ def trunk_unembed(trunk_config: LlamaConfig, trunk_params: dict,
                                                   method=Llama.unembed)
 
 
+def unembedding_weights(trunk_config: LlamaConfig, trunk_params: dict) -> tuple[jax.Array, bool]:
+    """The frozen unembedding as (w, tied): the embedding table [V,D] when tied, else the
+    output kernel [D,V] (no copy, no transpose)."""
+    if trunk_config.tie_embeddings:
+        return jax.lax.stop_gradient(trunk_params["tok_embeddings"]["embedding"]), True
+    return jax.lax.stop_gradient(trunk_params["output"]["kernel"]), False
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
     """Same arithmetic as layers.RMSNorm (norm in float32, cast, times scale); scale [..., D]
     broadcasts, so J per-offset norms run as one op."""
@@ -137,6 +145,10 @@ class MTPHead(nn.Module):
     """
     head_config: HeadConfig
     trunk_config: LlamaConfig
+    # True: a position's logits read that position's features only (train_logits may be called
+    # on any subset of positions, e.g. packed from several rows) and are the frozen unembedding
+    # of `train_hidden(...)` [B,M,J,D]; False: the LSTM reads the sequence in order.
+    per_position = False
 
     @property
     def _dtype(self):

@@ -21,6 +21,7 @@ from gptk_jax.heads.common import MTPHead, gather_positions
 
 
 class LinearHead(MTPHead):
+    per_position = True
 
     def setup(self):
         j, d = len(self.head_config.offsets), self.trunk_config.dim
@@ -33,12 +34,16 @@ class LinearHead(MTPHead):
         delta = jnp.einsum("...d,jde->...je", h, proj.astype(self._dtype))
         return h[..., None, :] + delta
 
+    def train_hidden(self, trunk_params, feats, deterministic: bool = True, gather_index=None):
+        """-> [B,T,J,D] ([B,M,J,D] at gather_index [B,M]): what the unembedding projects."""
+        del trunk_params, deterministic
+        hidden_normed = gather_positions(feats.hidden_normed, gather_index)
+        return self._offset_hidden(hidden_normed, self.proj)
+
     def train_logits(self, trunk_params, feats, deterministic: bool = True, gather_index=None):
         """-> head_logits [B,T,J,V] float32 for every configured offset ([B,M,J,V] at
         gather_index [B,M])."""
-        del deterministic
-        hidden_normed = gather_positions(feats.hidden_normed, gather_index)
-        h = self._offset_hidden(hidden_normed, self.proj)  # [B,T,J,D]
+        h = self.train_hidden(trunk_params, feats, deterministic, gather_index)  # [B,T,J,D]
         return self._unembed(trunk_params, h)
 
     def draft_logits(self, trunk_params, state, last_hidden, last_hidden_normed, last_position,

@@ -57,6 +57,7 @@ def check_positions(positions, valid, max_positions: int) -> None:
 
 
 class PomaHead(MTPHead):
+    per_position = True
 
     def setup(self):
         c = self.head_config
@@ -85,15 +86,19 @@ class PomaHead(MTPHead):
         scale = self._norm_scale(trunk_params)[offset_idx]          # [J',D]
         return rms_norm(h, scale, self.trunk_config.norm_eps, self._dtype)
 
-    def train_logits(self, trunk_params, feats, deterministic: bool = True, gather_index=None):
-        """-> head_logits [B,T,J,V] float32 for every configured offset (one unembed call);
-        [B,M,J,V] at gather_index [B,M]."""
+    def train_hidden(self, trunk_params, feats, deterministic: bool = True, gather_index=None):
+        """-> [B,T,J,D] ([B,M,J,D] at gather_index [B,M]): what the unembedding projects."""
         del deterministic
         feats = gather_features(feats, gather_index)
         valid = feats.token_mask if feats.token_mask is not None else \
             jnp.ones(feats.positions.shape, bool)
         idx = np.arange(len(self.head_config.offsets))
-        h = self._offset_hidden(trunk_params, feats.hidden, feats.positions, valid, idx)
+        return self._offset_hidden(trunk_params, feats.hidden, feats.positions, valid, idx)
+
+    def train_logits(self, trunk_params, feats, deterministic: bool = True, gather_index=None):
+        """-> head_logits [B,T,J,V] float32 for every configured offset (one unembed call);
+        [B,M,J,V] at gather_index [B,M]."""
+        h = self.train_hidden(trunk_params, feats, deterministic, gather_index)
         return self._unembed(trunk_params, h)                       # [B,T,J,V]
 
     def draft_logits(self, trunk_params, state, last_hidden, last_hidden_normed, last_position,

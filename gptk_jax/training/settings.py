@@ -100,6 +100,7 @@ class LossSettings:
     first_target_tokens_only: bool = False
     positions_per_row: Optional[int] = None
     argmax_chunk: int = 64
+    position_chunk: int = 64
 
     def __post_init__(self):
         _check(self.targets in TARGETS, f"targets must be one of {TARGETS}, got {self.targets!r}")
@@ -111,6 +112,8 @@ class LossSettings:
         _check(self.positions_per_row is None or self.positions_per_row >= 1,
                f"positions_per_row must be >= 1 or None, got {self.positions_per_row}")
         _check(self.argmax_chunk >= 1, f"argmax_chunk must be >= 1, got {self.argmax_chunk}")
+        _check(self.position_chunk >= 0,
+               f"position_chunk must be >= 0 (0: no packing), got {self.position_chunk}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,6 +91,12 @@ class Parallel:
             raise ParallelError(f"global_batch_size {global_batch_size} is not divisible by the "
                                 f"{self.num_data}-way data axis")
 
+    @property
+    def pack_groups(self) -> int:
+        """Row groups a step sees that must not be mixed (mesh: the data shards of the global
+        batch; pmap: each device's step sees its own rows only, one group)."""
+        return self.num_data if self.mode == "mesh" else 1
+
     def describe(self) -> str:
         if self.mode == "mesh":
             return (f"mesh data={self.num_data} x model={self.model_size} over "

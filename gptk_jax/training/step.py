@@ -14,6 +14,14 @@ D width, V vocab.
       -> head.train_logits(..., gather_index) [B,M,J,V] -> cross-entropy per offset
 Only M <= T positions get logits: B*T*J*V floats would not fit for a 128k vocabulary.
 
+Packed positions (`position_chunk` C > 0, heads that read each position on its own: linear,
+PoMa): M is the longest row's count, so most of [B,M] is padding (WMT rows: mean 27 of M=80).
+Instead the B*M gathered positions are packed valid-first within each of G row groups
+([G, B/G*M], G = the data shards, so packing never crosses devices), cut into chunks of C, and
+the frozen unembedding projects one chunk [G,C,J,V] at a time, fused with its gradient
+(chunked_loss.py): chunks with no valid position cost nothing. Same positions, same targets, same
+loss up to summation order.
+
 Metrics are sums and counts per offset ([J] arrays); the host divides at log time. With
 `axis_name` (pmap) the loss is normalised by the global counts and grads / metrics are summed
 over devices, which is the update one device would make on the whole batch.
@@ -31,8 +39,10 @@ import optax
 
 from gptk_jax.config import LlamaConfig
 from gptk_jax.heads import HeadFeatures, make_head, trunk_unembed
+from gptk_jax.heads.common import unembedding_weights
 from gptk_jax.heads.config import HeadConfig
 from gptk_jax.model import Llama
+from gptk_jax.training.chunked_loss import chunked_cross_entropy
 from gptk_jax.training.state import TrainState
 
 TOP_K = 5  # eval reports top-1 and top-5 accuracy
@@ -48,6 +58,9 @@ class StepConfig:
     first_target_tokens_only: bool  # supervise the last prompt token only (seed)
     positions_per_row: int          # M
     argmax_chunk: int               # positions per unembedding chunk for the trunk's argmax
+    position_chunk: int = 0         # C: >0 packs the supervised positions of per-position heads
+                                    # and projects them C at a time, skipping empty chunks
+    pack_groups: int = 1            # G: rows are packed within G groups (the data shards)
 
     @property
     def offsets(self) -> tuple:
@@ -134,6 +147,49 @@ def _at(x: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def pack_order(valid: jax.Array, groups: int) -> jax.Array:
+    """valid [B,M] -> order [G, B/G*M] int32: within each group of B/G consecutive rows, the
+    valid entries first (row-major order kept), then the rest."""
+    b, m = valid.shape
+    return jnp.argsort(~valid.reshape(groups, (b // groups) * m), axis=1,
+                       stable=True).astype(jnp.int32)
+
+
+def packed(x: jax.Array, order: jax.Array, chunk: int) -> jax.Array:
+    """x [B,M,...] laid out like pack_order's input -> [N,G,C,...]: each group's entries in
+    `order`, padded (zeros / False) to N*C and cut into N chunks of C."""
+    g, r = order.shape
+    x = x.reshape((g, r) + x.shape[2:])
+    x = jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+    n = -(-r // chunk)
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - r)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((g, n, chunk) + x.shape[2:]), 1, 0)
+
+
+def grouped(x: jax.Array, groups: int) -> jax.Array:
+    """[B,T,...] -> [G, B/G*T, ...] (each group's rows one after another)."""
+    b, t = x.shape[:2]
+    return x.reshape((groups, (b // groups) * t) + x.shape[2:])
+
+
+def packed_sums(apply_hidden, unembedding, index, valid, targets, mask, t: int, groups: int,
+                chunk: int):
+    """Sums [J] of the masked cross-entropy and top-1 hits over the supervised positions, packed
+    and computed a chunk at a time (chunked_loss). index / valid [B,M] (gather_index), targets /
+    mask [B,M,J]; apply_hidden(gather_index [G,R]) -> [G,R,J,D], the head's hidden states at
+    those positions of the grouped features (`grouped`); unembedding = (w, tied)."""
+    b, _ = index.shape
+    order = pack_order(valid, groups)
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None] % (b // groups)
+    flat = packed(rows * t + index, order, chunk)                           # [N,G,C]
+    n, g, c = flat.shape
+    h = apply_hidden(jnp.moveaxis(flat, 0, 1).reshape(g, n * c))            # [G,N*C,J,D]
+    h = jnp.moveaxis(h.reshape((g, n, c) + h.shape[2:]), 1, 0)              # [N,G,C,J,D]
+    w, tied = unembedding
+    return chunked_cross_entropy(tied, w, h, packed(targets, order, chunk),
+                                 packed(mask, order, chunk))
+
+
 def offset_targets(cfg: StepConfig, batch: dict, trunk_argmax: Optional[jax.Array], source: str):
     """-> (targets [B,T,J], next_tokens [B,T,K]) from `source` ('gold' | 'trunk_argmax');
     next_tokens are the LSTM's teacher-forcing inputs (tokens at t+1..t+K) from the same
@@ -188,15 +244,30 @@ def train_step(cfg: StepConfig, tx: optax.GradientTransformation, state: TrainSt
     feats = _features(batch, hidden, hidden_normed, next_tokens)
     head = make_head(cfg.head_config, cfg.trunk_config)
 
+    pack = cfg.position_chunk > 0 and head.per_position
+
     def loss_fn(head_params):
-        head_logits = head.apply({"params": head_params}, trunk_params, feats,
-                                 deterministic=False, gather_index=index,
-                                 method=head.train_logits, rngs={"dropout": rng})  # [B,M,J,V]
-        nll = cross_entropy(head_logits, targets)                           # [B,M,J]
-        loss_sum = jnp.where(mask, nll, 0.0).sum(axis=(0, 1))               # [J]
+        if pack:
+            groups = cfg.pack_groups
+            feats_g = jax.tree.map(lambda x: grouped(x, groups), feats)
+
+            def apply_hidden(packed_index):                                 # [G,R]
+                return head.apply({"params": head_params}, trunk_params, feats_g,
+                                  deterministic=False, gather_index=packed_index,
+                                  method=head.train_hidden, rngs={"dropout": rng})
+            loss_sum, top1 = packed_sums(
+                apply_hidden, unembedding_weights(cfg.trunk_config, trunk_params), index, valid,
+                targets, mask, position_mask.shape[1], groups, cfg.position_chunk)
+        else:
+            head_logits = head.apply({"params": head_params}, trunk_params, feats,
+                                     deterministic=False, gather_index=index,
+                                     method=head.train_logits, rngs={"dropout": rng})  # [B,M,J,V]
+            nll = cross_entropy(head_logits, targets)                       # [B,M,J]
+            loss_sum = jnp.where(mask, nll, 0.0).sum(axis=(0, 1))           # [J]
+            top1 = ((jnp.argmax(head_logits, axis=-1) == targets) & mask).sum(
+                axis=(0, 1)).astype(jnp.float32)
         objective = jnp.sum(weights * loss_sum / jnp.maximum(global_counts, 1.0))
-        top1 = (jnp.argmax(head_logits, axis=-1) == targets) & mask
-        return objective, (loss_sum, top1.sum(axis=(0, 1)).astype(jnp.float32))
+        return objective, (loss_sum, top1)
 
     (objective, (loss_sum, top1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.head_params)

@@ -124,7 +124,8 @@ def _setup(config, workdir: Path, progress: bool) -> _Run:
         offset_weights=settings.offset_weights, first_target_tokens_only=first_only,
         positions_per_row=settings.loss.positions_per_row or
         inputs.positions_per_row(train_pipe, offsets, first_only),
-        argmax_chunk=settings.loss.argmax_chunk)
+        argmax_chunk=settings.loss.argmax_chunk, position_chunk=settings.loss.position_chunk,
+        pack_groups=parallel.pack_groups)
     eval_cfg = None
     if eval_pipe is not None:
         eval_cfg = dataclasses.replace(step_cfg, first_target_tokens_only=False,
