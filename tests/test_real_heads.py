@@ -8,7 +8,8 @@
    padding, ragged prompt and output lengths; at batch 1 the random and oracle drafters decode the
    first 16 sentences, to keep the suite's time); the oracle reaches τ near K, the random heads
    accept almost nothing. Also prompt lookup in front of the trained heads (drafting over a
-   reduced vocabulary), on the first 16 sentences at batch 1 and at batch 8. How much faster trained heads are is measured in docs/results.md.
+   reduced vocabulary), on the first 16 sentences at batch 8 (its batch-1 exactness is tested on
+   a tiny trunk in tests/test_lookup.py). How much faster trained heads are is measured in docs/results.md.
 """
 
 import subprocess
@@ -155,7 +156,9 @@ def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, greedy
         chunks = list(zip(_batches(prompts, batch), greedy_results, per_chunk))
         if batch == 1 and name != "trained":
             chunks = chunks[:B1_EXTREMES]
-        if name == "heads+lookup":   # its own compilations per prompt bucket: 16 sentences
+        if name == "heads+lookup":   # its own compilations per prompt bucket: 16 sentences,
+            if batch == 1:           # at batch 8 only (tests/test_lookup.py: batch 1, tiny trunk)
+                continue
             chunks = chunks[:max(1, B1_EXTREMES // batch)]
         for chunk, reference, (drafter, variables) in chunks:
             got = mtp_generate(config, params, drafter, variables, chunk, MAX_NEW, stops, pad,
@@ -173,4 +176,5 @@ def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, greedy
     assert taus["random"] < 1.1, taus
     assert taus["trained"] > 1.0, taus     # some drafts of the trained heads are accepted
     # the 0-shot outputs copy much of the source, which the lookup drafts
-    assert taus["heads+lookup"] > taus["trained"] + 0.3, taus
+    if batch > 1:
+        assert taus["heads+lookup"] > taus["trained"] + 0.3, taus

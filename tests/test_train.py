@@ -161,7 +161,8 @@ def test_loss_uses_the_offset_targets_on_a_hand_case(tiny_trunk, targets, first_
 @pytest.mark.parametrize("chunk,groups", [(3, 1), (5, 2), (64, 1)])
 def test_packed_positions_give_the_same_update(tiny_trunk, kind, chunk, groups):
     """Packing the supervised positions (and skipping empty chunks) changes the summation order
-    only: the same loss, metrics and parameter update as the per-row [B,M] layout."""
+    only: the same loss, metrics and parameter update as the per-row [B,M] layout, and the same
+    evaluation sums."""
     trunk_config, trunk_params = tiny_trunk
     head_config = HeadConfig(kind=kind, k=3, offsets=(2, 3), poma_max_positions=16)
     batch = _hand_batch()
@@ -188,6 +189,21 @@ def test_packed_positions_give_the_same_update(tiny_trunk, kind, chunk, groups):
     assert m_row["count"].sum() > 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  packed, per_row)
+
+    def evaluate(position_chunk, pack_groups):
+        cfg = step_lib.StepConfig(trunk_config=trunk_config, head_config=head_config,
+                                  targets="trunk_argmax", offset_weights=(1.0, 1.0),
+                                  first_target_tokens_only=False, positions_per_row=8,
+                                  argmax_chunk=8, position_chunk=position_chunk,
+                                  pack_groups=pack_groups)
+        return jax.tree.map(np.asarray, jax.jit(
+            lambda h, p, b: step_lib.eval_step(cfg, h, p, b))(per_row, trunk_params, batch))
+
+    e_row, e_packed = evaluate(0, 1), evaluate(chunk, groups)
+    assert sorted(e_packed) == sorted(e_row)
+    assert e_row["top5_trunk"].sum() > 0
+    for key in e_row:
+        np.testing.assert_allclose(e_packed[key], e_row[key], rtol=1e-5, err_msg=key)
 
 
 # --------------------------------------------------------------------------------------------

@@ -297,16 +297,50 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
     index, valid = gather_index(target_mask.any(axis=-1), cfg.positions_per_row)
     mask = _at(target_mask, index) & valid[..., None]                       # [B,M,J]
     head = make_head(cfg.head_config, cfg.trunk_config)
-    head_logits = head.apply({"params": head_params}, trunk_params,
-                             _features(batch, hidden, hidden_normed, next_tokens),
-                             deterministic=True, gather_index=index, method=head.train_logits)
-    _, top = jax.lax.top_k(head_logits, TOP_K)                              # [B,M,J,5]
-    out = {"count": mask.sum(axis=(0, 1)).astype(jnp.float32)}
-    for name, targets in (("gold", _at(gold, index)), ("trunk", _at(trunk, index))):
-        sums = lambda x: jnp.where(mask, x, 0).sum(axis=(0, 1)).astype(jnp.float32)
-        out[f"loss_{name}"] = sums(cross_entropy(head_logits, targets))
-        out[f"top1_{name}"] = sums(top[..., 0] == targets)
-        out[f"top{TOP_K}_{name}"] = sums((top == targets[..., None]).any(axis=-1))
+    feats = _features(batch, hidden, hidden_normed, next_tokens)
+    targets = {"gold": _at(gold, index), "trunk": _at(trunk, index)}       # [B,M,J] each
+
+    def sums(head_logits, targets, mask):
+        """logits [...,J,V], targets / mask [...,J] -> {metric: [J] sums over the masked}."""
+        _, top = jax.lax.top_k(head_logits, TOP_K)                          # [...,J,5]
+        total = lambda x: jnp.where(mask, x, 0).reshape(-1, mask.shape[-1]).sum(0).astype(
+            jnp.float32)
+        out = {}
+        for name, tgt in targets.items():
+            out[f"loss_{name}"] = total(cross_entropy(head_logits, tgt))
+            out[f"top1_{name}"] = total(top[..., 0] == tgt)
+            out[f"top{TOP_K}_{name}"] = total((top == tgt[..., None]).any(axis=-1))
+        return out
+
+    if cfg.position_chunk > 0 and head.per_position:
+        # packed as in train_step; no gradient here, so a plain map over chunks skips the empty
+        groups, chunk = cfg.pack_groups, cfg.position_chunk
+        order = pack_order(valid, groups)
+        rows = jnp.arange(index.shape[0], dtype=jnp.int32)[:, None] % (index.shape[0] // groups)
+        flat = packed(rows * target_mask.shape[1] + index, order, chunk)   # [N,G,C]
+        feats_g = jax.tree.map(lambda x: grouped(x, groups), feats)
+        chunk_targets = {n: packed(t, order, chunk) for n, t in targets.items()}
+        chunk_mask = packed(mask, order, chunk)                             # [N,G,C,J]
+        zero = {f"{metric}_{name}": jnp.zeros(mask.shape[-1:], jnp.float32)
+                for name in targets for metric in ("loss", "top1", f"top{TOP_K}")}
+
+        def one(xs):
+            idx, tgt, msk = xs
+
+            def run(_):
+                logits = head.apply({"params": head_params}, trunk_params, feats_g,
+                                    deterministic=True, gather_index=idx,
+                                    method=head.train_logits)               # [G,C,J,V]
+                return sums(logits, tgt, msk)
+            return jax.lax.cond(msk.any(), run, lambda _: zero, None)
+        per_chunk = jax.lax.map(one, (flat, chunk_targets, chunk_mask))
+        out = jax.tree.map(lambda x: x.sum(axis=0), per_chunk)
+    else:
+        head_logits = head.apply({"params": head_params}, trunk_params, feats,
+                                 deterministic=True, gather_index=index,
+                                 method=head.train_logits)                  # [B,M,J,V]
+        out = sums(head_logits, targets, mask)
+    out["count"] = mask.sum(axis=(0, 1)).astype(jnp.float32)
     return _psum(out, axis_name)
 
 

@@ -1,0 +1,128 @@
+"""Would verifying several prompt-lookup candidates per step (a token tree) raise τ? Measured
+before building it.
+
+    python bench/lookup_candidates.py [--checkpoint .cache/models/smollm2-135m]
+        [--num-sentences 50] [--ks 4,8] [--max-candidates 3]
+        [--output-json bench/results/lookup_candidates.json]
+
+Runs the real jitted prompt-lookup decoder (`LookupDrafter`, one candidate) on the first
+--num-sentences newstest2014 sentences (0-shot, the research prompt ending at 'en:', stop at a
+newline, 64 new tokens, batch 8) and keeps its token-identical-to-greedy outputs. Then replays
+every sequence in plain Python: at each verify step the candidates are all earlier matches of the
+last n = 3, 2, 1 tokens, ranked longest n first, latest first (the drafter's own rule), keeping
+candidates whose first token differs; a step accepts the longest prefix any of the top C
+candidates shares with the true continuation, plus the bonus token. C = 1 must reproduce the
+jitted loop's τ exactly (a check of the replay); C = 2, 3 is what a tree of C branches would get
+(the verify pass would then hold 1 + C*(K-1) tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gptk_jax.evaluate import (load_split, prompt_format,  # noqa: E402
+                               translation_stop_ids)
+
+
+def ranked_candidates(seq: list, known: int, k: int, max_ngram: int) -> list:
+    """Continuations (<= k-1 tokens, within the known seq[:known]) of earlier matches of the
+    last n known tokens, n = max_ngram..1, latest match first."""
+    out = []
+    for n in range(max_ngram, 0, -1):
+        if known < n + 1:
+            continue
+        query = seq[known - n:known]
+        for end in range(known - 1, n - 1, -1):       # a match seq[end-n:end], strictly earlier
+            if seq[end - n:end] == query:
+                out.append(seq[end:min(end + k - 1, known)])
+    return [c for c in out if c]
+
+
+def replay(prompt: list, generated: list, k: int, candidates: int, max_ngram: int) -> tuple:
+    """-> (verify steps, tokens emitted by them) for one row; generated[0] came from prefill."""
+    seq = prompt + generated
+    known, done, steps, emitted = len(prompt) + 1, 1, 0, 0
+    while done < len(generated):
+        chosen = []
+        for c in ranked_candidates(seq, known, k, max_ngram):
+            if all(c[0] != d[0] for d in chosen):
+                chosen.append(c)
+            if len(chosen) == candidates:
+                break
+        best = 0
+        for c in chosen:
+            a = 0
+            while a < len(c) and done + a < len(generated) and c[a] == generated[done + a]:
+                a += 1
+            best = max(best, a)
+        step = min(best + 1, len(generated) - done)
+        done, known, steps, emitted = done + step, known + step, steps + 1, emitted + step
+    return steps, emitted
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=str(ROOT / ".cache" / "models" / "smollm2-135m"))
+    p.add_argument("--num-sentences", type=int, default=50)
+    p.add_argument("--ks", default="4,8")
+    p.add_argument("--max-candidates", type=int, default=3)
+    p.add_argument("--max-ngram", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--output-json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    from gptk_jax.checkpoint import load_converted
+    from gptk_jax.decoding.lookup import LookupDrafter
+    from gptk_jax.decoding.mtp import mtp_generate
+
+    model = load_converted(args.checkpoint)
+    tok = model.tokenizer
+    fmt = prompt_format("de", "en", 0, space_with_target=True)
+    pairs = load_split("newstest2014", "de", "en", args.num_sentences)
+    prompts = [tok.encode(fmt.prompt_text(pair.src), bos=True) for pair in pairs]
+    stop_ids = translation_stop_ids(tok)
+    report = {"num_sentences": len(prompts), "max_ngram": args.max_ngram, "ks": {}}
+    print(f"{len(prompts)} newstest2014 sentences, 0-shot, batch 8; tau = tokens per verify "
+          "step, bonus token included")
+    print(f"{'K':>3} {'jitted lookup tau':>18} " + " ".join(
+        f"{f'replay C={c}':>12}" for c in range(1, args.max_candidates + 1)))
+    for k in (int(x) for x in args.ks.split(",")):
+        rows, per_row, steps, emitted = [], [], 0, 0
+        for i in range(0, len(prompts), 8):
+            chunk = prompts[i:i + 8]
+            out = mtp_generate(model.config, model.params, LookupDrafter(k - 1, args.max_ngram),
+                               LookupDrafter.variables(), chunk, args.max_new_tokens, stop_ids,
+                               tok.pad_id, num_tokens_per_step=k, batch_size=8)
+            for j, prompt in enumerate(chunk):
+                stop = out.stop_tokens[j]
+                rows.append((prompt, list(out.tokens[j]) + ([stop] if stop is not None else [])))
+            for r in out.row_records():
+                steps += r["verify_steps"]
+                emitted += sum(r["emitted_per_step"])
+                per_row.append({"verify_steps": r["verify_steps"],
+                                "num_generated": r["num_generated"]})
+        replays = {}
+        for c in range(1, args.max_candidates + 1):
+            s = e = 0
+            for prompt, generated in rows:
+                row_steps, row_emitted = replay(prompt, generated, k, c, args.max_ngram)
+                s, e = s + row_steps, e + row_emitted
+            replays[c] = e / s
+        report["ks"][k] = {"jitted_tau": emitted / steps, "replay_tau": replays,
+                           "rows": per_row}
+        print(f"{k:>3} {emitted / steps:>18.3f} " + " ".join(f"{replays[c]:>12.3f}"
+                                                          for c in replays), flush=True)
+    if args.output_json:
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        args.output_json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
