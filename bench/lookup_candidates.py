@@ -13,7 +13,8 @@ last n = 3, 2, 1 tokens, ranked longest n first, latest first (the drafter's own
 candidates whose first token differs; a step accepts the longest prefix any of the top C
 candidates shares with the true continuation, plus the bonus token. C = 1 must reproduce the
 jitted loop's τ exactly (a check of the replay); C = 2, 3 is what a tree of C branches would get
-(the verify pass would then hold 1 + C*(K-1) tokens).
+(the verify pass would then hold 1 + C*(K-1) tokens). Also printed: the batch-8 decode-loop
+iterations of greedy and lookup with static batches vs ideal continuous batching.
 """
 
 from __future__ import annotations
@@ -66,6 +67,18 @@ def replay(prompt: list, generated: list, k: int, candidates: int, max_ngram: in
     return steps, emitted
 
 
+def batch_iterations(rows: list, batch: int) -> dict:
+    """Decode-loop iterations of greedy (one per token after the prefill's) and of MTP (one per
+    verify step) for consecutive batches of `batch` rows, and their ideal continuous-batching
+    counts (every slot always busy: the sums over `batch`)."""
+    steps = [r["verify_steps"] for r in rows]
+    tokens = [r["num_generated"] - 1 for r in rows]
+    spans = range(0, len(rows), batch)
+    return {"greedy_static": sum(max(tokens[i:i + batch]) for i in spans),
+            "mtp_static": sum(max(steps[i:i + batch]) for i in spans),
+            "greedy_continuous": sum(tokens) / batch, "mtp_continuous": sum(steps) / batch}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str(ROOT / ".cache" / "models" / "smollm2-135m"))
@@ -115,9 +128,19 @@ def main(argv=None) -> int:
                 s, e = s + row_steps, e + row_emitted
             replays[c] = e / s
         report["ks"][k] = {"jitted_tau": emitted / steps, "replay_tau": replays,
+                           "batch8_loop_iterations": batch_iterations(per_row, 8),
                            "rows": per_row}
         print(f"{k:>3} {emitted / steps:>18.3f} " + " ".join(f"{replays[c]:>12.3f}"
                                                           for c in replays), flush=True)
+    print("\nbatch 8, loop iterations (from the rows' verify steps and lengths): static batches "
+          "run until their slowest row is done; continuous batching (finished rows refilled at "
+          "once) would need about sum / 8")
+    for k, d in report["ks"].items():
+        it = d["batch8_loop_iterations"]
+        print(f"K={k}: greedy {it['greedy_static']} vs lookup {it['mtp_static']} static "
+              f"({it['greedy_static'] / it['mtp_static']:.2f}x fewer); continuous "
+              f"{it['greedy_continuous']:.0f} vs {it['mtp_continuous']:.0f} "
+              f"({it['greedy_continuous'] / it['mtp_continuous']:.2f}x fewer)")
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(report, indent=2))

@@ -1,0 +1,92 @@
+"""What one trunk call costs as the number of new tokens T grows (the verify step of MTP
+decoding), at batch 1 and 8: T = 1, 2, 4, 8, with logits at every new token (what verification
+needs), at the last one only, and none (the layers alone).
+
+    python bench/bench_verify_cost.py [--checkpoint .cache/models/smollm2-135m] [--context 92]
+        [--batch-sizes 1,8] [--output-json bench/results/verify_cost.json]
+
+Each call runs inside a jitted fori_loop of 8 calls that feeds the argmax back and rewrites the
+same cache slots (bench_mtp's method: no dispatch, carry in place); best of 3 loops, 2 rounds
+(the spread between rounds is the machine's noise). GFLOP/s counts 2 x parameters x B x T.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench_mtp import _per_iteration  # noqa: E402
+from gptk_jax.checkpoint import load_converted  # noqa: E402
+from gptk_jax.kv_cache import KVCache  # noqa: E402
+from gptk_jax.model import Llama  # noqa: E402
+
+
+def trunk_loop(config, context: int, logits: str, iterations: int = 8):
+    def loop(params, cache, tokens):
+        positions = context + jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                                               tokens.shape)
+
+        def body(_, carry):
+            cache, tokens = carry
+            model = Llama(config)
+            if logits == "all":
+                out = model.apply({"params": params}, tokens, positions, cache=cache)
+                nxt = jnp.argmax(out.logits, -1).astype(jnp.int32)
+            elif logits == "last":
+                out = model.apply({"params": params}, tokens, positions, cache=cache,
+                                  logits_index=jnp.zeros((tokens.shape[0],), jnp.int32))
+                nxt = jnp.broadcast_to(jnp.argmax(out.logits, -1).astype(jnp.int32),
+                                       tokens.shape)
+            else:
+                out = model.apply({"params": params}, tokens, positions, cache=cache,
+                                  compute_logits=False)
+                nxt = tokens + (out.hidden_normed[..., 0] > 0).astype(jnp.int32)
+            return out.cache.replace(lengths=cache.lengths), nxt
+        return jax.lax.fori_loop(0, iterations, body, (cache, tokens))
+    return jax.jit(loop)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=str(ROOT / ".cache" / "models" / "smollm2-135m"))
+    p.add_argument("--context", type=int, default=92)
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--output-json", type=Path, default=None)
+    args = p.parse_args(argv)
+    model = load_converted(args.checkpoint)
+    config, params = model.config, jax.device_put(model.params)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    results = []
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        cache = KVCache.init(config, batch, args.context + 9)
+        cache = cache.replace(valid=cache.valid.at[:, :args.context].set(True),
+                              lengths=jnp.full((batch,), args.context, jnp.int32))
+        for rnd in range(args.rounds):
+            for logits, ts in (("all", (1, 2, 4, 8)), ("last", (1, 4)), ("none", (1, 4))):
+                for t in ts:
+                    s = _per_iteration(trunk_loop(config, args.context, logits), params, cache,
+                                       jnp.ones((batch, t), jnp.int32), iterations=8, reps=3)
+                    gflops = 2 * n_params * batch * t / s / 1e9
+                    results.append({"batch": batch, "round": rnd, "logits": logits, "t": t,
+                                    "ms": 1e3 * s, "gflop_per_s": gflops})
+                    print(f"batch {batch} round {rnd} logits={logits:4s} T={t}: {1e3 * s:6.1f} ms"
+                          f" ({gflops:5.1f} GFLOP/s)", flush=True)
+    if args.output_json:
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        args.output_json.write_text(json.dumps({"context": args.context, "params": n_params,
+                                                "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
