@@ -127,6 +127,10 @@ def main(argv=None) -> int:
                 row_steps, row_emitted = replay(prompt, generated, k, c, args.max_ngram)
                 s, e = s + row_steps, e + row_emitted
             replays[c] = e / s
+        if abs(replays[1] - emitted / steps) > 1e-9:
+            raise SystemExit(f"K={k}: the replay with one candidate gives tau {replays[1]:.4f}, "
+                             f"the jitted decoder {emitted / steps:.4f}: the replay does not "
+                             "model the drafter; its other numbers would mean nothing")
         report["ks"][k] = {"jitted_tau": emitted / steps, "replay_tau": replays,
                            "batch8_loop_iterations": batch_iterations(per_row, 8),
                            "rows": per_row}
