@@ -168,12 +168,15 @@ def test_packed_positions_give_the_same_update(tiny_trunk, kind, chunk, groups):
     batch = _hand_batch()
     tx = optax.sgd(1.0)  # the update is minus the gradient
 
+    def config(position_chunk, pack_groups):
+        return step_lib.StepConfig(trunk_config=trunk_config, head_config=head_config,
+                                   targets="trunk_argmax", offset_weights=(1.0, 2.0),
+                                   first_target_tokens_only=False, positions_per_row=8,
+                                   argmax_chunk=8, position_chunk=position_chunk,
+                                   pack_groups=pack_groups)
+
     def step(position_chunk, pack_groups):
-        cfg = step_lib.StepConfig(trunk_config=trunk_config, head_config=head_config,
-                                  targets="trunk_argmax", offset_weights=(1.0, 2.0),
-                                  first_target_tokens_only=False, positions_per_row=8,
-                                  argmax_chunk=8, position_chunk=position_chunk,
-                                  pack_groups=pack_groups)
+        cfg = config(position_chunk, pack_groups)
         state = step_lib.init_train_state(cfg, tx, trunk_params, 0)
         # non-trivial head params (the zero / trunk-copy init would make offsets identical)
         state = state.replace(head_params=jax.tree.map(
@@ -191,11 +194,7 @@ def test_packed_positions_give_the_same_update(tiny_trunk, kind, chunk, groups):
                  packed, per_row)
 
     def evaluate(position_chunk, pack_groups):
-        cfg = step_lib.StepConfig(trunk_config=trunk_config, head_config=head_config,
-                                  targets="trunk_argmax", offset_weights=(1.0, 1.0),
-                                  first_target_tokens_only=False, positions_per_row=8,
-                                  argmax_chunk=8, position_chunk=position_chunk,
-                                  pack_groups=pack_groups)
+        cfg = config(position_chunk, pack_groups)
         return jax.tree.map(np.asarray, jax.jit(
             lambda h, p, b: step_lib.eval_step(cfg, h, p, b))(per_row, trunk_params, batch))
 

@@ -172,16 +172,22 @@ def grouped(x: jax.Array, groups: int) -> jax.Array:
     return x.reshape((groups, (b // groups) * t) + x.shape[2:])
 
 
+def packed_index(index: jax.Array, valid: jax.Array, t: int, groups: int, chunk: int):
+    """index / valid [B,M] (gather_index over T positions) -> (order [G,B/G*M] for `packed`,
+    flat [N,G,C] int32: the packed positions in the grouped features, `grouped`)."""
+    b = index.shape[0]
+    order = pack_order(valid, groups)
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None] % (b // groups)
+    return order, packed(rows * t + index, order, chunk)
+
+
 def packed_sums(apply_hidden, unembedding, index, valid, targets, mask, t: int, groups: int,
                 chunk: int):
     """Sums [J] of the masked cross-entropy and top-1 hits over the supervised positions, packed
     and computed a chunk at a time (chunked_loss). index / valid [B,M] (gather_index), targets /
     mask [B,M,J]; apply_hidden(gather_index [G,R]) -> [G,R,J,D], the head's hidden states at
     those positions of the grouped features (`grouped`); unembedding = (w, tied)."""
-    b, _ = index.shape
-    order = pack_order(valid, groups)
-    rows = jnp.arange(b, dtype=jnp.int32)[:, None] % (b // groups)
-    flat = packed(rows * t + index, order, chunk)                           # [N,G,C]
+    order, flat = packed_index(index, valid, t, groups, chunk)              # [N,G,C]
     n, g, c = flat.shape
     h = apply_hidden(jnp.moveaxis(flat, 0, 1).reshape(g, n * c))            # [G,N*C,J,D]
     h = jnp.moveaxis(h.reshape((g, n, c) + h.shape[2:]), 1, 0)              # [N,G,C,J,D]
@@ -315,9 +321,7 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
     if cfg.position_chunk > 0 and head.per_position:
         # packed as in train_step; no gradient here, so a plain map over chunks skips the empty
         groups, chunk = cfg.pack_groups, cfg.position_chunk
-        order = pack_order(valid, groups)
-        rows = jnp.arange(index.shape[0], dtype=jnp.int32)[:, None] % (index.shape[0] // groups)
-        flat = packed(rows * target_mask.shape[1] + index, order, chunk)   # [N,G,C]
+        order, flat = packed_index(index, valid, target_mask.shape[1], groups, chunk)
         feats_g = jax.tree.map(lambda x: grouped(x, groups), feats)
         chunk_targets = {n: packed(t, order, chunk) for n, t in targets.items()}
         chunk_mask = packed(mask, order, chunk)                             # [N,G,C,J]
