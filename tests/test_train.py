@@ -1,6 +1,7 @@
 """MTP head training: hand-computed loss pieces, frozen trunk, every config family, resume after
 SIGKILL / SIGTERM, bad input, self-distillation (the real-trunk run: test_real_heads.py)."""
 
+import dataclasses
 import importlib
 import os
 import signal
@@ -158,12 +159,17 @@ def test_loss_uses_the_offset_targets_on_a_hand_case(tiny_trunk, targets, first_
 
 
 @pytest.mark.parametrize("kind", ["linear", "poma"])
-@pytest.mark.parametrize("chunk,groups", [(3, 1), (5, 2), (64, 1)])
-def test_packed_positions_give_the_same_update(tiny_trunk, kind, chunk, groups):
+@pytest.mark.parametrize("chunk,groups,tied", [(3, 1, False), (5, 2, False), (64, 1, False),
+                                               (5, 2, True)])
+def test_packed_positions_give_the_same_update(tiny_trunk, kind, chunk, groups, tied):
     """Packing the supervised positions (and skipping empty chunks) changes the summation order
     only: the same loss, metrics and parameter update as the per-row [B,M] layout, and the same
     evaluation sums."""
     trunk_config, trunk_params = tiny_trunk
+    if tied:   # the fused loss reads the embedding table [V,D] instead of the kernel [D,V]
+        trunk_config = dataclasses.replace(trunk_config, tie_embeddings=True)
+        trunk_params = jax.jit(lambda k: init_params(trunk_config, k, stacked=False))(
+            jax.random.PRNGKey(3))
     head_config = HeadConfig(kind=kind, k=3, offsets=(2, 3), poma_max_positions=16)
     batch = _hand_batch()
     tx = optax.sgd(1.0)  # the update is minus the gradient
