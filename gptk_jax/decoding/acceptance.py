@@ -93,7 +93,8 @@ def acceptance_stats(accepted, emitted, num_drafts: int) -> dict:
 def summarize(accepted_log: np.ndarray, emitted_log: np.ndarray, num_drafts: int) -> dict:
     """`acceptance_stats` of one run plus per-row logs (for JSON lines).
 
-    accepted_log, emitted_log [R,B] int32, -1 where the row was not active at that verify step.
+    accepted_log, emitted_log [R,B] int32: row i of column b is row b's i-th verify step, -1
+    past its last one (mtp.MTPState's logs).
     """
     accepted_log, emitted_log = np.asarray(accepted_log), np.asarray(emitted_log)
     ran = accepted_log >= 0                                                # [R,B]

@@ -290,7 +290,9 @@ def greedy_generate(model_config: LlamaConfig, params: dict, prompt_ids: Sequenc
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    params = params_for_model(params, model_config)
+    # On the device once: numpy arguments are copied into every executable call (540 MB
+    # for SmolLM2, ~55 ms a call on this CPU).
+    params = jax.device_put(params_for_model(params, model_config))
     prompts = pad_prompts(prompt_ids, pad_id, padding=padding, bucket=bucket,
                           batch_size=batch_size)
     longest = int(max(len(p) for p in prompt_ids))

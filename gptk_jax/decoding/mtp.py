@@ -115,9 +115,10 @@ class MTPState:
     drafter_state: Any
     num_generated: jax.Array     # [B] int32 tokens emitted per row (a stop token included)
     done: jax.Array              # [B] bool
-    step: jax.Array              # [] int32 verify steps run
-    accepted_log: jax.Array      # [M,B] int32 drafts accepted per step (-1: row not active)
-    emitted_log: jax.Array       # [M,B] int32 tokens emitted per step (-1: row not active)
+    step: jax.Array              # [] int32 verify steps run (loop iterations)
+    row_steps: jax.Array         # [B] int32 verify steps each row took part in
+    accepted_log: jax.Array      # [M,B] int32 drafts accepted at a row's i-th step (-1: none)
+    emitted_log: jax.Array       # [M,B] int32 tokens emitted at a row's i-th step (-1: none)
 
     @property
     def max_new_tokens(self) -> int:
@@ -131,12 +132,14 @@ def mtp_cache_slots(padded_length: int, max_new_tokens: int, num_tokens_per_step
 
 def prefill_state(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int,
                   max_new_tokens: int, params: dict, drafter_vars: Any, prompts: PromptBatch,
-                  stop_ids: jax.Array, pad_id: jax.Array) -> MTPState:
+                  stop_ids: jax.Array, pad_id: jax.Array, slots: Optional[int] = None
+                  ) -> MTPState:
     """One trunk call over the prompts; the first token is the trunk's argmax (exact), and the
-    drafter consumes every real prompt position."""
+    drafter consumes every real prompt position. `slots`: cache slots (default: what these
+    prompts need, `mtp_cache_slots`; continuous batching passes its shared cache's)."""
     k, m = num_tokens_per_step, max_new_tokens
     batch, width = prompts.tokens.shape
-    slots = mtp_cache_slots(width, m, k)
+    slots = slots or mtp_cache_slots(width, m, k)
     cache = KVCache.init(config, batch, slots)
     out = Llama(config).apply({"params": params}, prompts.tokens, prompts.positions, cache=cache,
                               token_mask=prompts.token_mask, logits_index=prompts.last_index)
@@ -154,7 +157,7 @@ def prefill_state(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: in
         last_hidden=at_last(out.hidden), last_hidden_normed=at_last(out.hidden_normed),
         drafter_state=drafter_state, num_generated=active.astype(jnp.int32),
         done=~active | is_stop(first, stop_ids) | (m <= 1), step=jnp.array(0, jnp.int32),
-        accepted_log=no_log, emitted_log=no_log)
+        row_steps=jnp.zeros((batch,), jnp.int32), accepted_log=no_log, emitted_log=no_log)
 
 
 def mtp_step(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, params: dict,
@@ -181,7 +184,10 @@ def mtp_step(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, pa
     take = lambda x: jnp.take_along_axis(x, acc.accepted[:, None, None], axis=1)[:, 0]
     keep_old = lambda new, old: jnp.where(going_on.reshape((-1,) + (1,) * (old.ndim - 1)),
                                           new, old)
-    log_row = lambda x: jnp.where(active, x, -1)
+    # A row's i-th verify step goes to row i of its log column (rows may start at different loop
+    # iterations: continuous batching); finished rows write nowhere (index M: dropped).
+    log_at = jnp.where(active, state.row_steps, state.max_new_tokens)
+    log = lambda buf, x: buf.at[log_at, jnp.arange(buf.shape[1])].set(x, mode="drop")
     return MTPState(
         cache=out.cache.replace(lengths=state.cache.lengths + num_kept),
         tokens=write_rows(state.tokens, trunk_tokens, state.num_generated),
@@ -195,8 +201,9 @@ def mtp_step(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, pa
         num_generated=state.num_generated + acc.emitted,
         done=state.done | acc.finished,
         step=state.step + 1,
-        accepted_log=state.accepted_log.at[state.step].set(log_row(acc.accepted)),
-        emitted_log=state.emitted_log.at[state.step].set(log_row(acc.emitted)))
+        row_steps=state.row_steps + active.astype(jnp.int32),
+        accepted_log=log(state.accepted_log, acc.accepted),
+        emitted_log=log(state.emitted_log, acc.emitted))
 
 
 def mtp_loop(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, params: dict,
@@ -258,7 +265,10 @@ def mtp_generate(model_config: LlamaConfig, params: dict, drafter: Drafter, draf
     check_num_tokens_per_step(drafter, num_tokens_per_step)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    params = params_for_model(params, model_config)
+    # On the device once: numpy arguments are copied into every executable call (540 MB
+    # for SmolLM2, ~55 ms a call on this CPU).
+    params = jax.device_put(params_for_model(params, model_config))
+    drafter_vars = jax.device_put(drafter_vars)
     prompts = pad_prompts(prompt_ids, pad_id, padding=padding, bucket=bucket,
                           batch_size=batch_size)
     longest = int(max(len(p) for p in prompt_ids))
