@@ -15,6 +15,8 @@ from gptk_jax.heads import HeadConfig, init_head_params, make_head
 from gptk_jax.heads_io import head_drafter
 from gptk_jax.model import init_params, params_for_model
 
+from _lookup_reference import expected_accepted
+
 CFG = LlamaConfig(vocab_size=23, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                   rope_theta=10000.0, max_seq_len=256)
 K = 4
@@ -75,42 +77,6 @@ def test_drafter_arguments_are_checked():
 
 # --- inside the loop ---------------------------------------------------------------------------
 
-def _py_lookup(seq, k1, max_ngram, min_ngram):
-    """Plain-Python prompt lookup on the whole sequence (its last token is next_token)."""
-    last = len(seq) - 1
-    for n in range(max_ngram, min_ngram - 1, -1):
-        if n > len(seq):
-            continue
-        query = seq[-n:]
-        for s in range(last - n, -1, -1):
-            if seq[s:s + n] == query:
-                cont = seq[s + n:s + n + k1]
-                return cont + [seq[-1]] * (k1 - len(cont))  # no fallback: repeat next_token
-    return [seq[-1]] * k1
-
-
-def _expected_accepted(prompt, continuation, stop_ids, max_new, k):
-    """Accepted drafts per verify step, from greedy's continuation (long enough to look past
-    the stop id and the limit, as the loop's acceptance does)."""
-    accepted_log, emitted = [], 1
-    done = continuation[0] in stop_ids or max_new <= 1
-    while not done:
-        seq = prompt + continuation[:emitted]
-        drafts = _py_lookup(seq, k - 1, 3, 1)
-        truth = continuation[emitted:emitted + k]
-        acc = 0
-        while acc < k - 1 and drafts[acc] == truth[acc]:
-            acc += 1
-        accepted_log.append(acc)
-        block = truth[:acc + 1]
-        stops = [i for i, t in enumerate(block) if t in stop_ids]
-        step = stops[0] + 1 if stops else len(block)
-        step = min(step, max_new - emitted)
-        emitted += step
-        done = bool(stops and stops[0] < step) or emitted >= max_new
-    return accepted_log
-
-
 @pytest.fixture(scope="module")
 def setup():
     params = params_for_model(init_params(CFG, jax.random.PRNGKey(2)), CFG)
@@ -136,7 +102,7 @@ def test_lookup_in_the_loop_matches_python_and_greedy(setup, batch, padding):
                           bucket=8)
     assert result.tokens == greedy.tokens
     assert result.stop_reasons == greedy.stop_reasons
-    expected = [_expected_accepted(p, c, stop_ids, MAX_NEW, K)
+    expected = [expected_accepted(p, c, stop_ids, MAX_NEW, K)
                 for p, c in zip(prompts, continuations)]
     assert result.stats["accepted_per_row"] == expected
     if batch == 8:
