@@ -1,7 +1,8 @@
 """Greedy vs self-speculative (MTP) decoding of one model on a WMT test set.
 
     python -m gptk_jax.evaluate --checkpoint DIR --heads DIR --split newstest2014 \\
-        --max-sentences N --batch-sizes 1,8 --output DIR [--k K] [--max-new-tokens 128]
+        --max-sentences N --batch-sizes 1,8 --output DIR [--k K] [--max-new-tokens 128] \\
+        [--lookup] [--oracle] [--continuous]
 
 For each batch size: greedy, then MTP with the trained heads, over the same prompts. Reported:
 BLEU and chrF (sacreBLEU, signatures printed) — identical for greedy and MTP by construction,
@@ -9,7 +10,8 @@ and checked token for token; τ (tokens per verify step, the bonus token include
 accepted-length histogram, per-offset conditional acceptance, tokens/s (compilation excluded)
 and MTP's speedup over greedy. Writes DIR/report.json, DIR/report.md, DIR/acceptance.png and
 DIR/translations.jsonl (one line per sentence: source, reference, hypothesis, per-step
-acceptance).
+acceptance). `--continuous` adds, for batch sizes > 1, the same methods through continuously
+refilled slots (`<method>/b<B>/continuous`; speedups there are over continuous greedy).
 
 Prompts use the research format of gptk_jax.data.prompts (`de: {src}; en: `, optional few-shot
 lines); a translation ends at the first newline, so pure-newline tokens are stop ids next to the
@@ -57,6 +59,7 @@ class EvalConfig:
     lookup_max_ngram: int = 3
     draft_vocab_size: Optional[int] = None  # heads draft over the N most frequent target tokens
     draft_vocab_from: Optional[str] = None  # of this text file (default: News Commentary .en)
+    continuous: bool = False              # batch sizes > 1 also run with continuous batching
     progress: bool = True
 
 
@@ -229,14 +232,14 @@ def run_evaluation(cfg: EvalConfig) -> dict:
           f"K={k}, {len(stop_ids)} stop ids, {jax.devices()[0].platform}, dtype {config.dtype}",
           flush=True)
 
-    runs, outputs = {}, {}
+    runs, outputs = {}, {}   # outputs: run name -> (tokens per prompt, row records or None)
     for batch in cfg.batch_sizes:
         greedy = decode_all(lambda c, b: greedy_generate(
             config, params, c, bucket=cfg.bucket, batch_size=b, **common),
             prompts, batch, f"greedy b={batch}", cfg.progress)
         greedy_tokens = [t for r in greedy for t in r.tokens]
         runs[f"greedy/b{batch}"] = {"method": "greedy", "batch_size": batch, **pooled(greedy)}
-        outputs["greedy", batch] = (greedy_tokens, None)
+        outputs[f"greedy/b{batch}"] = (greedy_tokens, None)
         methods = dict(drafters)
         if cfg.oracle:
             methods["oracle"] = None
@@ -261,16 +264,20 @@ def run_evaluation(cfg: EvalConfig) -> dict:
                 "identical_to_greedy": tokens == greedy_tokens,
                 "rows_differing_from_greedy": sum(a != b for a, b in zip(tokens, greedy_tokens)),
                 **mtp_summary(results, method_k)}
-            outputs[name, batch] = (tokens, [rec for r in results for rec in r.row_records()])
+            outputs[f"{name}/b{batch}"] = (tokens, [rec for r in results
+                                                    for rec in r.row_records()])
+        if cfg.continuous and batch > 1:
+            _continuous_runs(config, params, prompts, batch, drafters, greedy_tokens, runs,
+                             outputs, cfg, common)
 
     first = cfg.batch_sizes[0]
-    greedy_hyps = [hypothesis_text(tok, t) for t in outputs["greedy", first][0]]
+    greedy_hyps = [hypothesis_text(tok, t) for t in outputs[f"greedy/b{first}"][0]]
     quality = {}
-    for (name, batch), (tokens, _) in outputs.items():
+    for name, (tokens, _) in outputs.items():
         hyps = [hypothesis_text(tok, t) for t in tokens]
-        quality[f"{name}/b{batch}"] = {**score(hyps, refs), "identical_text": hyps == greedy_hyps}
+        quality[name] = {**score(hyps, refs), "identical_text": hyps == greedy_hyps}
     main_method = next(iter(drafters), "oracle")
-    records = outputs[main_method, first][1]
+    records = outputs[f"{main_method}/b{first}"][1]
     translations = [{"index": i, "source": p.src, "reference": p.tgt, "hypothesis": h,
                      "verify_steps": rec["verify_steps"],
                      "accepted_per_step": rec["accepted_per_step"]}
@@ -285,6 +292,41 @@ def run_evaluation(cfg: EvalConfig) -> dict:
             "quality": quality, "runs": runs, "all_identical_to_greedy": all_identical,
             "scores_identical": len({(q["bleu"], q["chrf"]) for q in quality.values()}) == 1,
             "translations": translations}
+
+
+def _continuous_runs(config, params, prompts, batch, drafters, greedy_tokens, runs, outputs,
+                     cfg, common):
+    """Greedy and each drafter (not the oracle: its references are per batch row) through
+    `batch` continuously refilled slots (decoding/continuous.py). Runs are named
+    `<method>/b<batch>/continuous`; `speedup` is over continuous greedy (the same scheduler),
+    `speedup_vs_static_greedy` over `greedy/b<batch>`."""
+    from tqdm import tqdm
+
+    from gptk_jax.decoding.continuous import continuous_generate
+    static_greedy = runs[f"greedy/b{batch}"]["tokens_per_second"]
+    methods = {"greedy": (None, (), 1), **drafters}
+    for name, (drafter, variables, method_k) in methods.items():
+        key = f"{name}/b{batch}/continuous"
+        with tqdm(total=len(prompts), desc=key, disable=not cfg.progress, unit="prompt",
+                  leave=False) as bar:
+            result = continuous_generate(config, params, prompts, batch_size=batch,
+                                         drafter=drafter, drafter_vars=variables,
+                                         num_tokens_per_step=method_k, bucket=cfg.bucket,
+                                         on_finished=bar.update, **common)
+        stats = pooled([result])
+        run = {"method": name, "batch_size": batch, "schedule": "continuous", **stats,
+               "loop_iterations": result.loop_iterations,
+               "prefill_calls": result.prefill_calls,
+               "speedup_vs_static_greedy": stats["tokens_per_second"] / static_greedy,
+               "identical_to_greedy": result.tokens == greedy_tokens,
+               "rows_differing_from_greedy": sum(a != b for a, b in zip(result.tokens,
+                                                                         greedy_tokens))}
+        if drafter is not None:
+            run.update(k=method_k, speedup=stats["tokens_per_second"] /
+                       runs[f"greedy/b{batch}/continuous"]["tokens_per_second"],
+                       **mtp_summary([result], method_k))
+        runs[key] = run
+        outputs[key] = (result.tokens, result.row_records() if drafter is not None else None)
 
 
 def _oracle_generate(config, params, greedy_results, known_stop_tokens, k, cfg, common):
@@ -320,14 +362,15 @@ def markdown(report: dict) -> str:
     lines = [f"# Greedy vs MTP: {Path(report['checkpoint']).name} on {report['split']} "
              f"({report['num_sentences']} sentences, K={report['k']}, {report['platform']}, "
              f"{report['dtype']})", "",
-             "| run | K | BLEU | chrF | tokens/s | speedup | τ | accepted histogram | identical "
-             "(rows differing) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | K | BLEU | chrF | tokens/s | speedup | over static greedy | τ | "
+             "accepted histogram | identical (rows differing) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in report["runs"].items():
         q = report["quality"][name]
         tau = f"{run['tokens_per_step']:.2f}" if run.get("tokens_per_step") else "–"
         lines.append(f"| {name} | {run.get('k', 1)} | {q['bleu']:.2f} | {q['chrf']:.2f} | "
-                     f"{run['tokens_per_second']:.1f} | {run.get('speedup', 1.0):.2f} | {tau} | "
+                     f"{run['tokens_per_second']:.1f} | {run.get('speedup', 1.0):.2f} | "
+                     f"{run.get('speedup_vs_static_greedy', run.get('speedup', 1.0)):.2f} | {tau} | "
                      f"{run.get('accepted_histogram', '–')} | "
                      f"{run.get('identical_to_greedy', '–')}"
                      + (f" ({run['rows_differing_from_greedy']})"
@@ -336,7 +379,9 @@ def markdown(report: dict) -> str:
     lines += ["", f"BLEU signature: `{any_q['bleu_signature']}`",
               f"chrF signature: `{any_q['chrf_signature']}`", "",
               "τ = tokens per verify step, the bonus token included (the prefill's token is not "
-              "counted). tokens/s excludes compilation.", ""]
+              "counted). tokens/s excludes compilation. speedup: over greedy with the same batch "
+              "size and schedule (static batches, or `/continuous`: slots refilled as rows "
+              "finish).", ""]
     for name, run in report["runs"].items():
         if "per_offset_acceptance" in run:
             rates = ", ".join(f"offset {o}: {'–' if v is None else f'{v:.3f}'}"
@@ -416,6 +461,9 @@ def parse_args(argv=None) -> EvalConfig:
                         "cheaper projection; the output is unchanged)")
     p.add_argument("--draft-vocab-from", default=None,
                    help=f"text whose tokens are counted (default: {DRAFT_VOCAB_TEXT})")
+    p.add_argument("--continuous", action="store_true",
+                   help="batch sizes > 1 also run with continuous batching (slots refilled as "
+                        "rows finish): greedy and each drafter but the oracle")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--output", required=True, help="report folder")
     a = p.parse_args(argv)
@@ -427,7 +475,7 @@ def parse_args(argv=None) -> EvalConfig:
                       dtype=a.dtype, oracle=a.oracle, lookup=a.lookup, lookup_k=a.lookup_k,
                       lookup_max_ngram=a.lookup_max_ngram,
                       draft_vocab_size=a.draft_vocab_size, draft_vocab_from=a.draft_vocab_from,
-                      progress=not a.no_progress)
+                      continuous=a.continuous, progress=not a.no_progress)
 
 
 def main(argv=None) -> int:

@@ -7,12 +7,15 @@
     python -m gptk_jax.generate --checkpoint DIR --decoding mtp --heads HEADS_DIR [--k 3] \\
         --input-file prompts.txt --batch-size 8 --max-new-tokens 64 --output-json out.jsonl
     python -m gptk_jax.generate --checkpoint DIR --decoding lookup [--heads HEADS_DIR] [--k 6] …
+    python -m gptk_jax.generate … --input-file prompts.txt --batch-size 8 --continuous
 
 `--input-file`: one prompt per line (split on '\\n' only, '\\r' stripped, blank lines skipped), or a
 `.jsonl` file whose lines are JSON strings or objects with a "prompt" field (for prompts that hold
 newlines). Prompts are encoded with BOS (`--no-bos` to leave it out). Each JSON line has the
 prompt, the generated ids (stop token excluded), their text, why the row stopped and its batch's
 timing (prefill s, decode s, tokens/s over prefill + decode; compilation reported apart).
+`--continuous` serves all prompts through `--batch-size` slots refilled as rows finish
+(decoding/continuous.py): one timing for the whole run.
 
 Decoders are looked up in DECODERS by `--decoding`: a builder (args, model) -> decode function
 (prompt ids, batch_size) -> result with the fields of `greedy.GenerationResult`. A multi-token
@@ -37,10 +40,29 @@ def build_greedy(args: argparse.Namespace, model) -> DecodeFn:
     tok = model.tokenizer
 
     def decode(prompt_ids: list, batch_size: int):
+        if args.continuous:
+            return _continuous(args, model, prompt_ids, batch_size)
         return greedy_generate(model.config, model.params, prompt_ids, args.max_new_tokens,
                                tok.stop_ids, tok.pad_id, padding=args.padding,
                                bucket=args.bucket, batch_size=batch_size)
     return decode
+
+
+def _continuous(args: argparse.Namespace, model, prompt_ids: list, batch_size: int,
+                drafter=None, variables=(), k: int = 1):
+    """Every prompt through `batch_size` continuously refilled slots (decoding/continuous.py),
+    with a progress bar over prompts."""
+    from tqdm import tqdm
+
+    from gptk_jax.decoding.continuous import continuous_generate
+    tok = model.tokenizer
+    with tqdm(total=len(prompt_ids), desc=args.decoding, unit="prompt", file=sys.stderr,
+              disable=len(prompt_ids) < 2) as bar:
+        return continuous_generate(model.config, model.params, prompt_ids, args.max_new_tokens,
+                                   tok.stop_ids, tok.pad_id, batch_size=batch_size,
+                                   drafter=drafter, drafter_vars=variables,
+                                   num_tokens_per_step=k, padding=args.padding,
+                                   bucket=args.bucket, on_finished=bar.update)
 
 
 def _draft_verify(args: argparse.Namespace, model, drafter, variables, k: int) -> DecodeFn:
@@ -49,6 +71,8 @@ def _draft_verify(args: argparse.Namespace, model, drafter, variables, k: int) -
     tok = model.tokenizer
 
     def decode(prompt_ids: list, batch_size: int):
+        if args.continuous:
+            return _continuous(args, model, prompt_ids, batch_size, drafter, variables, k)
         return mtp_generate(model.config, model.params, drafter, variables, prompt_ids,
                             args.max_new_tokens, tok.stop_ids, tok.pad_id,
                             num_tokens_per_step=k, padding=args.padding, bucket=args.bucket,
@@ -106,6 +130,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     src.add_argument("--input-file", type=Path, help="prompts: one per line, or .jsonl")
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=1, help="prompts per decoding batch")
+    p.add_argument("--continuous", action="store_true",
+                   help="continuous batching: --batch-size slots, each refilled with the next "
+                        "prompt as soon as its row finishes (same tokens; more throughput)")
     p.add_argument("--output-json", type=Path, help="write one JSON line per prompt here")
     p.add_argument("--decoding", choices=sorted(DECODERS), default="greedy")
     p.add_argument("--heads", type=Path, default=None,
@@ -170,8 +197,11 @@ def run(args: argparse.Namespace, prompts: list[str], model, decode: DecodeFn,
 
     tok = model.tokenizer
     records = []
-    batches = [list(range(i, min(i + args.batch_size, len(prompts))))
-               for i in range(0, len(prompts), args.batch_size)]
+    if args.continuous:   # one call serves every prompt through batch_size slots
+        batches = [list(range(len(prompts)))]
+    else:
+        batches = [list(range(i, min(i + args.batch_size, len(prompts))))
+                   for i in range(0, len(prompts), args.batch_size)]
     for batch_index, rows in enumerate(tqdm(batches, desc=args.decoding, unit="batch",
                                             file=sys.stderr, disable=len(batches) < 2)):
         ids = [tok.encode(prompts[i], bos=not args.no_bos) for i in rows]
@@ -180,13 +210,15 @@ def run(args: argparse.Namespace, prompts: list[str], model, decode: DecodeFn,
         result = decode(ids, args.batch_size)
         seconds = result.prefill_seconds + result.decode_seconds
         batch_tokens = int(sum(result.num_generated))
-        timing = {"batch": batch_index, "batch_size": len(rows),
+        timing = {"batch": batch_index,
+                  "batch_size": args.batch_size if args.continuous else len(rows),
                   "prefill_s": round(result.prefill_seconds, 6),
                   "decode_s": round(result.decode_seconds, 6),
                   "compile_s": round(result.compile_seconds, 6),
                   "tokens_per_s": round(batch_tokens / seconds, 3) if seconds > 0 else None}
         # decoders may add per-row fields (mtp: verify steps, accepted drafts per step)
-        extra = result.row_records() if hasattr(result, "row_records") else None
+        extra = result.row_records() if hasattr(result, "row_records") and \
+            args.decoding != "greedy" else None
         for j, i in enumerate(rows):
             text = tok.decode(result.tokens[j])
             more = {k: v for k, v in extra[j].items() if k not in ("tokens", "stop_reason",

@@ -51,12 +51,19 @@ def test_evaluate_end_to_end(folders):
     ckpt, heads, out = folders
     rc = main(["--checkpoint", str(ckpt), "--heads", str(heads), "--split", "newstest2014",
                "--max-sentences", "3", "--batch-sizes", "1,2", "--max-new-tokens", "6",
-               "--oracle", "--lookup", "--lookup-k", "5", "--no-progress", "--output", str(out)])
+               "--oracle", "--lookup", "--lookup-k", "5", "--continuous", "--no-progress",
+               "--output", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["all_identical_to_greedy"] and report["scores_identical"]
     methods = ("greedy", "mtp", "lookup", "heads+lookup", "oracle")
-    assert set(report["runs"]) == {f"{m}/b{b}" for m in methods for b in (1, 2)}
+    continuous = {f"{m}/b2/continuous" for m in methods if m != "oracle"}   # batch 1: none
+    assert set(report["runs"]) == {f"{m}/b{b}" for m in methods for b in (1, 2)} | continuous
+    for name in continuous:
+        run = report["runs"][name]
+        assert run["schedule"] == "continuous" and run["identical_to_greedy"]
+        assert run["tokens"] == report["runs"]["greedy/b2"]["tokens"]
+    assert report["runs"]["lookup/b2/continuous"]["k"] == 5
     for m, k in (("mtp", 3), ("lookup", 5), ("heads+lookup", 5), ("oracle", 3)):
         assert report["runs"][f"{m}/b1"]["k"] == k
         assert len(report["runs"][f"{m}/b1"]["accepted_histogram"]) == k
@@ -72,7 +79,7 @@ def test_evaluate_end_to_end(folders):
     from conftest import DATA, read_lines
     assert len(lines) == 3
     assert first["source"] == read_lines(DATA / "wmt14-de-en" / "newstest2014.de")[0]
-    assert (out / "report.md").read_text().count("| greedy/b") == 2
+    assert (out / "report.md").read_text().count("| greedy/b") == 3
     assert (out / "acceptance.png").stat().st_size > 1000
 
 

@@ -77,6 +77,30 @@ def test_prompts_and_input_file(checkpoint, tmp_path):
     assert [r["batch"] for r in from_file] == [0, 1]
 
 
+@pytest.mark.slow  # two CLI runs in subprocesses
+@pytest.mark.parametrize("decoding", ["greedy", "lookup"])
+def test_continuous_batching_gives_greedy_tokens(checkpoint, tmp_path, decoding):
+    prompts = ["Guten Morgen", "Hallo", "The quick brown fox jumps over the lazy dog",
+               "Eins zwei drei vier fünf sechs", "ja"]
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    out_json = tmp_path / "out.jsonl"
+    proc = run_cli("--checkpoint", checkpoint, "--input-file", prompt_file, "--max-new-tokens", 6,
+                   "--batch-size", 2, "--continuous", "--decoding", decoding, "--k", 3,
+                   "--output-json", out_json, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    records = read_jsonl(out_json)
+    model = load_converted(checkpoint)
+    tok = model.tokenizer
+    ids = [tok.encode(p, bos=True) for p in prompts]
+    expected = greedy_generate(model.config, model.params, ids, 6, tok.stop_ids, tok.pad_id)
+    assert [r["prompt"] for r in records] == prompts
+    assert [r["generated_ids"] for r in records] == expected.tokens
+    assert [r["stop_reason"] for r in records] == expected.stop_reasons
+    assert {(r["batch"], r["batch_size"]) for r in records} == {(0, 2)}
+    assert ("verify_steps" in records[0]) == (decoding == "lookup")
+
+
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
     missing = tmp_path / "no-such-model"
     proc = run_cli("--checkpoint", missing, "--prompt", "hi", "--max-new-tokens", 2)
