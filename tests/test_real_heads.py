@@ -10,6 +10,8 @@
    accept almost nothing. Also prompt lookup in front of the trained heads (drafting over a
    reduced vocabulary), on the first 16 sentences at batch 8 (its batch-1 exactness is tested on
    a tiny trunk in tests/test_lookup.py). How much faster trained heads are is measured in docs/results.md.
+3. Continuous batching: the 50 sentences through 8 refilled slots, lookup in front of the
+   trained heads, give static greedy's tokens.
 """
 
 import subprocess
@@ -178,3 +180,20 @@ def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, greedy
     # the 0-shot outputs copy much of the source, which the lookup drafts
     if batch > 1:
         assert taus["heads+lookup"] > taus["trained"] + 0.3, taus
+
+
+def test_continuous_batching_equals_greedy_on_the_real_trunk(setting, greedy, training_run):
+    """All 50 sentences through 8 continuously refilled slots (decoding/continuous.py), prompt
+    lookup in front of the trained heads: static greedy's tokens (greedy through the same
+    scheduler, K = 1, is tested on a tiny trunk in tests/test_continuous.py)."""
+    from gptk_jax.decoding.continuous import continuous_generate
+    config, params, prompts, stops, pad, _ = setting
+    loaded = load_heads(training_run / "heads", config)
+    heads, head_vars = head_drafter(loaded.head_config, loaded.params, config, params)
+    got = continuous_generate(config, params, prompts, MAX_NEW, stops, pad, batch_size=8,
+                              drafter=LookupDrafter(K - 1, fallback=heads),
+                              drafter_vars=LookupDrafter.variables(head_vars),
+                              num_tokens_per_step=K)
+    assert got.tokens == [t for r in greedy[8] for t in r.tokens]
+    assert got.stop_reasons == [s for r in greedy[8] for s in r.stop_reasons]
+    assert got.prefill_calls > 1     # slots were refilled

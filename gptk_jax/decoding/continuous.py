@@ -2,8 +2,8 @@
 takes the next prompt at once (iteration-level scheduling: Orca; vLLM's continuous batching), so
 a batch no longer runs until its slowest row is done with the other slots idle.
 
-    queue of prompt ids (input order)
-      --refill: prefill the first B prompts--> MTPState [B slots]
+    queue of prompt ids (first come, first served)
+      --prefill: the first B prompts--> MTPState [B slots]
       repeat:
         --run (jitted lax.while_loop of mtp.mtp_step): until some row is done (all of them
           once the queue is empty)
@@ -139,15 +139,13 @@ def continuous_generate(model_config: LlamaConfig, params: dict,
                         stop_ids: Iterable[int], pad_id: int, *, batch_size: int,
                         drafter: Optional[Drafter] = None, drafter_vars: Any = (),
                         num_tokens_per_step: int = 1, padding: str = "left",
-                        bucket: int = DEFAULT_BUCKET, longest_first: bool = False,
+                        bucket: int = DEFAULT_BUCKET,
                         on_finished: Optional[Callable[[int], None]] = None
                         ) -> ContinuousResult:
     """Greedy continuation of every prompt through `batch_size` continuously refilled slots:
     greedy decoding (drafter None, K = 1) or draft-and-verify with `drafter`, K tokens per step.
-    Same tokens per prompt as `greedy.greedy_generate`. `longest_first`: serve the longest
-    prompts first (outputs still in input order): where output length follows prompt length, as
-    in translation, the long rows no longer start last and hold the tail. `on_finished(n)` is
-    called each time n more prompts are done (a progress bar's update)."""
+    Same tokens per prompt as `greedy.greedy_generate`. `on_finished(n)` is called each time n
+    more prompts are done (a progress bar's update)."""
     if drafter is None:
         if num_tokens_per_step != 1:
             raise ValueError(f"without a drafter K must be 1 (greedy), got {num_tokens_per_step}")
@@ -184,10 +182,7 @@ def continuous_generate(model_config: LlamaConfig, params: dict,
         return out, time.perf_counter() - t0
 
     start = time.perf_counter()
-    order = range(len(prompt_ids))
-    if longest_first:    # stable: equal lengths keep input order
-        order = sorted(order, key=lambda i: -len(prompt_ids[i]))
-    queue = collections.deque(order)
+    queue = collections.deque(range(len(prompt_ids)))   # first come, first served
     slot_prompt = [-1] * batch          # prompt index each slot serves, -1: free
     records: dict[int, tuple] = {}      # prompt index -> (tokens, accepted log, emitted log)
     # The first B prompts: one prefill, as a static batch would (filler rows start done).
