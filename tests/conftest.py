@@ -26,3 +26,21 @@ def wmt_dir() -> Path:
     if not WMT.is_dir():
         pytest.fail(f"real WMT14 data not found at {WMT} (set GPTK_DATA)")
     return WMT
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_executables():
+    """Drops every compiled executable after each test module. Each XLA:CPU executable maps
+    its code into the process (hundreds of mappings each: one test module of the decoders
+    reached ~19,000); the whole suite in one process exceeded the kernel's vm.max_map_count
+    (65,530 here) and crashed inside a later compilation (a segfault or an abort in
+    backend_compile, at the same test each time)."""
+    yield
+    import gc
+
+    import jax
+
+    from gptk_jax.decoding.greedy import clear_compiled
+    clear_compiled()
+    jax.clear_caches()
+    gc.collect()

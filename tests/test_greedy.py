@@ -156,6 +156,18 @@ def test_executables_are_reused(params):
     assert again.compile_seconds == 0.0
 
 
+def test_compiled_executables_are_bounded_least_recently_used_first(params, monkeypatch):
+    from gptk_jax.decoding import greedy
+    monkeypatch.setattr(greedy, "MAX_COMPILED", 2)
+    greedy.clear_compiled()
+    run = lambda n: greedy_generate(CFG, params, [[3] * n], 2, [], PAD, bucket=8)
+    assert run(1).compile_seconds > 0          # bucket 8: prefill + loop executables
+    assert run(2).compile_seconds == 0.0       # same shapes
+    assert run(9).compile_seconds > 0          # bucket 16: two more, bucket 8's two evicted
+    assert len(greedy._COMPILED) == 2
+    assert run(1).compile_seconds > 0          # compiled again
+
+
 def test_scan_layers_layout_gives_the_same_tokens(params, reference):
     result = greedy_generate(CFG.replace(scan_layers=True), params, PROMPTS, MAX_NEW, [], PAD,
                              bucket=BUCKET)

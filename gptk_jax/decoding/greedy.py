@@ -27,6 +27,7 @@ Letters: B batch, P padded prompt length, S cache slots, M max new tokens, D wid
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -229,7 +230,11 @@ def _loop(config, params, state, stop_ids, pad_id):
 # Ahead-of-time compilation cache
 # --------------------------------------------------------------------------------------------
 
-_COMPILED: dict = {}
+# Least recently used first. Bounded: every XLA:CPU executable maps its code into the process
+# (hundreds of memory mappings each), and a long run that compiles many shapes would otherwise
+# reach the kernel's vm.max_map_count and crash inside a later compilation.
+_COMPILED: "collections.OrderedDict" = collections.OrderedDict()
+MAX_COMPILED = 64
 
 
 def _signature(tree) -> tuple:
@@ -239,13 +244,16 @@ def _signature(tree) -> tuple:
 
 def _compiled(fn, statics: tuple, args: tuple, donate: tuple = ()) -> tuple[Any, float]:
     """(executable, seconds spent compiling it now) for fn(*statics, *args)."""
-    key = (fn.__name__, statics, _signature(args))
+    key = (fn.__module__, fn.__qualname__, statics, _signature(args))
     if key in _COMPILED:
+        _COMPILED.move_to_end(key)
         return _COMPILED[key], 0.0
     start = time.perf_counter()
     jitted = jax.jit(lambda *a: fn(*statics, *a), donate_argnums=donate)
     exe = jitted.lower(*args).compile()
     _COMPILED[key] = exe
+    while len(_COMPILED) > MAX_COMPILED:
+        _COMPILED.popitem(last=False)
     return exe, time.perf_counter() - start
 
 
