@@ -43,12 +43,11 @@ import numpy as np
 
 from gptk_jax.config import LlamaConfig
 from gptk_jax.decoding.acceptance import summarize
-from gptk_jax.decoding.greedy import (DEFAULT_BUCKET, _compiled, bucket_length, pad_prompts,
-                                      stop_id_array)
+from gptk_jax.decoding.greedy import (DEFAULT_BUCKET, _compiled, bucket_length, device_params,
+                                      pad_prompts, stop_id_array)
 from gptk_jax.decoding.mtp import (Drafter, MTPResult, MTPState, check_num_tokens_per_step,
                                    mtp_cache_slots, mtp_step, prefill_state)
 from gptk_jax.kv_cache import KVCache
-from gptk_jax.model import params_for_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,11 +162,10 @@ def continuous_generate(model_config: LlamaConfig, params: dict,
     if longest + m + k - 1 > model_config.max_seq_len:
         raise ValueError(f"prompt of {longest} tokens + {m} new tokens + {k - 1} drafts exceeds "
                          f"the model's max_seq_len {model_config.max_seq_len}")
-    # On the device once: numpy arguments are copied into every executable call (540 MB
-    # for SmolLM2, ~55 ms a call on this CPU).
-    params = jax.device_put(params_for_model(params, model_config))
-    drafter_vars = jax.device_put(drafter_vars)
-    slots = mtp_cache_slots(bucket_length(longest, bucket), m, k)
+    params = device_params(params, model_config)
+    drafter_vars = jax.device_put(drafter_vars)   # (see device_params)
+    width = bucket_length(longest, bucket)   # the widest prompt batch
+    slots = mtp_cache_slots(width, m, k)
     stops = stop_id_array(stop_ids)
     pad = np.array(pad_id, np.int32)
     statics = (model_config, drafter, k)
@@ -232,13 +230,13 @@ def continuous_generate(model_config: LlamaConfig, params: dict,
     wall = time.perf_counter() - start - compile_seconds
     iterations = int(state.step)
     return _result(records, len(prompt_ids), stops, k, batch, prefill_seconds,
-                   wall - prefill_seconds, compile_seconds, iterations, prefill_calls, slots,
+                   wall - prefill_seconds, compile_seconds, iterations, prefill_calls, width,
                    loop_seconds)
 
 
 def _result(records: dict, num_prompts: int, stops: np.ndarray, k: int, batch: int,
             prefill_seconds: float, decode_seconds: float, compile_seconds: float,
-            iterations: int, prefill_calls: int, slots: int,
+            iterations: int, prefill_calls: int, width: int,
             loop_seconds: float) -> ContinuousResult:
     stop_set = {int(i) for i in stops if i >= 0}
     out_tokens, reasons, stop_tokens, counts = [], [], [], []
@@ -259,6 +257,6 @@ def _result(records: dict, num_prompts: int, stops: np.ndarray, k: int, batch: i
         tokens=out_tokens, stop_reasons=reasons, num_generated=counts,
         num_steps=iterations + prefill_calls, prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds, compile_seconds=compile_seconds,
-        padded_shape=(batch, slots), num_tokens_per_step=k, stats=stats,
+        padded_shape=(batch, width), num_tokens_per_step=k, stats=stats,
         stop_tokens=stop_tokens, loop_iterations=iterations, prefill_calls=prefill_calls,
         batch_size=batch, loop_seconds=loop_seconds)

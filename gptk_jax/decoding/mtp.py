@@ -39,9 +39,10 @@ import numpy as np
 from gptk_jax.config import LlamaConfig
 from gptk_jax.decoding.acceptance import accept_step, is_stop, summarize
 from gptk_jax.decoding.greedy import (DEFAULT_BUCKET, GenerationResult, PromptBatch, _compiled,
-                                      cache_slots, greedy_pick, pad_prompts, stop_id_array)
+                                      cache_slots, device_params, greedy_pick, pad_prompts,
+                                      stop_id_array)
 from gptk_jax.kv_cache import KVCache, write_rows
-from gptk_jax.model import Llama, params_for_model
+from gptk_jax.model import Llama
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,10 +266,8 @@ def mtp_generate(model_config: LlamaConfig, params: dict, drafter: Drafter, draf
     check_num_tokens_per_step(drafter, num_tokens_per_step)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    # On the device once: numpy arguments are copied into every executable call (540 MB
-    # for SmolLM2, ~55 ms a call on this CPU).
-    params = jax.device_put(params_for_model(params, model_config))
-    drafter_vars = jax.device_put(drafter_vars)
+    params = device_params(params, model_config)
+    drafter_vars = jax.device_put(drafter_vars)   # (see device_params)
     prompts = pad_prompts(prompt_ids, pad_id, padding=padding, bucket=bucket,
                           batch_size=batch_size)
     longest = int(max(len(p) for p in prompt_ids))
