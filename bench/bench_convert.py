@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gptk_jax import artifacts  # noqa: E402
-from gptk_jax.config import LLAMA3_2_1B_PARAMS, from_meta_params  # noqa: E402
+from gptk_jax.llama.config import LLAMA3_2_1B_PARAMS, from_meta_params  # noqa: E402
 
 POOL_SIZE = 1 << 24
 FILL_CHUNK = 1 << 22

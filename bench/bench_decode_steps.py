@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(args.root.resolve()))
     import jax
 
-    from gptk_jax.checkpoint import load_converted
+    from gptk_jax.llama.checkpoint import load_converted
     from gptk_jax.decoding.greedy import greedy_generate
 
     model = load_converted(args.checkpoint)

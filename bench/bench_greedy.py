@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 
 from gptk_jax import artifacts  # noqa: E402
-from gptk_jax.checkpoint import load_converted  # noqa: E402
+from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
 from gptk_jax.data.prompts import PromptFormat  # noqa: E402
 from gptk_jax.decoding.greedy import greedy_generate  # noqa: E402
 from gptk_jax.demo import DEFAULT_MODEL_DIR, ensure_converted, load_pairs  # noqa: E402

@@ -38,13 +38,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gptk_jax.config import LlamaConfig  # noqa: E402
+from gptk_jax.llama.config import LlamaConfig  # noqa: E402
 from gptk_jax.decoding.greedy import (greedy_generate, pad_prompts,  # noqa: E402
                                       stop_id_array)
 from gptk_jax.decoding.mtp import mtp_generate, mtp_step, prefill_state  # noqa: E402
 from gptk_jax.decoding.oracle import OracleDrafter, oracle_variables  # noqa: E402
-from gptk_jax.kv_cache import KVCache  # noqa: E402
-from gptk_jax.model import Llama, init_params, params_for_model  # noqa: E402
+from gptk_jax.llama.kv_cache import KVCache  # noqa: E402
+from gptk_jax.llama.model import Llama, init_params, params_for_model  # noqa: E402
 
 DATA = Path(os.environ.get("GPTK_DATA", ROOT.parent / "shared" / "data"))
 NEWSTEST_DE = DATA / "wmt14-de-en" / "newstest2014.de"
@@ -70,7 +70,7 @@ def load_model(args):
         prompts = [rs.randint(3, 512, rs.randint(8, 40)).tolist()
                    for _ in range(args.num_prompts)]
         return config, params, prompts, [2], 0, "random-trunk"
-    from gptk_jax.checkpoint import load_converted
+    from gptk_jax.llama.checkpoint import load_converted
     from gptk_jax.evaluate import prompt_format, translation_stop_ids
 
     model = load_converted(args.checkpoint, scan_layers=args.scan_layers, dtype=args.dtype)
@@ -312,7 +312,7 @@ def print_report(report):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(ROOT / ".cache" / "models" / "smollm2-135m"))
-    p.add_argument("--heads", default=None, help="trained heads folder (gptk_jax.heads_io)")
+    p.add_argument("--heads", default=None, help="trained heads folder (gptk_jax.heads.io)")
     p.add_argument("--k", type=int, default=4, help="tokens per verify step")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -343,12 +343,12 @@ def main(argv=None):
     config, params, prompts, stop_ids, pad_id, trunk_name = load_model(args)
     heads, lookups = None, {}
     if args.heads:
-        from gptk_jax.heads_io import head_drafter, load_heads
+        from gptk_jax.heads.io import head_drafter, load_heads
         loaded = load_heads(args.heads, config, trunk_name)
         draft_vocab = None
         if args.draft_vocab_size:
             from gptk_jax.evaluate import build_draft_vocab
-            from gptk_jax.checkpoint import TOKENIZER_DIR
+            from gptk_jax.llama.checkpoint import TOKENIZER_DIR
             from gptk_jax.tokenizers import load_tokenizer
             tok = load_tokenizer(Path(args.checkpoint) / TOKENIZER_DIR)
             draft_vocab, _ = build_draft_vocab(tok, args.draft_vocab_size,

@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
 
-    from gptk_jax.checkpoint import load_config
-    from gptk_jax.model import abstract_params
+    from gptk_jax.llama.checkpoint import load_config
+    from gptk_jax.llama.model import abstract_params
     config = load_config(args.checkpoint)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(config)))
     weight_bytes = 4 * n_params

@@ -25,9 +25,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench_mtp import _per_iteration  # noqa: E402
-from gptk_jax.checkpoint import load_converted  # noqa: E402
-from gptk_jax.kv_cache import KVCache  # noqa: E402
-from gptk_jax.model import Llama  # noqa: E402
+from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
+from gptk_jax.llama.kv_cache import KVCache  # noqa: E402
+from gptk_jax.llama.model import Llama  # noqa: E402
 
 
 def trunk_loop(config, context: int, logits: str, iterations: int = 8):

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--output-json", type=Path, default=None)
     args = p.parse_args(argv)
 
-    from gptk_jax.checkpoint import load_converted
+    from gptk_jax.llama.checkpoint import load_converted
     from gptk_jax.decoding.lookup import LookupDrafter
     from gptk_jax.decoding.mtp import mtp_generate
 

@@ -4,7 +4,7 @@
         [--dtype float32|bfloat16] [--rope-scaling-factor F] [--overwrite]
 
 The format reader (convert/meta.py, hf.py, gguf_format.py) returns a `Converted`; this file
-prints the config and the RoPE scaling decision, then `gptk_jax.checkpoint.save_converted` writes
+prints the config and the RoPE scaling decision, then `gptk_jax.llama.checkpoint.save_converted` writes
 the folder atomically after a shape check against the model's own `jax.eval_shape`. Any bad input
 is one line on stderr and exit code 2; no output folder (nor hidden partial one) is left behind.
 """
@@ -66,7 +66,7 @@ def _missing_ancestors(path: Path) -> list[Path]:
 
 
 def _check_paths(input_path: Path, output: Path, overwrite: bool) -> None:
-    from gptk_jax.checkpoint import CheckpointError
+    from gptk_jax.llama.checkpoint import CheckpointError
 
     if not input_path.exists():
         raise ConversionError(f"--input {input_path}: no such file or folder")
@@ -112,7 +112,7 @@ def convert(fmt: str, input_path: Path, output: Path, *, dtype: str = "float32",
             rope_scaling_factor: Optional[float] = None, overwrite: bool = False,
             log: Callable[[str], None] = print) -> Path:
     """Reads, reports and writes; raises ConversionError / CheckpointError / ConfigError."""
-    from gptk_jax.checkpoint import save_converted
+    from gptk_jax.llama.checkpoint import save_converted
 
     input_path, output = Path(input_path), Path(output).absolute()
     _check_paths(input_path, output, overwrite)
@@ -145,8 +145,8 @@ def convert(fmt: str, input_path: Path, output: Path, *, dtype: str = "float32",
 
 
 def _expected_errors() -> tuple:
-    from gptk_jax.checkpoint import CheckpointError
-    from gptk_jax.config import ConfigError
+    from gptk_jax.llama.checkpoint import CheckpointError
+    from gptk_jax.llama.config import ConfigError
     from gptk_jax.tokenizers import TokenizerError
     return (ConversionError, CheckpointError, ConfigError, TokenizerError, OSError)
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 
 
 class ConversionError(ValueError):
@@ -108,7 +108,7 @@ def _set(tree: dict, path: tuple, value) -> None:
 
 def empty_layer_stack(config: LlamaConfig, dtype) -> dict:
     """Preallocated stacked layer arrays, filled tensor by tensor (one copy of the weights)."""
-    from gptk_jax.model import abstract_params
+    from gptk_jax.llama.model import abstract_params
     abstract = abstract_params(config)["layers"]
     out: dict = {}
     for path in LAYER_LEAVES:

@@ -28,8 +28,8 @@ import numpy as np
 
 from convert.common import (ConversionError, Converted, TORCH_SHAPES, empty_layer_stack,
                             numpy_dtype, set_layer, torch_to_kernel)
-from gptk_jax.artifacts import sha256_file
-from gptk_jax.config import (LLAMA3_ORIGINAL_CONTEXT, ConfigError, LlamaConfig, RopeScaling,
+from gptk_jax.files import sha256_file
+from gptk_jax.llama.config import (LLAMA3_ORIGINAL_CONTEXT, ConfigError, LlamaConfig, RopeScaling,
                              from_gguf_metadata)
 
 GGUF_MAGIC = b"GGUF"
@@ -224,7 +224,7 @@ def rope_from_freqs(factors: np.ndarray, config: LlamaConfig, original_context: 
     """llama.cpp's `rope_freqs.weight` (per-frequency divisors, [head_dim/2]) as Llama 3 scaling:
     the factor is the largest divisor; every divisor must then be what Llama 3 scaling with
     low/high frequency factors 1/4 gives (llama.cpp's convert_hf_to_gguf.py computes them so)."""
-    from gptk_jax.rope import inverse_frequencies
+    from gptk_jax.llama.rope import inverse_frequencies
 
     factors = np.asarray(factors, np.float64).reshape(-1)
     half = config.head_dim // 2

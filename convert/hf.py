@@ -24,8 +24,8 @@ import numpy as np
 
 from convert.common import (ConversionError, Converted, TORCH_SHAPES, empty_layer_stack,
                             numpy_dtype, set_layer, torch_to_kernel)
-from gptk_jax.artifacts import sha256_file
-from gptk_jax.config import LlamaConfig, from_hf_config
+from gptk_jax.files import sha256_file
+from gptk_jax.llama.config import LlamaConfig, from_hf_config
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"

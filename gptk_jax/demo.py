@@ -91,7 +91,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     mtp = p.add_argument_group("MTP (after the greedy translations)")
     mtp.add_argument("--no-mtp", action="store_true", help="greedy only")
     mtp.add_argument("--heads", type=Path, default=None,
-                     help="trained heads folder (gptk_jax.heads_io) to use instead of training")
+                     help="trained heads folder (gptk_jax.heads.io) to use instead of training")
     mtp.add_argument("--train-steps", type=int, default=None,
                      help=f"train linear heads for this many steps (default: reuse "
                           f"{RESULTS_HEADS.relative_to(ROOT)} if present, else 150 steps)")
@@ -109,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     model_dir = ensure_converted(args.model_dir)
 
-    from gptk_jax.checkpoint import load_converted
+    from gptk_jax.llama.checkpoint import load_converted
     from gptk_jax.data.prompts import PromptFormat
     from gptk_jax.decoding.greedy import greedy_generate
 
@@ -242,7 +242,7 @@ def print_offset_table(metrics_path: Path) -> None:
 
 def mtp_part(args, model, model_dir: Path, prompt_batches, greedy: dict, results,
              stop_ids) -> int:
-    from gptk_jax.heads_io import HeadsError, head_drafter, load_heads
+    from gptk_jax.heads.io import HeadsError, head_drafter, load_heads
 
     print("\n" + "=" * 78 + "\nSelf-speculative (MTP) decoding: heads draft K-1 tokens, one "
           "trunk call verifies them\n" + "=" * 78)

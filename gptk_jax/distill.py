@@ -56,7 +56,7 @@ def distill(checkpoint: str | os.PathLike, input_prefix: str, output: str | os.P
     returns the number of lines written now."""
     from tqdm import tqdm
 
-    from gptk_jax.checkpoint import load_converted
+    from gptk_jax.llama.checkpoint import load_converted
     from gptk_jax.data.prompts import PromptFormat, few_shot_from
     from gptk_jax.data.wmt import read_parallel_text, read_text_lines
     from gptk_jax.decoding.greedy import greedy_generate
@@ -129,7 +129,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from gptk_jax.checkpoint import CheckpointError
+    from gptk_jax.llama.checkpoint import CheckpointError
     from gptk_jax.data.wmt import DataError
     try:
         written = distill(args.checkpoint, args.input, args.output, max_pairs=args.max_pairs,

@@ -184,11 +184,11 @@ def resolve_space_with_target(given: Optional[bool], heads_metadata: Optional[di
 def run_evaluation(cfg: EvalConfig) -> dict:
     import jax
 
-    from gptk_jax.checkpoint import load_converted
+    from gptk_jax.llama.checkpoint import load_converted
     from gptk_jax.decoding.greedy import greedy_generate
     from gptk_jax.decoding.lookup import LookupDrafter
     from gptk_jax.decoding.mtp import mtp_generate
-    from gptk_jax.heads_io import head_drafter, load_heads
+    from gptk_jax.heads.io import head_drafter, load_heads
 
     model = load_converted(cfg.checkpoint, dtype=cfg.dtype)
     config, params, tok = model.config, model.params, model.tokenizer

@@ -83,10 +83,10 @@ def _draft_verify(args: argparse.Namespace, model, drafter, variables, k: int) -
 def build_mtp(args: argparse.Namespace, model) -> DecodeFn:
     """Self-speculative decoding with trained heads (decoding/mtp.py): greedy's tokens, fewer
     trunk calls. Result rows also carry verify steps and accepted drafts per step."""
-    from gptk_jax.heads_io import head_drafter, load_heads
+    from gptk_jax.heads.io import head_drafter, load_heads
 
     if not args.heads:
-        raise UsageError("--decoding mtp needs --heads DIR (heads saved by gptk_jax.heads_io)")
+        raise UsageError("--decoding mtp needs --heads DIR (heads saved by gptk_jax.heads.io)")
     heads = load_heads(args.heads, model.config, model.path.name)  # refuses another trunk's
     k = args.k or heads.head_config.k
     drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
@@ -99,7 +99,7 @@ def build_lookup(args: argparse.Namespace, model) -> DecodeFn:
     tokens that followed the latest earlier occurrence of the last n tokens (prompt included);
     with --heads, offsets the lookup cannot fill come from the trained heads."""
     from gptk_jax.decoding.lookup import LookupDrafter
-    from gptk_jax.heads_io import head_drafter, load_heads
+    from gptk_jax.heads.io import head_drafter, load_heads
 
     k = args.k or DEFAULT_LOOKUP_K
     fallback, fallback_vars = None, None
@@ -136,7 +136,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--output-json", type=Path, help="write one JSON line per prompt here")
     p.add_argument("--decoding", choices=sorted(DECODERS), default="greedy")
     p.add_argument("--heads", type=Path, default=None,
-                   help="--decoding mtp: trained heads folder (gptk_jax.heads_io); "
+                   help="--decoding mtp: trained heads folder (gptk_jax.heads.io); "
                         "--decoding lookup: heads that draft where the lookup finds nothing")
     p.add_argument("--k", type=int, default=None,
                    help="tokens per verify step (--decoding mtp: default and maximum the "
@@ -247,8 +247,8 @@ def summarize(records: list[dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from gptk_jax.checkpoint import CheckpointError, load_converted
-    from gptk_jax.config import ConfigError
+    from gptk_jax.llama.checkpoint import CheckpointError, load_converted
+    from gptk_jax.llama.config import ConfigError
     from gptk_jax.tokenizers import TokenizerError
 
     try:

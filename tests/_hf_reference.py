@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from gptk_jax.kv_cache import KVCache
-from gptk_jax.model import Llama
+from gptk_jax.llama.kv_cache import KVCache
+from gptk_jax.llama.model import Llama
 
 VOCAB = 260
 BYTE_TOKENS = 256

@@ -1,8 +1,8 @@
-"""gptk_jax/atomic.py: a folder appears complete or not at all."""
+"""gptk_jax/files.py: a folder appears complete or not at all."""
 
 import pytest
 
-from gptk_jax.atomic import atomic_folder
+from gptk_jax.files import atomic_folder
 
 
 def _names(folder):

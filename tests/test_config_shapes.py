@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import _meta_reference as ref
-from gptk_jax.config import (LLAMA3_1_8B_PARAMS, LLAMA3_1_70B_PARAMS, LLAMA3_2_1B_PARAMS,
+from gptk_jax.llama.config import (LLAMA3_1_8B_PARAMS, LLAMA3_1_70B_PARAMS, LLAMA3_2_1B_PARAMS,
                              ConfigError, LlamaConfig, RopeScaling, from_meta_params,
                              meta_ffn_dim)
-from gptk_jax.model import abstract_params
-from gptk_jax.rope import inverse_frequencies
+from gptk_jax.llama.model import abstract_params
+from gptk_jax.llama.rope import inverse_frequencies
 
 # Published sizes: Llama 3.2 1B (tied embeddings), Llama 3.1 8B.
 LLAMA3_2_1B_COUNT = 1_235_814_400

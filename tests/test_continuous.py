@@ -10,15 +10,15 @@ import jax
 import numpy as np
 import pytest
 
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.decoding.continuous import continuous_generate
 from gptk_jax.decoding.greedy import greedy_generate
 from gptk_jax.decoding.lookup import LookupDrafter
 from gptk_jax.decoding.mtp import mtp_generate
 from gptk_jax.decoding.oracle import RandomDrafter
 from gptk_jax.heads import HeadConfig, init_head_params, make_head
-from gptk_jax.heads_io import head_drafter
-from gptk_jax.model import init_params, params_for_model
+from gptk_jax.heads.io import head_drafter
+from gptk_jax.llama.model import init_params, params_for_model
 
 from _lookup_reference import expected_accepted
 

@@ -18,7 +18,7 @@ import pytest
 
 import _hf_reference as ref
 from convert import cli
-from gptk_jax.checkpoint import load_converted
+from gptk_jax.llama.checkpoint import load_converted
 
 Q = gguf.GGMLQuantizationType
 LOGITS_ATOL = 1e-4

@@ -22,7 +22,7 @@ import torch
 import _hf_reference as ref
 from conftest import ROOT
 from convert import cli
-from gptk_jax.checkpoint import load_converted
+from gptk_jax.llama.checkpoint import load_converted
 
 LOGITS_ATOL = 1e-4
 # RoPE positions 6000 apart: relative distances up to 96000, where the low frequencies Llama 3

@@ -24,10 +24,10 @@ import torch
 import _meta_reference as ref
 from conftest import ROOT, read_lines
 from convert import cli
-from gptk_jax.checkpoint import load_converted
-from gptk_jax.kv_cache import KVCache
-from gptk_jax.model import Llama
-from gptk_jax.rope import inverse_frequencies
+from gptk_jax.llama.checkpoint import load_converted
+from gptk_jax.llama.kv_cache import KVCache
+from gptk_jax.llama.model import Llama
+from gptk_jax.llama.rope import inverse_frequencies
 
 LOGITS_ATOL = 1e-4
 

@@ -8,12 +8,12 @@ import jax
 import pytest
 
 from gptk_jax import artifacts
-from gptk_jax.checkpoint import save_converted
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.checkpoint import save_converted
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.evaluate import hypothesis_text, main, resolve_space_with_target, translation_stop_ids
 from gptk_jax.heads import HeadConfig, init_head_params, make_head
-from gptk_jax.heads_io import save_heads
-from gptk_jax.model import init_params
+from gptk_jax.heads.io import save_heads
+from gptk_jax.llama.model import init_params
 from gptk_jax.tokenizers import Llama3Tokenizer
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,10 @@ import jax
 import pytest
 
 from gptk_jax import artifacts
-from gptk_jax.checkpoint import load_converted, save_converted
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.checkpoint import load_converted, save_converted
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.decoding.greedy import greedy_generate
-from gptk_jax.model import init_params
+from gptk_jax.llama.model import init_params
 from gptk_jax.tokenizers import write_llama3_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.decoding.greedy import (bucket_length, greedy_generate, pad_prompts,
                                       stop_id_array)
-from gptk_jax.model import Llama, init_params, params_for_model
+from gptk_jax.llama.model import Llama, init_params, params_for_model
 
 CFG = LlamaConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                   rope_theta=10000.0, max_seq_len=128)

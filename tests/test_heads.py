@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.heads import (HeadConfig, HeadConfigError, HeadFeatures, init_head_params,
                             make_head, seed_config, shifted_next_tokens)
-from gptk_jax.model import Llama, init_params, params_for_model
+from gptk_jax.llama.model import Llama, init_params, params_for_model
 
 CFG = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                   rope_theta=10000.0)

@@ -1,13 +1,13 @@
-"""Trained heads on disk (gptk_jax/heads_io.py): round trip, and heads for another trunk refused."""
+"""Trained heads on disk (gptk_jax/heads/io.py): round trip, and heads for another trunk refused."""
 
 import jax
 import numpy as np
 import pytest
 
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.heads import HeadConfig, init_head_params, make_head
-from gptk_jax.heads_io import HeadsError, head_drafter, load_heads, save_heads
-from gptk_jax.model import init_params
+from gptk_jax.heads.io import HeadsError, head_drafter, load_heads, save_heads
+from gptk_jax.llama.model import init_params
 
 CFG = LlamaConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 HEAD = HeadConfig(kind="lstm", k=3, lstm_layers=1)

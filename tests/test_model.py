@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptk_jax.config import LlamaConfig, RopeScaling
-from gptk_jax.kv_cache import KVCache
-from gptk_jax.model import Llama, init_params, params_for_model, stack_layers, unstack_layers
+from gptk_jax.llama.config import LlamaConfig, RopeScaling
+from gptk_jax.llama.kv_cache import KVCache
+from gptk_jax.llama.model import Llama, init_params, params_for_model, stack_layers, unstack_layers
 
 CFG = LlamaConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                   rope_theta=10000.0, rope_scaling=RopeScaling(factor=8.0,

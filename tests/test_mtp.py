@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.decoding.greedy import greedy_generate, pad_prompts, prefill, stop_id_array
 from gptk_jax.decoding.mtp import mtp_generate, mtp_step, prefill_state
 from gptk_jax.decoding.oracle import (OracleDrafter, RandomDrafter, RepeatDrafter,
                                       oracle_variables)
 from gptk_jax.heads import HeadConfig, init_head_params, make_head
-from gptk_jax.heads_io import head_drafter
-from gptk_jax.model import Llama, init_params, params_for_model
+from gptk_jax.heads.io import head_drafter
+from gptk_jax.llama.model import Llama, init_params, params_for_model
 
 CFG = LlamaConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                   rope_theta=10000.0, max_seq_len=256)

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import ROOT
 
-from gptk_jax.checkpoint import load_converted
+from gptk_jax.llama.checkpoint import load_converted
 from gptk_jax.data.wmt import read_text_lines
 from gptk_jax.decoding.draft_vocab import frequent_token_ids
 from gptk_jax.decoding.greedy import greedy_generate
@@ -32,7 +32,7 @@ from gptk_jax.decoding.mtp import mtp_generate
 from gptk_jax.decoding.oracle import OracleDrafter, oracle_variables
 from gptk_jax.evaluate import load_split, prompt_format, translation_stop_ids
 from gptk_jax.heads import HeadConfig
-from gptk_jax.heads_io import head_drafter, load_heads
+from gptk_jax.heads.io import head_drafter, load_heads
 from gptk_jax.training import read_metrics, train_and_evaluate
 
 pytestmark = pytest.mark.slow

@@ -20,11 +20,11 @@ import _hf_reference as ref
 from conftest import read_lines
 from convert import cli
 from gptk_jax import artifacts
-from gptk_jax.checkpoint import load_converted
+from gptk_jax.llama.checkpoint import load_converted
 from gptk_jax.data.prompts import PromptFormat, few_shot_from
 from gptk_jax.data.wmt import Pair
 from gptk_jax.decoding.greedy import greedy_generate
-from gptk_jax.model import Llama
+from gptk_jax.llama.model import Llama
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from conftest import ROOT
 
 from gptk_jax.data.prompts import shift_targets
 from gptk_jax.heads import HeadConfig, make_head, shifted_next_tokens
-from gptk_jax.model import Llama, init_params
+from gptk_jax.llama.model import Llama, init_params
 from gptk_jax.training import (ConfigKeyError, TrainingError, acceptance_estimate, read_metrics,
                                train_and_evaluate)
 from gptk_jax.training import step as step_lib

@@ -41,13 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.decoding.acceptance import summarize
 from gptk_jax.decoding.greedy import (DEFAULT_BUCKET, _compiled, bucket_length, device_params,
                                       pad_prompts, stop_id_array)
 from gptk_jax.decoding.mtp import (Drafter, MTPResult, MTPState, check_num_tokens_per_step,
                                    mtp_cache_slots, mtp_step, prefill_state)
-from gptk_jax.kv_cache import KVCache
+from gptk_jax.llama.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)

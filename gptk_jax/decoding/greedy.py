@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptk_jax.config import LlamaConfig
-from gptk_jax.kv_cache import KVCache
-from gptk_jax.model import Llama, params_for_model
+from gptk_jax.llama.config import LlamaConfig
+from gptk_jax.llama.kv_cache import KVCache
+from gptk_jax.llama.model import Llama, params_for_model
 
 PADDING_MODES = ("left", "right")
 DEFAULT_BUCKET = 32

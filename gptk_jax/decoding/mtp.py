@@ -36,13 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.decoding.acceptance import accept_step, is_stop, summarize
 from gptk_jax.decoding.greedy import (DEFAULT_BUCKET, GenerationResult, PromptBatch, _compiled,
                                       cache_slots, device_params, greedy_pick, pad_prompts,
                                       stop_id_array)
-from gptk_jax.kv_cache import KVCache, write_rows
-from gptk_jax.model import Llama
+from gptk_jax.llama.kv_cache import KVCache, write_rows
+from gptk_jax.llama.model import Llama
 
 
 # --------------------------------------------------------------------------------------------

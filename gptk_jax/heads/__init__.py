@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.heads.common import (HeadFeatures, MTPHead, draft_argmax, shifted_next_tokens,
                                    trunk_embed, trunk_final_norm, trunk_unembed)
 from gptk_jax.heads.config import KINDS, HeadConfig, HeadConfigError, seed_config

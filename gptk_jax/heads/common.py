@@ -19,9 +19,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.heads.config import HeadConfig
-from gptk_jax.model import Llama
+from gptk_jax.llama.model import Llama
 
 _TRUNK_KEYS_FOR_HEADS = ("tok_embeddings", "norm", "output")
 # Decoding only: the unembedding's rows for head_config.draft_vocab, [Vd,D], precomputed once

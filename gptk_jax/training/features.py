@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 
 from gptk_jax.heads.config import HeadConfig
-from gptk_jax.model import Llama
+from gptk_jax.llama.model import Llama
 from gptk_jax.training.step import chunked_argmax
 
 FORMAT = 1

@@ -19,8 +19,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from gptk_jax.checkpoint import CheckpointError, load_converted, save_converted
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.checkpoint import CheckpointError, load_converted, save_converted
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.data.pipeline import PipelineConfig, TranslationPipeline
 from gptk_jax.data.prompts import PromptFormat, few_shot_from
 from gptk_jax.data.wmt import DataError, Pair, read_parallel_text, read_text_lines
@@ -68,7 +68,7 @@ def ensure_tiny_trunk(folder: Path, seed: int = 0) -> Path:
     """Writes the random tiny trunk into `folder` unless it is there (same seed: same weights)."""
     if (folder / "config.json").is_file():
         return folder
-    from gptk_jax.model import init_params
+    from gptk_jax.llama.model import init_params
     config = tiny_trunk_config()
     params = jax.jit(lambda key: init_params(config, key))(jax.random.PRNGKey(seed))  # one compile
     try:

@@ -30,7 +30,7 @@ class TrainState:
     rng: jax.Array         # base PRNG key; step s uses fold_in(rng, s), so resume is exact
 
 
-class CheckpointError(RuntimeError):
+class TrainCheckpointError(RuntimeError):
     """A training checkpoint that cannot be restored."""
 
 
@@ -76,12 +76,12 @@ class Checkpointer:
         """State (shapes / shardings of abstract_state) and this process's data state."""
         data_file = self._data_file(step)
         if not data_file.is_file():
-            raise CheckpointError(f"checkpoint step {step} has no data iterator state "
+            raise TrainCheckpointError(f"checkpoint step {step} has no data iterator state "
                                   f"{data_file} (was it written by another process layout?)")
         try:
             state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint step {step} in {self.manager.directory} does not "
+            raise TrainCheckpointError(f"checkpoint step {step} in {self.manager.directory} does not "
                                   f"match this config's head / optimizer: {e}") from None
         return state, json.loads(data_file.read_text())
 

@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptk_jax.config import LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.heads import HeadFeatures, make_head, trunk_unembed
 from gptk_jax.heads.common import unembedding_weights
 from gptk_jax.heads.config import HeadConfig
-from gptk_jax.model import Llama
+from gptk_jax.llama.model import Llama
 from gptk_jax.training.chunked_loss import chunked_cross_entropy
 from gptk_jax.training.state import TrainState
 

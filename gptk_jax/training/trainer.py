@@ -208,11 +208,11 @@ def _export_heads(run: _Run, state) -> Optional[Path]:
         dataclasses.asdict(run.settings), default=str))}
     args = (run.settings.head, params, run.trunk.config, run.trunk.name)
     if jax.process_count() == 1:
-        from gptk_jax.heads_io import save_heads
+        from gptk_jax.heads.io import save_heads
         return save_heads(out, *args, metadata=meta, overwrite=True)
     staged = run.workdir / ".heads-export.pkl"      # written by a single-process helper
     staged.write_bytes(pickle.dumps((out, args, meta)))
-    inputs.single_process("import pickle; from pathlib import Path; from gptk_jax.heads_io "
+    inputs.single_process("import pickle; from pathlib import Path; from gptk_jax.heads.io "
                           "import save_heads; out, args, meta = pickle.loads(Path("
                           f"{str(staged)!r}).read_bytes()); save_heads(out, *args, "
                           "metadata=meta, overwrite=True)")

@@ -16,11 +16,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gptk_jax.attention import Attention, attention_mask
-from gptk_jax.config import LlamaConfig
-from gptk_jax.kv_cache import KVCache, write_rows
-from gptk_jax.layers import MLP, RMSNorm
-from gptk_jax.rope import inverse_frequencies
+from gptk_jax.llama.attention import Attention, attention_mask
+from gptk_jax.llama.config import LlamaConfig
+from gptk_jax.llama.kv_cache import KVCache, write_rows
+from gptk_jax.llama.layers import MLP, RMSNorm
+from gptk_jax.llama.rope import inverse_frequencies
 
 
 @flax.struct.dataclass

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptk_jax.atomic import atomic_folder
-from gptk_jax.config import LlamaConfig
+from gptk_jax.files import atomic_folder
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.heads.config import HeadConfig, HeadConfigError
 
 FORMAT_VERSION = 1
@@ -67,7 +67,7 @@ def check_compatible(saved: dict, trunk_config: LlamaConfig, trunk_name: Optiona
 def _abstract_head_params(head_config: HeadConfig, trunk_config: LlamaConfig) -> Any:
     """Shapes of the head's own params (jax.eval_shape of its init)."""
     from gptk_jax.heads import init_head_params, make_head
-    from gptk_jax.model import init_params
+    from gptk_jax.llama.model import init_params
 
     head = make_head(head_config, trunk_config)
     return jax.eval_shape(lambda: init_head_params(
@@ -113,7 +113,7 @@ def read_heads_meta(path: str | os.PathLike) -> dict:
     meta_file = path / META_FILE
     if not meta_file.is_file() or not (path / PARAMS_DIR).is_dir():
         raise HeadsError(f"{path} is not a heads folder: expected {META_FILE} and {PARAMS_DIR}/ "
-                         "(written by gptk_jax.heads_io.save_heads)")
+                         "(written by gptk_jax.heads.io.save_heads)")
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:

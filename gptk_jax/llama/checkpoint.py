@@ -21,9 +21,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptk_jax.atomic import atomic_folder
-from gptk_jax.config import ConfigError, LlamaConfig
-from gptk_jax.model import abstract_params, params_for_model
+from gptk_jax.files import atomic_folder
+from gptk_jax.llama.config import ConfigError, LlamaConfig
+from gptk_jax.llama.model import abstract_params, params_for_model
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptk_jax.kv_cache import write_layer
-from gptk_jax.rope import apply_rope
+from gptk_jax.llama.kv_cache import write_layer
+from gptk_jax.llama.rope import apply_rope
 
 NEG_INF = float(np.finfo(np.float32).min)
 

@@ -11,7 +11,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from gptk_jax.config import RopeScaling
+from gptk_jax.llama.config import RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float,
