@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Mapping, Optional
 
 # Meta's reference code (llama-models, llama3/model.py `apply_scaling`) hard-codes these for every
@@ -34,7 +35,7 @@ class RopeScaling:
     original_max_position: int = LLAMA3_ORIGINAL_CONTEXT
 
     def __post_init__(self):
-        if not self.factor > 0:
+        if not (math.isfinite(self.factor) and self.factor > 0):
             raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
         if not self.high_freq_factor > self.low_freq_factor > 0:
             raise ConfigError("rope_scaling needs high_freq_factor > low_freq_factor > 0, got "
@@ -74,8 +75,11 @@ class LlamaConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_kv_heads {self.n_kv_heads} does not divide n_heads {self.n_heads}")
-        if not self.norm_eps > 0:
-            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         for name in ("dtype", "param_dtype"):
@@ -109,6 +113,45 @@ class LlamaConfig:
             raise ConfigError(f"{source}: {e}") from None
 
 
+# --- typed reads of checkpoint fields (JSON / GGUF values) -----------------------------------
+_MISSING = object()
+
+
+def read_int(fields: Mapping[str, Any], key: str, source: str, default: Any = _MISSING, *,
+             minimum: Optional[int] = 1) -> int:
+    """fields[key] as an int: a bool, a string or a non-integral float is refused (JSON `true`
+    is not 1, `64.9` is not 64), as is a value below `minimum`."""
+    value = fields.get(key, default)
+    if value is _MISSING:
+        raise ConfigError(f"{source}: missing field {key!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise ConfigError(f"{source}: field {key!r} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{source}: field {key!r} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def read_float(fields: Mapping[str, Any], key: str, source: str, default: Any = _MISSING, *,
+               positive: bool = True) -> float:
+    """fields[key] as a finite float (> 0 when `positive`); bools and strings are refused."""
+    value = fields.get(key, default)
+    if value is _MISSING:
+        raise ConfigError(f"{source}: missing field {key!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{source}: field {key!r} must be a finite number, got {value!r}")
+    if positive and not value > 0:
+        raise ConfigError(f"{source}: field {key!r} must be > 0, got {value!r}")
+    return float(value)
+
+
+def read_bool(fields: Mapping[str, Any], key: str, source: str, default: bool = False) -> bool:
+    value = fields.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: field {key!r} must be true or false, got {value!r}")
+    return value
+
+
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
     """FFN width exactly as Meta's `FeedForward.__init__` computes it (hidden_dim = 4 * dim)."""
     hidden = int(2 * (4 * dim) / 3)
@@ -140,24 +183,32 @@ def from_meta_params(params: Mapping[str, Any], *, vocab_size: Optional[int] = N
     if missing:
         raise ConfigError(f"{source}: missing field(s) {missing}")
     vocab = params.get("vocab_size", -1)
-    if vocab is None or vocab <= 0:
-        vocab = vocab_size
-    if vocab is None or vocab <= 0:
-        raise ConfigError(f"{source}: vocab_size is missing or <= 0 and was not given otherwise")
-    use_scaled = bool(params.get("use_scaled_rope", False))
+    if vocab is None or (not isinstance(vocab, bool) and isinstance(vocab, (int, float))
+                         and vocab <= 0):
+        vocab = vocab_size        # Meta writes -1: the tokenizer decides
+        if vocab is None or vocab <= 0:
+            raise ConfigError(f"{source}: vocab_size is missing or <= 0 and was not given "
+                              "otherwise")
+    else:
+        vocab = read_int(params, "vocab_size", source)
+    use_scaled = read_bool(params, "use_scaled_rope", source)
     rope, why = _rope_from_flag(
         use_scaled, rope_scaling_factor, META_ROPE_SCALE_FACTOR,
         f"factor {META_ROPE_SCALE_FACTOR} because {source} says use_scaled_rope and Meta's "
         "reference code (llama-models llama3/model.py) applies 8 to every Llama 3.x checkpoint"
         if use_scaled else f"{source} has no use_scaled_rope")
+    dim, n_heads = read_int(params, "dim", source), read_int(params, "n_heads", source)
+    multiplier = params.get("ffn_dim_multiplier")
+    if multiplier is not None:
+        multiplier = read_float(params, "ffn_dim_multiplier", source)
     cfg = dict(
-        vocab_size=int(vocab), dim=int(params["dim"]), n_layers=int(params["n_layers"]),
-        n_heads=int(params["n_heads"]),
-        n_kv_heads=int(params.get("n_kv_heads") or params["n_heads"]),
-        ffn_dim=meta_ffn_dim(int(params["dim"]), int(params.get("multiple_of", 256)),
-                             params.get("ffn_dim_multiplier")),
-        norm_eps=float(params.get("norm_eps", 1e-5)),
-        rope_theta=float(params.get("rope_theta", 10000.0)),
+        vocab_size=int(vocab), dim=dim, n_layers=read_int(params, "n_layers", source),
+        n_heads=n_heads,
+        n_kv_heads=read_int(params, "n_kv_heads", source, None) if params.get("n_kv_heads")
+        is not None else n_heads,
+        ffn_dim=meta_ffn_dim(dim, read_int(params, "multiple_of", source, 256), multiplier),
+        norm_eps=read_float(params, "norm_eps", source, 1e-5),
+        rope_theta=read_float(params, "rope_theta", source, 10000.0),
         rope_scaling=rope, rope_scaling_source=why, tie_embeddings=tie_embeddings)
     cfg.update(overrides)
     try:
@@ -187,7 +238,7 @@ def from_hf_config(hf: Mapping[str, Any], *, rope_scaling_factor: Optional[float
         if kind != "llama3":
             raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported "
                               "(only 'llama3')")
-        default = float(rs["factor"])
+        default = read_float(rs, "factor", f"{source} rope_scaling")
         why = f"factor {default} from {source} rope_scaling"
     else:
         default, why = 0.0, f"{source} has no rope_scaling"
@@ -199,15 +250,18 @@ def from_hf_config(hf: Mapping[str, Any], *, rope_scaling_factor: Optional[float
                                                          LLAMA3_HIGH_FREQ_FACTOR)),
                            original_max_position=int(rs.get("original_max_position_embeddings",
                                                             LLAMA3_ORIGINAL_CONTEXT)))
+    heads = read_int(hf, "num_attention_heads", source)
     cfg = dict(
-        vocab_size=int(hf["vocab_size"]), dim=int(hf["hidden_size"]),
-        n_layers=int(hf["num_hidden_layers"]), n_heads=int(hf["num_attention_heads"]),
-        n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-        ffn_dim=int(hf["intermediate_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(hf.get("rope_theta", 10000.0)), rope_scaling=rope,
-        rope_scaling_source=why, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=int(hf.get("max_position_embeddings", 8192)),
-        head_dim=int(hf["head_dim"]) if hf.get("head_dim") else None)
+        vocab_size=read_int(hf, "vocab_size", source), dim=read_int(hf, "hidden_size", source),
+        n_layers=read_int(hf, "num_hidden_layers", source), n_heads=heads,
+        n_kv_heads=read_int(hf, "num_key_value_heads", source) if hf.get("num_key_value_heads")
+        is not None else heads,
+        ffn_dim=read_int(hf, "intermediate_size", source),
+        norm_eps=read_float(hf, "rms_norm_eps", source, 1e-6),
+        rope_theta=read_float(hf, "rope_theta", source, 10000.0), rope_scaling=rope,
+        rope_scaling_source=why, tie_embeddings=read_bool(hf, "tie_word_embeddings", source),
+        max_seq_len=read_int(hf, "max_position_embeddings", source, 8192),
+        head_dim=read_int(hf, "head_dim", source) if hf.get("head_dim") is not None else None)
     cfg.update(overrides)
     try:
         return LlamaConfig(**cfg)
