@@ -66,15 +66,11 @@ def _missing_ancestors(path: Path) -> list[Path]:
 
 
 def _check_paths(input_path: Path, output: Path, overwrite: bool) -> None:
-    from gptk_jax.llama.checkpoint import CheckpointError
+    from gptk_jax.llama.checkpoint import CheckpointError, check_output_folder
 
     if not input_path.exists():
         raise ConversionError(f"--input {input_path}: no such file or folder")
-    if output.exists() and not overwrite:
-        raise CheckpointError(f"output folder {output} already exists "
-                              "(pass --overwrite to replace it)")
-    if output.exists() and not output.is_dir():
-        raise CheckpointError(f"--output {output} exists and is not a folder")
+    check_output_folder(output, overwrite)   # before any tensor is read
     src, dst = input_path.resolve(), output.resolve()
     if src == dst or dst in src.parents or src in dst.parents:
         raise CheckpointError(f"--output {output} overlaps --input {input_path}; "
@@ -132,7 +128,7 @@ def convert(fmt: str, input_path: Path, output: Path, *, dtype: str = "float32",
                                  "rope_scaling_factor": rope_scaling_factor}
         out = save_converted(output, converted.config, converted.params,
                              write_tokenizer=converted.write_tokenizer, provenance=provenance,
-                             overwrite=overwrite)
+                             overwrite=overwrite, log=log)
     except BaseException:
         for folder in created:  # only the (now empty) folders this run created
             try:

@@ -89,10 +89,31 @@ def find_shards(folder: Path) -> list[Path]:
     return [found[i] for i in range(len(found))]
 
 
+def check_zip_crcs(path: Path) -> None:
+    """A .pth in torch's zip format stores a CRC-32 per record; torch's reader does not check
+    them, so damaged tensor bytes would load as (often non-finite) weights. The legacy non-zip
+    format has no checksums."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        return                          # legacy format (or not a zip: torch.load says which)
+    except (OSError, EOFError, ValueError) as e:
+        raise ConversionError(f"{path}: cannot be read as a PyTorch zip checkpoint, probably "
+                              f"truncated or damaged ({_first_line(e)})") from None
+    if bad is not None:
+        raise ConversionError(f"{path}: record {bad} fails its CRC-32 check: the file is "
+                              "damaged (re-download or re-copy it)")
+
+
 def load_shard(path: Path) -> dict:
-    """One .pth, memory-mapped, through torch's weights-only unpickler (no code runs)."""
+    """One .pth, memory-mapped, through torch's weights-only unpickler (no code runs), after
+    its zip CRCs are checked."""
     import torch
 
+    check_zip_crcs(path)
     try:
         state = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
     except pickle.UnpicklingError as e:

@@ -6,6 +6,9 @@
 
 Replacing an existing `out` (the caller decides whether that is allowed) moves the old folder
 aside only after the new one is complete, then deletes it: a crash never leaves `out` half-written.
+A process killed inside the block (SIGKILL: no cleanup runs) leaves its hidden sibling behind;
+the next `atomic_folder` for the same `out` removes siblings whose process is gone and reports
+them through `log`.
 """
 
 from __future__ import annotations
@@ -15,12 +18,41 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_siblings(out: Path) -> list[Path]:
+    """Removes `.OUT.partial-PID` / `.OUT.old-PID` siblings of `out` whose process no longer
+    runs (left by a killed writer); returns what was removed. Live writers' folders are kept."""
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for kind in ("partial", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
+def atomic_folder(out: Path, log: Optional[Callable[[str], None]] = None) -> Iterator[Path]:
     out = Path(out)
+    for stale in remove_stale_siblings(out):
+        if log is not None:
+            log(f"removed {stale}, left by a writer that no longer runs")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

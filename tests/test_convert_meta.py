@@ -434,8 +434,17 @@ def test_existing_output_is_refused_unless_overwrite(base_checkpoint, tmp_path, 
     err = capsys.readouterr().err
     assert "already exists" in err and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"
-    assert convert_meta(base_checkpoint, out, "--overwrite") == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    # --overwrite replaces only a converted model: a folder holding anything else is kept
+    assert convert_meta(base_checkpoint, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert f"{out} is not one: refusing to delete it" in err and err.count("\n") == 1, err
+    assert (out / "keep.txt").read_text() == "mine"
+    converted_out = tmp_path / "converted"
+    assert convert_meta(base_checkpoint, converted_out) == 0
+    (converted_out / "params" / "stale.txt").write_text("from the earlier conversion")
+    assert convert_meta(base_checkpoint, converted_out, "--overwrite") == 0
+    assert not (converted_out / "params" / "stale.txt").exists()
+    assert (converted_out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -467,3 +476,78 @@ def test_python_dash_m_convert_exit_code_and_one_line_error(damaged, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"error: {damaged}: no consolidated.NN.pth files"
     assert_nothing_written(tmp_path / "out")
+
+
+# --- damaged bytes and non-finite weights (nothing silent) --------------------------------------
+
+def test_overwritten_tensor_bytes_fail_the_zip_crc(damaged, tmp_path, capsys):
+    """4 KiB of tensor data overwritten by 0xFF (1,024 NaN float32s) used to convert with rc 0."""
+    import zipfile
+    path = damaged / "consolidated.00.pth"
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename),
+                   key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)            # local file header: name and extra lengths at 26..30
+        name_len, extra_len = int.from_bytes(header[26:28], "little"), \
+            int.from_bytes(header[28:30], "little")
+        assert info.file_size > 256 + 4096
+        f.seek(info.header_offset + 30 + name_len + extra_len + 256)   # inside the tensor
+        f.write(b"\xff" * 4096)
+    expect_error(capsys, damaged, tmp_path / "out", str(path), "CRC-32", info.filename)
+
+
+def test_non_finite_weight_is_refused_naming_the_tensor(damaged, tmp_path, capsys):
+    def poison(state):
+        state["layers.1.feed_forward.w2.weight"][3, 5] = float("nan")
+        state["norm.weight"][0] = float("inf")
+    edit_state(damaged, poison)   # a valid zip whose CRCs match its NaN bytes
+    err = expect_error(capsys, damaged, tmp_path / "out", "non-finite", "'norm'",
+                       "'feed_forward'", "'w2'")
+    assert "1 non-finite value(s)" in err
+
+
+def test_stale_partial_folder_of_a_dead_process_is_removed(base_checkpoint, tmp_path, capsys):
+    """A SIGKILLed convert leaves .OUT.partial-PID behind; the next run removes it and says so."""
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = tmp_path / f".out.partial-{int(dead.stdout)}"
+    (stale / "params").mkdir(parents=True)
+    (stale / "params" / "chunk").write_bytes(b"\0" * 1024)
+    alive = tmp_path / f".out.partial-{os.getppid()}"   # a live writer's folder is kept
+    alive.mkdir()
+    assert convert_meta(base_checkpoint, out) == 0
+    assert not stale.exists() and alive.exists()
+    assert f"removed {stale}" in capsys.readouterr().out
+
+
+def test_sigkill_during_convert_leaves_nothing_a_rerun_does_not_clean(base_checkpoint, tmp_path):
+    import signal
+    out = tmp_path / "out"
+    code = ("import sys, time, gptk_jax.llama.checkpoint as c\n"
+            "orig = c._save_params\n"
+            "def slow(d, p):\n"
+            "    orig(d, p); print('saved', flush=True); time.sleep(60)\n"
+            "c._save_params = slow\n"
+            "from convert.cli import main\n"
+            f"sys.exit(main(['--format', 'meta', '--input', {str(base_checkpoint)!r}, "
+            f"'--output', {str(out)!r}]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        for line in proc.stdout:
+            if line.startswith("saved"):
+                break
+        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+        assert partial, list(tmp_path.iterdir())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists() and all(p.exists() for p in partial)   # what SIGKILL leaves
+    assert convert_meta(base_checkpoint, out) == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (out / "config.json").is_file()

@@ -104,19 +104,63 @@ def _restore_params(directory: Path) -> dict:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def is_converted_model(path: str | os.PathLike) -> bool:
+    """True for a folder this project wrote: config.json and conversion.json both present."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / PROVENANCE_FILE).is_file()
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool) -> None:
+    """Before any work: `out` may be replaced only if it is a converted model and `overwrite`
+    is set (anything else there is never deleted), and its parent must be writable."""
+    out = Path(out).absolute()
+    if out.exists():
+        if not overwrite:
+            raise CheckpointError(f"output folder {out} already exists "
+                                  "(pass --overwrite to replace it)")
+        if not out.is_dir() or not is_converted_model(out):
+            raise CheckpointError(f"--overwrite replaces only a converted model ({CONFIG_FILE} "
+                                  f"and {PROVENANCE_FILE} present); {out} is not one: refusing "
+                                  "to delete it")
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {out}: {parent or out.parent} is not writable")
+
+
+def check_finite(params: dict, *, source: str, chunk: int = 1 << 22) -> None:
+    """Raises CheckpointError naming every tensor holding NaN or infinity (read in chunks of
+    `chunk` elements: no second copy of a tensor in memory)."""
+    problems = []
+    for key, leaf in jax.tree_util.tree_leaves_with_path(params):
+        flat = np.asarray(leaf).reshape(-1)
+        for start in range(0, flat.size, chunk):
+            if not np.isfinite(flat[start:start + chunk]).all():
+                bad = sum(int((~np.isfinite(flat[i:i + chunk])).sum())
+                          for i in range(start, flat.size, chunk))
+                first = start + int(np.argmin(np.isfinite(flat[start:start + chunk])))
+                problems.append(f"tensor {jax.tree_util.keystr(key)} has {bad} non-finite "
+                                f"value(s) (NaN or inf; first at flat index {first})")
+                break
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems) + " -- the source file is "
+                              "corrupt or was written wrong")
+
+
 def save_converted(out_dir: str | os.PathLike, config: LlamaConfig, params: dict, *,
                    write_tokenizer: Optional[Callable[[Path], None]] = None,
-                   provenance: Optional[dict] = None, overwrite: bool = False) -> Path:
-    """Writes a converted model folder atomically. `params` in the stacked layout."""
+                   provenance: Optional[dict] = None, overwrite: bool = False,
+                   log: Optional[Callable[[str], None]] = None) -> Path:
+    """Writes a converted model folder atomically. `params` in the stacked layout; every tensor
+    must be finite; an existing `out_dir` is replaced only if it is a converted model."""
     out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output folder {out} already exists (pass --overwrite to replace)")
+    check_output_folder(out, overwrite)
     check_shapes(params, config, source=f"conversion to {out}")
+    check_finite(params, source=f"conversion to {out}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"cannot create {out.parent}: {e}") from None
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, log=log) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json())
         _save_params(tmp / PARAMS_DIR, params)
         if write_tokenizer is not None:
