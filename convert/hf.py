@@ -320,6 +320,8 @@ def hf_tokenizer_ids(folder: Path, hf_config: dict) -> dict:
     every eos id either file lists stops generation."""
     from tokenizers import Tokenizer as HFTokenizer
 
+    from gptk_jax.tokenizers import post_processor_adds_bos
+
     json_path = folder / TOKENIZER_JSON
     try:
         tok = HFTokenizer.from_file(str(json_path))
@@ -342,7 +344,7 @@ def hf_tokenizer_ids(folder: Path, hf_config: dict) -> dict:
     bos_id = bos[0] if bos else eos[0]
     add_bos = tcfg.get("add_bos_token")
     if not isinstance(add_bos, bool):  # Llama 3: the post-processor template adds BOS
-        add_bos = bool(bos) and tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+        add_bos = bool(bos) and post_processor_adds_bos(tok, bos_id)
     return {"bos_id": bos_id, "eos_id": eos[0], "pad_id": pad[0] if pad else eos[0],
             "stop_ids": sorted(set(eos)), "add_bos": add_bos}
 
@@ -356,8 +358,9 @@ def tokenizer_writer(folder: Path, hf_config: dict) -> tuple[Optional[Callable[[
 
     try:
         if (folder / TOKENIZER_JSON).is_file():
-            tok = tokenizers.HFJsonTokenizer(folder / TOKENIZER_JSON,
-                                             **hf_tokenizer_ids(folder, hf_config))
+            tok = tokenizers.HFJsonTokenizer(
+                folder / TOKENIZER_JSON, chat_template=tokenizers.read_hf_chat_template(folder),
+                **hf_tokenizer_ids(folder, hf_config))
             return tok.save, tok.kind, tok.vocab_size
         if (folder / TOKENIZER_MODEL).is_file():
             path = folder / TOKENIZER_MODEL
@@ -367,7 +370,11 @@ def tokenizer_writer(folder: Path, hf_config: dict) -> tuple[Optional[Callable[[
             else:
                 tok, write = (tokenizers.SentencePieceTokenizer(path),
                               tokenizers.write_sentencepiece_tokenizer)
-            return (lambda out: write(path, out)), kind, tok.vocab_size
+            tcfg = _read_json(folder / TOKENIZER_CONFIG, required=False) or {}
+            options = {"chat_template": tokenizers.read_hf_chat_template(folder)}
+            if isinstance(tcfg.get("add_bos_token"), bool):
+                options["add_bos"] = tcfg["add_bos_token"]
+            return (lambda out: write(path, out, **options)), kind, tok.vocab_size
     except tokenizers.TokenizerError as e:
         raise ConversionError(str(e)) from None
     return None, "none", None
