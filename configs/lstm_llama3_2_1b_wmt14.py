@@ -24,9 +24,9 @@ def get_config():
     config.head.offsets = (1, 2, 3)            # seed trains the trunk's own offset too
     config.head.lstm_layers = 2
     config.head.lstm_dropout = 0.1
-    config.head.lstm_vocab_projection = "own"  # Linear(2048 -> 128256, bias)
-    config.head.lstm_step_inputs = "argmax"    # each step reads the previous step's draft
-    config.head.lstm_first_input = "own_argmax"
+    config.head.recipe = "seed"                # own Linear(2048 -> 128256, bias); each step
+                                               # reads the previous step's argmax, step 2 the
+                                               # head's own offset-1 argmax
 
     config.data.train_prefixes = (f"{base.WMT}/train/europarl-v7.first20k",)  # WMT14 train order
     config.data.max_train_pairs = 8000

@@ -18,8 +18,7 @@ def get_config():
     config.head.kind = "poma"
     config.head.k = 3
     config.head.offsets = (1, 2, 3)
-    config.head.poma_position_init = "normal"
-    config.head.poma_norm_init = "ones"
+    config.head.recipe = "seed"                # normal(0.02) position matrices, fresh norms
 
     config.data.train_prefixes = (f"{base.WMT}/train/europarl-v7.first20k",)
     config.data.max_train_pairs = 20000

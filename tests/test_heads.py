@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from gptk_jax.llama.config import LlamaConfig
-from gptk_jax.heads import (HeadConfig, HeadConfigError, HeadFeatures, init_head_params,
-                            make_head, seed_config, shifted_next_tokens)
+from gptk_jax.heads import (RECIPES, HeadConfig, HeadConfigError, HeadFeatures,
+                            init_head_params, make_head, seed_config, shifted_next_tokens)
 from gptk_jax.llama.model import Llama, init_params, params_for_model
 
 CFG = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
@@ -126,14 +126,14 @@ def test_lstm_steps_from_context_state_equal_rerun_from_zero(trunk_params, trunk
     draft_tokens, draft_logits = _draft(head, hp, trunk_params, state, trunk, next_token)
 
     embedding = np.asarray(trunk_params["tok_embeddings"]["embedding"])
-    if config.lstm_vocab_projection == "own":
+    if config.recipe == "seed":    # the head's own Dense(V, bias)
         w = hp["vocab_proj"]
         project = lambda y: y @ np.asarray(w["kernel"]) + np.asarray(w["bias"])
     else:
         project = lambda y: _np_trunk_logits(trunk_params, y)
     for b in range(B):
         context = np.asarray(out.hidden_normed[b])
-        if config.lstm_first_input == "own_argmax":
+        if config.recipe == "seed":    # the head's own offset-1 argmax
             first = int(np.argmax(project(_np_lstm_last_output(hp["lstm"], context))))
         else:
             first = int(next_token[b])
@@ -167,9 +167,9 @@ def test_lstm_ragged_advance_equals_per_row(trunk_params, trunk):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("step_inputs", ["teacher", "argmax"])
-def test_lstm_draft_equals_train_logits_on_the_drafted_tokens(trunk_params, trunk, step_inputs):
-    config = HeadConfig("lstm", k=4, lstm_step_inputs=step_inputs)
+@pytest.mark.parametrize("config", [HeadConfig("lstm", k=4), seed_config("lstm", k=4)],
+                         ids=["teacher", "argmax"])
+def test_lstm_draft_equals_train_logits_on_the_drafted_tokens(trunk_params, trunk, config):
     head, hp = _build(config, trunk_params, randomize=True)
     _, _, out = trunk
     state = head.apply({"params": hp}, trunk_params, B, method=head.init_state)
@@ -184,8 +184,9 @@ def test_lstm_draft_equals_train_logits_on_the_drafted_tokens(trunk_params, trun
     logits = _run(head, "train_logits", hp, trunk_params,
                   _feats(trunk, config.k, next_tokens))                     # [B,T,J,V]
     assert logits.shape == (B, T, len(config.offsets), CFG.vocab_size)
-    np.testing.assert_allclose(logits[:, -1], draft_logits, atol=1e-5)
-    np.testing.assert_array_equal(jnp.argmax(logits[:, -1], -1), draft_tokens)
+    drafted = logits[:, -1, list(config.draft_offset_indices)]              # offsets 2..K
+    np.testing.assert_allclose(drafted, draft_logits, atol=1e-5)
+    np.testing.assert_array_equal(jnp.argmax(drafted, -1), draft_tokens)
 
 
 def test_lstm_param_count_independent_of_k(trunk_params):
@@ -195,11 +196,10 @@ def test_lstm_param_count_independent_of_k(trunk_params):
                                 trunk_params)
         return sum(x.size for x in jax.tree.leaves(shapes))
 
-    for projection in ("trunk", "own"):
-        counts = {n_params(HeadConfig("lstm", k=k, lstm_vocab_projection=projection))
-                  for k in (2, 5)}
-        assert len(counts) == 1, (projection, counts)
-    assert n_params(HeadConfig("lstm", lstm_vocab_projection="own")) == \
+    for recipe in RECIPES:    # 'seed' projects with its own Dense(V, bias)
+        counts = {n_params(seed_config("lstm", k=k, recipe=recipe)) for k in (2, 5)}
+        assert len(counts) == 1, (recipe, counts)
+    assert n_params(seed_config("lstm")) == \
         n_params(HeadConfig("lstm")) + CFG.dim * CFG.vocab_size + CFG.vocab_size
 
 
@@ -225,13 +225,12 @@ def test_poma_at_init_reproduces_trunk_logits(trunk_params, trunk):
     for j in range(config.k - 1):
         np.testing.assert_allclose(draft_logits[:, j], out.logits[:, -1], atol=1e-5)
     # the seed's fresh norm (ones) is different from the trunk's, so the copy above is real
-    _, seed_hp = _build(config.replace(poma_norm_init="ones"), trunk_params)
+    _, seed_hp = _build(config.replace(recipe="seed"), trunk_params)
     np.testing.assert_array_equal(seed_hp["offset_norm"]["scale"], 1.0)
 
 
 def test_poma_position_matrix_indexes_real_positions(trunk_params, trunk):
-    config = HeadConfig("poma", k=3, poma_max_positions=32, poma_position_init="normal",
-                        poma_position_init_std=0.5)
+    config = HeadConfig("poma", k=3, poma_max_positions=32, recipe="seed")  # normal table
     head, hp = _build(config, trunk_params)
     _, pos, out = trunk
     shifted = pos + 9
@@ -319,11 +318,27 @@ def test_gather_index_equals_gathering_all_logits(trunk_params, trunk, config):
     np.testing.assert_allclose(gathered, full[np.arange(B)[:, None], index], atol=1e-5)
 
 
+def _draft_over(head, hp, tp, state, trunk, next_token, draft_vocab):
+    """draft_logits with decoding's draft vocabulary, as decoding/heads.py passes it: the
+    collection DRAFT_VOCAB_COLLECTION ({"ids"}: filter the full projection; + "rows": project
+    onto those rows only)."""
+    from gptk_jax.heads.common import DRAFT_VOCAB_COLLECTION
+    _, _, out = trunk
+    fn = jax.jit(lambda hp, tp, vocab, *a: head.apply(
+        {"params": hp, DRAFT_VOCAB_COLLECTION: vocab}, tp, *a, method="draft_logits"))
+    return fn(hp, tp, draft_vocab, state, out.hidden[:, -1], out.hidden_normed[:, -1],
+              jnp.full((B,), T - 1, jnp.int32), jnp.asarray(next_token))
+
+
 def test_draft_vocab_restricts_the_argmax(trunk_params, trunk):
+    from gptk_jax.decoding.heads import head_drafter
     allowed = (3, 17, 40, 41, 63)
-    head, hp = _build(HeadConfig("linear", k=3, draft_vocab=np.array(allowed)), trunk_params,
-                      randomize=True)
-    draft_tokens, draft_logits = _draft(head, hp, trunk_params, (), trunk, np.zeros(B, np.int32))
+    config = HeadConfig("linear", k=3)
+    head, hp = _build(config, trunk_params, randomize=True)
+    _, variables = head_drafter(config, hp, CFG, trunk_params, draft_vocab=np.array(allowed))
+    draft_tokens, draft_logits = _draft_over(head, hp, trunk_params, (), trunk,
+                                             np.zeros(B, np.int32),
+                                             {"ids": variables["draft_vocab"]["ids"]})
     ids = np.array(allowed)
     np.testing.assert_array_equal(draft_tokens,
                                   ids[np.argmax(np.asarray(draft_logits)[..., ids], -1)])
@@ -334,24 +349,32 @@ def test_precomputed_draft_rows_give_the_filtered_full_argmax(trunk_params, trun
     """Projecting onto the draft vocabulary's unembedding rows (decoding's cheap path) drafts
     what the full projection filtered to those ids drafts (the LSTM feeds each draft back, so
     every step must agree); an untied trunk's output kernel is sliced the same way."""
-    from gptk_jax.heads.common import DRAFT_ROWS_KEY, with_draft_unembedding
+    from gptk_jax.decoding.heads import draft_vocabulary, head_drafter
     allowed = (3, 17, 40, 41, 63, 0, 9)
-    head, hp = _build(HeadConfig(kind, k=4, draft_vocab=allowed), trunk_params, randomize=True)
+    config = HeadConfig(kind, k=4)
+    head, hp = _build(config, trunk_params, randomize=True)
+    drafter, variables = head_drafter(config, hp, CFG, trunk_params, draft_vocab=allowed)
+    vocab = variables["draft_vocab"]
     next_token = np.array([17, 5], np.int32)
-    full_tokens, full_logits = _draft(head, hp, trunk_params, _state(head, hp, trunk_params),
-                                      trunk, next_token)
-    fast_params = with_draft_unembedding(CFG, trunk_params, allowed)
-    assert fast_params[DRAFT_ROWS_KEY].shape == (len(allowed), CFG.dim)
-    fast_tokens, fast_logits = _draft(head, hp, fast_params, _state(head, hp, trunk_params),
-                                      trunk, next_token)
+    state = _state(head, hp, trunk_params)
+    full_tokens, full_logits = _draft_over(head, hp, trunk_params, state, trunk, next_token,
+                                           {"ids": vocab["ids"]})
+    assert vocab["rows"].shape == (len(allowed), CFG.dim)
+    fast_tokens, fast_logits = _draft_over(head, hp, variables["trunk"], state, trunk,
+                                           next_token, vocab)
     np.testing.assert_array_equal(fast_tokens, full_tokens)
     assert set(np.asarray(fast_tokens).ravel()) <= set(allowed)
     np.testing.assert_allclose(fast_logits, np.asarray(full_logits)[..., list(allowed)],
                                atol=2e-5, rtol=1e-5)
+    # the decoding loop's drafter drafts the same (it passes the vocabulary to the head)
+    _, _, out = trunk
+    np.testing.assert_array_equal(jax.jit(drafter.draft)(
+        variables, state, out.hidden[:, -1], out.hidden_normed[:, -1],
+        jnp.full((B,), T - 1, jnp.int32), jnp.asarray(next_token)), fast_tokens)
     untied = CFG.replace(tie_embeddings=False)
     kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (CFG.dim, CFG.vocab_size)))
-    rows = with_draft_unembedding(untied, {**trunk_params, "output": {"kernel": kernel}},
-                                  allowed)[DRAFT_ROWS_KEY]
+    rows = draft_vocabulary(untied, {**trunk_params, "output": {"kernel": kernel}},
+                            allowed)["rows"]
     np.testing.assert_array_equal(rows, kernel[:, list(allowed)].T)
 
 
@@ -415,7 +438,7 @@ def test_head_config_defaults_and_seed():
     assert HeadConfig("linear", k=4).draft_offset_indices == (0, 1, 2)
     seed = seed_config("lstm")
     assert seed.offsets == (1, 2, 3) and seed.draft_offset_indices == (1, 2)
-    assert seed.lstm_vocab_projection == "own" and seed.lstm_step_inputs == "argmax"
+    assert seed.recipe == "seed" and HeadConfig("lstm").recipe == "default"
     assert HeadConfig.from_dict(seed.to_dict()) == seed
 
 
@@ -427,21 +450,69 @@ def test_head_config_defaults_and_seed():
     (dict(kind="poma", k=3, offsets=(0, 1, 2, 3)), "1..k"),
     (dict(kind="poma", k=3, offsets=(2, 3, 4)), "1..k"),
     (dict(kind="linear", k=4, offsets=(2, 4)), "miss"),
-    (dict(kind="linear", draft_vocab=()), "empty"),
-    (dict(kind="linear", draft_vocab=(1, 1)), "distinct"),
     (dict(kind="lstm", lstm_first_input="own_argmax"), "offsets must include 1"),
     (dict(kind="lstm", lstm_dropout=1.0), "lstm_dropout"),
     (dict(kind="lstm", lstm_vocab_projection="tied"), "lstm_vocab_projection"),
     (dict(kind="poma", poma_max_positions=0), "poma_max_positions"),
     (dict(kind="poma", poma_position_init="uniform"), "poma_position_init"),
+    (dict(kind="poma", recipe="ones"), "recipe must be one of"),
+    (dict(kind="lstm", recipe="seed"), "offsets must include 1"),
+    (dict(kind="lstm", recipe="seed", lstm_step_inputs="argmax"), "replaced by 'recipe'"),
 ])
 def test_head_config_validation(fields, message):
     with pytest.raises(HeadConfigError, match=message):
-        HeadConfig(**fields)
+        HeadConfig.from_dict(fields)
 
 
-def test_make_head_checks_draft_vocab_against_trunk():
-    with pytest.raises(HeadConfigError, match="vocab_size"):
-        make_head(HeadConfig("linear", draft_vocab=(1, CFG.vocab_size)), CFG)
+# What HeadConfig.to_dict wrote before `recipe`: all six options, whatever the kind.
+PRE_RECIPE_DEFAULTS = dict(lstm_vocab_projection="trunk", lstm_step_inputs="teacher",
+                           lstm_first_input="next_token", poma_position_init="zeros",
+                           poma_position_init_std=0.02, poma_norm_init="trunk")
+PRE_RECIPE_SEED = {"lstm": dict(lstm_vocab_projection="own", lstm_step_inputs="argmax",
+                                lstm_first_input="own_argmax"),
+                   "poma": dict(poma_position_init="normal", poma_norm_init="ones")}
+
+
+def _pre_recipe(kind, **options):
+    fields = {k: v for k, v in HeadConfig(kind, offsets=(1, 2, 3)).to_dict().items()
+              if k != "recipe"}
+    return {**fields, **PRE_RECIPE_DEFAULTS, **options}
+
+
+@pytest.mark.parametrize("kind", ["lstm", "poma", "linear"])
+def test_pre_recipe_options_load_as_their_recipe(kind):
+    seed = _pre_recipe(kind, **PRE_RECIPE_SEED.get(kind, {}))  # as old seed_config(kind) wrote
+    want_seed = "seed" if kind in PRE_RECIPE_SEED else "default"  # linear: the options were inert
+    assert HeadConfig.from_dict(seed) == HeadConfig(kind, offsets=(1, 2, 3), recipe=want_seed)
+    assert HeadConfig.from_dict(_pre_recipe(kind)) == HeadConfig(kind, offsets=(1, 2, 3))
+    # another family's options were never read: they do not decide the recipe
+    other = {"lstm": "poma", "poma": "lstm", "linear": "lstm"}[kind]
+    assert HeadConfig.from_dict(_pre_recipe(kind, **PRE_RECIPE_SEED[other])).recipe == "default"
+
+
+def test_pre_recipe_options_that_mix_recipes_are_refused_naming_the_fields():
+    mixed = _pre_recipe("lstm", lstm_vocab_projection="own", lstm_first_input="own_argmax")
+    with pytest.raises(HeadConfigError, match=r"for recipe 'default' set "
+                       r"lstm_first_input='next_token', lstm_vocab_projection='trunk'; or for "
+                       r"recipe 'seed' set lstm_step_inputs='argmax'"):
+        HeadConfig.from_dict(mixed)
+    # the std was read by the seed's normal init only
+    wide = _pre_recipe("poma", poma_position_init_std=0.5)
+    assert HeadConfig.from_dict(wide).recipe == "default"
+    with pytest.raises(HeadConfigError, match=r"recipe 'seed' set poma_position_init_std=0.02"):
+        HeadConfig.from_dict({**wide, **PRE_RECIPE_SEED["poma"]})
+
+
+@pytest.mark.parametrize("draft_vocab, message", [
+    ((), "empty"), ((1, 1), "distinct"), ((1, CFG.vocab_size), "vocab_size")])
+def test_head_drafter_checks_the_draft_vocab(trunk_params, draft_vocab, message):
+    from gptk_jax.decoding.heads import DraftVocabError, head_drafter
+    config = HeadConfig("linear")
+    _, hp = _build(config, trunk_params)
+    with pytest.raises(DraftVocabError, match=message):
+        head_drafter(config, hp, CFG, trunk_params, draft_vocab=draft_vocab)
+
+
+def test_from_dict_refuses_unknown_fields():
     with pytest.raises(HeadConfigError, match="unknown"):
         HeadConfig.from_dict({"kind": "lstm", "layers": 2})

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.heads.common import (HeadFeatures, MTPHead, draft_argmax, shifted_next_tokens,
                                    trunk_embed, trunk_final_norm, trunk_unembed)
-from gptk_jax.heads.config import KINDS, HeadConfig, HeadConfigError, seed_config
+from gptk_jax.heads.config import KINDS, RECIPES, HeadConfig, HeadConfigError, seed_config
 from gptk_jax.heads.linear import LinearHead
 from gptk_jax.heads.lstm import LSTMHead
 from gptk_jax.heads.poma import PomaHead
@@ -22,17 +22,13 @@ from gptk_jax.heads.poma import PomaHead
 _HEADS = {"lstm": LSTMHead, "poma": PomaHead, "linear": LinearHead}
 
 __all__ = ["HeadConfig", "HeadConfigError", "HeadFeatures", "MTPHead", "LSTMHead", "PomaHead",
-           "LinearHead", "KINDS", "make_head", "init_head_params", "example_features",
+           "LinearHead", "KINDS", "RECIPES", "make_head", "init_head_params", "example_features",
            "seed_config", "draft_argmax", "shifted_next_tokens", "trunk_embed", "trunk_final_norm",
            "trunk_unembed"]
 
 
 def make_head(head_config: HeadConfig, trunk_config: LlamaConfig) -> MTPHead:
     """The flax.linen Module for head_config on a trunk described by trunk_config."""
-    vocab = head_config.draft_vocab
-    if vocab is not None and max(vocab) >= trunk_config.vocab_size:
-        raise HeadConfigError(f"draft_vocab holds id {max(head_config.draft_vocab)} >= trunk "
-                              f"vocab_size {trunk_config.vocab_size}")
     return _HEADS[head_config.kind](head_config, trunk_config)
 
 

@@ -2,7 +2,13 @@
 unembed, the (optionally reduced-vocabulary) draft argmax, and the decoding defaults of heads
 that keep no state.
 
-Einsum letters: B batch, T positions, J trained offsets, K tokens per step, D width, V vocab.
+A draft vocabulary is decoding's choice (gptk_jax/decoding/heads.py owns it): decoding passes
+its ids [U] and unembedding rows [U,D] as the variable collection DRAFT_VOCAB_COLLECTION next
+to the head params, and the draft argmax runs over those ids only (projecting onto the rows,
+when given, instead of onto all V and filtering). Without it, drafts range over the vocabulary.
+
+Einsum letters (docs/design.md): B batch, T positions, X gathered positions, J trained offsets,
+W tokens per step (largest offset), D width, V vocab, U draft vocabulary.
 
 The trunk params are an argument of every head method, never a head variable: callers take
 `jax.grad` with respect to the head params only, and the trunk leaves are additionally wrapped in
@@ -24,10 +30,8 @@ from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.model import Llama
 
 _TRUNK_KEYS_FOR_HEADS = ("tok_embeddings", "norm", "output")
-# Decoding only: the unembedding's rows for head_config.draft_vocab, [Vd,D], precomputed once
-# (`draft_unembedding`) and passed next to the trunk params, so a draft projects onto Vd tokens
-# instead of projecting onto all V and filtering.
-DRAFT_ROWS_KEY = "draft_unembedding"
+# Decoding only: {"ids": [U] int32, optionally "rows": [U,D] their unembedding rows}.
+DRAFT_VOCAB_COLLECTION = "draft_vocab"
 
 
 @flax.struct.dataclass
@@ -40,19 +44,19 @@ class HeadFeatures:
     positions: jax.Array      # [B,T] int32 real positions (PoMa)
     tokens: jax.Array         # [B,T] int32 input tokens
     token_mask: jax.Array     # [B,T] bool; False: padding (the LSTM does not consume it)
-    next_tokens: jax.Array    # [B,T,K] int32 tokens at t+1..t+K (teacher-forcing inputs)
+    next_tokens: jax.Array    # [B,T,W] int32 tokens at t+1..t+W (teacher-forcing inputs)
 
 
 def shifted_next_tokens(tokens: jax.Array, k: int, pad_id: int = 0) -> jax.Array:
-    """[B,T] -> [B,T,K]: out[b,t,j] = tokens[b,t+1+j], pad_id past the end."""
+    """[B,T] -> [B,T,W]: out[b,t,j] = tokens[b,t+1+j], pad_id past the end."""
     b, t = tokens.shape
     padded = jnp.concatenate([tokens, jnp.full((b, k), pad_id, tokens.dtype)], axis=1)
-    idx = jnp.arange(t)[:, None] + 1 + jnp.arange(k)[None, :]  # [T,K]
+    idx = jnp.arange(t)[:, None] + 1 + jnp.arange(k)[None, :]  # [T,W]
     return padded[:, idx]
 
 
 def gather_positions(x: Optional[jax.Array], index: Optional[jax.Array]):
-    """x [B,T,...], index [B,M] -> x at those positions [B,M,...] (None passes through)."""
+    """x [B,T,...], index [B,X] -> x at those positions [B,X,...] (None passes through)."""
     if x is None or index is None:
         return x
     index = index.reshape(index.shape + (1,) * (x.ndim - 2))
@@ -60,13 +64,17 @@ def gather_positions(x: Optional[jax.Array], index: Optional[jax.Array]):
 
 
 def gather_features(feats: HeadFeatures, index: Optional[jax.Array]) -> HeadFeatures:
-    """Every field at the positions index [B,M] (heads that read each position on its own)."""
+    """Every field at the positions index [B,X] (heads that read each position on its own)."""
     return jax.tree.map(lambda x: gather_positions(x, index), feats)
 
 
+def trunk_params_for_heads(trunk_params: dict) -> dict:
+    """The trunk leaves heads read (embedding, final norm, output), any layer layout."""
+    return {name: trunk_params[name] for name in _TRUNK_KEYS_FOR_HEADS if name in trunk_params}
+
+
 def _trunk_vars(trunk_params: dict) -> dict:
-    view = {name: trunk_params[name] for name in _TRUNK_KEYS_FOR_HEADS if name in trunk_params}
-    return {"params": jax.lax.stop_gradient(view)}
+    return {"params": jax.lax.stop_gradient(trunk_params_for_heads(trunk_params))}
 
 
 def trunk_embed(trunk_config: LlamaConfig, trunk_params: dict, tokens: jax.Array) -> jax.Array:
@@ -104,31 +112,12 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
     return normed.astype(dtype) * scale.astype(dtype)
 
 
-def draft_unembedding(trunk_config: LlamaConfig, trunk_params: dict,
-                      draft_vocab: tuple[int, ...]) -> jax.Array:
-    """The unembedding rows of the draft vocabulary: [Vd,D] (tied: embedding rows; untied: the
-    output kernel's columns)."""
-    ids = jnp.asarray(draft_vocab, jnp.int32)
-    if trunk_config.tie_embeddings:
-        table = trunk_params["tok_embeddings"]["embedding"]             # [V,D]
-        return jnp.take(table, ids, axis=0)
-    return jnp.take(trunk_params["output"]["kernel"], ids, axis=1).T    # [D,V] -> [Vd,D]
-
-
-def with_draft_unembedding(trunk_config: LlamaConfig, trunk_params: dict,
-                           draft_vocab: Optional[tuple[int, ...]]) -> dict:
-    """trunk_params plus DRAFT_ROWS_KEY when there is a draft vocabulary (decoding)."""
-    if draft_vocab is None:
-        return trunk_params
-    return {**trunk_params, DRAFT_ROWS_KEY: draft_unembedding(trunk_config, trunk_params,
-                                                              draft_vocab)}
-
-
-def draft_argmax(logits: jax.Array, draft_vocab: Optional[tuple[int, ...]]) -> jax.Array:
-    """[..., V] -> [...] int32 token ids; with a draft vocabulary, the argmax over those only."""
+def draft_argmax(logits: jax.Array, draft_vocab) -> jax.Array:
+    """[..., V] -> [...] int32 token ids; with a draft vocabulary (ids [U]: a sequence or an
+    array), the argmax over those only."""
     if draft_vocab is None:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    ids = jnp.asarray(draft_vocab, jnp.int32)                  # [Vd]
+    ids = jnp.asarray(draft_vocab, jnp.int32)                  # [U]
     best = jnp.argmax(jnp.take(logits, ids, axis=-1), axis=-1)  # index into ids
     return ids[best]
 
@@ -137,17 +126,17 @@ class MTPHead(nn.Module):
     """Base of every head: config fields, trunk access and the stateless decoding defaults.
 
     Subclasses implement `train_logits(trunk_params, feats, deterministic=True,
-    gather_index=None) -> [B,T,J,V]` (gather_index [B,M]: logits at those positions only,
-    [B,M,J,V]; feats always cover the whole sequence) and
+    gather_index=None) -> [B,T,J,V]` (gather_index [B,X]: logits at those positions only,
+    [B,X,J,V]; feats always cover the whole sequence) and
     `draft_logits(trunk_params, state, last_hidden, last_hidden_normed, last_position,
-    next_token) -> (draft_tokens [B,K-1], draft_logits [B,K-1,V])` (over the draft vocabulary,
-    [B,K-1,Vd], when trunk_params carries a precomputed draft unembedding, DRAFT_ROWS_KEY).
+    next_token) -> (draft_tokens [B,W-1], draft_logits [B,W-1,V])` (over the draft vocabulary,
+    [B,W-1,U], when decoding passes its unembedding rows in DRAFT_VOCAB_COLLECTION).
     """
     head_config: HeadConfig
     trunk_config: LlamaConfig
     # True: a position's logits read that position's features only (train_logits may be called
     # on any subset of positions, e.g. packed from several rows) and are the frozen unembedding
-    # of `train_hidden(...)` [B,M,J,D]; False: the LSTM reads the sequence in order.
+    # of `train_hidden(...)` [B,X,J,D]; False: the LSTM reads the sequence in order.
     per_position = False
 
     @property
@@ -167,21 +156,27 @@ class MTPHead(nn.Module):
     def _unembed(self, trunk_params, hidden_normed):
         return trunk_unembed(self.trunk_config, trunk_params, hidden_normed)
 
+    def _draft_vocab(self, name: str):
+        """Decoding's draft vocabulary "ids" [U] or "rows" [U,D], None when not passed."""
+        if self.has_variable(DRAFT_VOCAB_COLLECTION, name):
+            return self.get_variable(DRAFT_VOCAB_COLLECTION, name)
+        return None
+
     def _argmax(self, logits):
-        return draft_argmax(logits, self.head_config.draft_vocab)
+        return draft_argmax(logits, self._draft_vocab("ids"))
 
     def _draft_project(self, trunk_params, hidden_normed):
         """[..., D] (after the trunk's final norm) -> (tokens [...] int32, logits [..., V]; with
-        a precomputed draft unembedding (DRAFT_ROWS_KEY in trunk_params) logits over the draft
-        vocabulary only, [..., Vd]: the same argmax, 1/(V/Vd) of the projection's cost)."""
-        rows = trunk_params.get(DRAFT_ROWS_KEY) if isinstance(trunk_params, dict) else None
-        if rows is None or self.head_config.draft_vocab is None:
+        the draft vocabulary's unembedding rows passed, logits over those ids only, [..., U]:
+        the same argmax, 1/(V/U) of the projection's cost)."""
+        rows = self._draft_vocab("rows")
+        if rows is None:
             logits = self._unembed(trunk_params, hidden_normed)
             return self._argmax(logits), logits
         rows = jax.lax.stop_gradient(rows)
         logits = jnp.einsum("...d,vd->...v", hidden_normed.astype(rows.dtype), rows)
         logits = logits.astype(jnp.float32)
-        ids = jnp.asarray(self.head_config.draft_vocab, jnp.int32)
+        ids = jnp.asarray(self._draft_vocab("ids"), jnp.int32)
         return ids[jnp.argmax(logits, axis=-1)], logits
 
     # --- decoding defaults (heads without state) -----------------------------------------------
@@ -197,7 +192,7 @@ class MTPHead(nn.Module):
 
     def draft(self, trunk_params, state, last_hidden, last_hidden_normed, last_position,
               next_token):
-        """-> draft_tokens [B,K-1] int32 for offsets 2..K."""
+        """-> draft_tokens [B,W-1] int32 for offsets 2..W."""
         draft_tokens, _ = self.draft_logits(trunk_params, state, last_hidden, last_hidden_normed,
                                             last_position, next_token)
         return draft_tokens

@@ -2,16 +2,34 @@
 
 Offsets: offset k is the token at position t+k predicted from the trunk at position t (offset 1 is
 the trunk's own next token). `k` is the number of tokens per decoding step: the trunk's exact
-next token plus k-1 drafts for offsets 2..k. `seed_config(kind)` gives the options that reproduce
-the original research code; the defaults are the cheaper / better-behaved choices.
+next token plus k-1 drafts for offsets 2..k.
+
+`recipe` picks how a family is built and trained: 'seed' reproduces the original research code,
+'default' is this project's cheaper / better-behaved choice (`seed_config(kind)` = recipe 'seed'
+with offsets 1..k):
+  lstm  seed:    own Dense(V, bias) vocabulary projection; steps 2..k read the previous step's
+                 draft argmax in training too; the step-2 input is the head's own offset-1 argmax
+                 (so offsets must include 1)
+        default: the trunk's frozen final norm + unembedding; teacher-forced step inputs in
+                 training; the step-2 input is the trunk's exact next token
+  poma  seed:    position matrices ~ normal(0.02), fresh RMSNorm scales (ones)
+        default: position matrices zero, norm scales copied from the trunk's final norm (at init
+                 the head reproduces the trunk's own logits)
+  linear         one recipe (both names build the same head)
+
+heads.json written before `recipe` existed carries six options instead (`LEGACY_OPTIONS`);
+`HeadConfig.from_dict` maps them to the recipe whose values they all have, and refuses a mix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Optional, Sequence
 
 KINDS = ("lstm", "poma", "linear")
+RECIPES = ("default", "seed")
+SEED_POSITION_STD = 0.02   # PoMa 'seed': std of the normal position-matrix init
 
 
 class HeadConfigError(ValueError):
@@ -28,32 +46,22 @@ class HeadConfig:
     kind: str                                  # 'lstm' | 'poma' | 'linear'
     k: int = 3                                 # tokens per decoding step: 1 (trunk) + k-1 drafts
     offsets: Optional[tuple[int, ...]] = None  # trained offsets; default (2, ..., k)
-    # Draft argmax only over these token ids (e.g. the most frequent target-side tokens); the
-    # trunk verifies every draft, so this changes speed/acceptance, never the output.
-    draft_vocab: Optional[tuple[int, ...]] = None
     dtype: str = "float32"                     # head compute dtype
     param_dtype: str = "float32"
+
+    # 'seed': the original research code's LSTM / PoMa; 'default': ours (module docstring)
+    recipe: str = "default"
 
     # --- lstm -----------------------------------------------------------------------------------
     lstm_layers: int = 2
     lstm_dropout: float = 0.1                  # between LSTM layers (as torch nn.LSTM(dropout=))
-    lstm_vocab_projection: str = "trunk"       # 'trunk': frozen final norm + unembed;
-                                               # 'own': Dense(V, bias) (seed)
-    lstm_step_inputs: str = "teacher"          # training inputs of steps 2..k: 'teacher'
-                                               # (next_tokens) or 'argmax' (previous step's
-                                               # draft, seed)
-    lstm_first_input: str = "next_token"       # step-2 input: 'next_token' (trunk's exact token) or
-                                               # 'own_argmax' (the head's own offset-1 argmax, seed)
 
     # --- poma -----------------------------------------------------------------------------------
     poma_max_positions: int = 2048             # rows of each position matrix (positions 0..n-1)
-    poma_position_init: str = "zeros"          # 'zeros' or 'normal' (seed)
-    poma_position_init_std: float = 0.02       # std of 'normal'
-    poma_norm_init: str = "trunk"              # head norms start as the trunk's final norm;
-                                               # 'ones' (seed)
 
     def __post_init__(self):
         _choice("kind", self.kind, KINDS)
+        _choice("recipe", self.recipe, RECIPES)
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 2:
             raise HeadConfigError(f"k (tokens per step) must be an integer >= 2, got {self.k!r}")
         offsets = tuple(range(2, self.k + 1)) if self.offsets is None else self.offsets
@@ -71,37 +79,18 @@ class HeadConfig:
                                   f"2..k={self.k}, so each must be trained")
         object.__setattr__(self, "offsets", offsets)
 
-        if self.draft_vocab is not None:
-            try:
-                vocab = tuple(int(i) for i in self.draft_vocab)  # accepts arrays and lists
-            except (TypeError, ValueError):
-                raise HeadConfigError("draft_vocab must be a sequence of token ids")
-            if not vocab:
-                raise HeadConfigError("draft_vocab is empty (use None for the full vocabulary)")
-            if min(vocab) < 0 or len(set(vocab)) != len(vocab):
-                raise HeadConfigError("draft_vocab must hold distinct non-negative token ids")
-            object.__setattr__(self, "draft_vocab", vocab)
-
         for name in ("dtype", "param_dtype"):
             _choice(name, getattr(self, name), ("float32", "bfloat16", "float16"))
         if not isinstance(self.lstm_layers, int) or self.lstm_layers < 1:
             raise HeadConfigError(f"lstm_layers must be an integer >= 1, got {self.lstm_layers!r}")
         if not 0.0 <= self.lstm_dropout < 1.0:
             raise HeadConfigError(f"lstm_dropout must be in [0, 1), got {self.lstm_dropout}")
-        _choice("lstm_vocab_projection", self.lstm_vocab_projection, ("trunk", "own"))
-        _choice("lstm_step_inputs", self.lstm_step_inputs, ("teacher", "argmax"))
-        _choice("lstm_first_input", self.lstm_first_input, ("next_token", "own_argmax"))
-        if self.lstm_first_input == "own_argmax" and 1 not in offsets:
-            raise HeadConfigError("lstm_first_input='own_argmax' feeds the head's own offset-1 "
-                                  "prediction, so offsets must include 1")
+        if self.kind == "lstm" and self.recipe == "seed" and 1 not in offsets:
+            raise HeadConfigError("recipe='seed' LSTM feeds the head's own offset-1 prediction "
+                                  "as its first step input, so offsets must include 1")
         if not isinstance(self.poma_max_positions, int) or self.poma_max_positions < 1:
             raise HeadConfigError(f"poma_max_positions must be a positive integer, "
                                   f"got {self.poma_max_positions!r}")
-        _choice("poma_position_init", self.poma_position_init, ("zeros", "normal"))
-        if not self.poma_position_init_std > 0:
-            raise HeadConfigError(f"poma_position_init_std must be > 0, "
-                                  f"got {self.poma_position_init_std}")
-        _choice("poma_norm_init", self.poma_norm_init, ("trunk", "ones"))
 
     @property
     def draft_offset_indices(self) -> tuple[int, ...]:
@@ -116,20 +105,76 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadConfig":
+        """The fields as `to_dict` writes them; the pre-recipe options map to `recipe`
+        (`recipe_from_legacy`)."""
+        d = dict(d)
+        _drop_draft_vocab(d)
+        legacy = sorted(set(d) & LEGACY_NAMES)
+        if legacy and "recipe" in d:
+            raise HeadConfigError(f"{legacy} were replaced by 'recipe' ({' | '.join(RECIPES)}); "
+                                  "drop them")
+        if legacy:
+            options = {name: d.pop(name) for name in legacy}
+            d["recipe"] = recipe_from_legacy(d.get("kind"), options)
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise HeadConfigError(f"unknown HeadConfig field(s) {unknown}")
         return cls(**d)
 
 
+def _drop_draft_vocab(d: dict) -> None:
+    """Older heads.json / configs carry `draft_vocab`: the draft vocabulary is decoding's now
+    (gptk_jax.decoding.head_drafter(..., draft_vocab=ids)), so it is dropped here."""
+    vocab = d.pop("draft_vocab", None)
+    if vocab is not None:
+        warnings.warn(f"head_config.draft_vocab ({len(vocab)} ids) is ignored: the draft "
+                      "vocabulary is a decoding option now, pass it as gptk_jax.decoding."
+                      "head_drafter(..., draft_vocab=ids); without it heads draft over the "
+                      "whole vocabulary (same output, other speed)")
+
+
+# The six options HeadConfig had before `recipe`: their values under each recipe. ANY: not read
+# by that recipe (the default PoMa position matrices start at zero, whatever the std).
+ANY = object()
+LEGACY_OPTIONS = {
+    "lstm": {"seed": {"lstm_vocab_projection": "own", "lstm_step_inputs": "argmax",
+                      "lstm_first_input": "own_argmax"},
+             "default": {"lstm_vocab_projection": "trunk", "lstm_step_inputs": "teacher",
+                         "lstm_first_input": "next_token"}},
+    "poma": {"seed": {"poma_position_init": "normal", "poma_position_init_std": SEED_POSITION_STD,
+                      "poma_norm_init": "ones"},
+             "default": {"poma_position_init": "zeros", "poma_position_init_std": ANY,
+                         "poma_norm_init": "trunk"}},
+}
+LEGACY_NAMES = frozenset(name for family in LEGACY_OPTIONS.values()
+                         for values in family.values() for name in values)
+
+
+def recipe_from_legacy(kind: str, options: dict) -> str:
+    """The recipe of pre-recipe options {name: value}: the one whose values they all have.
+    Options of another family were never read, so they do not count (an old seed LSTM was
+    saved with PoMa's default values); a mix raises, naming the fields to change."""
+    family = LEGACY_OPTIONS.get(kind, {})
+    own = {name: value for name, value in options.items() if name in family.get("seed", {})}
+    changes = {}
+    for recipe in RECIPES:
+        wanted = family.get(recipe, {})
+        changes[recipe] = {name: wanted[name] for name, value in own.items()
+                           if wanted[name] is not ANY and value != wanted[name]}
+        if not changes[recipe]:
+            return recipe
+    advice = "; or ".join(
+        f"for recipe '{recipe}' set " + ", ".join(f"{name}={value!r}" for name, value in
+                                                  fields.items())
+        for recipe, fields in changes.items())
+    raise HeadConfigError(f"{kind} options {own} match neither recipe that remains (a mix of "
+                          f"'seed' and 'default' values): {advice}; or replace the options by "
+                          "'recipe'")
+
+
 def seed_config(kind: str, k: int = 3, **overrides) -> HeadConfig:
-    """Options reproducing the original research code (offsets 1..k trained)."""
-    seed = {
-        "lstm": dict(lstm_vocab_projection="own", lstm_step_inputs="argmax",
-                     lstm_first_input="own_argmax"),
-        "poma": dict(poma_position_init="normal", poma_norm_init="ones"),
-        "linear": {},
-    }
-    if kind not in seed:
+    """The original research code's head: recipe 'seed', offsets 1..k trained."""
+    if kind not in KINDS:
         raise HeadConfigError(f"kind must be one of {KINDS}, got {kind!r}")
-    return HeadConfig(kind=kind, k=k, offsets=tuple(range(1, k + 1)), **{**seed[kind], **overrides})
+    return HeadConfig(**{"kind": kind, "k": k, "offsets": tuple(range(1, k + 1)),
+                         "recipe": "seed", **overrides})

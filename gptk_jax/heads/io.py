@@ -7,7 +7,7 @@
 Written atomically (a hidden sibling folder renamed into place). Loading with the trunk's config
 refuses heads made for another trunk (width, vocabulary or depth differ) with an error that names
 both; a different trunk *name* only warns (the same model converted to another folder).
-`head_drafter` turns loaded heads into the (Drafter, variables) pair decoding/mtp.py runs.
+`gptk_jax.decoding.head_drafter` turns loaded heads into the drafter the decoding loop runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -131,9 +131,8 @@ def load_heads(path: str | os.PathLike, trunk_config: Optional[LlamaConfig] = No
     meta = read_heads_meta(path)
     try:
         hc = dict(meta["head_config"])
-        for field in ("offsets", "draft_vocab"):
-            if hc.get(field) is not None:
-                hc[field] = tuple(hc[field])
+        if hc.get("offsets") is not None:
+            hc["offsets"] = tuple(hc["offsets"])
         head_config = HeadConfig.from_dict(hc)
     except (KeyError, TypeError, HeadConfigError) as e:
         raise HeadsError(f"{path / META_FILE}: bad head_config: {e}") from None
@@ -146,25 +145,3 @@ def load_heads(path: str | os.PathLike, trunk_config: Optional[LlamaConfig] = No
     return LoadedHeads(head_config=head_config, params=params, trunk=trunk,
                        metadata=meta.get("metadata", {}), path=path)
 
-
-def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaConfig,
-                 trunk_params: Any, num_tokens_per_step: Optional[int] = None,
-                 draft_vocab: Optional[Sequence[int]] = None):
-    """-> (HeadDrafter, drafter_vars) for decoding.mtp; K defaults to head_config.k and may not
-    exceed it. draft_vocab (or the heads' own head_config.draft_vocab): drafts are the argmax
-    over these ids only, projected onto their unembedding rows (precomputed here once)."""
-    from gptk_jax.decoding.mtp import HeadDrafter
-    from gptk_jax.heads import make_head
-    from gptk_jax.heads.common import with_draft_unembedding
-
-    if draft_vocab is not None:
-        head_config = head_config.replace(draft_vocab=tuple(int(i) for i in draft_vocab))
-
-    k = head_config.k if num_tokens_per_step is None else num_tokens_per_step
-    if k > head_config.k:
-        raise HeadsError(f"K={k} tokens per step needs drafts for offsets 2..{k}, but these "
-                         f"heads were trained for offsets {head_config.offsets} (K <= "
-                         f"{head_config.k})")
-    drafter = HeadDrafter(head=make_head(head_config, trunk_config), max_drafts=head_config.k - 1)
-    trunk_view = with_draft_unembedding(trunk_config, trunk_params, head_config.draft_vocab)
-    return drafter, HeadDrafter.variables(head_params, trunk_view)

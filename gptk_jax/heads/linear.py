@@ -10,7 +10,8 @@ the trunk's normed hidden state, then the trunk's frozen unembedding.
 Params: `proj` [J, D, D] (J = len(offsets), in offset order). All J offsets are projected in one
 unembedding call on [B,T,J,D]. Stateless in decoding (init_state / advance are no-ops).
 
-Einsum letters: B batch, T positions, J offsets, D width (E: output width), V vocab.
+Einsum letters (docs/design.md): B batch, T positions, X gathered positions, J offsets, W tokens
+per step, D width (E: output width), V vocab.
 """
 
 from __future__ import annotations
@@ -35,20 +36,20 @@ class LinearHead(MTPHead):
         return h[..., None, :] + delta
 
     def train_hidden(self, trunk_params, feats, deterministic: bool = True, gather_index=None):
-        """-> [B,T,J,D] ([B,M,J,D] at gather_index [B,M]): what the unembedding projects."""
+        """-> [B,T,J,D] ([B,X,J,D] at gather_index [B,X]): what the unembedding projects."""
         del trunk_params, deterministic
         hidden_normed = gather_positions(feats.hidden_normed, gather_index)
         return self._offset_hidden(hidden_normed, self.proj)
 
     def train_logits(self, trunk_params, feats, deterministic: bool = True, gather_index=None):
-        """-> head_logits [B,T,J,V] float32 for every configured offset ([B,M,J,V] at
-        gather_index [B,M])."""
+        """-> head_logits [B,T,J,V] float32 for every configured offset ([B,X,J,V] at
+        gather_index [B,X])."""
         h = self.train_hidden(trunk_params, feats, deterministic, gather_index)  # [B,T,J,D]
         return self._unembed(trunk_params, h)
 
     def draft_logits(self, trunk_params, state, last_hidden, last_hidden_normed, last_position,
                      next_token):
-        """-> (draft_tokens [B,K-1] int32, draft_logits [B,K-1,V]) for offsets 2..K."""
+        """-> (draft_tokens [B,W-1] int32, draft_logits [B,W-1,V]) for offsets 2..W."""
         del state, last_hidden, last_position, next_token
-        proj = self.proj[jnp.asarray(self.head_config.draft_offset_indices)]  # [K-1,D,D]
+        proj = self.proj[jnp.asarray(self.head_config.draft_offset_indices)]  # [W-1,D,D]
         return self._draft_project(trunk_params, self._offset_hidden(last_hidden_normed, proj))

@@ -3,25 +3,27 @@ trunk's normed hidden states over the context, then steps on token embeddings to
 
 Step j from the state s_t (the state after consuming hidden_normed[0..t]) predicts offset j:
   step 1: output of consuming hidden_normed[t]              -> offset 1 (the trunk's own token)
-  step j: input embed(token at t+j-1), output               -> offset j      (j = 2..K)
-Inputs of steps 2..K are the trunk's frozen token embeddings of: in training, the teacher-forced
-`next_tokens` ('teacher') or the previous step's draft argmax ('argmax', seed); in decoding,
-the trunk's exact `next_token` for step 2 (or, with lstm_first_input='own_argmax', the head's
-own offset-1 argmax, seed) and the previous step's draft after that.
+  step j: input embed(token at t+j-1), output               -> offset j      (j = 2..W)
+Inputs of steps 2..W are the trunk's frozen token embeddings. Two recipes (heads/config.py):
+  default: the trunk's frozen final norm + unembedding projects to the vocabulary; training
+           teacher-forces the inputs (`next_tokens`); decoding feeds the trunk's exact
+           `next_token` to step 2, then each draft.
+  seed:    the head's own `Dense(V, bias)` projects; step 2 reads the head's own offset-1
+           argmax and every later step the previous step's draft argmax, in training and in
+           decoding alike (so the projection runs once per step).
 
 The original code re-ran the LSTM from zero over the whole prefix at every step; here it runs
 once over the context (`nn.scan`, weights shared across time) and steps from that state. In
-training, the states s_t of all T positions step K-1 times in parallel (batched over [B,T]).
-
-Projection to the vocabulary: the trunk's frozen final norm + unembedding ('trunk', default) or
-the head's own `Dense(V, bias)` ('own', seed). Parameter count does not depend on K.
+training, the states s_t of all T positions step W-1 times in parallel (batched over [B,T]).
+Parameter count does not depend on W.
 
 Decoding state: a tuple over layers of (c, h), each [B,D]. `advance` consumes only positions
 whose advance_mask is set (per-row ragged; masked positions leave the state unchanged).
 `draft` expects the state that has consumed every accepted position up to and including
 `last_position`; its top-layer h is then the step-1 output, so `last_hidden*` are not re-read.
 
-Einsum letters: B batch, T positions, J offsets, K tokens per step, D width, V vocab.
+Einsum letters (docs/design.md): B batch, T positions, X gathered positions, J offsets, W tokens
+per step (largest offset), D width, V vocab, U draft vocabulary.
 """
 
 from __future__ import annotations
@@ -74,17 +76,21 @@ def _masked_scan(lstm: LSTMStack, carry, xs, mask, axis: int, deterministic: boo
 
 class LSTMHead(MTPHead):
 
+    @property
+    def _seed(self) -> bool:
+        return self.head_config.recipe == "seed"
+
     def setup(self):
         c = self.head_config
         self.lstm = LSTMStack(self.trunk_config.dim, c.lstm_layers, c.lstm_dropout, self._dtype,
                               self._param_dtype)
-        if c.lstm_vocab_projection == "own":
+        if self._seed:
             self.vocab_proj = nn.Dense(self.trunk_config.vocab_size, use_bias=True,
                                        dtype=self._dtype, param_dtype=self._param_dtype)
 
     def _project(self, trunk_params, y):
         """LSTM outputs [..., D] -> logits [..., V] float32."""
-        if self.head_config.lstm_vocab_projection == "own":
+        if self._seed:
             return self.vocab_proj(y).astype(jnp.float32)
         return self._unembed(trunk_params, self._final_norm(trunk_params, y))
 
@@ -94,11 +100,10 @@ class LSTMHead(MTPHead):
 
     # --- training ----------------------------------------------------------------------------
     def train_logits(self, trunk_params, feats, deterministic: bool = True, gather_index=None):
-        """-> head_logits [B,T,J,V] float32 for every configured offset; [B,M,J,V] at
-        gather_index [B,M] (the LSTM still runs over all T positions of feats, in order).
+        """-> head_logits [B,T,J,V] float32 for every configured offset; [B,X,J,V] at
+        gather_index [B,X] (the LSTM still runs over all T positions of feats, in order).
 
         Dropout needs `rngs={'dropout': key}` when deterministic=False."""
-        c = self.head_config
         hidden = feats.hidden_normed.astype(self._dtype)                     # [B,T,D]
         b, t, _ = hidden.shape
         mask = feats.token_mask if feats.token_mask is not None else jnp.ones((b, t), bool)
@@ -107,41 +112,33 @@ class LSTMHead(MTPHead):
         # carries: the state s_t after consuming position t, every leaf [B,T,D]
         carries, step1 = jax.tree.map(lambda x: gather_positions(x, gather_index),
                                       (carries, step1))
-        next_tokens = gather_positions(feats.next_tokens, gather_index)     # [B,M,K]
-        if c.lstm_step_inputs == "teacher":
-            return self._teacher_logits(trunk_params, next_tokens, carries, step1, deterministic)
-        return self._argmax_logits(trunk_params, next_tokens, carries, step1, deterministic)
+        if self._seed:
+            return self._own_argmax_logits(trunk_params, carries, step1, deterministic)
+        next_tokens = gather_positions(feats.next_tokens, gather_index)     # [B,X,W]
+        return self._teacher_logits(trunk_params, next_tokens, carries, step1, deterministic)
 
     def _teacher_logits(self, trunk_params, next_tokens, carries, step1, deterministic):
         c = self.head_config
         n_steps = max(c.offsets) - 1  # steps 2..max offset
         outputs = step1[:, :, None, :]                                      # [B,T,1,D]
         if n_steps:
-            inputs = self._embed(trunk_params, next_tokens[:, :, :n_steps])  # [B,T,S,D]
+            inputs = self._embed(trunk_params, next_tokens[:, :, :n_steps])  # [B,T,W-1,D]
             ones = jnp.ones(inputs.shape[:-1], bool)
             _, _, later = _masked_scan(self.lstm, carries, inputs, ones, axis=2,
-                                       deterministic=deterministic)          # [B,T,S,D]
-            outputs = jnp.concatenate([outputs, later], axis=2)             # [B,T,1+S,D]
+                                       deterministic=deterministic)          # [B,T,W-1,D]
+            outputs = jnp.concatenate([outputs, later], axis=2)             # [B,T,W,D]
         outputs = outputs[:, :, np.asarray(c.offsets) - 1]                  # [B,T,J,D]
         return self._project(trunk_params, outputs)                         # [B,T,J,V]
 
-    def _argmax_logits(self, trunk_params, next_tokens, carries, step1, deterministic):
-        # Seed: each step's input is the previous step's draft, so the projection runs per step.
-        c = self.head_config
-        logits = {}
-        if c.lstm_first_input == "own_argmax":
-            logits[1] = self._project(trunk_params, step1)
-            token = self._argmax(logits[1])
-        else:
-            token = next_tokens[:, :, 0]
-        if 1 in c.offsets and 1 not in logits:
-            logits[1] = self._project(trunk_params, step1)
+    def _own_argmax_logits(self, trunk_params, carries, step1, deterministic):
+        # Seed: offsets are 1..k (validated), and each step reads the previous step's argmax.
+        logits = [self._project(trunk_params, step1)]                       # offset 1 [B,T,V]
         carry = carries
-        for j in range(2, max(c.offsets) + 1):
+        for _ in range(2, self.head_config.k + 1):
+            token = self._argmax(logits[-1])
             carry, y = self.lstm(carry, self._embed(trunk_params, token), deterministic)
-            logits[j] = self._project(trunk_params, y)                      # [B,T,V]
-            token = self._argmax(logits[j])
-        return jnp.stack([logits[o] for o in c.offsets], axis=2)            # [B,T,J,V]
+            logits.append(self._project(trunk_params, y))
+        return jnp.stack(logits, axis=2)                                    # [B,T,J,V]
 
     # --- decoding ----------------------------------------------------------------------------
     def init_state(self, trunk_params, batch: int):
@@ -159,22 +156,24 @@ class LSTMHead(MTPHead):
     def draft_logits(self, trunk_params, state, last_hidden, last_hidden_normed, last_position,
                      next_token):
         """state: consumed every accepted position up to and including last_position.
-        -> (draft_tokens [B,K-1] int32, draft_logits [B,K-1,V]) for offsets 2..K."""
+        -> (draft_tokens [B,W-1] int32, draft_logits [B,W-1,V]) for offsets 2..W."""
         del last_hidden, last_hidden_normed, last_position
-        c = self.head_config
-        if c.lstm_first_input == "own_argmax":
-            token = self._argmax(self._project(trunk_params, state[-1][1]))  # top h = step 1
+        if self._seed:   # the head's own offset-1 argmax: the top h is the step-1 output
+            token, _ = self._draft_step(trunk_params, state[-1][1])
         else:
             token = next_token
         tokens, logits = [], []
-        for _ in range(2, c.k + 1):
+        for _ in range(2, self.head_config.k + 1):
             state, y = self.lstm(state, self._embed(trunk_params, token), True)
-            if c.lstm_vocab_projection == "own":
-                step_logits = self._project(trunk_params, y)                # [B,V]
-                token = self._argmax(step_logits)
-            else:   # [B,V] or [B,Vd] with a precomputed draft unembedding
-                token, step_logits = self._draft_project(trunk_params,
-                                                         self._final_norm(trunk_params, y))
+            token, step_logits = self._draft_step(trunk_params, y)
             tokens.append(token)
             logits.append(step_logits)
         return jnp.stack(tokens, axis=1), jnp.stack(logits, axis=1)
+
+    def _draft_step(self, trunk_params, y):
+        """A step's output y [B,D] -> (draft token [B] int32, logits [B,V]; [B,U] when the
+        trunk's projection runs onto a precomputed draft unembedding)."""
+        if self._seed:
+            step_logits = self._project(trunk_params, y)
+            return self._argmax(step_logits), step_logits
+        return self._draft_project(trunk_params, self._final_norm(trunk_params, y))

@@ -4,18 +4,19 @@ RMSNorm, then the trunk's frozen unembedding.
 
   logits_k(t) = unembed(RMSNorm_k(hidden_t + P_k[position_t]))
 
-Params: `position_table` [J, P, D] (zeros by default; seed: normal) and `offset_norm.scale` [J, D].
-The norm scales start as the trunk's final norm scale (default): the trunk params are an argument
-of `head.init`, and the initializer copies `trunk_params['norm']['scale']` once, at init time;
-with P = 0 the head then reproduces the trunk's own logits. `poma_norm_init='ones'` is the seed's
-fresh RMSNorm.
+Params: `position_table` [J, A, D] and `offset_norm.scale` [J, D]. Recipe 'default': the table
+starts at zero and the norm scales as the trunk's final norm scale (the trunk params are an
+argument of `head.init`, and the initializer copies `trunk_params['norm']['scale']` once, at init
+time), so at init the head reproduces the trunk's own logits. Recipe 'seed' (the original code):
+the table ~ normal(SEED_POSITION_STD) and fresh RMSNorm scales (ones).
 
 Positions are the real (RoPE) positions, so the head works in cached decoding. A real position
 >= poma_max_positions raises ValueError when positions are concrete; under jit (where no Python
 error can be raised) those entries' logits become NaN instead of silently reading a clamped row.
 Padding entries (token_mask False, e.g. left-padding position -1) read row 0.
 
-Einsum letters: B batch, T positions, J offsets, P table rows, D width, V vocab.
+Einsum letters (docs/design.md): B batch, T positions, X gathered positions, J offsets, W tokens
+per step, A table rows (absolute positions), D width, V vocab.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptk_jax.heads.common import MTPHead, gather_features, rms_norm
+from gptk_jax.heads.config import SEED_POSITION_STD
 
 
 class _NormScales(nn.Module):
@@ -62,13 +64,11 @@ class PomaHead(MTPHead):
     def setup(self):
         c = self.head_config
         j, d = len(c.offsets), self.trunk_config.dim
-        if c.poma_position_init == "zeros":
-            init = nn.initializers.zeros_init()
-        else:
-            init = nn.initializers.normal(c.poma_position_init_std)
+        seed = c.recipe == "seed"
+        init = nn.initializers.normal(SEED_POSITION_STD) if seed else nn.initializers.zeros_init()
         self.position_table = self.param("position_table", init, (j, c.poma_max_positions, d),
                                          self._param_dtype)
-        self.offset_norm = _NormScales(j, c.poma_norm_init == "trunk", self._param_dtype)
+        self.offset_norm = _NormScales(j, not seed, self._param_dtype)
 
     def _norm_scale(self, trunk_params):  # [J,D]
         return self.offset_norm(trunk_params["norm"]["scale"])
@@ -87,7 +87,7 @@ class PomaHead(MTPHead):
         return rms_norm(h, scale, self.trunk_config.norm_eps, self._dtype)
 
     def train_hidden(self, trunk_params, feats, deterministic: bool = True, gather_index=None):
-        """-> [B,T,J,D] ([B,M,J,D] at gather_index [B,M]): what the unembedding projects."""
+        """-> [B,T,J,D] ([B,X,J,D] at gather_index [B,X]): what the unembedding projects."""
         del deterministic
         feats = gather_features(feats, gather_index)
         valid = feats.token_mask if feats.token_mask is not None else \
@@ -97,15 +97,15 @@ class PomaHead(MTPHead):
 
     def train_logits(self, trunk_params, feats, deterministic: bool = True, gather_index=None):
         """-> head_logits [B,T,J,V] float32 for every configured offset (one unembed call);
-        [B,M,J,V] at gather_index [B,M]."""
+        [B,X,J,V] at gather_index [B,X]."""
         h = self.train_hidden(trunk_params, feats, deterministic, gather_index)
         return self._unembed(trunk_params, h)                       # [B,T,J,V]
 
     def draft_logits(self, trunk_params, state, last_hidden, last_hidden_normed, last_position,
                      next_token):
-        """-> (draft_tokens [B,K-1] int32, draft_logits [B,K-1,V]) for offsets 2..K."""
+        """-> (draft_tokens [B,W-1] int32, draft_logits [B,W-1,V]) for offsets 2..W."""
         del state, last_hidden_normed, next_token
         idx = np.asarray(self.head_config.draft_offset_indices)
         valid = jnp.ones(last_position.shape, bool)
-        h = self._offset_hidden(trunk_params, last_hidden, last_position, valid, idx)  # [B,K-1,D]
+        h = self._offset_hidden(trunk_params, last_hidden, last_position, valid, idx)  # [B,W-1,D]
         return self._draft_project(trunk_params, h)

@@ -5,7 +5,8 @@
 
 Files: settings (ConfigDict -> frozen dataclasses), inputs (trunk + data pipelines), step (loss,
 train_step, eval_step), optim (optax), state (TrainState + checkpoints), sharding (mesh / pmap),
-features (trunk-feature cache), metrics (host summaries + writers), trainer (the loop).
+features (trunk-feature cache), trunk_argmax (the trunk's chunked argmax targets), metrics (host
+summaries + writers), trainer (the loop).
 """
 
 from gptk_jax.training.metrics import acceptance_estimate, read_metrics

@@ -2,19 +2,19 @@
 (what levanter's blockwise cross-entropy and Liger's fused linear cross-entropy do), skipping
 chunks that hold no supervised position.
 
-Letters: N chunks, G row groups, C positions per chunk, J offsets, D width, V vocab.
+Letters (docs/design.md): Z chunks, Y row groups, C positions per chunk, J offsets, D width, V vocab.
 
-    h [N,G,C,J,D] (the heads' hidden states right before the frozen unembedding w)
+    h [Z,Y,C,J,D] (the heads' hidden states right before the frozen unembedding w)
       -> per chunk, only if its mask has a True entry (lax.cond):
-         logits = h @ w [G,C,J,V]; nll = logsumexp - logit[target]; top-1 hit;
-         dnll/dh = (softmax - onehot(target)) @ w^T [G,C,J,D]
+         logits = h @ w [Y,C,J,V]; nll = logsumexp - logit[target]; top-1 hit;
+         dnll/dh = (softmax - onehot(target)) @ w^T [Y,C,J,D]
       -> sums over the chunk's masked entries, per offset [J]
 
 Why fused: differentiating a `lax.map` of `lax.cond` with JAX's autodiff makes every chunk a
 scan iteration whose residuals include the loop-invariant unembedding (113 MB for SmolLM2,
 copied once per chunk) and the chunk's logits; measured 3x slower than no packing at all. Here
 the forward computes dnll/dh for the chunk while its logits are at hand, and the backward is one
-multiply: the residual is dh [N,G,C,J,D], the size of h. The unembedding is frozen (no
+multiply: the residual is dh [Z,Y,C,J,D], the size of h. The unembedding is frozen (no
 cotangent); `tied`: w is the embedding table [V,D], else the output kernel [D,V].
 """
 
@@ -35,9 +35,9 @@ def _logits(h: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
 
 
 def _chunk_terms(tied: bool, w, h, targets, mask):
-    """One chunk: h [G,C,J,D], targets / mask [G,C,J] -> (nll [J], top1 [J], dnll/dh
-    [G,C,J,D]) over the masked entries."""
-    logits = _logits(h, w, tied)                                           # [G,C,J,V]
+    """One chunk: h [Y,C,J,D], targets / mask [Y,C,J] -> (nll [J], top1 [J], dnll/dh
+    [Y,C,J,D]) over the masked entries."""
+    logits = _logits(h, w, tied)                                           # [Y,C,J,V]
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jnp.where(mask, log_z - picked, 0.0).sum(axis=(0, 1))
@@ -62,14 +62,14 @@ def _forward(tied, w, h, targets, mask):
         return jax.lax.cond(m_c.any(), lambda _: _chunk_terms(tied, w, h_c, t_c, m_c),
                             lambda _: skipped, None)
 
-    nll, top1, dh = jax.lax.map(one, (h, targets, mask))                   # [N,J] [N,J] [N,...]
+    nll, top1, dh = jax.lax.map(one, (h, targets, mask))                   # [Z,J] [Z,J] [Z,...]
     return (nll.sum(axis=0), top1.sum(axis=0)), dh
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def chunked_cross_entropy(tied: bool, w: jax.Array, h: jax.Array, targets: jax.Array,
                           mask: jax.Array):
-    """-> (nll_sum [J], top1 [J]) over the entries of mask [N,G,C,J]; differentiable in h only
+    """-> (nll_sum [J], top1 [J]) over the entries of mask [Z,Y,C,J]; differentiable in h only
     (top1 is a count: no gradient)."""
     return _forward(tied, w, h, targets, mask)[0]
 

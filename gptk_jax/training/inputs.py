@@ -24,8 +24,7 @@ from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.data.pipeline import PipelineConfig, TranslationPipeline
 from gptk_jax.data.prompts import PromptFormat, few_shot_from
 from gptk_jax.data.wmt import DataError, Pair, read_parallel_text, read_text_lines
-from gptk_jax.training.settings import (RANDOM_TINY, DataSettings, RunSettings, TrainingError,
-                                        resolve_path)
+from gptk_jax.training.settings import RANDOM_TINY, DataSettings, RunSettings, TrainingError
 
 TINY_TRUNK_DIR = "random-tiny-trunk"
 
@@ -102,7 +101,7 @@ def load_trunk(settings: RunSettings, workdir: Path) -> Trunk:
             ensure_tiny_trunk(path)
         name = RANDOM_TINY
     else:
-        path = resolve_path(settings.trunk_checkpoint)
+        path = Path(settings.trunk_checkpoint)
         name = path.name
     try:
         model = load_converted(path, dtype=settings.trunk_dtype)
@@ -143,11 +142,9 @@ def read_train_pairs(data: DataSettings) -> list[Pair]:
         left = None if data.max_train_pairs is None else data.max_train_pairs - len(pairs)
         if left == 0:
             break
-        prefix = str(resolve_path(prefix))
         try:
             if target_file:
-                pairs += _pairs_with_target_file(prefix, data.src_lang, resolve_path(target_file),
-                                                 left)
+                pairs += _pairs_with_target_file(prefix, data.src_lang, Path(target_file), left)
             else:
                 pairs += read_parallel_text(prefix, data.src_lang, data.tgt_lang,
                                             max_pairs=left).pairs
@@ -159,9 +156,8 @@ def read_train_pairs(data: DataSettings) -> list[Pair]:
 def prompt_format(data: DataSettings) -> PromptFormat:
     shots = ()
     if data.shots:
-        prefix = resolve_path(data.shots_prefix)
         try:
-            pool = read_parallel_text(prefix, data.src_lang, data.tgt_lang).pairs
+            pool = read_parallel_text(data.shots_prefix, data.src_lang, data.tgt_lang).pairs
             shots = few_shot_from(pool, data.shots)
         except (OSError, DataError, ValueError) as e:
             raise TrainingError(f"config.data.shots_prefix: {e}") from None
@@ -184,7 +180,7 @@ def build_pipelines(settings: RunSettings, tokenizer, fmt: PromptFormat,
                             f"{list(data.train_prefixes)}): {e}") from None
     evaluation = None
     if with_eval and data.eval_prefix:
-        prefix = resolve_path(data.eval_prefix)
+        prefix = data.eval_prefix
         try:
             eval_pairs = read_parallel_text(prefix, data.src_lang, data.tgt_lang,
                                             max_pairs=data.eval_max_sentences)

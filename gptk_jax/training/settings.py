@@ -3,25 +3,33 @@
 `RunSettings.from_config(config)` is the only place that reads an ml_collections ConfigDict
 (configs/*.py); everything after it sees these dataclasses. Every section rejects keys it does not
 know with an error naming the key and the known ones, so a typo (`optimizer.lerning_rate`) fails
-before anything is loaded. Relative paths are resolved against the repository root at run time.
+before anything is loaded.
+
+The field defaults here are the one source of the training defaults: configs/base.py builds its
+sections from them (`SECTIONS`). Paths have no default (the library does not know where a
+checkout keeps its data): configs set them, and `from_config` makes the relative ones absolute,
+against the working directory, once; everything after it takes the paths as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from gptk_jax.heads.config import HeadConfig, HeadConfigError
 
-ROOT = Path(__file__).resolve().parent.parent.parent   # repository root
-RANDOM_TINY = "random-tiny"
+RANDOM_TINY = "random-tiny"   # trunk_checkpoint: a tiny random trunk written into the workdir
 
 TARGETS = ("gold", "trunk_argmax")
 OPTIMIZERS = ("adamw", "adam_l2")
 SCHEDULES = ("cosine", "constant")
 PARALLEL_MODES = ("mesh", "pmap")
 FEATURE_DTYPES = ("float32", "bfloat16")
+
+
+PATH = {"path": True}   # field metadata: a file or folder path, made absolute once (from_config)
 
 
 class TrainingError(ValueError):
@@ -32,10 +40,12 @@ class ConfigKeyError(TrainingError):
     """A config that names a key no section knows, or holds a value no section accepts."""
 
 
-def resolve_path(path: str) -> Path:
-    """A config path: absolute as given, relative ones against the repository root."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else ROOT / p
+def absolute_path(path: Optional[str], base_dir: Path) -> Optional[str]:
+    """A config path made absolute: as given, or relative to base_dir ('~' expanded);
+    '' and None (unset) stay as they are."""
+    if not path:
+        return path
+    return os.path.abspath(os.path.join(base_dir, os.path.expanduser(str(path))))
 
 
 def _to_dict(config: Any) -> dict:
@@ -61,21 +71,26 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSettings:
-    train_prefixes: tuple = ()
-    train_target_files: tuple = ()
-    src_lang: str = "de"
-    tgt_lang: str = "en"
-    max_train_pairs: Optional[int] = None
-    max_len: int = 256
-    truncate: str = "drop"
-    bucket_lengths: tuple = ()
-    shots: int = 0
-    shots_prefix: str = ""
-    space_with_target: bool = False
-    eval_prefix: str = ""
-    eval_max_sentences: Optional[int] = None
+    # PREFIX.{src_lang,tgt_lang}: line-aligned parallel text, read in order
+    train_prefixes: tuple = dataclasses.field(metadata=PATH)
+    # Optional, one per prefix: files replacing PREFIX.tgt_lang line by line (the trunk's own
+    # translations from `python -m gptk_jax.distill`); (): the references
+    train_target_files: tuple = dataclasses.field(default=(), metadata=PATH)
+    src_lang: str = "de"                    # source language suffix
+    tgt_lang: str = "en"                    # target language suffix
+    max_train_pairs: Optional[int] = None   # first N pairs over all prefixes; None: all
+    max_len: int = 256                      # longest row in tokens (prompt + target)
+    truncate: str = "drop"                  # longer rows: 'drop' | 'truncate_target' | 'error'
+    bucket_lengths: tuple = ()              # row lengths to pad to (fewer pads); (): max_len
+    shots: int = 0                          # few-shot pairs in every prompt
+    # where few-shot pairs come from (PREFIX as above; read only when shots > 0)
+    shots_prefix: str = dataclasses.field(metadata=PATH)
+    space_with_target: bool = False         # prompt ends 'en:', target ' {tgt}' (byte-level BPE
+                                            # models such as SmolLM2); False: 'en: ' + '{tgt}'
+    eval_prefix: str = dataclasses.field(metadata=PATH)  # evaluation set; '': none
+    eval_max_sentences: Optional[int] = 500  # first N evaluation pairs; None: all
 
     def __post_init__(self):
         for name in ("train_prefixes", "train_target_files", "bucket_lengths"):
@@ -95,12 +110,15 @@ class DataSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-    targets: str = "gold"
-    offset_weights: Optional[tuple] = None
-    first_target_tokens_only: bool = False
-    positions_per_row: Optional[int] = None
-    argmax_chunk: int = 64
-    position_chunk: int = 64
+    targets: str = "gold"                   # 'gold' reference tokens | 'trunk_argmax' (the trunk's
+                                            # own token at each position: self-distillation)
+    offset_weights: Optional[tuple] = None  # one loss weight per trained offset; None: all 1
+    first_target_tokens_only: bool = False  # True: supervise only the last prompt token, so
+                                            # offsets 1..k cover the first k target tokens (seed)
+    positions_per_row: Optional[int] = None  # logits per row; None: from the data
+    argmax_chunk: int = 64                  # positions per chunk for the trunk's argmax (memory)
+    position_chunk: int = 64                # linear/PoMa: pack the supervised positions and project
+                                            # this many at a time, skipping padding; 0: per row
 
     def __post_init__(self):
         _check(self.targets in TARGETS, f"targets must be one of {TARGETS}, got {self.targets!r}")
@@ -118,16 +136,16 @@ class LossSettings:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
-    name: str = "adamw"
-    learning_rate: float = 1e-3
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    end_learning_rate_fraction: float = 0.0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    grad_clip_norm: float = 0.0
+    name: str = "adamw"                     # 'adamw' (decoupled decay) | 'adam_l2' (seed: coupled)
+    learning_rate: float = 1e-3             # peak learning rate
+    schedule: str = "cosine"                # 'cosine' (to end fraction) | 'constant'
+    warmup_steps: int = 100                 # linear warm-up from 0
+    end_learning_rate_fraction: float = 0.0  # cosine ends at learning_rate * this
+    weight_decay: float = 0.0               # decoupled (adamw) or L2 added to grads (adam_l2)
+    b1: float = 0.9                         # Adam beta1
+    b2: float = 0.999                       # Adam beta2
+    eps: float = 1e-8                       # Adam epsilon
+    grad_clip_norm: float = 1.0             # global-norm clipping; 0: off
 
     def __post_init__(self):
         _check(self.name in OPTIMIZERS, f"name must be one of {OPTIMIZERS}, got {self.name!r}")
@@ -141,14 +159,19 @@ class OptimizerSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LoopSettings:
-    global_batch_size: int = 16
-    num_epochs: float = 1.0
-    num_train_steps: Optional[int] = None
-    log_every_steps: int = 10
-    eval_every_steps: int = 0
-    eval_at_start: bool = False
-    checkpoint_every_steps: int = 0
-    max_checkpoints_to_keep: int = 3
+    global_batch_size: int = 16             # rows per step over all devices and processes
+    num_epochs: float = 1.0                 # passes over the training rows (unless
+                                            # num_train_steps is set)
+    num_train_steps: Optional[int] = None   # overrides num_epochs
+    log_every_steps: int = 10               # console / metrics.jsonl / TensorBoard
+    eval_every_steps: int = 500             # 0: evaluate at the end only
+    eval_at_start: bool = True              # evaluate the untrained heads first (a baseline)
+    checkpoint_every_steps: int = 500       # 0: only at the end and on SIGTERM
+    max_checkpoints_to_keep: int = 3        # older checkpoints are deleted
+    # Rerun of a workdir whose checkpoint was trained with other optimizer / step-count / loss
+    # settings: False refuses it (naming the keys); True resumes with the new ones and records
+    # the change (WORKDIR/run.json "resumes", heads.json). Model, head, data never change.
+    allow_changed_resume: bool = False
 
     def __post_init__(self):
         _check(self.global_batch_size >= 1,
@@ -165,8 +188,8 @@ class LoopSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelSettings:
-    mode: str = "mesh"
-    model_axis_size: int = 1
+    mode: str = "mesh"                      # 'mesh' (jit, NamedSharding) | 'pmap'
+    model_axis_size: int = 1                # mesh: trunk sharded over a 'model' axis this size
 
     def __post_init__(self):
         _check(self.mode in PARALLEL_MODES,
@@ -178,10 +201,11 @@ class ParallelSettings:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSettings:
-    cache: bool = False
-    cache_dir: Optional[str] = None
-    dtype: str = "float32"
-    build_batch_size: int = 16
+    cache: bool = False                     # compute the frozen trunk's features once, memory-map
+    cache_dir: Optional[str] = dataclasses.field(  # None: WORKDIR/feature_cache
+        default=None, metadata=PATH)
+    dtype: str = "float32"                  # stored hidden states: 'float32' | 'bfloat16'
+    build_batch_size: int = 16              # rows per trunk call while building
 
     def __post_init__(self):
         _check(self.dtype in FEATURE_DTYPES,
@@ -189,8 +213,8 @@ class FeatureSettings:
         _check(self.build_batch_size >= 1, "build_batch_size must be >= 1")
 
 
-_SECTIONS = {"data": DataSettings, "loss": LossSettings, "optimizer": OptimizerSettings,
-             "training": LoopSettings, "parallel": ParallelSettings, "features": FeatureSettings}
+SECTIONS = {"data": DataSettings, "loss": LossSettings, "optimizer": OptimizerSettings,
+            "training": LoopSettings, "parallel": ParallelSettings, "features": FeatureSettings}
 _SCALARS = ("trunk_checkpoint", "trunk_dtype", "seed")
 
 
@@ -208,9 +232,11 @@ class RunSettings:
     features: FeatureSettings
 
     @classmethod
-    def from_config(cls, config: Any) -> "RunSettings":
+    def from_config(cls, config: Any, base_dir: Optional[Path] = None) -> "RunSettings":
+        """Validated settings; relative paths made absolute against base_dir (default: the
+        working directory)."""
         values = _to_dict(config)
-        known = list(_SCALARS) + ["head"] + list(_SECTIONS)
+        known = list(_SCALARS) + ["head"] + list(SECTIONS)
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigKeyError(f"unknown config key(s) {unknown}; known top-level keys: {known}")
@@ -228,7 +254,7 @@ class RunSettings:
         if values["trunk_dtype"] not in ("float32", "bfloat16", "float16"):
             raise ConfigKeyError(f"trunk_dtype must be float32, bfloat16 or float16, "
                                  f"got {values['trunk_dtype']!r}")
-        sections = {name: _section(kind, values[name], name) for name, kind in _SECTIONS.items()}
+        sections = {name: _section(kind, values[name], name) for name, kind in SECTIONS.items()}
         settings = cls(trunk_checkpoint=str(values["trunk_checkpoint"]),
                        trunk_dtype=values["trunk_dtype"], seed=int(values["seed"]),
                        head=head_config, **sections)
@@ -236,7 +262,25 @@ class RunSettings:
         if weights is not None and len(weights) != len(head_config.offsets):
             raise ConfigKeyError(f"loss.offset_weights has {len(weights)} entries, head.offsets "
                                  f"{head_config.offsets} has {len(head_config.offsets)}")
-        return settings
+        return settings.with_absolute_paths(Path.cwd() if base_dir is None else base_dir)
+
+    def with_absolute_paths(self, base_dir: Path) -> "RunSettings":
+        """Every path (the section fields marked 'path', and trunk_checkpoint unless it is
+        RANDOM_TINY) absolute, the relative ones taken against base_dir."""
+        def absolute(value):
+            if isinstance(value, tuple):
+                return tuple(absolute_path(v, base_dir) for v in value)
+            return absolute_path(value, base_dir)
+
+        changes = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            changes[name] = dataclasses.replace(section, **{
+                f.name: absolute(getattr(section, f.name))
+                for f in dataclasses.fields(section) if f.metadata.get("path")})
+        if self.trunk_checkpoint != RANDOM_TINY:
+            changes["trunk_checkpoint"] = absolute_path(self.trunk_checkpoint, base_dir)
+        return dataclasses.replace(self, **changes)
 
     @property
     def offset_weights(self) -> tuple:

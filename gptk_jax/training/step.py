@@ -1,24 +1,25 @@
 """Loss, train_step and eval_step of MTP head training: pure functions, jitted once (sharding.py).
 
-Letters: B batch, T positions, M supervised positions per row, J trained offsets, K max offset,
+Letters (docs/design.md): B batch, T positions, X supervised positions per row (or per row group,
+packed), J trained offsets, W largest offset, Y row groups, Z chunks, C positions per chunk,
 D width, V vocab.
 
-    batch: tokens, positions, token_mask, loss_mask [B,T]; targets, target_mask [B,T,K]
+    batch: tokens, positions, token_mask, loss_mask [B,T]; targets, target_mask [B,T,W]
            (gold: targets[b,t,o-1] = tokens[b,t+o], prompts.shift_targets); with the feature
            cache also hidden / hidden_normed [B,T,D] and trunk_argmax [B,T]
       -> frozen trunk under stop_gradient (skipped when the cache supplied its outputs)
       -> targets of offset o at t: gold tokens[t+o], or the trunk's own argmax at t+o-1
          (teacher-forced self-distillation: what verification will compare drafts against)
       -> supervised positions: t where any trained offset has a target (or only the last prompt
-         token, the seed's "first K target tokens only") -> gather_index [B,M]
-      -> head.train_logits(..., gather_index) [B,M,J,V] -> cross-entropy per offset
-Only M <= T positions get logits: B*T*J*V floats would not fit for a 128k vocabulary.
+         token, the seed's "first W target tokens only") -> gather_index [B,X]
+      -> head.train_logits(..., gather_index) [B,X,J,V] -> cross-entropy per offset
+Only X <= T positions get logits: B*T*J*V floats would not fit for a 128k vocabulary.
 
 Packed positions (`position_chunk` C > 0, heads that read each position on its own: linear,
-PoMa): M is the longest row's count, so most of [B,M] is padding (WMT rows: mean 27 of M=80).
-Instead the B*M gathered positions are packed valid-first within each of G row groups
-([G, B/G*M], G = the data shards, so packing never crosses devices), cut into chunks of C, and
-the frozen unembedding projects one chunk [G,C,J,V] at a time, fused with its gradient
+PoMa): X is the longest row's count, so most of [B,X] is padding (WMT rows: mean 27 of X=80).
+Instead the B*X gathered positions are packed valid-first within each of Y row groups
+([Y, B/Y*X], Y = the data shards, so packing never crosses devices), cut into chunks of C, and
+the frozen unembedding projects one chunk [Y,C,J,V] at a time, fused with its gradient
 (chunked_loss.py): chunks with no valid position cost nothing. Same positions, same targets, same
 loss up to summation order.
 
@@ -38,12 +39,13 @@ import numpy as np
 import optax
 
 from gptk_jax.llama.config import LlamaConfig
-from gptk_jax.heads import HeadFeatures, make_head, trunk_unembed
+from gptk_jax.heads import HeadFeatures, make_head
 from gptk_jax.heads.common import unembedding_weights
 from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.model import Llama
 from gptk_jax.training.chunked_loss import chunked_cross_entropy
 from gptk_jax.training.state import TrainState
+from gptk_jax.training.trunk_argmax import chunked_argmax
 
 TOP_K = 5  # eval reports top-1 and top-5 accuracy
 
@@ -56,11 +58,11 @@ class StepConfig:
     targets: str                    # 'gold' | 'trunk_argmax'
     offset_weights: tuple           # [J] loss weight per trained offset
     first_target_tokens_only: bool  # supervise the last prompt token only (seed)
-    positions_per_row: int          # M
+    positions_per_row: int          # X
     argmax_chunk: int               # positions per unembedding chunk for the trunk's argmax
     position_chunk: int = 0         # C: >0 packs the supervised positions of per-position heads
                                     # and projects them C at a time, skipping empty chunks
-    pack_groups: int = 1            # G: rows are packed within G groups (the data shards)
+    pack_groups: int = 1            # Y: rows are packed within Y groups (the data shards)
 
     @property
     def offsets(self) -> tuple:
@@ -74,19 +76,6 @@ class StepConfig:
 # --------------------------------------------------------------------------------------------
 # Trunk outputs and targets
 # --------------------------------------------------------------------------------------------
-
-def chunked_argmax(trunk_config: LlamaConfig, trunk_params: dict, hidden_normed: jax.Array,
-                   chunk: int) -> jax.Array:
-    """The trunk's next-token argmax [B,T] int32, unembedding `chunk` positions at a time so
-    only [B,chunk,V] logits exist at once."""
-    b, t, d = hidden_normed.shape
-    n = -(-t // chunk)
-    h = jnp.pad(hidden_normed, ((0, 0), (0, n * chunk - t), (0, 0)))
-    h = jnp.moveaxis(h.reshape(b, n, chunk, d), 1, 0)                    # [n,B,c,D]
-    best = jax.lax.map(lambda x: jnp.argmax(trunk_unembed(trunk_config, trunk_params, x),
-                                            axis=-1).astype(jnp.int32), h)  # [n,B,c]
-    return jnp.moveaxis(best, 0, 1).reshape(b, n * chunk)[:, :t]
-
 
 def trunk_outputs(cfg: StepConfig, trunk_params: dict, batch: dict, need_argmax: bool):
     """-> (hidden, hidden_normed [B,T,D], trunk_argmax [B,T] or None), all without gradient.
@@ -113,11 +102,11 @@ def trunk_outputs(cfg: StepConfig, trunk_params: dict, batch: dict, need_argmax:
 
 
 def argmax_targets(trunk_argmax: jax.Array, k: int, fill_id: int = 0) -> jax.Array:
-    """[B,T] -> [B,T,K]: out[b,t,j] = trunk_argmax[b,t+j] (the trunk's own token for position
+    """[B,T] -> [B,T,W]: out[b,t,j] = trunk_argmax[b,t+j] (the trunk's own token for position
     t+j+1), fill_id past the end. Column o-1 is the self-distillation target of offset o."""
     b, t = trunk_argmax.shape
     padded = jnp.concatenate([trunk_argmax, jnp.full((b, k), fill_id, trunk_argmax.dtype)], 1)
-    index = jnp.arange(t)[:, None] + jnp.arange(k)[None, :]               # [T,K]
+    index = jnp.arange(t)[:, None] + jnp.arange(k)[None, :]               # [T,W]
     return padded[:, index]
 
 
@@ -135,20 +124,20 @@ def supervised_positions(target_mask: jax.Array, loss_mask: jax.Array,
 
 
 def gather_index(position_mask: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
-    """position_mask [B,T] -> (index [B,M] int32 of the first M True positions in order,
-    valid [B,M]); rows with fewer fill with position 0, valid False."""
+    """position_mask [B,T] -> (index [B,X] int32 of the first X True positions in order,
+    valid [B,X]); rows with fewer fill with position 0, valid False."""
     order = jnp.argsort(~position_mask, axis=1, stable=True)[:, :m].astype(jnp.int32)
     valid = jnp.take_along_axis(position_mask, order, axis=1)
     return jnp.where(valid, order, 0), valid
 
 
 def _at(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x [B,T,...] at index [B,M] -> [B,M,...]."""
+    """x [B,T,...] at index [B,X] -> [B,X,...]."""
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def pack_order(valid: jax.Array, groups: int) -> jax.Array:
-    """valid [B,M] -> order [G, B/G*M] int32: within each group of B/G consecutive rows, the
+    """valid [B,X] -> order [Y, B/Y*X] int32: within each group of B/Y consecutive rows, the
     valid entries first (row-major order kept), then the rest."""
     b, m = valid.shape
     return jnp.argsort(~valid.reshape(groups, (b // groups) * m), axis=1,
@@ -156,8 +145,8 @@ def pack_order(valid: jax.Array, groups: int) -> jax.Array:
 
 
 def packed(x: jax.Array, order: jax.Array, chunk: int) -> jax.Array:
-    """x [B,M,...] laid out like pack_order's input -> [N,G,C,...]: each group's entries in
-    `order`, padded (zeros / False) to N*C and cut into N chunks of C."""
+    """x [B,X,...] laid out like pack_order's input -> [Z,Y,C,...]: each group's entries in
+    `order`, padded (zeros / False) to Z*C and cut into Z chunks of C."""
     g, r = order.shape
     x = x.reshape((g, r) + x.shape[2:])
     x = jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
@@ -167,14 +156,14 @@ def packed(x: jax.Array, order: jax.Array, chunk: int) -> jax.Array:
 
 
 def grouped(x: jax.Array, groups: int) -> jax.Array:
-    """[B,T,...] -> [G, B/G*T, ...] (each group's rows one after another)."""
+    """[B,T,...] -> [Y, B/Y*T, ...] (each group's rows one after another)."""
     b, t = x.shape[:2]
     return x.reshape((groups, (b // groups) * t) + x.shape[2:])
 
 
 def packed_index(index: jax.Array, valid: jax.Array, t: int, groups: int, chunk: int):
-    """index / valid [B,M] (gather_index over T positions) -> (order [G,B/G*M] for `packed`,
-    flat [N,G,C] int32: the packed positions in the grouped features, `grouped`)."""
+    """index / valid [B,X] (gather_index over T positions) -> (order [Y,B/Y*X] for `packed`,
+    flat [Z,Y,C] int32: the packed positions in the grouped features, `grouped`)."""
     b = index.shape[0]
     order = pack_order(valid, groups)
     rows = jnp.arange(b, dtype=jnp.int32)[:, None] % (b // groups)
@@ -184,21 +173,21 @@ def packed_index(index: jax.Array, valid: jax.Array, t: int, groups: int, chunk:
 def packed_sums(apply_hidden, unembedding, index, valid, targets, mask, t: int, groups: int,
                 chunk: int):
     """Sums [J] of the masked cross-entropy and top-1 hits over the supervised positions, packed
-    and computed a chunk at a time (chunked_loss). index / valid [B,M] (gather_index), targets /
-    mask [B,M,J]; apply_hidden(gather_index [G,R]) -> [G,R,J,D], the head's hidden states at
+    and computed a chunk at a time (chunked_loss). index / valid [B,X] (gather_index), targets /
+    mask [B,X,J]; apply_hidden(gather_index [Y,X]) -> [Y,X,J,D], the head's hidden states at
     those positions of the grouped features (`grouped`); unembedding = (w, tied)."""
-    order, flat = packed_index(index, valid, t, groups, chunk)              # [N,G,C]
+    order, flat = packed_index(index, valid, t, groups, chunk)              # [Z,Y,C]
     n, g, c = flat.shape
-    h = apply_hidden(jnp.moveaxis(flat, 0, 1).reshape(g, n * c))            # [G,N*C,J,D]
-    h = jnp.moveaxis(h.reshape((g, n, c) + h.shape[2:]), 1, 0)              # [N,G,C,J,D]
+    h = apply_hidden(jnp.moveaxis(flat, 0, 1).reshape(g, n * c))            # [Y,Z*C,J,D]
+    h = jnp.moveaxis(h.reshape((g, n, c) + h.shape[2:]), 1, 0)              # [Z,Y,C,J,D]
     w, tied = unembedding
     return chunked_cross_entropy(tied, w, h, packed(targets, order, chunk),
                                  packed(mask, order, chunk))
 
 
 def offset_targets(cfg: StepConfig, batch: dict, trunk_argmax: Optional[jax.Array], source: str):
-    """-> (targets [B,T,J], next_tokens [B,T,K]) from `source` ('gold' | 'trunk_argmax');
-    next_tokens are the LSTM's teacher-forcing inputs (tokens at t+1..t+K) from the same
+    """-> (targets [B,T,J], next_tokens [B,T,W]) from `source` ('gold' | 'trunk_argmax');
+    next_tokens are the LSTM's teacher-forcing inputs (tokens at t+1..t+W) from the same
     source. The mask is always the gold target_mask: position t+o holds a target token."""
     columns = np.asarray(cfg.offsets) - 1
     if source == "gold":
@@ -240,9 +229,9 @@ def train_step(cfg: StepConfig, tx: optax.GradientTransformation, state: TrainSt
     target_mask = batch["target_mask"][..., np.asarray(cfg.offsets) - 1]    # [B,T,J]
     position_mask = supervised_positions(target_mask, batch["loss_mask"],
                                          cfg.first_target_tokens_only)
-    index, valid = gather_index(position_mask, cfg.positions_per_row)      # [B,M]
-    targets = _at(targets, index)                                           # [B,M,J]
-    mask = _at(target_mask, index) & valid[..., None]                       # [B,M,J]
+    index, valid = gather_index(position_mask, cfg.positions_per_row)      # [B,X]
+    targets = _at(targets, index)                                           # [B,X,J]
+    mask = _at(target_mask, index) & valid[..., None]                       # [B,X,J]
     counts = mask.sum(axis=(0, 1)).astype(jnp.float32)                      # [J]
     global_counts = _psum(counts, axis_name)
     weights = np.asarray(cfg.offset_weights, np.float32)
@@ -257,7 +246,7 @@ def train_step(cfg: StepConfig, tx: optax.GradientTransformation, state: TrainSt
             groups = cfg.pack_groups
             feats_g = jax.tree.map(lambda x: grouped(x, groups), feats)
 
-            def apply_hidden(packed_index):                                 # [G,R]
+            def apply_hidden(packed_index):                                 # [Y,X]
                 return head.apply({"params": head_params}, trunk_params, feats_g,
                                   deterministic=False, gather_index=packed_index,
                                   method=head.train_hidden, rngs={"dropout": rng})
@@ -267,8 +256,8 @@ def train_step(cfg: StepConfig, tx: optax.GradientTransformation, state: TrainSt
         else:
             head_logits = head.apply({"params": head_params}, trunk_params, feats,
                                      deterministic=False, gather_index=index,
-                                     method=head.train_logits, rngs={"dropout": rng})  # [B,M,J,V]
-            nll = cross_entropy(head_logits, targets)                       # [B,M,J]
+                                     method=head.train_logits, rngs={"dropout": rng})  # [B,X,J,V]
+            nll = cross_entropy(head_logits, targets)                       # [B,X,J]
             loss_sum = jnp.where(mask, nll, 0.0).sum(axis=(0, 1))           # [J]
             top1 = ((jnp.argmax(head_logits, axis=-1) == targets) & mask).sum(
                 axis=(0, 1)).astype(jnp.float32)
@@ -301,10 +290,10 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
     trunk, _ = offset_targets(cfg, batch, trunk_argmax, "trunk_argmax")
     target_mask = batch["target_mask"][..., np.asarray(cfg.offsets) - 1]
     index, valid = gather_index(target_mask.any(axis=-1), cfg.positions_per_row)
-    mask = _at(target_mask, index) & valid[..., None]                       # [B,M,J]
+    mask = _at(target_mask, index) & valid[..., None]                       # [B,X,J]
     head = make_head(cfg.head_config, cfg.trunk_config)
     feats = _features(batch, hidden, hidden_normed, next_tokens)
-    targets = {"gold": _at(gold, index), "trunk": _at(trunk, index)}       # [B,M,J] each
+    targets = {"gold": _at(gold, index), "trunk": _at(trunk, index)}       # [B,X,J] each
 
     def sums(head_logits, targets, mask):
         """logits [...,J,V], targets / mask [...,J] -> {metric: [J] sums over the masked}."""
@@ -324,7 +313,7 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
         order, flat = packed_index(index, valid, target_mask.shape[1], groups, chunk)
         feats_g = jax.tree.map(lambda x: grouped(x, groups), feats)
         chunk_targets = {n: packed(t, order, chunk) for n, t in targets.items()}
-        chunk_mask = packed(mask, order, chunk)                             # [N,G,C,J]
+        chunk_mask = packed(mask, order, chunk)                             # [Z,Y,C,J]
         zero = {f"{metric}_{name}": jnp.zeros(mask.shape[-1:], jnp.float32)
                 for name in targets for metric in ("loss", "top1", f"top{TOP_K}")}
 
@@ -334,7 +323,7 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
             def run(_):
                 logits = head.apply({"params": head_params}, trunk_params, feats_g,
                                     deterministic=True, gather_index=idx,
-                                    method=head.train_logits)               # [G,C,J,V]
+                                    method=head.train_logits)               # [Y,C,J,V]
                 return sums(logits, tgt, msk)
             return jax.lax.cond(msk.any(), run, lambda _: zero, None)
         per_chunk = jax.lax.map(one, (flat, chunk_targets, chunk_mask))
@@ -342,7 +331,7 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
     else:
         head_logits = head.apply({"params": head_params}, trunk_params, feats,
                                  deterministic=True, gather_index=index,
-                                 method=head.train_logits)                  # [B,M,J,V]
+                                 method=head.train_logits)                  # [B,X,J,V]
         out = sums(head_logits, targets, mask)
     out["count"] = mask.sum(axis=(0, 1)).astype(jnp.float32)
     return _psum(out, axis_name)

@@ -1,6 +1,6 @@
 """train_and_evaluate(config, workdir): MTP heads on a frozen trunk, end to end.
 
-    settings  <- the ConfigDict, validated once (settings.py)
+    settings  <- the ConfigDict, validated once, its paths made absolute (settings.py)
     trunk     <- converted folder / random-tiny (inputs.py); placed replicated or model-sharded
     pipelines <- WMT text -> prompts -> grain batches (gptk_jax.data), per-process rows
     state     <- fresh head params + optimizer state, or the latest checkpoint in WORKDIR
@@ -37,7 +37,7 @@ from gptk_jax.training import inputs
 from gptk_jax.training.features import FeatureCache
 from gptk_jax.training.metrics import MetricWriter, summarize_eval, summarize_train
 from gptk_jax.training.optim import make_optimizer
-from gptk_jax.training.settings import RunSettings, TrainingError, resolve_path
+from gptk_jax.training.settings import RunSettings, TrainingError
 from gptk_jax.training.sharding import Parallel, ParallelError
 from gptk_jax.training.state import Checkpointer
 from gptk_jax.training.step import StepConfig, eval_step, init_train_state, train_step
@@ -141,7 +141,7 @@ def _setup(config, workdir: Path, progress: bool) -> _Run:
         f"{parallel.describe()}")
     cache, cache_start = None, time.perf_counter()
     if settings.features.cache:
-        root = resolve_path(settings.features.cache_dir) if settings.features.cache_dir \
+        root = Path(settings.features.cache_dir) if settings.features.cache_dir \
             else workdir / "feature_cache"
         cache = FeatureCache.open_or_build(
             root, trunk, train_pipe.rows, settings.head, settings.features.dtype,
@@ -222,7 +222,8 @@ def _export_heads(run: _Run, state) -> Optional[Path]:
 
 def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Trains the heads of `config` (a ConfigDict, see configs/base.py) in `workdir`, resuming
-    from its latest checkpoint. Returns {"status", "step", "train", "eval", "heads"}."""
+    from its latest checkpoint; the config's relative paths are relative to the working directory
+    at this call. Returns {"status", "step", "train", "eval", "heads"}."""
     workdir = prepare_workdir(workdir)
     run = _setup(config, workdir, progress)
     settings, parallel, loop = run.settings, run.parallel, run.settings.training
