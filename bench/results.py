@@ -39,8 +39,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-WMT = "../shared/data/wmt14-de-en"
-NEWS_COMMENTARY = f"{WMT}/train/news-commentary.first10k"
+sys.path.insert(0, str(ROOT))
+
+from gptk_jax.data.root import add_data_root_argument, resolve_data_root  # noqa: E402
+from gptk_jax.data.testsets import NEWS_COMMENTARY, WMT14_DIR  # noqa: E402
+
 FAMILIES = ("linear", "poma", "lstm")
 DEFAULT_CHECKPOINT = ".cache/models/smollm2-135m"
 
@@ -67,6 +70,18 @@ def family_config(family: str) -> str:
     return f"configs/{family}_smollm2_wmt14.py"
 
 
+def data_root(args: argparse.Namespace) -> str:
+    """The data root (--data-root, $GPTK_DATA, ../shared/data from the working directory) as the
+    commands name it: beside the checkout, relative to the repository root where they run (the
+    default gives the commands earlier runs recorded); elsewhere, absolute."""
+    root = resolve_data_root(args.data_root)
+    return os.path.relpath(root, ROOT) if root.is_relative_to(ROOT.parent) else str(root)
+
+
+def news_commentary_prefix(args: argparse.Namespace) -> str:
+    return "/".join((data_root(args), WMT14_DIR, NEWS_COMMENTARY))
+
+
 def _tuple(items) -> str:
     """A tuple of strings as a config flag value (double quotes: readable in a shell line)."""
     return "(" + ", ".join(json.dumps(str(x)) for x in items) + ",)"
@@ -90,7 +105,7 @@ def train_overrides(args: argparse.Namespace, family: str) -> list[tuple[str, st
         ("data.space_with_target", "True"),
         ("data.max_len", str(args.max_len)),
         ("data.truncate", "drop"),
-        ("data.train_prefixes", _tuple((NEWS_COMMENTARY,))),
+        ("data.train_prefixes", _tuple((news_commentary_prefix(args),))),
         ("data.train_target_files", _tuple((args.distill_output,))),
         ("data.max_train_pairs", str(args.pairs)),
         ("data.eval_max_sentences", str(args.eval_sentences)),
@@ -107,11 +122,8 @@ def train_overrides(args: argparse.Namespace, family: str) -> list[tuple[str, st
         ("training.eval_at_start", "True"),
         ("training.checkpoint_every_steps", str(max(1, min(100, args.steps)))),
     ]
-    if family == "lstm":
-        common += [("head.lstm_vocab_projection", "trunk"), ("head.lstm_step_inputs", "teacher"),
-                   ("head.lstm_first_input", "next_token")]
-    if family == "poma":   # this project's PoMa init (start at the trunk's own prediction)
-        common += [("head.poma_position_init", "zeros"), ("head.poma_norm_init", "trunk")]
+    if family in ("lstm", "poma"):   # this project's recipe, not the original code's
+        common += [("head.recipe", "default")]
     return common
 
 
@@ -121,13 +133,21 @@ def train_command(args: argparse.Namespace, family: str) -> list[str]:
             [f"--config.{key}={value}" for key, value in train_overrides(args, family)])
 
 
-def eval_command(args: argparse.Namespace, family: str) -> list[str]:
+def evaluate_command(args: argparse.Namespace, family: str, output: str, batch_sizes: str,
+                     extra: Sequence[str] = ()) -> list[str]:
+    """`python -m gptk_jax.evaluate` of `family`'s heads into RUNS/<family>/<output>; the data
+    root is passed on only when --data-root was given (evaluate resolves the rest alike)."""
     run = Path(args.runs_dir) / family
-    cmd = ["-m", "gptk_jax.evaluate", "--checkpoint", args.checkpoint,
-           "--heads", str(run / "heads"), "--split", "newstest2014",
-           "--max-sentences", str(args.max_sentences), "--batch-sizes", args.batch_sizes,
-           "--max-new-tokens", str(args.max_new_tokens), "--output", str(run / "eval"),
-           "--space-with-target", "--no-progress"]
+    return (["-m", "gptk_jax.evaluate", "--checkpoint", args.checkpoint,
+             "--heads", str(run / "heads"), "--split", "newstest2014",
+             "--max-sentences", str(args.max_sentences), "--batch-sizes", batch_sizes,
+             "--max-new-tokens", str(args.max_new_tokens), "--output", str(run / output),
+             *extra, "--space-with-target", "--no-progress"]
+            + (["--data-root", data_root(args)] if args.data_root else []))
+
+
+def eval_command(args: argparse.Namespace, family: str) -> list[str]:
+    cmd = evaluate_command(args, family, "eval", args.batch_sizes)
     if family == args.oracle_family:
         cmd.append("--oracle")
     return cmd
@@ -135,7 +155,8 @@ def eval_command(args: argparse.Namespace, family: str) -> list[str]:
 
 def distill_command(args: argparse.Namespace) -> list[str]:
     return ["-m", "gptk_jax.distill", "--checkpoint", args.checkpoint, "--input",
-            NEWS_COMMENTARY, "--output", args.distill_output, "--max-pairs", str(args.pairs),
+            news_commentary_prefix(args), "--output", args.distill_output,
+            "--max-pairs", str(args.pairs),
             "--batch-size", str(args.distill_batch_size), "--max-new-tokens",
             str(args.distill_max_new_tokens), "--space-with-target", "--no-progress"]
 
@@ -304,12 +325,7 @@ def step_eval(args: argparse.Namespace, family: str) -> None:
 
 
 def bf16_command(args: argparse.Namespace) -> list[str]:
-    run = Path(args.runs_dir) / args.bf16_family
-    return ["-m", "gptk_jax.evaluate", "--checkpoint", args.checkpoint,
-            "--heads", str(run / "heads"), "--split", "newstest2014",
-            "--max-sentences", str(args.max_sentences), "--batch-sizes", "8",
-            "--max-new-tokens", str(args.max_new_tokens), "--output", str(run / "eval_bf16"),
-            "--dtype", "bfloat16", "--space-with-target", "--no-progress"]
+    return evaluate_command(args, args.bf16_family, "eval_bf16", "8", ("--dtype", "bfloat16"))
 
 
 def step_bf16(args: argparse.Namespace) -> None:
@@ -320,13 +336,8 @@ def step_bf16(args: argparse.Namespace) -> None:
 
 
 def lookup_command(args: argparse.Namespace, k: int) -> list[str]:
-    run = Path(args.runs_dir) / args.lookup_family
-    return ["-m", "gptk_jax.evaluate", "--checkpoint", args.checkpoint,
-            "--heads", str(run / "heads"), "--split", "newstest2014",
-            "--max-sentences", str(args.max_sentences), "--batch-sizes", args.batch_sizes,
-            "--max-new-tokens", str(args.max_new_tokens),
-            "--output", str(run / f"eval_lookup_k{k}"), "--lookup", "--lookup-k", str(k),
-            "--space-with-target", "--no-progress"]
+    return evaluate_command(args, args.lookup_family, f"eval_lookup_k{k}", args.batch_sizes,
+                            ("--lookup", "--lookup-k", str(k)))
 
 
 def step_lookup(args: argparse.Namespace) -> None:
@@ -807,6 +818,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python bench/results.py",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted trunk folder")
+    add_data_root_argument(p)
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--runs-dir", default="runs/results")
     p.add_argument("--output", default="docs/results.md")

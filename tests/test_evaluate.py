@@ -1,16 +1,22 @@
 """`python -m gptk_jax.evaluate` end to end on a tiny random trunk with the real Llama 3
 tokenizer and real newstest2014 sentences: greedy and MTP give the same tokens and scores, and the
-report files are written."""
+report files are written; a user's own file pair evaluates the same way; a bad split or path is a
+one-line error."""
 
 import json
+import os
+from pathlib import Path
 
 import jax
 import pytest
 
+from conftest import DATA, WMT, read_lines
 from gptk_jax import artifacts
+from gptk_jax.data.prompts import hypothesis_text, translation_stop_ids
 from gptk_jax.llama.checkpoint import save_converted
 from gptk_jax.llama.config import LlamaConfig
-from gptk_jax.evaluate import hypothesis_text, main, resolve_space_with_target, translation_stop_ids
+from gptk_jax.evaluate import main
+from gptk_jax.evaluation import resolve_space_with_target
 from gptk_jax.heads import HeadConfig, init_head_params, make_head
 from gptk_jax.heads.io import save_heads
 from gptk_jax.llama.model import init_params
@@ -50,6 +56,7 @@ def test_stop_ids_and_text(tokenizer):
 def test_evaluate_end_to_end(folders):
     ckpt, heads, out = folders
     rc = main(["--checkpoint", str(ckpt), "--heads", str(heads), "--split", "newstest2014",
+               "--data-root", str(DATA),
                "--max-sentences", "3", "--batch-sizes", "1,2", "--max-new-tokens", "6",
                "--oracle", "--lookup", "--lookup-k", "5", "--continuous", "--no-progress",
                "--output", str(out)])
@@ -76,11 +83,81 @@ def test_evaluate_end_to_end(folders):
     assert "nc:6" in quality["chrf_signature"]
     lines = (out / "translations.jsonl").read_text(encoding="utf-8").splitlines()
     first = json.loads(lines[0])
-    from conftest import DATA, read_lines
     assert len(lines) == 3
     assert first["source"] == read_lines(DATA / "wmt14-de-en" / "newstest2014.de")[0]
     assert (out / "report.md").read_text().count("| greedy/b") == 3
+    wmt = Path(os.path.abspath(WMT))         # the CLI resolves the data root to an absolute path
+    assert report["split"] == "newstest2014"
+    assert report["test_set"] == {
+        "name": "newstest2014", "kind": "files", "source": str(wmt / "newstest2014.de"),
+        "reference": str(wmt / "newstest2014.en"), "num_sentences": 3, "src_lang": "de",
+        "tgt_lang": "en", "dropped_empty": 0}
+    assert f"`{wmt / 'newstest2014.de'}`" in (out / "report.md").read_text()
     assert (out / "acceptance.png").stat().st_size > 1000
+
+
+def test_evaluate_a_users_own_file_pair_end_to_end(folders, tmp_path, capsys):
+    """English sources and German references of the user's own (here: newstest2014's, reversed,
+    with a blank line inserted), evaluated en->de; the report names the two files."""
+    ckpt, heads, _ = folders
+    english = read_lines(WMT / "newstest2014.en")[:3]
+    german = read_lines(WMT / "newstest2014.de")[:3]
+    source, reference, out = tmp_path / "mine.en", tmp_path / "mine.de", tmp_path / "report"
+    source.write_text("\n".join(english[:2] + ["", english[2]]) + "\n", encoding="utf-8")
+    reference.write_text("\n".join(german[:2] + ["ignored", german[2]]) + "\n", encoding="utf-8")
+    rc = main(["--checkpoint", str(ckpt), "--heads", str(heads), "--source", str(source),
+               "--reference", str(reference), "--src-lang", "en", "--tgt-lang", "de",
+               "--batch-sizes", "2", "--max-new-tokens", "4", "--no-progress",
+               "--output", str(out)])
+    assert rc == 0
+    assert "3 sentences of " in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"] is None
+    assert report["test_set"] == {
+        "name": f"{source} + {reference}", "kind": "pair", "source": str(source),
+        "reference": str(reference), "num_sentences": 3, "src_lang": "en", "tgt_lang": "de",
+        "dropped_empty": 1}
+    assert report["all_identical_to_greedy"] and set(report["runs"]) == {"greedy/b2", "mtp/b2"}
+    rows = [json.loads(l) for l in (out / "translations.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rows] == english and [r["reference"] for r in rows] == german
+    md = (out / "report.md").read_text()
+    assert f"`{source}` / `{reference}`" in md and "3 sentences en→de" in md
+    assert "pairs dropped for an empty side: 1" in md
+
+
+def test_a_bad_split_or_path_is_a_one_line_error(folders, tmp_path, capsys):
+    ckpt, heads, _ = folders
+    base = ["--checkpoint", str(ckpt), "--heads", str(heads), "--output", str(tmp_path / "r")]
+    real = str(WMT / "newstest2014.en")
+    cases = {"'wmt99'": ["--split", "wmt99"],
+             str(tmp_path / "nope.de"): ["--source", str(tmp_path / "nope.de"),
+                                         "--reference", real],
+             str(tmp_path / "wmt14-de-en" / "newstest2013.de"): ["--split", "newstest2013",
+                                                                 "--data-root", str(tmp_path)]}
+    for named, flags in cases.items():
+        assert main(base + flags) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and named in err, err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):     # argparse: half a pair
+        main(base + ["--source", real])
+    assert "--source and --reference go together" in capsys.readouterr().err
+
+
+def test_a_sacrebleu_name_reads_the_data_roots_cache(monkeypatch):
+    """Without $SACREBLEU the CLI points sacreBLEU at DATA_ROOT/sacrebleu; the pairs are the
+    cached files' lines."""
+    from gptk_jax.evaluate import parse_args
+    from gptk_jax.evaluation.pipeline import load_eval_set
+    monkeypatch.delenv("SACREBLEU", raising=False)
+    cfg = parse_args(["--checkpoint", "unused", "--lookup", "--k", "3", "--split", "wmt13",
+                      "--data-root", str(DATA), "--max-sentences", "2", "--output", "unused"])
+    assert cfg.sacrebleu_cache == os.path.abspath(DATA / "sacrebleu")
+    test_set = load_eval_set(cfg)
+    cached = DATA / "sacrebleu" / "wmt13"
+    assert test_set.pairs[0].src == read_lines(cached / "wmt13.de-en.src")[0]
+    assert test_set.pairs[1].tgt == read_lines(cached / "wmt13.de-en.ref")[1]
+    assert test_set.describe()["kind"] == "sacrebleu" and len(test_set) == 2
 
 
 def test_generate_cli_mtp_equals_greedy(folders, tmp_path):

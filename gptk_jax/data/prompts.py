@@ -8,9 +8,13 @@ Text -> ids -> one training row:
     targets, target_mask = shift_targets(seq.tokens, seq.loss_mask, max_offset=4)
 
 The prompt is the research code's: an instruction line, zero or all few-shot lines
-`"de: {src}; en: {tgt}\\n"`, then the query `"de: {src}; en: "`. The prompt is encoded as one
-string with BOS; the target separately with EOS appended (`<|end_of_text|>` for Llama 3), so the
-loss covers exactly the target tokens and the EOS. Rows are right-padded with `pad_id`.
+`"de: {src}; en: {tgt}\\n"`, then the query `"de: {src}; en: "` (`prompt_format` reads the
+few-shot pool from a training file). A translation is one line: decoding stops at
+`translation_stop_ids` (the one stop rule) and `hypothesis_text` keeps the first line.
+
+The prompt is encoded as one string with BOS; the target separately with EOS appended
+(`<|end_of_text|>` for Llama 3), so the loss covers exactly the target tokens and the EOS. Rows
+are right-padded with `pad_id`.
 
 Shapes: T row length (max_len or a bucket), J = max_offset (offsets 1..J).
 """
@@ -22,7 +26,7 @@ from typing import Iterable, NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 
-from gptk_jax.data.wmt import Pair
+from gptk_jax.data.wmt import Pair, PathLike, read_parallel_text
 
 TRUNCATE_POLICIES = ("error", "drop", "truncate_target")
 
@@ -124,6 +128,47 @@ def few_shot_from(pairs: Iterable[Pair], n: int = 5, *, max_chars: int = 160,
             return tuple(chosen)
     raise ValueError(f"only {len(chosen)} pairs have both sides within {min_chars}..{max_chars} "
                      f"characters; {n} few-shot pairs were asked for")
+
+
+def prompt_format(src_lang: str = "de", tgt_lang: str = "en", shots: int = 0,
+                  space_with_target: bool = False,
+                  shots_from: Optional[PathLike] = None) -> PromptFormat:
+    """The research format with `shots` few-shot lines picked by `few_shot_from` from the
+    training pairs at PREFIX `shots_from` (PREFIX.{src_lang} / PREFIX.{tgt_lang}; needed only
+    when shots > 0; gptk_jax.data.testsets.news_commentary(data_root) is the usual pool)."""
+    pool = ()
+    if shots:
+        if shots_from is None:
+            raise ValueError(f"{shots} few-shot lines need a training file to take them from "
+                             f"(shots_from=PREFIX)")
+        pool = few_shot_from(read_parallel_text(shots_from, src_lang, tgt_lang).pairs, shots)
+    return PromptFormat.for_languages(src_lang, tgt_lang, shots=pool,
+                                      space_with_target=space_with_target)
+
+
+# --------------------------------------------------------------------------------------------
+# Where a translation ends
+# --------------------------------------------------------------------------------------------
+
+def translation_stop_ids(tokenizer) -> list[int]:
+    """The one stop rule of translation: the tokenizer's stop ids plus every token that is only
+    whitespace holding a newline (the end of the `de: ...; en: ...` line). A token with text
+    before its newline (".\\n") does not stop: decoders leave the stop token out of their output,
+    so that text would be lost; `hypothesis_text` cuts at the newline instead."""
+    newline = set()
+    for i in range(tokenizer.vocab_size):
+        try:
+            text = tokenizer.decode([i])
+        except Exception:  # special or unused ids some tokenizers cannot decode alone
+            continue
+        if "\n" in text and not text.strip():
+            newline.add(i)
+    return sorted(set(tokenizer.stop_ids) | newline)
+
+
+def hypothesis_text(tokenizer, ids: Sequence[int]) -> str:
+    """The translation in generated ids: their first line, stripped."""
+    return tokenizer.decode(list(ids)).split("\n")[0].strip()
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ what it dropped, so callers can report them. Direction: German->English by defau
 can produce English->German pairs (`src_lang="en", tgt_lang="de"`, or `reverse=True` for SGML).
 `max_pairs=N` keeps the first N pairs that survive the empty-side filter.
 
-    r = read_parallel_text("../shared/data/wmt14-de-en/newstest2014")       # .de / .en
+    r = read_parallel_text(DATA_ROOT / "wmt14-de-en" / "newstest2014")      # .de / .en
+    r = read_file_pair("mine.de", "mine.en")          # any two line-aligned files
     r = read_sgml("newstest2014-deen-src.de.sgm", "newstest2014-deen-ref.en.sgm")
     r = read_sacrebleu("wmt14/full")                  # $SACREBLEU or ~/.sacrebleu, or cache_dir=
     r = read_hf_wmt14("train")                        # needs the optional `datasets` package
@@ -123,14 +124,21 @@ def read_parallel_text(prefix: PathLike, src_lang: str = "de", tgt_lang: str = "
     `strip=True` also removes leading/trailing whitespace (incl. NBSP) from kept text; the trailing
     '\\r' is removed either way. Files with different line counts raise `DataError`.
     """
-    src_path = Path(f"{prefix}.{src_lang}")
-    tgt_path = Path(f"{prefix}.{tgt_lang}")
+    return read_file_pair(f"{prefix}.{src_lang}", f"{prefix}.{tgt_lang}", max_pairs=max_pairs,
+                          strip=strip, source=f"{prefix}.{{{src_lang},{tgt_lang}}}")
+
+
+def read_file_pair(src_path: PathLike, tgt_path: PathLike, *, max_pairs: Optional[int] = None,
+                   strip: bool = True, source: Optional[str] = None) -> ReadResult:
+    """Two line-aligned files of any names (a user's source and reference), as
+    `read_parallel_text` reads PREFIX.src / PREFIX.tgt; `source` names them in the result."""
+    src_path, tgt_path = Path(src_path), Path(tgt_path)
     src_lines, tgt_lines = read_text_lines(src_path), read_text_lines(tgt_path)
     if len(src_lines) != len(tgt_lines):
         raise DataError(f"line counts differ: {src_path} has {len(src_lines)} lines, "
                         f"{tgt_path} has {len(tgt_lines)} lines")
     candidates = ((s, t, None) for s, t in zip(src_lines, tgt_lines))
-    return _collect(candidates, f"{prefix}.{{{src_lang},{tgt_lang}}}", max_pairs, strip)
+    return _collect(candidates, source or f"{src_path}+{tgt_path}", max_pairs, strip)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,13 +6,19 @@ of that (SmolLM2: 4,096 of 49,152 ids = 1/12). The trunk verifies every draft, s
 stays greedy decoding's; only acceptance can change (a draft outside the set is never proposed).
 
     ids = frequent_token_ids(tokenizer, lines, 4096, always=stop_ids)
+    ids = build_draft_vocab(tokenizer, 4096, "train.en", space_with_target=True)  # from a file
     head_drafter(..., draft_vocab=ids)
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Sequence
+import os
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+from gptk_jax.data.prompts import translation_stop_ids
+from gptk_jax.data.wmt import read_text_lines
 
 
 def frequent_token_ids(tokenizer, lines: Iterable[str], size: int, *, prefix: str = "",
@@ -35,3 +41,16 @@ def frequent_token_ids(tokenizer, lines: Iterable[str], size: int, *, prefix: st
         raise ValueError(f"the text has only {len(ids)} distinct tokens, fewer than the draft "
                          f"vocabulary size {size}")
     return tuple(ids[:size])
+
+
+def build_draft_vocab(tokenizer, size: int, text_path: Union[str, os.PathLike], *,
+                      space_with_target: bool = False) -> tuple[int, ...]:
+    """The `size` most frequent target-side tokens of the text file at `text_path` (training
+    text, never the test set), the translation stop ids first so a draft can end a translation.
+    `space_with_target`: each line is counted as it follows a prompt ending at 'en:' (' text')."""
+    path = Path(text_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"draft vocabulary text {path}: no such file")
+    return frequent_token_ids(tokenizer, read_text_lines(path), size,
+                              prefix=" " if space_with_target else "",
+                              always=translation_stop_ids(tokenizer))

@@ -1,0 +1,59 @@
+"""`EvalConfig`: one evaluation of greedy vs draft-and-verify decoding (what the CLI parses).
+
+Paths are explicit: `data_root` is the folder the CLI resolved (gptk_jax.data.root); file
+splits, the default few-shot pool and the default draft-vocabulary text are read under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    checkpoint: str                       # converted trunk folder
+    heads: Optional[str]                  # trained heads folder (gptk_jax.heads.io) or None
+    output: str                           # report folder
+    data_root: str                        # holds wmt14-de-en/ (and maybe a sacrebleu/ cache)
+    split: Optional[str] = "newstest2014"  # a data-root split or a sacreBLEU test set name
+    source: Optional[str] = None          # a user's source file (with `reference`, no split)
+    reference: Optional[str] = None
+    sacrebleu_cache: Optional[str] = None  # where sacreBLEU names are read (None: sacreBLEU's)
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    max_sentences: Optional[int] = None
+    batch_sizes: tuple = (1, 8)
+    k: Optional[int] = None               # tokens per verify step; default: the heads' k
+    max_new_tokens: int = 128
+    shots: int = 0                        # few-shot lines from the News Commentary head
+    space_with_target: Optional[bool] = None  # prompt ends 'en:' (byte-level BPE models,
+                                              # SmolLM2); None: as the heads were trained
+    bucket: int = 32                      # prompt length bucket (fewer compilations)
+    dtype: Optional[str] = None           # compute dtype (exactness is promised for float32)
+    oracle: bool = False                  # also run the oracle drafter (upper bound for K)
+    lookup: bool = False                  # also run prompt-lookup drafting: alone ("lookup")
+                                          # and in front of the heads ("heads+lookup")
+    lookup_k: Optional[int] = None        # tokens per step of the lookup runs (default: K)
+    lookup_max_ngram: int = 3
+    draft_vocab_size: Optional[int] = None  # heads draft over the N most frequent target tokens
+    draft_vocab_from: Optional[str] = None  # of this text file (default: News Commentary's
+                                            # target side under data_root)
+    continuous: bool = False              # batch sizes > 1 also run with continuous batching
+    progress: bool = True
+
+    def __post_init__(self):
+        if (self.source is None) != (self.reference is None):
+            raise ValueError("a user's test set needs both a source and a reference file")
+        if self.source is not None and self.split is not None:
+            raise ValueError(f"give a split ({self.split!r}) or a source and reference file, "
+                             f"not both")
+        if self.source is None and self.split is None:
+            raise ValueError("give a split or a source and reference file")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        if self.heads is None and self.k is None:
+            raise ValueError("give --heads (K defaults to the heads' k) or --k with --oracle or "
+                             "--lookup")
+        if self.heads is None and not (self.lookup or self.oracle):
+            raise ValueError("nothing to compare: give --heads, --lookup and/or --oracle")

@@ -1,0 +1,120 @@
+"""`run_evaluation(cfg) -> report`: greedy vs draft-and-verify decoding of one trunk on one test
+set, from an `EvalConfig` to the report dict (gptk_jax.evaluation.report writes it).
+
+Flow: the test set (first, so a bad split or path fails before the model loads) -> trunk and
+heads -> prompt boundary, draft vocabulary, stop ids -> the drafting methods -> per batch size
+`runs.decode_batch_size` -> `report.build_report`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from gptk_jax.data.prompts import prompt_format, translation_stop_ids
+from gptk_jax.data.testsets import TestSet, load_file_pair, load_test_set, news_commentary
+from gptk_jax.evaluation.config import EvalConfig
+
+
+def load_eval_set(cfg: EvalConfig) -> TestSet:
+    if cfg.source is not None:
+        return load_file_pair(cfg.source, cfg.reference, cfg.src_lang, cfg.tgt_lang,
+                              max_sentences=cfg.max_sentences)
+    return load_test_set(cfg.split, cfg.data_root, cfg.src_lang, cfg.tgt_lang,
+                         max_sentences=cfg.max_sentences, sacrebleu_cache=cfg.sacrebleu_cache)
+
+
+def resolve_space_with_target(given: Optional[bool], heads_metadata: Optional[dict]) -> bool:
+    """The prompt boundary to decode with: the flag when given, else what the heads were trained
+    with (heads.json records the training config), else False. Prints the choice and warns when
+    the flag contradicts the heads (drafts then start from a shifted boundary: low acceptance)."""
+    trained = None
+    if heads_metadata:
+        trained = ((heads_metadata.get("config") or {}).get("data") or {}).get(
+            "space_with_target")
+    if given is None:
+        chosen = bool(trained) if trained is not None else False
+        why = "as the heads were trained (heads.json)" if trained is not None else "default"
+    else:
+        chosen, why = bool(given), "flag"
+        if trained is not None and bool(trained) != chosen:
+            print(f"warning: --{'' if chosen else 'no-'}space-with-target, but the heads were "
+                  f"trained with space_with_target={bool(trained)}", flush=True)
+    print(f"prompt: space_with_target={chosen} ({why})", flush=True)
+    return chosen
+
+
+def draft_vocabulary(cfg: EvalConfig, tokenizer, space_with_target: bool):
+    """-> (ids, the text's path) or (None, None) without cfg.draft_vocab_size."""
+    if not cfg.draft_vocab_size:
+        return None, None
+    from gptk_jax.decoding.draft_vocab import build_draft_vocab
+    path = Path(cfg.draft_vocab_from or f"{news_commentary(cfg.data_root)}.{cfg.tgt_lang}")
+    ids = build_draft_vocab(tokenizer, cfg.draft_vocab_size, path,
+                            space_with_target=space_with_target)
+    print(f"draft vocabulary: the {len(ids)} most frequent tokens of {path} (stop ids included)",
+          flush=True)
+    return ids, path
+
+
+def drafting_methods(cfg: EvalConfig, decoding, heads, k: int, draft_vocab) -> list:
+    """'mtp' (the heads), 'lookup' and 'heads+lookup', as cfg asks (the oracle is apart)."""
+    from gptk_jax.evaluation.decode import heads_method, lookup_method
+    methods = []
+    if heads is not None:
+        methods.append(heads_method("mtp", decoding, heads, k, draft_vocab))
+    if cfg.lookup:
+        lookup_k = cfg.lookup_k or k
+        methods.append(lookup_method("lookup", lookup_k, cfg.lookup_max_ngram))
+        if heads is not None:
+            methods.append(lookup_method("heads+lookup", lookup_k, cfg.lookup_max_ngram,
+                                         fallback=methods[0]))
+    return methods
+
+
+def run_evaluation(cfg: EvalConfig) -> dict:
+    import jax
+
+    from gptk_jax.evaluation.decode import Decoding
+    from gptk_jax.evaluation.report import build_report
+    from gptk_jax.evaluation.runs import decode_batch_size
+    from gptk_jax.heads.io import load_heads
+    from gptk_jax.llama.checkpoint import load_converted
+
+    test_set = load_eval_set(cfg)
+    model = load_converted(cfg.checkpoint, dtype=cfg.dtype)
+    config, tok = model.config, model.tokenizer
+    trunk_name = Path(cfg.checkpoint).name
+    heads = load_heads(cfg.heads, config, trunk_name) if cfg.heads else None
+    k = cfg.k or heads.head_config.k
+    space_with_target = resolve_space_with_target(cfg.space_with_target,
+                                                  heads.metadata if heads else None)
+    draft_vocab, draft_vocab_path = draft_vocabulary(cfg, tok, space_with_target)
+    stop_ids = tuple(translation_stop_ids(tok))
+    decoding = Decoding(config, model.params, cfg.max_new_tokens, stop_ids, tok.pad_id,
+                      cfg.bucket)
+    methods = drafting_methods(cfg, decoding, heads, k, draft_vocab)
+    fmt = prompt_format(cfg.src_lang, cfg.tgt_lang, cfg.shots, space_with_target,
+                        shots_from=news_commentary(cfg.data_root))
+    prompts = [tok.encode(fmt.prompt_text(p.src), bos=True) for p in test_set.pairs]
+    platform = jax.devices()[0].platform
+    print(f"{trunk_name}: {len(prompts)} sentences of {test_set.name} {cfg.src_lang}->"
+          f"{cfg.tgt_lang}, K={k}, {len(stop_ids)} stop ids, {platform}, dtype {config.dtype}",
+          flush=True)
+
+    runs, outputs = {}, {}
+    for batch in cfg.batch_sizes:
+        batch_runs, batch_outputs = decode_batch_size(
+            decoding, methods, prompts, batch, oracle_k=k if cfg.oracle else None,
+            continuous=cfg.continuous, progress=cfg.progress)
+        runs.update(batch_runs)
+        outputs.update(batch_outputs)
+
+    header = {"checkpoint": str(cfg.checkpoint), "heads": cfg.heads, "split": cfg.split,
+              "k": k, "max_new_tokens": cfg.max_new_tokens, "shots": cfg.shots,
+              "space_with_target": space_with_target,
+              "draft_vocab_size": len(draft_vocab) if draft_vocab else None,
+              "draft_vocab_from": str(draft_vocab_path) if draft_vocab else None,
+              "dtype": config.dtype, "platform": platform}
+    main_method = methods[0].name if methods else "oracle"
+    return build_report(header, test_set, tok, runs, outputs, cfg.batch_sizes[0], main_method)
