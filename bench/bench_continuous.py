@@ -7,9 +7,9 @@ The first --num-sentences newstest2014 sentences (0-shot prompt ending at 'en:',
 newline, 64 new tokens) through B slots, every method in one process and in each of --rounds
 rounds (this machine's timings drift; the table shows the best round per method):
 - static: consecutive batches of B prompts, each running until its slowest row is done
-  (`greedy_generate`, `mtp_generate`);
-- continuous: B slots refilled from the queue as rows finish (`continuous_generate`; greedy is
-  its K = 1 case).
+  (`Decoder.generate`);
+- continuous: B slots refilled from the queue as rows finish (`Decoder.generate_continuous`;
+  greedy is its W = 1 case, one token per step).
 The drafter is prompt lookup (the best measured here; docs/benchmarks.md). Every method's
 tokens must equal static greedy's for every prompt (the script fails otherwise). Compilation is
 excluded (timed apart); tokens/s counts prefill and decoding (and, for continuous, the host's
@@ -28,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gptk_jax.evaluate import (load_split, prompt_format,  # noqa: E402
-                               translation_stop_ids)
+from gptk_jax.data.prompts import prompt_format, translation_stop_ids  # noqa: E402
+from gptk_jax.data.root import add_data_root_argument, resolve_data_root  # noqa: E402
+from gptk_jax.data.testsets import load_test_set  # noqa: E402
 
 
 def static_run(generate, prompts, batch):
@@ -41,7 +42,7 @@ def static_run(generate, prompts, batch):
         iterations += out.num_steps - 1
         prefill, decode = prefill + out.prefill_seconds, decode + out.decode_seconds
         compile_s += out.compile_seconds
-        if hasattr(out, "stats"):
+        if out.num_tokens_per_step > 1:     # draft-and-verify
             steps += out.stats["verify_steps"]
             emitted += out.stats["tokens_from_verify_steps"]
     return tokens, {"loop_iterations": iterations, "prefill_s": prefill, "decode_s": decode,
@@ -59,6 +60,7 @@ def continuous_run(generate, prompts):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str(ROOT / ".cache" / "models" / "smollm2-135m"))
+    add_data_root_argument(p)
     p.add_argument("--num-sentences", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--k", type=int, default=4)
@@ -68,37 +70,30 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from gptk_jax.llama.checkpoint import load_converted
-    from gptk_jax.decoding.continuous import continuous_generate
-    from gptk_jax.decoding.greedy import greedy_generate
+    from gptk_jax.decoding import Decoder
     from gptk_jax.decoding.lookup import LookupDrafter
-    from gptk_jax.decoding.mtp import mtp_generate
 
     model = load_converted(args.checkpoint)
     config, params, tok = model.config, model.params, model.tokenizer
     fmt = prompt_format("de", "en", 0, space_with_target=True)
-    pairs = load_split("newstest2014", "de", "en", args.num_sentences)
+    pairs = load_test_set("newstest2014", resolve_data_root(args.data_root),
+                          max_sentences=args.num_sentences).pairs
     prompts = [tok.encode(fmt.prompt_text(pair.src), bos=True) for pair in pairs]
     stop_ids, pad, m, b, k = translation_stop_ids(tok), tok.pad_id, args.max_new_tokens, \
         args.batch_size, args.k
 
-    drafters = {"lookup": (LookupDrafter(k - 1), LookupDrafter.variables())}
-
-    methods = {
-        ("greedy", "static"): lambda: static_run(
-            lambda c: greedy_generate(config, params, c, m, stop_ids, pad, batch_size=b),
-            prompts, b),
-        ("greedy", "continuous"): lambda: continuous_run(
-            lambda ps: continuous_generate(config, params, ps, m, stop_ids, pad, batch_size=b),
-            prompts),
-    }
-    for name, (drafter, variables) in drafters.items():
-        methods[(name, "static")] = (lambda d=drafter, v=variables: static_run(
-            lambda c: mtp_generate(config, params, d, v, c, m, stop_ids, pad,
-                                   num_tokens_per_step=k, batch_size=b), prompts, b))
-        methods[(name, "continuous")] = (lambda d=drafter, v=variables: continuous_run(
-            lambda ps: continuous_generate(config, params, ps, m, stop_ids, pad, batch_size=b,
-                                           drafter=d, drafter_vars=v, num_tokens_per_step=k),
-            prompts))
+    # one decoder per method, held over the rounds: each compiles once per shape
+    greedy = Decoder(config, params, stop_ids=stop_ids, pad_id=pad)
+    decoders = {"greedy": greedy,
+                "lookup": greedy.replace(drafter=LookupDrafter(k - 1),
+                                         drafter_vars=LookupDrafter.variables(),
+                                         num_tokens_per_step=k)}
+    methods = {}
+    for name, decoder in decoders.items():
+        methods[(name, "static")] = (lambda d=decoder: static_run(
+            lambda c: d.generate(c, m, batch_size=b), prompts, b))
+        methods[(name, "continuous")] = (lambda d=decoder: continuous_run(
+            lambda ps: d.generate_continuous(ps, m, batch_size=b), prompts))
 
     load_before = os.getloadavg()
     reference, rounds = None, {key: [] for key in methods}

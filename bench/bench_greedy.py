@@ -41,7 +41,8 @@ import torch  # noqa: E402
 from gptk_jax import artifacts  # noqa: E402
 from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
 from gptk_jax.data.prompts import PromptFormat  # noqa: E402
-from gptk_jax.decoding.greedy import greedy_generate  # noqa: E402
+from gptk_jax.data.root import add_data_root_argument, resolve_data_root  # noqa: E402
+from gptk_jax.decoding import Decoder  # noqa: E402
 from gptk_jax.demo import DEFAULT_MODEL_DIR, ensure_converted, load_pairs  # noqa: E402
 
 
@@ -58,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--bucket", type=int, default=32)
     p.add_argument("--output-json", type=Path, default=None)
+    add_data_root_argument(p)
     return p.parse_args(argv)
 
 
@@ -65,12 +67,10 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def run_ours(model, batches: list, max_new: int, batch_size: int, bucket: int):
-    tok = model.tokenizer
+def run_ours(decoder, batches: list, max_new: int, batch_size: int, bucket: int):
     tokens, prefill, decode, compile_s = [], 0.0, 0.0, 0.0
     for batch in batches:
-        r = greedy_generate(model.config, model.params, batch, max_new, [], tok.pad_id,
-                            bucket=bucket, batch_size=batch_size)
+        r = decoder.generate(batch, max_new, bucket=bucket, batch_size=batch_size)
         tokens += r.tokens
         prefill += r.prefill_seconds
         decode += r.decode_seconds
@@ -126,7 +126,9 @@ def main(argv=None) -> int:
                                               dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # exactly max_new_tokens per row, like ours
 
-    pairs, shots, source = load_pairs(args.num_prompts, args.shots)
+    pairs, shots, source = load_pairs(resolve_data_root(args.data_root), args.num_prompts,
+                                      args.shots)
+    decoder = Decoder(model.config, model.params, stop_ids=[], pad_id=tok.pad_id)  # no stops
     fmt = PromptFormat.for_languages("de", "en", shots=shots)
     prompts = [tok.encode(fmt.prompt_text(p.src), bos=True) for p in pairs]
     lengths = [len(p) for p in prompts]
@@ -140,12 +142,12 @@ def main(argv=None) -> int:
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         batches = chunks(prompts, batch_size)
         n_tokens = len(prompts) * args.max_new_tokens
-        _, _, _, compile_s = run_ours(model, batches[:1], args.max_new_tokens, batch_size,
+        _, _, _, compile_s = run_ours(decoder, batches[:1], args.max_new_tokens, batch_size,
                                       args.bucket)
         hf_generate(hf, batches[0], tok.pad_id, 2)
         best_ours = best_hf = None
         for _ in range(args.repeats):
-            ours = run_ours(model, batches, args.max_new_tokens, batch_size, args.bucket)
+            ours = run_ours(decoder, batches, args.max_new_tokens, batch_size, args.bucket)
             compile_s += ours[3]
             if best_ours is None or sum(ours[1:3]) < sum(best_ours[1:3]):
                 best_ours = ours

@@ -5,7 +5,8 @@
         [--output out/bench_mtp.json] [--profile out/trace]
 
 Prompts: the first --num-prompts German sentences of newstest2014 (read at run time from
-../shared/data/wmt14-de-en/newstest2014.de, split on '\\n' only) in the translation prompt
+DATA_ROOT/wmt14-de-en/newstest2014.de, split on '\\n' only; --data-root, else $GPTK_DATA, else
+../shared/data from the working directory) in the translation prompt
 format of gptk_jax.data.prompts with --shots few-shot lines; generation stops at the tokenizer's
 stop ids and at a newline (the end of a `de: …; en: …` line; --no-stop-at-newline: only at the
 stop ids, i.e. mostly at --max-new-tokens).
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,16 +38,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gptk_jax.data.root import add_data_root_argument, resolve_data_root  # noqa: E402
+from gptk_jax.data.testsets import news_commentary, wmt14_path  # noqa: E402
 from gptk_jax.llama.config import LlamaConfig  # noqa: E402
-from gptk_jax.decoding.greedy import (greedy_generate, pad_prompts,  # noqa: E402
-                                      stop_id_array)
-from gptk_jax.decoding.mtp import mtp_generate, mtp_step, prefill_state  # noqa: E402
+from gptk_jax.decoding import Decoder  # noqa: E402
+from gptk_jax.decoding.inputs import pad_prompts, stop_id_array  # noqa: E402
+from gptk_jax.decoding.loop import cache_slots, decode_step, prefill_state  # noqa: E402
 from gptk_jax.decoding.oracle import OracleDrafter, oracle_variables  # noqa: E402
 from gptk_jax.llama.kv_cache import KVCache  # noqa: E402
 from gptk_jax.llama.model import Llama, init_params, params_for_model  # noqa: E402
-
-DATA = Path(os.environ.get("GPTK_DATA", ROOT.parent / "shared" / "data"))
-NEWSTEST_DE = DATA / "wmt14-de-en" / "newstest2014.de"
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,12 +70,14 @@ def load_model(args):
                    for _ in range(args.num_prompts)]
         return config, params, prompts, [2], 0, "random-trunk"
     from gptk_jax.llama.checkpoint import load_converted
-    from gptk_jax.evaluate import prompt_format, translation_stop_ids
+    from gptk_jax.data.prompts import prompt_format, translation_stop_ids
 
     model = load_converted(args.checkpoint, scan_layers=args.scan_layers, dtype=args.dtype)
     tok = model.tokenizer
-    fmt = prompt_format("de", "en", args.shots, space_with_target=not args.research_space)
-    sources = read_sources(NEWSTEST_DE, args.num_prompts)
+    data_root = resolve_data_root(args.data_root)
+    fmt = prompt_format("de", "en", args.shots, space_with_target=not args.research_space,
+                        shots_from=news_commentary(data_root))
+    sources = read_sources(wmt14_path(data_root, "newstest2014.de"), args.num_prompts)
     prompts = [tok.encode(fmt.prompt_text(s), bos=True) for s in sources]
     stop_ids = translation_stop_ids(tok) if args.stop_at_newline else set(tok.stop_ids)
     return model.config, model.params, prompts, sorted(stop_ids), tok.pad_id, \
@@ -117,7 +118,7 @@ def run_method(name, generate, prompt_chunks, batch, repeats):
            # decode-loop iterations (one trunk call each) and their mean cost, in the loop
            "loop_iterations": sum(r.num_steps - 1 for r in results)}
     row["ms_per_iteration"] = 1e3 * row["decode_seconds"] / max(row["loop_iterations"], 1)
-    if hasattr(results[0], "stats"):
+    if results[0].num_tokens_per_step > 1:    # draft-and-verify
         steps = sum(r.stats["verify_steps"] for r in results)
         from_steps = sum(r.stats["tokens_from_verify_steps"] for r in results)
         hist = np.sum([r.stats["accepted_histogram"] for r in results], axis=0)
@@ -130,16 +131,25 @@ def run_method(name, generate, prompt_chunks, batch, repeats):
 def end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name, heads, others):
     """others: name -> (drafter, variables) run after the oracle and the heads."""
     rows, checks = [], []
+    k = args.k
+    # one decoder per method for the whole run: each compiles once per batch shape
+    greedy_decoder = Decoder(config, params, stop_ids=stop_ids, pad_id=pad_id)
+    oracle_decoder = greedy_decoder.replace(drafter=OracleDrafter(k - 1, config.vocab_size),
+                                            num_tokens_per_step=k)
+    decoders = {name: greedy_decoder.replace(drafter=d, drafter_vars=v, num_tokens_per_step=k)
+                for name, (d, v) in others.items()}
+    if heads is not None:
+        heads_name = f"mtp-heads-v{args.draft_vocab_size}" if args.draft_vocab_size else \
+            "mtp-heads"
+        decoders = {f"{heads_name}-k{k}": greedy_decoder.replace(
+            drafter=heads[0], drafter_vars=heads[1], num_tokens_per_step=k), **decoders}
     for batch in args.batch_sizes:
         prompt_chunks = chunks(prompts, batch)
-        greedy_fn = lambda chunk, b, _: greedy_generate(
-            config, params, chunk, args.max_new_tokens, stop_ids, pad_id, bucket=args.bucket,
-            batch_size=b)
+        greedy_fn = lambda chunk, b, _: greedy_decoder.generate(
+            chunk, args.max_new_tokens, bucket=args.bucket, batch_size=b)
         greedy_row, greedy_tokens, greedy_results = run_method("greedy", greedy_fn,
                                                                prompt_chunks, batch, args.repeats)
         rows.append(greedy_row)
-        k = args.k
-        oracle = OracleDrafter(k - 1, config.vocab_size)
 
         stop_tokens = {}  # chunk index -> stop id per row, learnt from the compile run
 
@@ -155,25 +165,16 @@ def end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name, head
                          for t, s in zip(ref.tokens, stop_tokens[id(chunk)])]
             conts = [(c + [0] * args.max_new_tokens)[:args.max_new_tokens] for c in conts]
             variables = oracle_variables(conts, [len(p) for p in chunk], b, k - 1)
-            result = mtp_generate(config, params, oracle, variables, chunk, args.max_new_tokens,
-                                  stop_ids, pad_id, num_tokens_per_step=k, bucket=args.bucket,
-                                  batch_size=b)
+            result = oracle_decoder.replace(drafter_vars=variables).generate(
+                chunk, args.max_new_tokens, bucket=args.bucket, batch_size=b)
             if index is None:
                 stop_tokens[id(chunk)] = result.stop_tokens
             return result
         methods = [(f"mtp-oracle-k{k}", oracle_fn)]
-        if heads is not None:
-            heads_name = f"mtp-heads-v{args.draft_vocab_size}" if args.draft_vocab_size else \
-                "mtp-heads"
-            methods.append((f"{heads_name}-k{k}", lambda chunk, b, _, d=heads[0], v=heads[1]:
-                            mtp_generate(config, params, d, v, chunk, args.max_new_tokens,
-                                         stop_ids, pad_id, num_tokens_per_step=k,
-                                         bucket=args.bucket, batch_size=b)))
-        # (default arguments bind each drafter now: a closure would see the loop's last one)
-        for name, (drafter, variables) in others.items():
-            methods.append((name, lambda chunk, b, _, d=drafter, v=variables: mtp_generate(
-                config, params, d, v, chunk, args.max_new_tokens, stop_ids, pad_id,
-                num_tokens_per_step=k, bucket=args.bucket, batch_size=b)))
+        # (default arguments bind each decoder now: a closure would see the loop's last one)
+        for name, decoder in decoders.items():
+            methods.append((name, lambda chunk, b, _, d=decoder: d.generate(
+                chunk, args.max_new_tokens, bucket=args.bucket, batch_size=b)))
         for name, fn in methods:
             if args.profile and name.startswith("mtp-oracle") and batch == args.batch_sizes[0]:
                 with jax.profiler.trace(args.profile):
@@ -235,13 +236,14 @@ def verify_cost(config, params, batch, context, k, reps, iterations=8):
 def step_breakdown(config, params, prompts, stop_ids, pad_id, drafter, variables, k, batch,
                    max_new, bucket, reps, label, iterations=8):
     """Seconds per call, inside a loop, of: the drafter's draft, the verify (trunk over K +
-    argmax), a whole mtp_step; from the state right after the prefill of the first `batch`
+    argmax), a whole decode step; from the state right after the prefill of the first `batch`
     prompts."""
     chunk = prompts[:batch]
     batch_prompts = pad_prompts(chunk, pad_id, bucket=bucket, batch_size=batch)
     stops, pad = stop_id_array(stop_ids), np.int32(pad_id)
-    state = jax.jit(prefill_state, static_argnums=(0, 1, 2, 3))(
-        config, drafter, k, max_new, params, variables, batch_prompts, stops, pad)
+    slots = cache_slots(batch_prompts.padded_length, max_new, k)
+    state = jax.jit(prefill_state, static_argnums=(0, 1, 2, 3, 4))(
+        config, drafter, k, max_new, slots, params, variables, batch_prompts, stops, pad)
 
     def draft(v, s, next_token):
         return drafter.draft(v, s.drafter_state, s.last_hidden, s.last_hidden_normed,
@@ -266,7 +268,8 @@ def step_breakdown(config, params, prompts, stop_ids, pad_id, drafter, variables
     @jax.jit
     def step_loop(params, v, s):
         return jax.lax.fori_loop(0, iterations,
-                                 lambda _, s: mtp_step(config, drafter, k, params, v, s, stops), s)
+                                 lambda _, s: decode_step(config, drafter, k, params, v, s,
+                                                          stops), s)
 
     drafts = jax.jit(draft)(variables, state, state.next_token)
     t_draft = _per_iteration(draft_loop, variables, state, iterations=iterations, reps=reps)
@@ -312,6 +315,7 @@ def print_report(report):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(ROOT / ".cache" / "models" / "smollm2-135m"))
+    add_data_root_argument(p)
     p.add_argument("--heads", default=None, help="trained heads folder (gptk_jax.heads.io)")
     p.add_argument("--k", type=int, default=4, help="tokens per verify step")
     p.add_argument("--num-prompts", type=int, default=8)
@@ -343,16 +347,18 @@ def main(argv=None):
     config, params, prompts, stop_ids, pad_id, trunk_name = load_model(args)
     heads, lookups = None, {}
     if args.heads:
-        from gptk_jax.heads.io import head_drafter, load_heads
+        from gptk_jax.decoding import head_drafter
+        from gptk_jax.heads.io import load_heads
         loaded = load_heads(args.heads, config, trunk_name)
         draft_vocab = None
         if args.draft_vocab_size:
-            from gptk_jax.evaluate import build_draft_vocab
+            from gptk_jax.decoding.draft_vocab import build_draft_vocab
             from gptk_jax.llama.checkpoint import TOKENIZER_DIR
             from gptk_jax.tokenizers import load_tokenizer
             tok = load_tokenizer(Path(args.checkpoint) / TOKENIZER_DIR)
-            draft_vocab, _ = build_draft_vocab(tok, args.draft_vocab_size,
-                                               space_with_target=not args.research_space)
+            text = f"{news_commentary(resolve_data_root(args.data_root))}.en"
+            draft_vocab = build_draft_vocab(tok, args.draft_vocab_size, text,
+                                            space_with_target=not args.research_space)
         heads = head_drafter(loaded.head_config, loaded.params, config, params, args.k,
                              draft_vocab=draft_vocab)
         if draft_vocab is not None:   # the same heads over the full vocabulary, side by side

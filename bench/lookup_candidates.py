@@ -27,8 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gptk_jax.evaluate import (load_split, prompt_format,  # noqa: E402
-                               translation_stop_ids)
+from gptk_jax.data.prompts import prompt_format, translation_stop_ids  # noqa: E402
+from gptk_jax.data.root import add_data_root_argument, resolve_data_root  # noqa: E402
+from gptk_jax.data.testsets import load_test_set  # noqa: E402
 
 
 def ranked_candidates(seq: list, known: int, k: int, max_ngram: int) -> list:
@@ -82,6 +83,7 @@ def batch_iterations(rows: list, batch: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str(ROOT / ".cache" / "models" / "smollm2-135m"))
+    add_data_root_argument(p)
     p.add_argument("--num-sentences", type=int, default=50)
     p.add_argument("--ks", default="4,8")
     p.add_argument("--max-candidates", type=int, default=3)
@@ -91,15 +93,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from gptk_jax.llama.checkpoint import load_converted
+    from gptk_jax.decoding import Decoder
     from gptk_jax.decoding.lookup import LookupDrafter
-    from gptk_jax.decoding.mtp import mtp_generate
 
     model = load_converted(args.checkpoint)
     tok = model.tokenizer
     fmt = prompt_format("de", "en", 0, space_with_target=True)
-    pairs = load_split("newstest2014", "de", "en", args.num_sentences)
+    pairs = load_test_set("newstest2014", resolve_data_root(args.data_root),
+                          max_sentences=args.num_sentences).pairs
     prompts = [tok.encode(fmt.prompt_text(pair.src), bos=True) for pair in pairs]
-    stop_ids = translation_stop_ids(tok)
+    greedy = Decoder(model.config, model.params, stop_ids=translation_stop_ids(tok),
+                     pad_id=tok.pad_id)
     report = {"num_sentences": len(prompts), "max_ngram": args.max_ngram, "ks": {}}
     print(f"{len(prompts)} newstest2014 sentences, 0-shot, batch 8; tau = tokens per verify "
           "step, bonus token included")
@@ -107,11 +111,11 @@ def main(argv=None) -> int:
         f"{f'replay C={c}':>12}" for c in range(1, args.max_candidates + 1)))
     for k in (int(x) for x in args.ks.split(",")):
         rows, per_row, steps, emitted = [], [], 0, 0
+        lookup = greedy.replace(drafter=LookupDrafter(k - 1, args.max_ngram),
+                                drafter_vars=LookupDrafter.variables(), num_tokens_per_step=k)
         for i in range(0, len(prompts), 8):
             chunk = prompts[i:i + 8]
-            out = mtp_generate(model.config, model.params, LookupDrafter(k - 1, args.max_ngram),
-                               LookupDrafter.variables(), chunk, args.max_new_tokens, stop_ids,
-                               tok.pad_id, num_tokens_per_step=k, batch_size=8)
+            out = lookup.generate(chunk, args.max_new_tokens, batch_size=8)
             for j, prompt in enumerate(chunk):
                 stop = out.stop_tokens[j]
                 rows.append((prompt, list(out.tokens[j]) + ([stop] if stop is not None else [])))

@@ -2,19 +2,21 @@
 jitted greedy decoder, then with self-speculative (MTP) decoding through linear heads, on CPU.
 
     python -m gptk_jax.demo [--num-sentences 8] [--shots 3] [--max-new-tokens 64] [--batch-size 8]
-        [--train-steps 150] [--heads DIR] [--k 4] [--eval-sentences 200] [--no-mtp]
+        [--train-steps 150] [--heads DIR] [--k 4] [--eval-sentences 64] [--no-mtp]
 
 Steps: fetch the GGUF (`gptk_jax.artifacts`), convert it once into .cache/models/smollm2-135m
 (`python -m convert --format gguf`), build few-shot prompts (instruction, newstest2013 pairs as
-shots, then the query; gptk_jax.data.prompts), decode greedily stopping at the tokenizer's stop ids
-and at any token holding a newline, and print source, translation, reference and tokens/s.
-Data come from ../shared/data/wmt14-de-en (or $GPTK_DATA/wmt14-de-en), else from sacreBLEU.
+shots, then the query; gptk_jax.data.prompts), decode greedily until the translation's line
+ends (the one stop rule, gptk_jax.data.prompts.translation_stop_ids), and print source,
+translation, reference and tokens/s. Data come from DATA_ROOT/wmt14-de-en, else from sacreBLEU;
+DATA_ROOT is --data-root, else $GPTK_DATA, else ../shared/data from the working directory.
 
 Then MTP: linear heads (K tokens per verify step) from --heads DIR, else from
 runs/results/linear/heads when `make results` made them (and --train-steps is not given), else
-trained here (gptk_jax.training.train_and_evaluate: --train-steps steps of 16 News Commentary
-rows, loss against the trunk's own argmax, trunk-feature cache, newstest2013 evaluation before
-and after; into runs/demo/linear-k<K>-<steps>steps, reused by a rerun). Printed: the per-offset
+trained here (gptk_jax.training.train_and_evaluate: --train-steps steps of 16 rows, TRAIN_EPOCHS
+passes over News Commentary's first steps * 16 / TRAIN_EPOCHS pairs, loss against the trunk's own
+argmax, trunk-feature cache, newstest2013 evaluation before and after; into
+runs/demo/linear-k<K>-<steps>steps-x<epochs>, reused by a rerun). Printed: the per-offset
 top-1 accuracy against the trunk untrained vs trained, then the demo sentences decoded with MTP
 next to greedy's output, whether they are token-identical, τ (tokens per verify step) and the
 speedup over the greedy run above (compilation excluded from both). Last, the same with prompt
@@ -24,19 +26,21 @@ lookup drafting in front of the heads (gptk_jax/decoding/lookup.py): identity, �
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from gptk_jax.data.root import add_data_root_argument, resolve_data_root
+from gptk_jax.data.testsets import news_commentary
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "smollm2-135m"
-DATA_DIR = Path(os.environ.get("GPTK_DATA", ROOT.parent / "shared" / "data")) / "wmt14-de-en"
 RESULTS_HEADS = ROOT / "runs" / "results" / "linear" / "heads"
 DEMO_RUNS = ROOT / "runs" / "demo"
-NEWS_COMMENTARY = "../shared/data/wmt14-de-en/train/news-commentary.first10k"
+TRAIN_EPOCHS = 3          # trained here: --train-steps steps over a third as many rows, so the
+                          # feature-cache build (the trunk over every row) stays short
 DISCLAIMER = ("Note: SmolLM2-135M is a weak translator (135M parameters, trained mostly on "
               "English); this demo shows the mechanics and speed of decoding, not translation "
               "quality.")
@@ -58,28 +62,25 @@ def ensure_converted(model_dir: Path) -> Path:
     return model_dir
 
 
-def load_pairs(num_sentences: int, num_shots: int):
-    """(test pairs from newstest2014, few-shot pairs from newstest2013)."""
+def load_pairs(data_root: Path, num_sentences: int, num_shots: int):
+    """(test pairs from newstest2014, few-shot pairs from newstest2013, the test set's name)."""
     from gptk_jax.data.prompts import few_shot_from
-    from gptk_jax.data.wmt import read_parallel_text, read_sacrebleu
+    from gptk_jax.data.root import sacrebleu_cache
+    from gptk_jax.data.testsets import WMT14_DIR, load_test_set
 
-    if DATA_DIR.is_dir():
-        test = read_parallel_text(DATA_DIR / "newstest2014", max_pairs=num_sentences)
-        shots = read_parallel_text(DATA_DIR / "newstest2013")
-    else:  # sacreBLEU's cache ($SACREBLEU / ~/.sacrebleu), downloading where a network exists
-        test = read_sacrebleu("wmt14/full", max_pairs=num_sentences)
-        shots = read_sacrebleu("wmt13")
-    return test.pairs, few_shot_from(shots.pairs, num_shots), test.source
-
-
-def newline_token_ids(tokenizer) -> set[int]:
-    """Every vocabulary id whose text holds a newline: generation ends at the end of the line."""
-    return {i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([i])}
+    # without the files: sacreBLEU's cache, downloading where a network exists
+    test_name, shots_name = (("newstest2014", "newstest2013") if (data_root / WMT14_DIR).is_dir()
+                             else ("wmt14/full", "wmt13"))
+    cache = sacrebleu_cache(data_root)
+    test = load_test_set(test_name, data_root, max_sentences=num_sentences, sacrebleu_cache=cache)
+    shots = load_test_set(shots_name, data_root, sacrebleu_cache=cache)
+    return list(test.pairs), few_shot_from(shots.pairs, num_shots), test.name
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gptk_jax.demo", description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    add_data_root_argument(p)
     p.add_argument("--num-sentences", type=int, default=8)
     p.add_argument("--shots", type=int, default=3, help="newstest2013 pairs in the prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -97,9 +98,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                           f"{RESULTS_HEADS.relative_to(ROOT)} if present, else 150 steps)")
     mtp.add_argument("--train-batch-size", type=int, default=16)
     mtp.add_argument("--k", type=int, default=4, help="tokens per verify step of trained heads")
-    mtp.add_argument("--eval-sentences", type=int, default=200,
+    mtp.add_argument("--eval-sentences", type=int, default=64,
                      help="newstest2013 sentences of the before/after evaluation")
     args = p.parse_args(argv)
+    args.data_root = resolve_data_root(args.data_root)
     if args.train_steps is not None and args.train_steps < 1:
         p.error("--train-steps must be >= 1")
     return args
@@ -108,17 +110,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     model_dir = ensure_converted(args.model_dir)
+    started = time.perf_counter()          # the one-time conversion above is set-up
+    try:
+        return run(args, model_dir)
+    finally:
+        print(f"\ndemo wall time: {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
+
+def run(args: argparse.Namespace, model_dir: Path) -> int:
+    """Greedy translations of the demo sentences, then (unless --no-mtp) the MTP part."""
     from gptk_jax.llama.checkpoint import load_converted
-    from gptk_jax.data.prompts import PromptFormat
-    from gptk_jax.decoding.greedy import greedy_generate
+    from gptk_jax.data.prompts import PromptFormat, hypothesis_text, translation_stop_ids
+    from gptk_jax.decoding import Decoder
 
     model = load_converted(model_dir)
     tok = model.tokenizer
-    pairs, shots, source = load_pairs(args.num_sentences, args.shots)
+    pairs, shots, source = load_pairs(args.data_root, args.num_sentences, args.shots)
     fmt = PromptFormat.for_languages("de", "en", shots=shots,
                                      space_with_target=not args.research_space)
-    stop_ids = set(tok.stop_ids) | newline_token_ids(tok)
+    stop_ids = translation_stop_ids(tok)
     print(f"model {model_dir} ({model.config.n_layers} layers, dim {model.config.dim}, "
           f"vocab {model.config.vocab_size}); {len(pairs)} sentences from {source}, "
           f"{len(shots)}-shot prompts; greedy, batch {args.batch_size}, "
@@ -126,20 +136,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     results, tokens, seconds, compile_seconds = [], 0, 0.0, 0.0
     prompt_batches, greedy_ids = [], []
+    decoder = Decoder(model.config, model.params, stop_ids=stop_ids, pad_id=tok.pad_id)
     start = time.perf_counter()
     for b in range(0, len(pairs), args.batch_size):
         batch = pairs[b:b + args.batch_size]
         texts = [fmt.prompt_text(p.src) for p in batch]
         prompt_ids = [tok.encode(t, bos=True) for t in texts]
-        result = greedy_generate(model.config, model.params, prompt_ids, args.max_new_tokens,
-                                 stop_ids, tok.pad_id, batch_size=args.batch_size)
+        result = decoder.generate(prompt_ids, args.max_new_tokens, batch_size=args.batch_size)
         prompt_batches.append(prompt_ids)
         greedy_ids += result.tokens
         tokens += result.total_generated
         seconds += result.prefill_seconds + result.decode_seconds
         compile_seconds += result.compile_seconds
         for pair, ids in zip(batch, result.tokens):
-            results.append((pair, tok.decode(ids).split("\n")[0].strip()))
+            results.append((pair, hypothesis_text(tok, ids)))
     wall = time.perf_counter() - start
 
     for i, (pair, translation) in enumerate(results):
@@ -158,9 +168,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 # MTP: heads (reused or trained), then the same prompts decoded draft-and-verify
 # --------------------------------------------------------------------------------------------
 
-def train_config(model_dir: Path, steps: int, batch: int, k: int, eval_sentences: int):
-    """configs/linear_smollm2_wmt14.py for a short run: News Commentary references, one pass
-    over steps * batch rows, loss against the trunk's own argmax (what verification accepts)."""
+def train_pairs(steps: int, batch: int) -> int:
+    """News Commentary pairs the heads trained here see (TRAIN_EPOCHS times each)."""
+    return max(batch, steps * batch // TRAIN_EPOCHS)
+
+
+def train_config(model_dir: Path, steps: int, batch: int, k: int, eval_sentences: int,
+                 data_root: Path):
+    """configs/linear_smollm2_wmt14.py for a short run: News Commentary references,
+    TRAIN_EPOCHS passes over steps * batch / TRAIN_EPOCHS rows (the trunk-feature cache runs the
+    trunk over each row once, so the passes after the first cost the heads only), loss against
+    the trunk's own argmax (what verification accepts)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from configs import linear_smollm2_wmt14
@@ -169,9 +187,9 @@ def train_config(model_dir: Path, steps: int, batch: int, k: int, eval_sentences
     config.trunk_checkpoint = str(model_dir)
     config.head.k = k
     config.loss.targets = "trunk_argmax"
-    config.data.train_prefixes = (NEWS_COMMENTARY,)
+    config.data.train_prefixes = (str(news_commentary(data_root)),)
     config.data.train_target_files = ()
-    config.data.max_train_pairs = steps * batch
+    config.data.max_train_pairs = train_pairs(steps, batch)
     config.data.shots = 0
     config.data.space_with_target = True
     config.data.eval_max_sentences = eval_sentences
@@ -196,17 +214,19 @@ def find_or_train_heads(args, model_dir: Path) -> Path:
               f"--train-steps N trains new ones here instead)")
         return RESULTS_HEADS
     steps = args.train_steps or 150
-    workdir = DEMO_RUNS / f"linear-k{args.k}-{steps}steps"
+    workdir = DEMO_RUNS / f"linear-k{args.k}-{steps}steps-x{TRAIN_EPOCHS}"
     if (workdir / "heads" / "heads.json").is_file():
         print(f"heads: {workdir.relative_to(ROOT)}/heads (trained by an earlier demo run)")
         return workdir / "heads"
     from gptk_jax.training import TrainingError, train_and_evaluate
     print(f"training linear heads (K={args.k}) for {steps} steps of {args.train_batch_size} "
-          f"News Commentary rows into {workdir.relative_to(ROOT)} ...", flush=True)
+          f"rows ({TRAIN_EPOCHS} passes over News Commentary's first "
+          f"{train_pairs(steps, args.train_batch_size)} pairs) "
+          f"into {workdir.relative_to(ROOT)} ...", flush=True)
     start = time.perf_counter()
     try:
         result = train_and_evaluate(train_config(model_dir, steps, args.train_batch_size, args.k,
-                                                 args.eval_sentences), workdir)
+                                                 args.eval_sentences, args.data_root), workdir)
     except TrainingError as e:
         raise SystemExit(f"error: head training failed: {e}")
     if result["status"] != "completed" or result["heads"] is None:
@@ -242,7 +262,8 @@ def print_offset_table(metrics_path: Path) -> None:
 
 def mtp_part(args, model, model_dir: Path, prompt_batches, greedy: dict, results,
              stop_ids) -> int:
-    from gptk_jax.heads.io import HeadsError, head_drafter, load_heads
+    from gptk_jax.decoding import head_drafter
+    from gptk_jax.heads.io import HeadsError, load_heads
 
     print("\n" + "=" * 78 + "\nSelf-speculative (MTP) decoding: heads draft K-1 tokens, one "
           "trunk call verifies them\n" + "=" * 78)
@@ -277,14 +298,15 @@ def draft_and_verify(label: str, drafter, variables, k: int, args, model, prompt
                      greedy: dict, results, stop_ids, show_rows: bool) -> bool:
     """Decodes the demo's prompts draft-and-verify; prints identity with greedy, τ, speed."""
     from gptk_jax.decoding.acceptance import acceptance_stats
-    from gptk_jax.decoding.mtp import mtp_generate
+    from gptk_jax.data.prompts import hypothesis_text
+    from gptk_jax.decoding import Decoder
 
     tok = model.tokenizer
+    decoder = Decoder(model.config, model.params, stop_ids=stop_ids, pad_id=tok.pad_id,
+                      drafter=drafter, drafter_vars=variables, num_tokens_per_step=k)
     mtp_ids, count, seconds, compile_seconds, accepted, emitted = [], 0, 0.0, 0.0, [], []
     for prompt_ids in prompt_batches:
-        r = mtp_generate(model.config, model.params, drafter, variables, prompt_ids,
-                         args.max_new_tokens, stop_ids, tok.pad_id, num_tokens_per_step=k,
-                         batch_size=args.batch_size)
+        r = decoder.generate(prompt_ids, args.max_new_tokens, batch_size=args.batch_size)
         mtp_ids += r.tokens
         count += r.total_generated
         seconds += r.prefill_seconds + r.decode_seconds
@@ -300,7 +322,7 @@ def draft_and_verify(label: str, drafter, variables, k: int, args, model, prompt
         identical += same
         if show_rows or not same:
             print(f"[{i}] greedy: {greedy_text}\n    mtp:    "
-                  f"{tok.decode(m_ids).split(chr(10))[0].strip()}\n    "
+                  f"{hypothesis_text(tok, m_ids)}\n    "
                   f"{'identical tokens' if same else 'DIFFERENT TOKENS'}\n")
     stats = acceptance_stats(accepted, emitted, num_drafts=k - 1)
     greedy_rate = greedy["count"] / greedy["seconds"] if greedy["seconds"] > 0 else float("nan")

@@ -9,7 +9,7 @@ source line i (its first output line, stripped; empty when the source line is em
 line-aligned with PREFIX and can replace PREFIX.{tgt_lang} in a training config
 (`config.data.train_target_files`). Prompts are the training prompts (gptk_jax.data.prompts):
 use the same --shots as the training config. Decoding is batched with the jitted greedy decoder
-and its KV cache (gptk_jax.decoding.greedy).
+and its KV cache (one gptk_jax.decoding.Decoder for every batch).
 
 Resumable: FILE is appended to after every batch (flushed and fsync-ed); a rerun counts the lines
 already there, drops a partial last line left by a crash, and translates only the rest.
@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SHOTS_PREFIX = "../shared/data/wmt14-de-en/train/news-commentary.first10k"
+from gptk_jax.data.root import add_data_root_argument, resolve_data_root
+from gptk_jax.data.testsets import news_commentary
 
 
 def lines_done(output: Path) -> int:
@@ -50,17 +50,17 @@ def _one_line(text: str) -> str:
 def distill(checkpoint: str | os.PathLike, input_prefix: str, output: str | os.PathLike, *,
             max_pairs: Optional[int] = None, batch_size: int = 16, max_new_tokens: int = 128,
             src_lang: str = "de", tgt_lang: str = "en", shots: int = 0,
-            shots_prefix: str = DEFAULT_SHOTS_PREFIX, space_with_target: bool = False,
+            shots_prefix: Optional[str | os.PathLike] = None, space_with_target: bool = False,
             progress: bool = True) -> int:
     """Appends translations of source lines [lines already in output, max_pairs) to `output`;
-    returns the number of lines written now."""
+    returns the number of lines written now. `shots_prefix`: the few-shot pool PREFIX (needed
+    when shots > 0; the CLI defaults it to News Commentary under the data root)."""
     from tqdm import tqdm
 
     from gptk_jax.llama.checkpoint import load_converted
-    from gptk_jax.data.prompts import PromptFormat, few_shot_from
-    from gptk_jax.data.wmt import read_parallel_text, read_text_lines
-    from gptk_jax.decoding.greedy import greedy_generate
-    from gptk_jax.evaluate import translation_stop_ids
+    from gptk_jax.data.prompts import prompt_format, translation_stop_ids
+    from gptk_jax.data.wmt import read_text_lines
+    from gptk_jax.decoding import Decoder
 
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("--batch-size and --max-new-tokens must be >= 1")
@@ -77,14 +77,11 @@ def distill(checkpoint: str | os.PathLike, input_prefix: str, output: str | os.P
         return 0
     model = load_converted(checkpoint)
     tok = model.tokenizer
-    pool = ()
-    if shots:
-        shots_path = Path(shots_prefix)
-        shots_path = shots_path if shots_path.is_absolute() else ROOT / shots_path
-        pool = few_shot_from(read_parallel_text(shots_path, src_lang, tgt_lang).pairs, shots)
-    fmt = PromptFormat.for_languages(src_lang, tgt_lang, shots=pool,
-                                     space_with_target=space_with_target)
-    stop_ids = translation_stop_ids(tok)
+    fmt = prompt_format(src_lang, tgt_lang, shots, shots_from=shots_prefix,
+                        space_with_target=space_with_target)
+    # one decoder for every batch: compiled once per prompt bucket
+    decoder = Decoder(model.config, model.params, stop_ids=translation_stop_ids(tok),
+                      pad_id=tok.pad_id)
     bos = getattr(tok, "add_bos", True)
     todo = sources[start:]
     written = 0
@@ -96,8 +93,7 @@ def distill(checkpoint: str | os.PathLike, input_prefix: str, output: str | os.P
             real = [i for i, s in enumerate(chunk) if s]
             if real:
                 prompts = [tok.encode(fmt.prompt_text(chunk[i]), bos=bos) for i in real]
-                result = greedy_generate(model.config, model.params, prompts, max_new_tokens,
-                                         stop_ids, tok.pad_id, batch_size=batch_size)
+                result = decoder.generate(prompts, max_new_tokens, batch_size=batch_size)
                 for i, ids in zip(real, result.tokens):
                     texts[i] = _one_line(tok.decode(ids))
             out.write("".join(t + "\n" for t in texts))
@@ -119,8 +115,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--src-lang", default="de")
     p.add_argument("--tgt-lang", default="en")
     p.add_argument("--shots", type=int, default=0, help="few-shot pairs (as in training)")
-    p.add_argument("--shots-prefix", default=DEFAULT_SHOTS_PREFIX,
-                   help="few-shot pool PREFIX (relative paths: from the repository root)")
+    p.add_argument("--shots-prefix", default=None,
+                   help="few-shot pool PREFIX (default: News Commentary under the data root)")
+    add_data_root_argument(p)
     p.add_argument("--space-with-target", action="store_true",
                    help="prompts end at 'en:' (as config.data.space_with_target in training)")
     p.add_argument("--no-progress", action="store_true")
@@ -135,7 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         written = distill(args.checkpoint, args.input, args.output, max_pairs=args.max_pairs,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           src_lang=args.src_lang, tgt_lang=args.tgt_lang, shots=args.shots,
-                          shots_prefix=args.shots_prefix,
+                          shots_prefix=args.shots_prefix or news_commentary(
+                              resolve_data_root(args.data_root)),
                           space_with_target=args.space_with_target,
                           progress=not args.no_progress)
     except (CheckpointError, DataError, OSError, ValueError) as e:

@@ -18,7 +18,8 @@ timing (prefill s, decode s, tokens/s over prefill + decode; compilation reporte
 (decoding/continuous.py): one timing for the whole run.
 
 Decoders are looked up in DECODERS by `--decoding`: a builder (args, model) -> decode function
-(prompt ids, batch_size) -> result with the fields of `greedy.GenerationResult`. A multi-token
+(prompt ids, batch_size) -> result with the fields of `decoding.GenerationResult`; each builder
+holds one `decoding.Decoder`, so every batch of a run reuses its executables. A multi-token
 decoder adds its own entry (and its own flags, e.g. `--heads DIR`).
 """
 
@@ -35,55 +36,38 @@ DecodeFn = Callable[[list, int], object]  # (prompt ids, batch_size) -> Generati
 
 
 def build_greedy(args: argparse.Namespace, model) -> DecodeFn:
-    from gptk_jax.decoding.greedy import greedy_generate
+    return _decode_fn(args, _decoder(model))
 
+
+def _decoder(model, **drafting):
+    """One Decoder (decoding/engine.py) for the whole run: it compiles once per batch shape."""
+    from gptk_jax.decoding import Decoder
     tok = model.tokenizer
+    return Decoder(model.config, model.params, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                   **drafting)
 
+
+def _decode_fn(args: argparse.Namespace, decoder) -> DecodeFn:
+    """Static batches, or with --continuous every prompt through `batch_size` continuously
+    refilled slots (with a progress bar over prompts)."""
     def decode(prompt_ids: list, batch_size: int):
-        if args.continuous:
-            return _continuous(args, model, prompt_ids, batch_size)
-        return greedy_generate(model.config, model.params, prompt_ids, args.max_new_tokens,
-                               tok.stop_ids, tok.pad_id, padding=args.padding,
-                               bucket=args.bucket, batch_size=batch_size)
-    return decode
-
-
-def _continuous(args: argparse.Namespace, model, prompt_ids: list, batch_size: int,
-                drafter=None, variables=(), k: int = 1):
-    """Every prompt through `batch_size` continuously refilled slots (decoding/continuous.py),
-    with a progress bar over prompts."""
-    from tqdm import tqdm
-
-    from gptk_jax.decoding.continuous import continuous_generate
-    tok = model.tokenizer
-    with tqdm(total=len(prompt_ids), desc=args.decoding, unit="prompt", file=sys.stderr,
-              disable=len(prompt_ids) < 2) as bar:
-        return continuous_generate(model.config, model.params, prompt_ids, args.max_new_tokens,
-                                   tok.stop_ids, tok.pad_id, batch_size=batch_size,
-                                   drafter=drafter, drafter_vars=variables,
-                                   num_tokens_per_step=k, padding=args.padding,
-                                   bucket=args.bucket, on_finished=bar.update)
-
-
-def _draft_verify(args: argparse.Namespace, model, drafter, variables, k: int) -> DecodeFn:
-    """The decode function of decoding/mtp.py's loop with this drafter, K tokens per step."""
-    from gptk_jax.decoding.mtp import mtp_generate
-    tok = model.tokenizer
-
-    def decode(prompt_ids: list, batch_size: int):
-        if args.continuous:
-            return _continuous(args, model, prompt_ids, batch_size, drafter, variables, k)
-        return mtp_generate(model.config, model.params, drafter, variables, prompt_ids,
-                            args.max_new_tokens, tok.stop_ids, tok.pad_id,
-                            num_tokens_per_step=k, padding=args.padding, bucket=args.bucket,
-                            batch_size=batch_size)
+        if not args.continuous:
+            return decoder.generate(prompt_ids, args.max_new_tokens, padding=args.padding,
+                                    bucket=args.bucket, batch_size=batch_size)
+        from tqdm import tqdm
+        with tqdm(total=len(prompt_ids), desc=args.decoding, unit="prompt", file=sys.stderr,
+                  disable=len(prompt_ids) < 2) as bar:
+            return decoder.generate_continuous(prompt_ids, args.max_new_tokens,
+                                               batch_size=batch_size, padding=args.padding,
+                                               bucket=args.bucket, on_finished=bar.update)
     return decode
 
 
 def build_mtp(args: argparse.Namespace, model) -> DecodeFn:
     """Self-speculative decoding with trained heads (decoding/mtp.py): greedy's tokens, fewer
     trunk calls. Result rows also carry verify steps and accepted drafts per step."""
-    from gptk_jax.heads.io import head_drafter, load_heads
+    from gptk_jax.decoding import head_drafter
+    from gptk_jax.heads.io import load_heads
 
     if not args.heads:
         raise UsageError("--decoding mtp needs --heads DIR (heads saved by gptk_jax.heads.io)")
@@ -91,15 +75,17 @@ def build_mtp(args: argparse.Namespace, model) -> DecodeFn:
     k = args.k or heads.head_config.k
     drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
                                       model.params, k)
-    return _draft_verify(args, model, drafter, variables, k)
+    return _decode_fn(args, _decoder(model, drafter=drafter, drafter_vars=variables,
+                                     num_tokens_per_step=k))
 
 
 def build_lookup(args: argparse.Namespace, model) -> DecodeFn:
     """Prompt-lookup drafting (decoding/lookup.py) in the same draft-verify loop: drafts are the
     tokens that followed the latest earlier occurrence of the last n tokens (prompt included);
     with --heads, offsets the lookup cannot fill come from the trained heads."""
+    from gptk_jax.decoding import head_drafter
     from gptk_jax.decoding.lookup import LookupDrafter
-    from gptk_jax.heads.io import head_drafter, load_heads
+    from gptk_jax.heads.io import load_heads
 
     k = args.k or DEFAULT_LOOKUP_K
     fallback, fallback_vars = None, None
@@ -108,8 +94,9 @@ def build_lookup(args: argparse.Namespace, model) -> DecodeFn:
         fallback, fallback_vars = head_drafter(heads.head_config, heads.params, model.config,
                                                model.params)
     drafter = LookupDrafter(k - 1, max_ngram=args.lookup_max_ngram, fallback=fallback)
-    variables = LookupDrafter.variables(fallback_vars)
-    return _draft_verify(args, model, drafter, variables, k)
+    return _decode_fn(args, _decoder(model, drafter=drafter,
+                                     drafter_vars=LookupDrafter.variables(fallback_vars),
+                                     num_tokens_per_step=k))
 
 
 DEFAULT_LOOKUP_K = 4

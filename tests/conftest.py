@@ -30,17 +30,16 @@ def wmt_dir() -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_executables():
-    """Drops every compiled executable after each test module. Each XLA:CPU executable maps
-    its code into the process (hundreds of mappings each: one test module of the decoders
-    reached ~19,000); the whole suite in one process exceeded the kernel's vm.max_map_count
-    (65,530 here) and crashed inside a later compilation (a segfault or an abort in
-    backend_compile, at the same test each time)."""
+    """Drops jax's cached executables after each test module (a decoder's own die with it, at
+    the end of its module-scoped fixture). Each XLA:CPU executable maps its code into the
+    process (hundreds of mappings each: one test module of the decoders reached ~19,000); the
+    whole suite in one process exceeded the kernel's vm.max_map_count (65,530 here) and crashed
+    inside a later compilation (a segfault or an abort in backend_compile, at the same test
+    each time)."""
     yield
     import gc
 
     import jax
 
-    from gptk_jax.decoding.greedy import clear_compiled
-    clear_compiled()
     jax.clear_caches()
     gc.collect()

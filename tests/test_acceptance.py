@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptk_jax.decoding.acceptance import accept_step, accepted_length, summarize
-from gptk_jax.decoding.greedy import stop_id_array
+from gptk_jax.decoding.inputs import stop_id_array
 
 TRUNK = [5, 6, 7, 8]  # the trunk's own tokens after next_token, d2, d3, d4
 

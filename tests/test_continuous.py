@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 
 from gptk_jax.llama.config import LlamaConfig
+from gptk_jax.decoding import Decoder, head_drafter
 from gptk_jax.decoding.continuous import continuous_generate
-from gptk_jax.decoding.greedy import greedy_generate
 from gptk_jax.decoding.lookup import LookupDrafter
-from gptk_jax.decoding.mtp import mtp_generate
 from gptk_jax.decoding.oracle import RandomDrafter
 from gptk_jax.heads import HeadConfig, init_head_params, make_head
-from gptk_jax.heads.io import head_drafter
 from gptk_jax.llama.model import init_params, params_for_model
 
 from _lookup_reference import expected_accepted
@@ -39,21 +37,22 @@ def setup():
     for n in PROMPT_LENGTHS:     # a repeated phrase gives the lookup something to find
         phrase = rs.randint(1, CFG.vocab_size, 3).tolist()
         prompts.append((phrase + rs.randint(1, CFG.vocab_size, n).tolist() + phrase)[:n + 3])
-    free = greedy_generate(CFG, params, prompts, MAX_NEW + K, [], PAD, bucket=BUCKET)
+    decoder = Decoder(CFG, params, stop_ids=[], pad_id=PAD)
+    free = decoder.generate(prompts, MAX_NEW + K, bucket=BUCKET)
     # a stop id that ends some rows early and not others
     counts = np.bincount(np.concatenate([t[2:12] for t in free.tokens]), minlength=CFG.vocab_size)
     stop_ids = [int(np.argsort(counts)[-3])]
-    greedy = greedy_generate(CFG, params, prompts, MAX_NEW, stop_ids, PAD, bucket=BUCKET)
+    decoder = decoder.replace(stop_ids=stop_ids)
+    greedy = decoder.generate(prompts, MAX_NEW, bucket=BUCKET)
     assert set(greedy.stop_reasons) == {"stop", "length"}, "setup: want ragged outputs"
     assert len(set(greedy.num_generated)) > 3, "setup: want ragged outputs"
-    return params, prompts, stop_ids, greedy, free.tokens
+    return decoder, prompts, stop_ids, greedy, free.tokens
 
 
 @pytest.mark.parametrize("batch", [1, 3, 4, 16])
 def test_greedy_through_refilled_slots_equals_static_greedy(setup, batch):
-    params, prompts, stop_ids, greedy, _ = setup
-    result = continuous_generate(CFG, params, prompts, MAX_NEW, stop_ids, PAD, batch_size=batch,
-                                 bucket=BUCKET)
+    decoder, prompts, stop_ids, greedy, _ = setup
+    result = decoder.generate_continuous(prompts, MAX_NEW, batch_size=batch, bucket=BUCKET)
     assert result.tokens == greedy.tokens
     assert result.stop_reasons == greedy.stop_reasons
     assert result.num_generated == greedy.num_generated
@@ -72,7 +71,8 @@ def test_greedy_through_refilled_slots_equals_static_greedy(setup, batch):
         assert result.prefill_calls == 1 and result.loop_iterations == static
 
 
-def _drafters(params):
+def _drafters(decoder):
+    params = decoder.params
     lstm_config = HeadConfig(kind="lstm", k=K)
     lstm = make_head(lstm_config, CFG)
     lstm_drafter, lstm_vars = head_drafter(lstm_config, init_head_params(
@@ -93,11 +93,11 @@ def _drafters(params):
 @pytest.mark.parametrize("name", ["lookup", "random", "lstm-heads", "lookup+linear-heads"])
 @pytest.mark.parametrize("batch, padding", [(3, "left"), (4, "right")])
 def test_mtp_through_refilled_slots_is_exact(setup, name, batch, padding):
-    params, prompts, stop_ids, greedy, _ = setup
-    drafter, variables = _drafters(params)[name]
-    result = continuous_generate(CFG, params, prompts, MAX_NEW, stop_ids, PAD, batch_size=batch,
-                                 drafter=drafter, drafter_vars=variables,
-                                 num_tokens_per_step=K, padding=padding, bucket=BUCKET)
+    decoder, prompts, stop_ids, greedy, _ = setup
+    drafter, variables = _drafters(decoder)[name]
+    mtp = decoder.replace(drafter=drafter, drafter_vars=variables, num_tokens_per_step=K)
+    result = mtp.generate_continuous(prompts, MAX_NEW, batch_size=batch, padding=padding,
+                                     bucket=BUCKET)
     assert result.tokens == greedy.tokens
     assert result.stop_reasons == greedy.stop_reasons
     assert sum(result.stats["steps_per_row"]) == result.stats["verify_steps"]
@@ -110,23 +110,21 @@ def test_refilled_slots_start_fresh(setup, batch):
     """Per prompt, the lookup's accepted drafts per step are those of a plain-Python lookup over
     that prompt alone, and equal the static decoder's: nothing of a slot's previous prompt
     (the lookup's history, the cache row) survives a refill."""
-    params, prompts, stop_ids, greedy, continuations = setup
-    drafter = LookupDrafter(K - 1)
-    result = continuous_generate(CFG, params, prompts, MAX_NEW, stop_ids, PAD, batch_size=batch,
-                                 drafter=drafter, drafter_vars=LookupDrafter.variables(),
-                                 num_tokens_per_step=K, bucket=BUCKET)
+    decoder, prompts, stop_ids, greedy, continuations = setup
+    lookup = decoder.replace(drafter=LookupDrafter(K - 1), drafter_vars=LookupDrafter.variables())
+    result = lookup.generate_continuous(prompts, MAX_NEW, batch_size=batch, bucket=BUCKET)
     expected = [expected_accepted(p, c, stop_ids, MAX_NEW, K)
                 for p, c in zip(prompts, continuations)]
     assert result.stats["accepted_per_row"] == expected
     assert result.stats["mean_accepted_drafts"] > 0.3    # the lookup does find things here
-    static = mtp_generate(CFG, params, drafter, LookupDrafter.variables(), prompts, MAX_NEW,
-                          stop_ids, PAD, num_tokens_per_step=K, bucket=BUCKET)
+    static = lookup.generate(prompts, MAX_NEW, bucket=BUCKET)
     assert static.stats["accepted_per_row"] == expected
     assert result.stats["tokens_per_step"] == static.stats["tokens_per_step"]
 
 
 def test_bad_arguments_are_refused(setup):
-    params, prompts, stop_ids, _, _ = setup
+    decoder, prompts, stop_ids, _, _ = setup
+    params = decoder.params
     with pytest.raises(ValueError, match="without a drafter K must be 1"):
         continuous_generate(CFG, params, prompts, MAX_NEW, stop_ids, PAD, batch_size=2,
                             num_tokens_per_step=4)

@@ -1,7 +1,8 @@
 """Greedy decoding on a tiny random trunk: against a naive no-cache loop, ragged batches in both
 padding modes against each prompt alone, stop ids, max_new_tokens, bucketing and filler rows.
 
-Executables are shared across tests (same batch, bucket and max_new_tokens) to keep this light.
+One Decoder serves the module: its executables are shared across tests (same batch, bucket and
+max_new_tokens) to keep this light.
 """
 
 import jax
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 
 from gptk_jax.llama.config import LlamaConfig
-from gptk_jax.decoding.greedy import (bucket_length, greedy_generate, pad_prompts,
-                                      stop_id_array)
+from gptk_jax.decoding.engine import Decoder
+from gptk_jax.decoding.greedy import greedy_generate
+from gptk_jax.decoding.inputs import bucket_length, pad_prompts, stop_id_array
 from gptk_jax.llama.model import Llama, init_params, params_for_model
 
 CFG = LlamaConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
@@ -55,11 +57,14 @@ def reference(params):
     return [naive_greedy(params, p, MAX_NEW) for p in PROMPTS]
 
 
-def generate(params, prompts, **kw):
+@pytest.fixture(scope="module")
+def decoder(params):
+    return Decoder(CFG, params, stop_ids=[], pad_id=PAD)
+
+
+def generate(decoder, prompts, stop_ids=(), max_new_tokens=MAX_NEW, **kw):
     kw.setdefault("bucket", BUCKET)
-    kw.setdefault("max_new_tokens", MAX_NEW)
-    kw.setdefault("stop_ids", [])
-    return greedy_generate(CFG, params, prompts, pad_id=PAD, **kw)
+    return decoder.replace(stop_ids=stop_ids).generate(prompts, max_new_tokens, **kw)
 
 
 def test_pad_prompts_left_and_right():
@@ -85,29 +90,29 @@ def test_pad_prompts_left_and_right():
         pad_prompts([[1]], PAD, padding="middle")
 
 
-def test_single_prompt_matches_naive_loop(params, reference):
+def test_single_prompt_matches_naive_loop(decoder, reference):
     for prompt, expected in zip(PROMPTS, reference):
-        result = generate(params, [prompt])
+        result = generate(decoder, [prompt])
         assert result.tokens == [expected]
         assert result.stop_reasons == ["length"]
         assert result.num_generated == [MAX_NEW] and result.num_steps == MAX_NEW
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_ragged_batch_equals_each_prompt_alone(params, reference, padding):
-    batched = generate(params, PROMPTS, padding=padding)
+def test_ragged_batch_equals_each_prompt_alone(decoder, reference, padding):
+    batched = generate(decoder, PROMPTS, padding=padding)
     assert batched.padded_shape == (3, BUCKET)
     assert batched.tokens == reference
     for prompt, expected in zip(PROMPTS, reference):
-        assert generate(params, [prompt], padding=padding).tokens == [expected]
+        assert generate(decoder, [prompt], padding=padding).tokens == [expected]
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_stop_id_ends_its_row_only(params, reference, padding):
+def test_stop_id_ends_its_row_only(params, decoder, reference, padding):
     # Stop on the token row 0 produces at its 4th step (hand-picked from the reference run).
     stop = reference[0][3]
     assert stop not in reference[0][:3]
-    result = generate(params, PROMPTS, stop_ids=[stop], padding=padding)
+    result = generate(decoder, PROMPTS, stop_ids=[stop], padding=padding)
     for row, (tokens, expected) in enumerate(zip(result.tokens, reference)):
         if stop in expected:
             cut = expected.index(stop)
@@ -121,51 +126,69 @@ def test_stop_id_ends_its_row_only(params, reference, padding):
     assert result.tokens[0] + [stop] == naive_greedy(params, PROMPTS[0], MAX_NEW, {stop})
 
 
-def test_loop_ends_when_every_row_is_done(params, reference):
+def test_loop_ends_when_every_row_is_done(decoder, reference):
     firsts = {r[0] for r in reference}
-    result = generate(params, PROMPTS, stop_ids=firsts)
+    result = generate(decoder, PROMPTS, stop_ids=firsts)
     assert result.tokens == [[], [], []]
     assert result.num_generated == [1, 1, 1] and result.num_steps == 1
 
 
-def test_max_new_tokens(params, reference):
-    result = generate(params, PROMPTS, max_new_tokens=3)
+def test_max_new_tokens(decoder, reference):
+    result = generate(decoder, PROMPTS, max_new_tokens=3)
     assert result.tokens == [r[:3] for r in reference]
     assert result.num_steps == 3 and result.stop_reasons == ["length"] * 3
-    one = generate(params, PROMPTS, max_new_tokens=1)
+    one = generate(decoder, PROMPTS, max_new_tokens=1)
     assert one.tokens == [r[:1] for r in reference] and one.num_steps == 1
     with pytest.raises(ValueError, match="max_new_tokens"):
-        generate(params, PROMPTS, max_new_tokens=0)
+        generate(decoder, PROMPTS, max_new_tokens=0)
     with pytest.raises(ValueError, match="max_seq_len"):
-        generate(params, PROMPTS, max_new_tokens=CFG.max_seq_len)
+        generate(decoder, PROMPTS, max_new_tokens=CFG.max_seq_len)
 
 
-def test_bucketing_and_filler_rows_do_not_change_tokens(params, reference):
-    exact = generate(params, PROMPTS, bucket=1)
+def test_bucketing_and_filler_rows_do_not_change_tokens(decoder, reference):
+    exact = generate(decoder, PROMPTS, bucket=1)
     assert exact.padded_shape == (3, max(map(len, PROMPTS)))
     assert exact.tokens == reference
-    wide = generate(params, PROMPTS, bucket=32, padding="right", batch_size=5)
+    wide = generate(decoder, PROMPTS, bucket=32, padding="right", batch_size=5)
     assert wide.padded_shape == (5, 32)
     assert wide.tokens == reference and len(wide.num_generated) == 3
 
 
-def test_executables_are_reused(params):
-    generate(params, PROMPTS)
-    # Other prompts, same (batch, bucket, max_new_tokens): no recompilation.
-    again = generate(params, [PROMPTS[2], PROMPTS[0], [1, 2, 3, 4, 5]], padding="right")
+def test_executables_are_reused(decoder):
+    generate(decoder, PROMPTS)
+    # Other prompts and stop ids, same (batch, bucket, max_new_tokens): no recompilation.
+    again = generate(decoder, [PROMPTS[2], PROMPTS[0], [1, 2, 3, 4, 5]], stop_ids=[5],
+                     padding="right")
     assert again.compile_seconds == 0.0
 
 
-def test_compiled_executables_are_bounded_least_recently_used_first(params, monkeypatch):
-    from gptk_jax.decoding import greedy
-    monkeypatch.setattr(greedy, "MAX_COMPILED", 2)
-    greedy.clear_compiled()
-    run = lambda n: greedy_generate(CFG, params, [[3] * n], 2, [], PAD, bucket=8)
+def test_executables_belong_to_their_decoder(params, decoder, reference):
+    """No global cache: another Decoder of the same trunk compiles its own executables (which
+    die with it); `replace` shares them."""
+    other = Decoder(CFG, params, stop_ids=[], pad_id=PAD)
+    result = other.generate([PROMPTS[0]], MAX_NEW, bucket=BUCKET)
+    assert result.compile_seconds > 0 and result.tokens == [reference[0]]
+    assert other.replace(stop_ids=[3]).generate([PROMPTS[1]], MAX_NEW,
+                                                bucket=BUCKET).compile_seconds == 0.0
+    assert other.executables is not decoder.executables
+
+
+def test_compiled_executables_are_bounded_least_recently_used_first(params):
+    bounded = Decoder(CFG, params, stop_ids=[], pad_id=PAD, max_compiled=2)
+    run = lambda n: bounded.generate([[3] * n], 2, bucket=8)
     assert run(1).compile_seconds > 0          # bucket 8: prefill + loop executables
     assert run(2).compile_seconds == 0.0       # same shapes
     assert run(9).compile_seconds > 0          # bucket 16: two more, bucket 8's two evicted
-    assert len(greedy._COMPILED) == 2
+    assert len(bounded.executables) == 2
     assert run(1).compile_seconds > 0          # compiled again
+
+
+def test_greedy_result_has_the_step_statistics_of_one_token_per_step(decoder, reference):
+    result = generate(decoder, PROMPTS)
+    assert result.num_tokens_per_step == 1 and result.stats["tokens_per_step"] == 1.0
+    assert result.stats["steps_per_row"] == [n - 1 for n in result.num_generated]
+    assert result.stop_tokens == [None] * 3
+    assert [r["tokens"] for r in result.row_records()] == reference
 
 
 def test_scan_layers_layout_gives_the_same_tokens(params, reference):
@@ -176,9 +199,9 @@ def test_scan_layers_layout_gives_the_same_tokens(params, reference):
 
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_prefill_cache_lengths_and_valid_slots(params, padding):
-    from gptk_jax.decoding.greedy import prefill
+    from gptk_jax.decoding.loop import prefill
     prompts = pad_prompts([[1, 2, 3], [4]], PAD, padding=padding, bucket=4)
-    out = prefill(CFG, params_for_model(params, CFG), prompts, cache_len=6)
+    out = prefill(CFG, params_for_model(params, CFG), prompts, slots=6)
     valid = np.asarray(out.cache.valid)
     if padding == "left":
         assert list(np.asarray(out.cache.lengths)) == [4, 4]

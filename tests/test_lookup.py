@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 
 from gptk_jax.llama.config import LlamaConfig
-from gptk_jax.decoding.greedy import greedy_generate
+from gptk_jax.decoding import Decoder, head_drafter
 from gptk_jax.decoding.lookup import LookupDrafter, append_tokens, lookup_drafts
-from gptk_jax.decoding.mtp import mtp_generate
 from gptk_jax.heads import HeadConfig, init_head_params, make_head
-from gptk_jax.heads.io import head_drafter
 from gptk_jax.llama.model import init_params, params_for_model
 
 from _lookup_reference import expected_accepted
@@ -86,20 +84,19 @@ def setup():
     for n in PROMPT_LENGTHS:
         phrase = rs.randint(1, CFG.vocab_size, 4).tolist()
         prompts.append((phrase + rs.randint(1, CFG.vocab_size, n).tolist() + phrase)[:n + 4])
-    free = greedy_generate(CFG, params, prompts, MAX_NEW + K, [], PAD, bucket=8)
+    decoder = Decoder(CFG, params, stop_ids=[], pad_id=PAD)
+    free = decoder.generate(prompts, MAX_NEW + K, bucket=8)
     stop_ids = [free.tokens[0][9]]
-    return params, prompts, stop_ids, free.tokens
+    return decoder.replace(stop_ids=stop_ids), prompts, stop_ids, free.tokens
 
 
 @pytest.mark.parametrize("batch, padding", [(1, "left"), (8, "left"), (8, "right")])
 def test_lookup_in_the_loop_matches_python_and_greedy(setup, batch, padding):
-    params, prompts, stop_ids, continuations = setup
+    decoder, prompts, stop_ids, continuations = setup
     prompts = prompts[:batch]
-    greedy = greedy_generate(CFG, params, prompts, MAX_NEW, stop_ids, PAD, padding=padding,
-                             bucket=8)
-    result = mtp_generate(CFG, params, LookupDrafter(K - 1), LookupDrafter.variables(), prompts,
-                          MAX_NEW, stop_ids, PAD, num_tokens_per_step=K, padding=padding,
-                          bucket=8)
+    greedy = decoder.generate(prompts, MAX_NEW, padding=padding, bucket=8)
+    lookup = decoder.replace(drafter=LookupDrafter(K - 1), drafter_vars=LookupDrafter.variables())
+    result = lookup.generate(prompts, MAX_NEW, padding=padding, bucket=8)
     assert result.tokens == greedy.tokens
     assert result.stop_reasons == greedy.stop_reasons
     expected = [expected_accepted(p, c, stop_ids, MAX_NEW, K)
@@ -112,14 +109,15 @@ def test_lookup_in_the_loop_matches_python_and_greedy(setup, batch, padding):
 
 @pytest.mark.parametrize("kind", ["linear", "lstm"])
 def test_lookup_in_front_of_heads_equals_greedy(setup, kind):
-    params, prompts, stop_ids, _ = setup
+    decoder, prompts, stop_ids, _ = setup
+    params = decoder.params
     head_config = HeadConfig(kind=kind, k=3)   # heads draft 2 offsets; the lookup 3
     head = make_head(head_config, CFG)
     head_params = init_head_params(head, params, jax.random.PRNGKey(5))
     heads, head_vars = head_drafter(head_config, head_params, CFG, params)
     drafter = LookupDrafter(K - 1, fallback=heads)
-    greedy = greedy_generate(CFG, params, prompts, MAX_NEW, stop_ids, PAD, bucket=8)
-    result = mtp_generate(CFG, params, drafter, LookupDrafter.variables(head_vars), prompts,
-                          MAX_NEW, stop_ids, PAD, num_tokens_per_step=K, bucket=8)
+    greedy = decoder.generate(prompts, MAX_NEW, bucket=8)
+    result = decoder.replace(drafter=drafter, drafter_vars=LookupDrafter.variables(head_vars),
+                             num_tokens_per_step=K).generate(prompts, MAX_NEW, bucket=8)
     assert result.tokens == greedy.tokens
     assert result.stop_reasons == greedy.stop_reasons

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from gptk_jax.llama.config import LlamaConfig
-from gptk_jax.decoding.greedy import greedy_generate, pad_prompts, prefill, stop_id_array
-from gptk_jax.decoding.mtp import mtp_generate, mtp_step, prefill_state
+from gptk_jax.decoding import Decoder, head_drafter
+from gptk_jax.decoding.inputs import pad_prompts, stop_id_array
+from gptk_jax.decoding.loop import cache_slots, decode_step, prefill, prefill_state
+from gptk_jax.decoding.mtp import mtp_generate
 from gptk_jax.decoding.oracle import (OracleDrafter, RandomDrafter, RepeatDrafter,
                                       oracle_variables)
 from gptk_jax.heads import HeadConfig, init_head_params, make_head
-from gptk_jax.heads.io import head_drafter
 from gptk_jax.llama.model import Llama, init_params, params_for_model
 
 CFG = LlamaConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
@@ -40,19 +41,25 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def stop_ids(params, prompts):
+def decoder(params):
+    """Greedy; `replace` gives the drafters' decoders (sharing params and executables)."""
+    return Decoder(CFG, params, stop_ids=[], pad_id=PAD)
+
+
+@pytest.fixture(scope="module")
+def stop_ids(decoder, prompts):
     """A stop id that ends some rows mid-way and not others: the 7th token row 0 generates."""
-    free = greedy_generate(CFG, params, prompts, MAX_NEW, [], PAD, bucket=BUCKET)
+    free = decoder.generate(prompts, MAX_NEW, bucket=BUCKET)
     return [free.tokens[0][6]]
 
 
 @pytest.fixture(scope="module")
-def greedy(params, prompts, stop_ids):
+def greedy(decoder, prompts, stop_ids):
     out = {}
     for padding in ("left", "right"):
         for batch in (1, 8):
-            out[batch, padding] = greedy_generate(CFG, params, prompts[:batch], MAX_NEW,
-                                                  stop_ids, PAD, padding=padding, bucket=BUCKET)
+            out[batch, padding] = decoder.replace(stop_ids=stop_ids).generate(
+                prompts[:batch], MAX_NEW, padding=padding, bucket=BUCKET)
     assert set(out[8, "left"].stop_reasons) == {"stop", "length"}  # rows end differently
     return out
 
@@ -84,11 +91,12 @@ def _assert_same_as_greedy(result, reference):
     (8, "random", "left"), (8, "oracle", "left"), (8, "noisy_oracle", "left"),
     (8, "noisy_oracle", "right"),
 ])
-def test_mtp_equals_greedy(params, prompts, stop_ids, greedy, batch, drafter_name, padding):
+def test_mtp_equals_greedy(decoder, prompts, stop_ids, greedy, batch, drafter_name, padding):
     reference = greedy[batch, padding]
     drafter, variables = _drafter(drafter_name, reference, prompts[:batch], stop_ids)
-    result = mtp_generate(CFG, params, drafter, variables, prompts[:batch], MAX_NEW, stop_ids,
-                          PAD, num_tokens_per_step=K, padding=padding, bucket=BUCKET)
+    mtp = decoder.replace(stop_ids=stop_ids, drafter=drafter, drafter_vars=variables,
+                          num_tokens_per_step=K)
+    result = mtp.generate(prompts[:batch], MAX_NEW, padding=padding, bucket=BUCKET)
     _assert_same_as_greedy(result, reference)
     stats = result.stats
     assert result.num_steps == 1 + max(stats["steps_per_row"])
@@ -112,13 +120,14 @@ def test_mtp_equals_greedy(params, prompts, stop_ids, greedy, batch, drafter_nam
         assert len(set(stats["steps_per_row"])) > 1  # and finish after different step counts
 
 
-def test_cache_after_partly_rejected_block_matches_greedy_cache(params, prompts, greedy):
+def test_cache_after_partly_rejected_block_matches_greedy_cache(params, decoder, prompts,
+                                                                 greedy):
     """One verify step in which row 0 accepts 1 of 3 drafts and row 1 accepts 2; the rolled-back
     cache then gives the next logits a cache built token by token gives (rejected slots hold
     stale keys that must stay invisible)."""
     rows = [1, 3]
     batch_prompts = [prompts[r] for r in rows]
-    free = greedy_generate(CFG, params, batch_prompts, MAX_NEW, [], PAD, bucket=BUCKET)
+    free = decoder.generate(batch_prompts, MAX_NEW, bucket=BUCKET)
     reference = np.zeros((2, 16), np.int32)
     for b, n_ok in enumerate([1, 2]):  # corrupt the draft right after the accepted ones
         cont = list(free.tokens[b][:16])
@@ -130,10 +139,11 @@ def test_cache_after_partly_rejected_block_matches_greedy_cache(params, prompts,
                  "key": jax.random.PRNGKey(0)}
     batch = pad_prompts(batch_prompts, PAD, bucket=BUCKET)
     stops, pad = stop_id_array([]), np.int32(PAD)
-    state = jax.jit(prefill_state, static_argnums=(0, 1, 2, 3))(
-        CFG, drafter, K, MAX_NEW, params, variables, batch, stops, pad)
-    state = jax.jit(mtp_step, static_argnums=(0, 1, 2))(CFG, drafter, K, params, variables,
-                                                         state, stops)
+    slots = cache_slots(batch.padded_length, MAX_NEW, K)
+    state = jax.jit(prefill_state, static_argnums=(0, 1, 2, 3, 4))(
+        CFG, drafter, K, MAX_NEW, slots, params, variables, batch, stops, pad)
+    state = jax.jit(decode_step, static_argnums=(0, 1, 2))(CFG, drafter, K, params, variables,
+                                                            state, stops)
 
     accepted = np.asarray(state.accepted_log[0]).tolist()
     assert accepted == [1, 2]
@@ -169,7 +179,7 @@ def test_k_beyond_the_drafter_is_refused(params, prompts):
 
 
 @pytest.mark.parametrize("kind", ["linear", "poma", "lstm"])
-def test_mtp_with_heads_equals_greedy(params, prompts, stop_ids, greedy, kind):
+def test_mtp_with_heads_equals_greedy(params, decoder, prompts, stop_ids, greedy, kind):
     """Real heads at init drafting inside the loop (LSTM: state advanced over accepted positions
     only). Zero-initialised linear heads reproduce the trunk's next-token logits at every offset,
     so they draft the trunk's next token repeated: the same acceptance as RepeatDrafter."""
@@ -177,8 +187,9 @@ def test_mtp_with_heads_equals_greedy(params, prompts, stop_ids, greedy, kind):
     head = make_head(head_config, CFG)
     head_params = init_head_params(head, params, jax.random.PRNGKey(5))
     drafter, variables = head_drafter(head_config, head_params, CFG, params)
-    result = mtp_generate(CFG, params, drafter, variables, prompts, MAX_NEW, stop_ids, PAD,
-                          num_tokens_per_step=K, bucket=BUCKET)
+    result = decoder.replace(stop_ids=stop_ids, drafter=drafter, drafter_vars=variables).generate(
+        prompts, MAX_NEW, bucket=BUCKET)
+    assert result.num_tokens_per_step == K    # the heads' k by default
     _assert_same_as_greedy(result, greedy[8, "left"])
     if kind == "linear":
         repeat = mtp_generate(CFG, params, RepeatDrafter(K - 1), (), prompts, MAX_NEW, stop_ids,

@@ -21,18 +21,18 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import DATA, ROOT, WMT
 
 from gptk_jax.llama.checkpoint import load_converted
 from gptk_jax.data.wmt import read_text_lines
 from gptk_jax.decoding.draft_vocab import frequent_token_ids
-from gptk_jax.decoding.greedy import greedy_generate
+from gptk_jax.decoding import Decoder, head_drafter
 from gptk_jax.decoding.lookup import LookupDrafter
-from gptk_jax.decoding.mtp import mtp_generate
 from gptk_jax.decoding.oracle import OracleDrafter, oracle_variables
-from gptk_jax.evaluate import load_split, prompt_format, translation_stop_ids
+from gptk_jax.data.prompts import prompt_format, translation_stop_ids
+from gptk_jax.data.testsets import load_test_set, news_commentary
 from gptk_jax.heads import HeadConfig
-from gptk_jax.heads.io import head_drafter, load_heads
+from gptk_jax.heads.io import load_heads
 from gptk_jax.training import read_metrics, train_and_evaluate
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def training_run(tmp_path_factory, trunk_dir):
     import importlib
     config = importlib.import_module("configs.linear_smollm2_wmt14").get_config()
     fields = {"trunk_checkpoint": str(trunk_dir), "head.k": K, "head.offsets": (2, 3, 4),
-              "data.train_prefixes": ("../shared/data/wmt14-de-en/train/news-commentary.first10k",),
+              "data.train_prefixes": (str(news_commentary(DATA)),),
               "data.max_train_pairs": 80, "data.eval_max_sentences": 16, "data.max_len": 160,
               "training.global_batch_size": 8, "training.num_train_steps": STEPS,
               "training.log_every_steps": 3, "training.eval_every_steps": 0,
@@ -97,7 +97,7 @@ def setting(trunk_dir):
     model = load_converted(trunk_dir)
     tok = model.tokenizer
     fmt = prompt_format("de", "en", shots=0, space_with_target=True)
-    pairs = load_split("newstest2014", "de", "en", SENTENCES)
+    pairs = load_test_set("newstest2014", DATA, max_sentences=SENTENCES).pairs
     prompts = [tok.encode(fmt.prompt_text(p.src), bos=True) for p in pairs]
     assert len(prompts) == SENTENCES and len({len(p) for p in prompts}) > 10   # ragged
     params = jax.device_put(model.params)
@@ -109,9 +109,16 @@ def _batches(prompts, batch):
 
 
 @pytest.fixture(scope="module")
-def greedy(setting):
-    config, params, prompts, stops, pad, _ = setting
-    return {b: [greedy_generate(config, params, chunk, MAX_NEW, stops, pad, batch_size=b)
+def decoder(setting):
+    """Greedy; its `replace`s decode with the drafters (each compiles once per shape)."""
+    config, params, _, stops, pad, _ = setting
+    return Decoder(config, params, stop_ids=stops, pad_id=pad)
+
+
+@pytest.fixture(scope="module")
+def greedy(setting, decoder):
+    prompts = setting[2]
+    return {b: [decoder.generate(chunk, MAX_NEW, batch_size=b)
                 for chunk in _batches(prompts, b)] for b in (1, 8)}
 
 
@@ -127,8 +134,7 @@ def _drafters(setting, greedy_results, trained_dir, batch):
     bad = head_drafter(bad_config, bad_params, config, params)
     # prompt lookup in front of the trained heads, which draft over a reduced vocabulary (the
     # 2,048 most frequent tokens of News Commentary English: the precomputed-rows path)
-    english = read_text_lines(ROOT.parent / "shared" / "data" / "wmt14-de-en" / "train" /
-                         "news-commentary.first10k.en")[:2000]
+    english = read_text_lines(WMT / "train" / "news-commentary.first10k.en")[:2000]
     vocab = frequent_token_ids(setting[-1], english, 2048, prefix=" ", always=stops)
     cheap = head_drafter(loaded.head_config, loaded.params, config, params, draft_vocab=vocab)
     lookup = (LookupDrafter(K - 1, fallback=cheap[0]), LookupDrafter.variables(cheap[1]))
@@ -147,9 +153,9 @@ def _drafters(setting, greedy_results, trained_dir, batch):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, greedy, training_run,
-                                                                 batch):
-    config, params, prompts, stops, pad, _ = setting
+def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, decoder, greedy,
+                                                                 training_run, batch):
+    prompts = setting[2]
     greedy_results = greedy[batch]
     taus = {}
     for name, per_chunk in _drafters(setting, greedy_results, training_run / "heads",
@@ -162,9 +168,11 @@ def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, greedy
             if batch == 1:           # at batch 8 only (tests/test_lookup.py: batch 1, tiny trunk)
                 continue
             chunks = chunks[:max(1, B1_EXTREMES // batch)]
+        mtp = decoder
         for chunk, reference, (drafter, variables) in chunks:
-            got = mtp_generate(config, params, drafter, variables, chunk, MAX_NEW, stops, pad,
-                               num_tokens_per_step=K, batch_size=batch)
+            # the same drafter with this chunk's variables: the executables are reused
+            mtp = mtp.replace(drafter=drafter, drafter_vars=variables, num_tokens_per_step=K)
+            got = mtp.generate(chunk, MAX_NEW, batch_size=batch)
             assert got.tokens == reference.tokens, (name, batch)
             assert got.stop_reasons == reference.stop_reasons, (name, batch)
             rows = got.stats
@@ -182,18 +190,18 @@ def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, greedy
         assert taus["heads+lookup"] > taus["trained"] + 0.3, taus
 
 
-def test_continuous_batching_equals_greedy_on_the_real_trunk(setting, greedy, training_run):
+def test_continuous_batching_equals_greedy_on_the_real_trunk(setting, decoder, greedy,
+                                                             training_run):
     """All 50 sentences through 8 continuously refilled slots (decoding/continuous.py), prompt
     lookup in front of the trained heads: static greedy's tokens (greedy through the same
     scheduler, K = 1, is tested on a tiny trunk in tests/test_continuous.py)."""
-    from gptk_jax.decoding.continuous import continuous_generate
-    config, params, prompts, stops, pad, _ = setting
+    config, params, prompts = setting[:3]
     loaded = load_heads(training_run / "heads", config)
     heads, head_vars = head_drafter(loaded.head_config, loaded.params, config, params)
-    got = continuous_generate(config, params, prompts, MAX_NEW, stops, pad, batch_size=8,
-                              drafter=LookupDrafter(K - 1, fallback=heads),
-                              drafter_vars=LookupDrafter.variables(head_vars),
-                              num_tokens_per_step=K)
+    lookup = decoder.replace(drafter=LookupDrafter(K - 1, fallback=heads),
+                             drafter_vars=LookupDrafter.variables(head_vars),
+                             num_tokens_per_step=K)
+    got = lookup.generate_continuous(prompts, MAX_NEW, batch_size=8)
     assert got.tokens == [t for r in greedy[8] for t in r.tokens]
     assert got.stop_reasons == [s for r in greedy[8] for s in r.stop_reasons]
     assert got.prefill_calls > 1     # slots were refilled

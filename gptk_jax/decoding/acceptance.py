@@ -1,8 +1,9 @@
 """Acceptance for self-speculative decoding: which drafts the trunk confirms and what a step emits.
 
-Letters: B batch, K tokens per verify step (the trunk's next token + K-1 drafts), R verify steps.
+Letters: B batch, W tokens per verify step (the trunk's next token + W-1 drafts; W = 1: greedy,
+no drafts), R verify steps. (K is kept for kv heads.)
 
-A verify step feeds the trunk `[next_token, d_2, …, d_K]` and takes its argmax at each of the K
+A verify step feeds the trunk `[next_token, d_2, …, d_W]` and takes its argmax at each of the W
 positions: `trunk_tokens[:, i]` is the trunk's own token after input i. Draft `d_{i+2}` is
 accepted iff it equals `trunk_tokens[:, i]` and every earlier draft was accepted. The step emits
 `trunk_tokens[:, :accepted + 1]`: the accepted drafts (equal to the trunk's tokens by definition)
@@ -21,36 +22,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptk_jax.decoding.inputs import is_stop
+
 
 @flax.struct.dataclass
 class StepAcceptance:
-    accepted: jax.Array  # [B] int32, drafts accepted (0..K-1), before the stop-id / limit cut
+    accepted: jax.Array  # [B] int32, drafts accepted (0..W-1), before the stop-id / limit cut
     emitted: jax.Array   # [B] int32, tokens emitted this step (0 for inactive rows)
     finished: jax.Array  # [B] bool, the row emitted a stop id or reached the limit this step
 
 
 def accepted_length(draft_tokens: jax.Array, trunk_tokens: jax.Array) -> jax.Array:
-    """Longest prefix of draft_tokens [B,K-1] equal to trunk_tokens[:, :K-1] -> [B] int32."""
-    matches = draft_tokens == trunk_tokens[:, :draft_tokens.shape[1]]      # [B,K-1]
+    """Longest prefix of draft_tokens [B,W-1] equal to trunk_tokens[:, :W-1] -> [B] int32."""
+    matches = draft_tokens == trunk_tokens[:, :draft_tokens.shape[1]]      # [B,W-1]
     return jnp.cumprod(matches.astype(jnp.int32), axis=1).sum(axis=1).astype(jnp.int32)
-
-
-def is_stop(tokens: jax.Array, stop_ids) -> jax.Array:
-    """tokens [...] -> [...] bool: tokens that are one of stop_ids (a sequence or an int32 array,
-    -1 entries match nothing: see greedy.stop_id_array)."""
-    stop = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
-    return (tokens[..., None] == stop).any(axis=-1)
 
 
 def accept_step(draft_tokens: jax.Array, trunk_tokens: jax.Array, num_emitted: jax.Array,
                 active: jax.Array, *, max_new_tokens: int, stop_ids) -> StepAcceptance:
-    """draft_tokens [B,K-1]; trunk_tokens [B,K] (the trunk's argmax after each verify input);
+    """draft_tokens [B,W-1]; trunk_tokens [B,W] (the trunk's argmax after each verify input);
     num_emitted [B] tokens already emitted per row; active [B] bool (False: finished row)."""
-    k = trunk_tokens.shape[1]
+    w = trunk_tokens.shape[1]
     accepted = accepted_length(draft_tokens, trunk_tokens)                 # [B]
     emitted = accepted + 1                                                 # + bonus
-    in_block = jnp.arange(k)[None, :] < emitted[:, None]                   # [B,K]
-    stops = is_stop(trunk_tokens, stop_ids) & in_block                     # [B,K]
+    in_block = jnp.arange(w)[None, :] < emitted[:, None]                   # [B,W]
+    stops = is_stop(trunk_tokens, stop_ids) & in_block                     # [B,W]
     hit_stop = stops.any(axis=1)
     emitted = jnp.where(hit_stop, jnp.argmax(stops, axis=1) + 1, emitted)  # keep the stop id
     room = max_new_tokens - num_emitted
@@ -67,7 +63,7 @@ def acceptance_stats(accepted, emitted, num_drafts: int) -> dict:
 
     accepted, emitted: [N] int per verify step (drafts accepted, tokens emitted). τ
     (`tokens_per_step`) = tokens emitted by verify steps / verify steps, the bonus token included
-    (τ >= 1; τ = K when every draft is accepted). It leaves out the one token the prefill emits
+    (τ >= 1; τ = W when every draft is accepted). It leaves out the one token the prefill emits
     and a step's tokens past a stop id or the limit; the histogram and the per-offset rates use
     the acceptance before that cut (they describe the drafter).
     """
@@ -75,7 +71,7 @@ def acceptance_stats(accepted, emitted, num_drafts: int) -> dict:
     emitted = np.asarray(emitted, np.int64).reshape(-1)
     steps = int(accepted.size)
     histogram = np.bincount(accepted, minlength=num_drafts + 1)[: num_drafts + 1]
-    # offset j = 2..K is reached when the j-2 drafts before it were accepted
+    # offset j = 2..W is reached when the j-2 drafts before it were accepted
     reached = [int((accepted >= j).sum()) for j in range(num_drafts)]
     passed = [int((accepted >= j + 1).sum()) for j in range(num_drafts)]
     return {

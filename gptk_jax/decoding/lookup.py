@@ -1,25 +1,26 @@
 """Prompt-lookup (n-gram) drafting, alone or in front of trained heads.
 
-The drafts for offsets 2..K are the tokens that followed the most recent earlier occurrence of
+The drafts for offsets 2..W are the tokens that followed the most recent earlier occurrence of
 the sequence's last n tokens (n from `max_ngram` down to `min_ngram`, the longest match wins),
 looked up in the row's own tokens: the prompt and everything emitted so far. This is prompt
 lookup decoding (Saxena 2023; transformers' `prompt_lookup_num_tokens`, vLLM's "ngram"
-speculator), here inside the jitted draft-verify loop of decoding/mtp.py, per row, batched, with
+speculator), here inside the jitted draft-verify loop of decoding/loop.py, per row, batched, with
 no host round-trip. Translation copies names, numbers and (for weak translators) whole phrases
 from the source, so the lookup is often right where trained heads are not.
 
 With a `fallback` drafter (e.g. the trained heads' HeadDrafter), offsets the lookup cannot fill
 (no match, or a match too close to the end of the sequence) take the fallback's drafts; without
 one they repeat the trunk's next token. The fallback drafts only in steps where some row
-needs it (`lax.cond`: at batch 1, a full lookup match skips the heads' vocabulary projection). The trunk verifies every draft, so the output is greedy
-decoding's whatever is drafted.
+needs it (`lax.cond`: at batch 1, a full lookup match skips the heads' vocabulary projection).
+The trunk verifies every draft, so the output is greedy decoding's whatever is drafted.
 
-State: the row's tokens so far (`history` [B,C], C = capacity = the cache's slots) and their
+State: the row's tokens so far (`history` [B,S], S = capacity = the cache's slots) and their
 count (`length` [B]); `advance` appends the tokens of the positions that became part of the
 sequence. At draft time the sequence is history[:length] + next_token (the trunk's token,
 emitted but not yet cached).
 
-Letters: B batch, C capacity, T positions per advance, K tokens per verify step (K-1 drafts).
+Letters: B batch, S capacity (cache slots), T positions per advance, W tokens per verify step (W-1 drafts).
+(K is kept for kv heads.)
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from gptk_jax.decoding.mtp import Drafter
+from gptk_jax.decoding.loop import Drafter
 
 
 def append_tokens(history: jax.Array, length: jax.Array, tokens: jax.Array,
                   mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """history [B,C], length [B]; appends tokens [B,T] where mask [B,T] (in order, ragged)."""
+    """history [B,S], length [B]; appends tokens [B,T] where mask [B,T] (in order, ragged)."""
     capacity = history.shape[1]
     slots = length[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1    # [B,T]
     slots = jnp.where(mask, slots, capacity)                                    # dropped
@@ -47,18 +48,18 @@ def append_tokens(history: jax.Array, length: jax.Array, tokens: jax.Array,
 def lookup_drafts(history: jax.Array, length: jax.Array, next_token: jax.Array,
                   num_drafts: int, max_ngram: int, min_ngram: int
                   ) -> tuple[jax.Array, jax.Array]:
-    """-> (drafts [B,K-1] int32, valid [B,K-1] bool).
+    """-> (drafts [B,W-1] int32, valid [B,W-1] bool).
 
     seq = history[:length] + [next_token] (index L = length holds next_token). For n = max_ngram
     down to min_ngram: the query is seq[L-n+1 .. L]; a match starts at s with s + n - 1 < L
     (strictly earlier than the query's end) and seq[s .. s+n-1] == query; the latest such s
-    wins, and the longest n with any match. Drafts are seq[s+n .. s+n+K-2]; positions past L are
+    wins, and the longest n with any match. Drafts are seq[s+n .. s+n+W-2]; positions past L are
     not valid.
     """
     batch, capacity = history.shape
     rows = jnp.arange(batch)
     seq = jnp.concatenate([history, jnp.full((batch, max_ngram + num_drafts), -1, history.dtype)],
-                          axis=1)                                               # [B,C+n+K-1]
+                          axis=1)                                               # [B,S+n+W-1]
     seq = seq.at[rows, length].set(next_token.astype(seq.dtype))
     # Slots past L hold stale tokens (rejected writes are not cleared): mask them out.
     index = jnp.arange(seq.shape[1])[None, :]
@@ -77,7 +78,7 @@ def lookup_drafts(history: jax.Array, length: jax.Array, next_token: jax.Array,
         take = (best_start < 0) & (start_n >= 0)
         best_start = jnp.where(take, start_n, best_start)
         best_n = jnp.where(take, n, best_n)
-    draft_at = best_start[:, None] + best_n[:, None] + jnp.arange(num_drafts)[None, :]  # [B,K-1]
+    draft_at = best_start[:, None] + best_n[:, None] + jnp.arange(num_drafts)[None, :]  # [B,W-1]
     valid = (best_start[:, None] >= 0) & (draft_at <= length[:, None])
     drafts = jnp.take_along_axis(seq, jnp.clip(draft_at, 0, seq.shape[1] - 1), axis=1)
     return jnp.where(valid, drafts, 0).astype(jnp.int32), valid
@@ -119,18 +120,18 @@ class LookupDrafter(Drafter):
         return new
 
     def draft(self, variables, state, last_hidden, last_hidden_normed, last_position, next_token):
-        k1 = self.max_drafts
-        drafts, valid = lookup_drafts(state["history"], state["length"], next_token, k1,
-                                      self.max_ngram, self.min_ngram)          # [B,K-1]
+        num_drafts = self.max_drafts
+        drafts, valid = lookup_drafts(state["history"], state["length"], next_token, num_drafts,
+                                      self.max_ngram, self.min_ngram)          # [B,W-1]
         if self.fallback is None:
             return jnp.where(valid, drafts, next_token[:, None]).astype(jnp.int32)
 
         def fallback_drafts(_):
             other = self.fallback.draft(variables["fallback"], state["fallback"], last_hidden,
                                         last_hidden_normed, last_position, next_token)
-            other = other[:, :k1].astype(jnp.int32)
-            if other.shape[1] < k1:   # fallback trained for fewer offsets: repeat its last
-                pad = jnp.repeat(other[:, -1:], k1 - other.shape[1], axis=1)
+            other = other[:, :num_drafts].astype(jnp.int32)
+            if other.shape[1] < num_drafts:   # fallback has fewer offsets: repeat its last
+                pad = jnp.repeat(other[:, -1:], num_drafts - other.shape[1], axis=1)
                 other = jnp.concatenate([other, pad], axis=1)
             return other
 

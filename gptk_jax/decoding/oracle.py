@@ -1,14 +1,14 @@
 """Drafters for tests and benchmarks: bounds on what trained heads can do.
 
 - `OracleDrafter`: drafts the true greedy continuation (computed beforehand by greedy decoding),
-  so every draft is accepted (τ = K): the upper bound of self-speculative decoding. With
+  so every draft is accepted (τ = W): the upper bound of self-speculative decoding. With
   `corrupt_prob > 0` each draft is replaced by a wrong token with that probability (ragged,
   partial acceptance, reproducible from a key).
 - `RandomDrafter`: uniform random tokens (acceptance ~ 0: the lower bound, τ ~ 1).
 - `RepeatDrafter`: repeats the trunk's next token (what zero-initialised linear heads do).
 
 All are stateless apart from the oracle's per-row count of consumed positions. Letters: B batch,
-R reference length, D width, V vocab.
+R reference length, W tokens per verify step (W-1 drafts), D width, V vocab. (K: kv heads.)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptk_jax.decoding.mtp import Drafter
+from gptk_jax.decoding.loop import Drafter
 
 
 def _row_keys(key: jax.Array, last_position: jax.Array, next_token: jax.Array) -> jax.Array:
@@ -46,7 +46,7 @@ class OracleDrafter(Drafter):
         reference = variables["reference"]                                   # [B,R]
         # state - prompt_length = index in the continuation of next_token (offset 1)
         index = (state - variables["prompt_lengths"])[:, None] + \
-            jnp.arange(1, self.max_drafts + 1)[None, :]                      # [B,K-1]
+            jnp.arange(1, self.max_drafts + 1)[None, :]                      # [B,W-1]
         index = jnp.clip(index, 0, reference.shape[1] - 1)
         drafts = jnp.take_along_axis(reference, index, axis=1)
         if self.corrupt_prob > 0:

@@ -1,0 +1,266 @@
+"""The decoding loop: one jitted state machine over a small state pytree, for every decoder.
+
+    PromptBatch --prefill_state: one trunk call; first token = trunk argmax; the drafter
+    consumes the prompt--> DecodeState --run: lax.while_loop of decode_step--> DecodeState
+    (continuous batching: `refill` prefills new prompts into chosen slots between runs)
+
+One `decode_step`, for every row at once (finished rows run along, frozen):
+  1. draft: the drafter proposes W-1 tokens (offsets 2..W) from the trunk's hidden state at the
+     last accepted position and the trunk's exact next token (offset 1), from its own state;
+  2. verify: one trunk call over `[next_token, drafts]` (T=W) at the row's next W positions,
+     writing cache slots `lengths .. lengths+W-1`;
+  3. accept (acceptance.accept_step): the longest draft prefix equal to the trunk's argmax, plus
+     the trunk's token after it (bonus); cut after a stop id or at the token limit;
+  4. roll back logically: `lengths = old + 1 + accepted` (rejected slots are overwritten by the
+     next write and never attended before, see llama/kv_cache.py); the drafter advances over the
+     accepted positions only; the bonus token is the next step's `next_token`.
+Every step emits >= 1 token per active row, and the tokens are the trunk's own argmax, so the
+output is greedy decoding's (in float32, up to argmax ties). Greedy decoding *is* this step with
+W = 1 and `NoDrafter`: no drafts, verify = one trunk call on `next_token`, emit its argmax.
+
+A drafter is a hashable `Drafter` (static under jit) plus a pytree of arrays (`drafter_vars`)
+passed to each call; see `NoDrafter` here, `HeadDrafter` (decoding/heads.py), `LookupDrafter`
+(decoding/lookup.py) and the bounding drafters in decoding/oracle.py. Drafters keep per-row data
+in their state (batch axis first), never in their variables, so continuous batching can refill a
+row (the oracle's per-row references are the one exception: static batches only).
+
+Rows never see each other: each has its own cache row, lengths, RoPE positions, drafter state
+and log column indexed by the row's own step count (`row_steps`), so rows may start at different
+loop iterations (continuous batching).
+
+Letters: B batch (slots), R rows refilled at once, P padded prompt length, S cache slots,
+W tokens per verify step (the trunk's next token + W-1 drafts; W = 1: greedy), M max new tokens,
+D width, V vocab. K is kept for kv heads (llama/kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gptk_jax.decoding.acceptance import accept_step
+from gptk_jax.decoding.inputs import PromptBatch, is_stop
+from gptk_jax.llama.config import LlamaConfig
+from gptk_jax.llama.kv_cache import KVCache, write_rows
+from gptk_jax.llama.model import Llama
+
+
+# --------------------------------------------------------------------------------------------
+# Drafters
+# --------------------------------------------------------------------------------------------
+
+class Drafter:
+    """What the loop needs from a drafter. Subclasses are frozen dataclasses (hashable: they are
+    static under jit); every array they need lives in `variables`, an argument of each call.
+
+    State is whatever pytree the drafter carries between steps (fixed shapes); `advance` consumes
+    trunk positions that became part of the sequence (the prompt, then accepted positions only),
+    so a recurrent drafter never re-reads the prefix, and a lookup drafter sees every token once.
+    """
+    max_drafts: int  # W-1 at most
+
+    def init_state(self, variables: Any, batch_size: int, capacity: int) -> Any:
+        """capacity: the most positions a row's sequence can hold (the cache's slots)."""
+        return ()
+
+    def advance(self, variables: Any, state: Any, hidden_normed: jax.Array,
+                advance_mask: jax.Array, tokens: jax.Array) -> Any:
+        """hidden_normed [B,T,D]; advance_mask [B,T] bool (False: not part of the sequence);
+        tokens [B,T] int32 at those positions."""
+        return state
+
+    def draft(self, variables: Any, state: Any, last_hidden: jax.Array,
+              last_hidden_normed: jax.Array, last_position: jax.Array,
+              next_token: jax.Array) -> jax.Array:
+        """last_hidden(_normed) [B,D], last_position [B], next_token [B] -> [B, >=W-1] int32."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class NoDrafter(Drafter):
+    """No drafts: with W = 1 the step is a greedy step (the trunk's token, nothing to verify)."""
+    max_drafts: int = 0
+
+    def draft(self, variables, state, last_hidden, last_hidden_normed, last_position, next_token):
+        return jnp.zeros((next_token.shape[0], 0), jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Prefill
+# --------------------------------------------------------------------------------------------
+
+def greedy_pick(logits: jax.Array) -> jax.Array:
+    """The strategy: logits [..., V] -> tokens [...] int32."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class Prefilled:
+    cache: KVCache              # lengths = PromptBatch.cache_lengths
+    logits: jax.Array           # [B,V] float32 at each row's last real prompt token
+    hidden: jax.Array           # [B,D] trunk hidden there (before the final norm)
+    hidden_normed: jax.Array    # [B,D] after the final norm
+    next_positions: jax.Array   # [B] int32 RoPE position of the first generated token
+    prompt_hidden_normed: jax.Array  # [B,P,D] at every prompt position (drafters consume it)
+
+
+def prefill(config: LlamaConfig, params: dict, prompts: PromptBatch, slots: int) -> Prefilled:
+    """One trunk call over the padded prompts into a fresh cache of `slots` slots."""
+    batch = prompts.tokens.shape[0]
+    cache = KVCache.init(config, batch, slots)
+    out = Llama(config).apply({"params": params}, prompts.tokens, prompts.positions, cache=cache,
+                              token_mask=prompts.token_mask, logits_index=prompts.last_index)
+    at_last = lambda x: jnp.take_along_axis(x, prompts.last_index[:, None, None], axis=1)[:, 0]
+    return Prefilled(cache=out.cache.replace(lengths=jnp.asarray(prompts.cache_lengths)),
+                     logits=out.logits[:, 0], hidden=at_last(out.hidden),
+                     hidden_normed=at_last(out.hidden_normed),
+                     next_positions=jnp.asarray(prompts.prompt_lengths, jnp.int32),
+                     prompt_hidden_normed=out.hidden_normed)
+
+
+# --------------------------------------------------------------------------------------------
+# Loop state, its start, the step, the loop
+# --------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: KVCache               # holds every emitted token but the last (`next_token`)
+    tokens: jax.Array            # [B,M+W] int32 output buffer; valid up to num_generated
+    next_token: jax.Array        # [B] int32 trunk argmax after the last cached position (emitted)
+    positions: jax.Array         # [B] int32 RoPE position of next_token
+    last_hidden: jax.Array       # [B,D] trunk hidden at the last cached position
+    last_hidden_normed: jax.Array  # [B,D] same, after the final norm
+    drafter_state: Any
+    num_generated: jax.Array     # [B] int32 tokens emitted per row (a stop token included)
+    done: jax.Array              # [B] bool
+    step: jax.Array              # [] int32 verify steps run (loop iterations)
+    row_steps: jax.Array         # [B] int32 verify steps each row took part in
+    accepted_log: jax.Array      # [M,B] int32 drafts accepted at a row's i-th step (-1: none)
+    emitted_log: jax.Array       # [M,B] int32 tokens emitted at a row's i-th step (-1: none)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.accepted_log.shape[0]
+
+
+def cache_slots(padded_length: int, max_new_tokens: int, num_tokens_per_step: int = 1) -> int:
+    """Slots a batch needs: an active row holds at most P + M - 2 slots (the last token is never
+    fed back) and a verify step writes W more; finished rows stop growing."""
+    return padded_length + max(max_new_tokens - 1, 0) + num_tokens_per_step - 1
+
+
+def prefill_state(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int,
+                  max_new_tokens: int, slots: int, params: dict, drafter_vars: Any,
+                  prompts: PromptBatch, stop_ids: jax.Array, pad_id: jax.Array) -> DecodeState:
+    """The prefill, then the first token (the trunk's argmax, exact); the drafter consumes every
+    real prompt position; inactive (filler) rows start done. `slots`: cache slots (a static
+    batch: `cache_slots` of its prompts; continuous batching: its shared cache's)."""
+    w, m = num_tokens_per_step, max_new_tokens
+    batch = prompts.tokens.shape[0]
+    pre = prefill(config, params, prompts, slots)
+    active = jnp.asarray(prompts.active)
+    first = jnp.where(active, greedy_pick(pre.logits), pad_id)
+    drafter_state = drafter.init_state(drafter_vars, batch, slots)
+    drafter_state = drafter.advance(drafter_vars, drafter_state, pre.prompt_hidden_normed,
+                                    prompts.token_mask & active[:, None], prompts.tokens)
+    no_log = jnp.full((m, batch), -1, jnp.int32)
+    return DecodeState(
+        cache=pre.cache, tokens=jnp.full((batch, m + w), pad_id, jnp.int32).at[:, 0].set(first),
+        next_token=first, positions=pre.next_positions, last_hidden=pre.hidden,
+        last_hidden_normed=pre.hidden_normed, drafter_state=drafter_state,
+        num_generated=active.astype(jnp.int32),
+        done=~active | is_stop(first, stop_ids) | (m <= 1), step=jnp.array(0, jnp.int32),
+        row_steps=jnp.zeros((batch,), jnp.int32), accepted_log=no_log, emitted_log=no_log)
+
+
+def decode_step(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, params: dict,
+                drafter_vars: Any, state: DecodeState, stop_ids: jax.Array) -> DecodeState:
+    """Draft, verify with one trunk call over W tokens, accept, roll back (see module doc)."""
+    w = num_tokens_per_step
+    active = ~state.done
+    drafts = drafter.draft(drafter_vars, state.drafter_state, state.last_hidden,
+                           state.last_hidden_normed, state.positions - 1, state.next_token)
+    drafts = drafts[:, :w - 1].astype(jnp.int32)                              # [B,W-1]
+    verify_tokens = jnp.concatenate([state.next_token[:, None], drafts], axis=1)  # [B,W]
+    verify_positions = state.positions[:, None] + jnp.arange(w, dtype=jnp.int32)  # [B,W]
+    out = Llama(config).apply({"params": params}, verify_tokens, verify_positions,
+                              cache=state.cache)
+    trunk_tokens = greedy_pick(out.logits)                                    # [B,W]
+    acc = accept_step(drafts, trunk_tokens, state.num_generated, active,
+                      max_new_tokens=state.max_new_tokens, stop_ids=stop_ids)
+
+    # Positions now part of the sequence: next_token and the accepted drafts, for rows that go on
+    # (a finished row's cache and drafter state are never read again).
+    going_on = active & ~acc.finished
+    kept = (jnp.arange(w)[None, :] <= acc.accepted[:, None]) & going_on[:, None]  # [B,W]
+    num_kept = kept.sum(axis=1).astype(jnp.int32)
+    take = lambda x: jnp.take_along_axis(x, acc.accepted[:, None, None], axis=1)[:, 0]
+    keep_old = lambda new, old: jnp.where(going_on.reshape((-1,) + (1,) * (old.ndim - 1)),
+                                          new, old)
+    # A row's i-th verify step goes to row i of its log column (rows may start at different loop
+    # iterations: continuous batching); finished rows write nowhere (index M: dropped).
+    log_at = jnp.where(active, state.row_steps, state.max_new_tokens)
+    log = lambda buf, x: buf.at[log_at, jnp.arange(buf.shape[1])].set(x, mode="drop")
+    return DecodeState(
+        cache=out.cache.replace(lengths=state.cache.lengths + num_kept),
+        tokens=write_rows(state.tokens, trunk_tokens, state.num_generated),
+        next_token=keep_old(jnp.take_along_axis(trunk_tokens, acc.accepted[:, None], 1)[:, 0],
+                            state.next_token),
+        positions=state.positions + num_kept,
+        last_hidden=keep_old(take(out.hidden), state.last_hidden),
+        last_hidden_normed=keep_old(take(out.hidden_normed), state.last_hidden_normed),
+        drafter_state=drafter.advance(drafter_vars, state.drafter_state, out.hidden_normed, kept,
+                                      verify_tokens),
+        num_generated=state.num_generated + acc.emitted,
+        done=state.done | acc.finished,
+        step=state.step + 1,
+        row_steps=state.row_steps + active.astype(jnp.int32),
+        accepted_log=log(state.accepted_log, acc.accepted),
+        emitted_log=log(state.emitted_log, acc.emitted))
+
+
+def run(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, params: dict,
+        drafter_vars: Any, state: DecodeState, stop_ids: jax.Array, stop_at_first: jax.Array
+        ) -> DecodeState:
+    """Steps until every row is done, or (stop_at_first, a [] bool: continuous batching with
+    prompts still queued) until some row is; no host round-trip. Each active row emits >= 1
+    token per step and stops at M, so this ends."""
+    def cond(s):
+        return jnp.where(stop_at_first, ~jnp.any(s.done), ~jnp.all(s.done))
+
+    def body(s):
+        return decode_step(config, drafter, num_tokens_per_step, params, drafter_vars, s,
+                           stop_ids)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def refill(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, max_new_tokens: int,
+           slots: int, params: dict, drafter_vars: Any, state: DecodeState,
+           prompts: PromptBatch, rows: jax.Array, stop_ids: jax.Array, pad_id: jax.Array
+           ) -> DecodeState:
+    """Prefills prompts [R,P] and puts them in slots rows [R] of state (row index >= B: a filler
+    row, dropped). Everything per row is replaced: cache row (keys, values, `valid`), output
+    buffer, next token, positions, hidden states, drafter state, counters, logs."""
+    new = prefill_state(config, drafter, num_tokens_per_step, max_new_tokens, slots, params,
+                        drafter_vars, prompts, stop_ids, pad_id)
+    put = lambda big, small: big.at[rows].set(small, mode="drop")          # batch axis 0
+    put1 = lambda big, small: big.at[:, rows].set(small, mode="drop")      # batch axis 1
+    cache = KVCache(k=put1(state.cache.k, new.cache.k), v=put1(state.cache.v, new.cache.v),
+                    valid=put(state.cache.valid, new.cache.valid),
+                    lengths=put(state.cache.lengths, new.cache.lengths))
+    return state.replace(
+        cache=cache, tokens=put(state.tokens, new.tokens),
+        next_token=put(state.next_token, new.next_token),
+        positions=put(state.positions, new.positions),
+        last_hidden=put(state.last_hidden, new.last_hidden),
+        last_hidden_normed=put(state.last_hidden_normed, new.last_hidden_normed),
+        drafter_state=jax.tree.map(put, state.drafter_state, new.drafter_state),
+        num_generated=put(state.num_generated, new.num_generated),
+        done=put(state.done, new.done), row_steps=put(state.row_steps, new.row_steps),
+        accepted_log=put1(state.accepted_log, new.accepted_log),
+        emitted_log=put1(state.emitted_log, new.emitted_log))
