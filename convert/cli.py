@@ -1,12 +1,14 @@
 """`python -m convert`: a checkpoint in Meta, HF or GGUF layout -> a converted model folder.
 
     python -m convert --format meta --input ~/Llama3.2-1B --output out/llama3.2-1b \\
-        [--dtype float32|bfloat16] [--rope-scaling-factor F] [--overwrite]
+        [--dtype float32|bfloat16] [--rope-scaling-factor F] [--overwrite] [--allow-small-vocab]
 
 The format reader (convert/meta.py, hf.py, gguf_format.py) returns a `Converted`; this file
 prints the config and the RoPE scaling decision, then `gptk_jax.llama.checkpoint.save_converted` writes
 the folder atomically after a shape check against the model's own `jax.eval_shape`. Any bad input
 is one line on stderr and exit code 2; no output folder (nor hidden partial one) is left behind.
+A tokenizer with more ids than the model's embedding has rows is such an error unless
+--allow-small-vocab is given; the folder then records it (see gptk_jax/llama/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from convert.common import ConversionError, Converted
+from convert.common import ALLOW_SMALL_VOCAB_FLAG, ConversionError, Converted
 
 FORMAT_MODULES = {"meta": "convert.meta", "hf": "convert.hf", "gguf": "convert.gguf_format"}
 EXIT_BAD_INPUT = 2
@@ -39,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "what the checkpoint says (Meta: 8 when use_scaled_rope)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output if it exists (only once the new one is complete)")
+    p.add_argument(ALLOW_SMALL_VOCAB_FLAG, action="store_true",
+                   help="convert even if the tokenizer has more ids than the embedding has rows "
+                        "(tiny test models beside a real tokenizer); printed as a warning and "
+                        "recorded in conversion.json, and ids past the embedding stay unusable")
     return p
 
 
@@ -106,7 +112,7 @@ def _leaves(tree):
 
 def convert(fmt: str, input_path: Path, output: Path, *, dtype: str = "float32",
             rope_scaling_factor: Optional[float] = None, overwrite: bool = False,
-            log: Callable[[str], None] = print) -> Path:
+            allow_small_vocab: bool = False, log: Callable[[str], None] = print) -> Path:
     """Reads, reports and writes; raises ConversionError / CheckpointError / ConfigError."""
     from gptk_jax.llama.checkpoint import save_converted
 
@@ -116,7 +122,8 @@ def convert(fmt: str, input_path: Path, output: Path, *, dtype: str = "float32",
     start = time.perf_counter()
     try:
         converted = reader_for(fmt)(input_path, dtype=dtype,
-                                    rope_scaling_factor=rope_scaling_factor)
+                                    rope_scaling_factor=rope_scaling_factor,
+                                    allow_small_vocab=allow_small_vocab)
         read_s = time.perf_counter() - start
         log(describe(converted))
         log(f"read and converted in {read_s:.1f} s")
@@ -125,7 +132,8 @@ def convert(fmt: str, input_path: Path, output: Path, *, dtype: str = "float32",
         provenance = dict(converted.provenance)
         provenance.setdefault("rope_scaling", converted.config.rope_scaling_source)
         provenance["command"] = {"format": fmt, "dtype": dtype,
-                                 "rope_scaling_factor": rope_scaling_factor}
+                                 "rope_scaling_factor": rope_scaling_factor,
+                                 "allow_small_vocab": allow_small_vocab}
         out = save_converted(output, converted.config, converted.params,
                              write_tokenizer=converted.write_tokenizer, provenance=provenance,
                              overwrite=overwrite, log=log)
@@ -151,7 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         convert(args.format, args.input, args.output, dtype=args.dtype,
-                rope_scaling_factor=args.rope_scaling_factor, overwrite=args.overwrite)
+                rope_scaling_factor=args.rope_scaling_factor, overwrite=args.overwrite,
+                allow_small_vocab=args.allow_small_vocab)
     except _expected_errors() as e:
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)  # always one line
         return EXIT_BAD_INPUT

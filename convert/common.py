@@ -29,6 +29,26 @@ class Converted:
     provenance: dict
 
 
+ALLOW_SMALL_VOCAB_FLAG = "--allow-small-vocab"
+
+
+def check_tokenizer_fits(tokenizer_ids: Optional[int], embedding_rows: int, *, tokenizer: str,
+                         embedding: str, allow_small_vocab: bool) -> list[str]:
+    """A tokenizer with more ids than the embedding has rows is refused: ids past the last row
+    would be embedded as NaN (out-of-range gathers) and poison every logit after them. With
+    `allow_small_vocab` (tiny test models beside a real tokenizer) it is a warning, returned.
+    `tokenizer` / `embedding` say where each size was read (file and field or tensor)."""
+    if tokenizer_ids is None or tokenizer_ids <= embedding_rows:
+        return []
+    problem = (f"{tokenizer} has {tokenizer_ids} token ids but {embedding} has only "
+               f"{embedding_rows} rows: ids {embedding_rows}..{tokenizer_ids - 1} cannot be "
+               "embedded")
+    if not allow_small_vocab:
+        raise ConversionError(f"{problem}; pass {ALLOW_SMALL_VOCAB_FLAG} to convert anyway "
+                              "(test models only: the converted folder records it)")
+    return [f"{problem} (converted anyway: {ALLOW_SMALL_VOCAB_FLAG})"]
+
+
 def interleaved_to_half_split(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
     """q/k weight [n_heads*head_dim, in] from Meta's interleaved-pair RoPE layout (also GGUF's)
     to the half-split layout: per head, rows [0,2,4,…,1,3,5,…]."""

@@ -6,8 +6,8 @@
 Before `gguf.GGUFReader` sees the file, `scan_header` walks the header with bounds checks of its
 own: magic, version, the key/value and tensor counts against the file size, general.architecture
 (only 'llama' converts), and every tensor's type, shape and data range (inside the file, aligned,
-not overlapping). A truncated or foreign file thus fails with one message naming the file and
-the tensor or key, never deep inside a numpy reshape.
+not overlapping; sizes in Python ints, never int64). A truncated or foreign file thus fails with
+one message naming the file and the tensor or key, never deep inside a numpy reshape.
 
 Tensors are then dequantized one by one (`gguf.quants.dequantize`) into preallocated stacked
 arrays. llama.cpp's converter stores q/k rows in Meta's interleaved-pair RoPE layout (it permutes
@@ -18,6 +18,7 @@ divisors; it is matched against Llama 3 scaling to recover the factor.
 
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -26,8 +27,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from convert.common import (ConversionError, Converted, TORCH_SHAPES, empty_layer_stack,
-                            numpy_dtype, set_layer, torch_to_kernel)
+from convert.common import (ConversionError, Converted, TORCH_SHAPES, check_tokenizer_fits,
+                            empty_layer_stack, numpy_dtype, set_layer, torch_to_kernel)
 from gptk_jax.files import sha256_file
 from gptk_jax.llama.config import (LLAMA3_ORIGINAL_CONTEXT, ConfigError, LlamaConfig, RopeScaling,
                              from_gguf_metadata)
@@ -126,8 +127,6 @@ class _Cursor:
 def scan_header(path: Path) -> dict:
     """Walks the GGUF header (see module docstring); returns version, architecture, the scalar
     metadata read on the way, and {tensor name: (ggml type, torch-order shape, begin, end)}."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     size = path.stat().st_size
     if size < 24:
         raise ConversionError(f"{path}: {size} bytes, too short for a GGUF file")
@@ -172,6 +171,19 @@ def scan_header(path: Path) -> dict:
         raise ConversionError(f"{path}: general.alignment {alignment!r} is not a power of two")
     data_start = -(-header_end // alignment) * alignment
 
+    tensors = _tensor_ranges(path, infos, data_start, alignment, size)
+    return {"version": version, "architecture": arch, "metadata": metadata,
+            "tensors": tensors, "data_start": data_start}
+
+
+def _tensor_ranges(path: Path, infos: list, data_start: int, alignment: int,
+                   size: int) -> dict:
+    """{name: (ggml type, torch-order shape, begin, end)}, every range checked against the
+    `size`-byte file (aligned, inside it, not overlapping) with Python ints: a byte count is
+    never computed in int64, where [2**32, 2**32] wrapped to 0 and passed, to fail later
+    inside gguf.GGUFReader's reshape."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     tensors, spans = {}, []
     for name, dims, raw_type, offset in infos:
         where = f"{path}: tensor {name}"
@@ -185,13 +197,15 @@ def scan_header(path: Path) -> dict:
         if dims[0] % block:
             raise ConversionError(f"{where}: innermost size {dims[0]} is not a multiple of "
                                   f"{qtype.name}'s block of {block}")
-        n_bytes = int(np.prod(dims, dtype=np.int64)) * type_size // block
+        n_bytes = math.prod(dims) // block * type_size
         begin = data_start + offset
         if offset % alignment:
             raise ConversionError(f"{where}: data offset {offset} is not {alignment}-aligned")
         if begin + n_bytes > size:
-            raise ConversionError(f"{where}: data [{begin}, {begin + n_bytes}) runs past the "
-                                  f"end of the file ({size} bytes): the file is truncated")
+            raise ConversionError(f"{where}: shape {dims} of {qtype.name} needs {n_bytes} bytes "
+                                  f"at [{begin}, {begin + n_bytes}), which runs past the end of "
+                                  f"the file ({size} bytes): the file is truncated or its header "
+                                  "is corrupt")
         tensors[name] = (qtype, tuple(reversed(dims)), begin, begin + n_bytes)
         spans.append((begin, begin + n_bytes, name))
     spans.sort()
@@ -199,8 +213,7 @@ def scan_header(path: Path) -> dict:
         if begin_b < end_a:
             raise ConversionError(f"{path}: tensors {name_a} and {name_b} overlap (corrupt "
                                   "tensor offsets)")
-    return {"version": version, "architecture": arch, "metadata": metadata,
-            "tensors": tensors, "data_start": data_start}
+    return tensors
 
 
 # --- metadata -----------------------------------------------------------------------------------
@@ -382,8 +395,9 @@ def tokenizer_writer(reader, path: Path) -> tuple[Optional[Any], Optional[int], 
 # --- entry point --------------------------------------------------------------------------------
 
 def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optional[float] = None,
-         scan_layers: bool = False) -> Converted:
-    """Reads a llama GGUF file (see module docstring) into a `Converted`."""
+         scan_layers: bool = False, allow_small_vocab: bool = False) -> Converted:
+    """Reads a llama GGUF file (see module docstring) into a `Converted`;
+    `allow_small_vocab`: see convert.common.check_tokenizer_fits."""
     from gguf import GGUFReader
 
     path = Path(input_path)
@@ -411,9 +425,10 @@ def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optio
     write_tokenizer, tokenizer_vocab, tokenizer_problem = tokenizer_writer(reader, path)
     if write_tokenizer is None:
         warnings.append(f"no tokenizer written: {tokenizer_problem}")
-    elif tokenizer_vocab > config.vocab_size:
-        warnings.append(f"the GGUF tokenizer has {tokenizer_vocab} ids but the model's "
-                        f"vocabulary is {config.vocab_size}: ids past it cannot be embedded")
+    else:
+        warnings += check_tokenizer_fits(
+            tokenizer_vocab, config.vocab_size, tokenizer=f"{path} tokenizer.ggml.tokens",
+            embedding=f"{path} tensor token_embd.weight", allow_small_vocab=allow_small_vocab)
 
     params = convert_tensors(reader, names, config, np_dtype, path)
     provenance = {
@@ -429,6 +444,8 @@ def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optio
         "rope_layout": "attn_q/attn_k rows permuted from llama.cpp's interleaved pairs to "
                        "half-split",
         "tokenizer_kind": "hf_json" if write_tokenizer else "none",
+        "tokenizer_vocab_size": tokenizer_vocab,
+        "allow_small_vocab": allow_small_vocab,
         "warnings": warnings,
     }
     return Converted(config=config, params=params, write_tokenizer=write_tokenizer,

@@ -15,6 +15,7 @@ HF already stores q/k in the half-split RoPE layout: no permutation here.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -22,8 +23,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from convert.common import (ConversionError, Converted, TORCH_SHAPES, empty_layer_stack,
-                            numpy_dtype, set_layer, torch_to_kernel)
+from convert.common import (ConversionError, Converted, TORCH_SHAPES, check_tokenizer_fits,
+                            empty_layer_stack, numpy_dtype, set_layer, torch_to_kernel)
 from gptk_jax.files import sha256_file
 from gptk_jax.llama.config import LlamaConfig, from_hf_config
 
@@ -108,7 +109,7 @@ def read_safetensors_header(path: Path) -> dict:
             raise ConversionError(f"{where}: data_offsets [{begin}, {end}] run past the end of "
                                   f"the data ({data_size} bytes): the file is truncated or "
                                   "its header is corrupt")
-        want = ST_DTYPE_SIZES[dtype] * int(np.prod(shape, dtype=np.int64))
+        want = ST_DTYPE_SIZES[dtype] * math.prod(shape)   # Python ints: no int64 overflow
         if end - begin != want:
             raise ConversionError(f"{where}: data_offsets [{begin}, {end}] hold {end - begin} "
                                   f"bytes, but {dtype} {tuple(shape)} needs {want}")
@@ -383,8 +384,9 @@ def tokenizer_writer(folder: Path, hf_config: dict) -> tuple[Optional[Callable[[
 # --- entry point --------------------------------------------------------------------------------
 
 def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optional[float] = None,
-         scan_layers: bool = False) -> Converted:
-    """Reads an HF Llama folder (see module docstring) into a `Converted`."""
+         scan_layers: bool = False, allow_small_vocab: bool = False) -> Converted:
+    """Reads an HF Llama folder (see module docstring) into a `Converted`;
+    `allow_small_vocab`: see convert.common.check_tokenizer_fits."""
     folder = Path(input_path)
     if not folder.is_dir():
         raise ConversionError(f"{folder}: not a folder; --format hf expects the folder with "
@@ -406,9 +408,14 @@ def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optio
     if write_tokenizer is None:
         warnings.append(f"{folder} has no {TOKENIZER_JSON} or {TOKENIZER_MODEL}: the converted "
                         "folder has no tokenizer (load it with load_tokenizer=False)")
-    elif tokenizer_vocab > config.vocab_size:
-        warnings.append(f"the tokenizer has {tokenizer_vocab} ids but the model's vocabulary is "
-                        f"{config.vocab_size}: ids past it cannot be embedded")
+    else:
+        tokenizer_file = folder / (TOKENIZER_JSON if (folder / TOKENIZER_JSON).is_file()
+                                   else TOKENIZER_MODEL)
+        embedding_file = tensors["model.embed_tokens.weight"][2]
+        warnings += check_tokenizer_fits(
+            tokenizer_vocab, config.vocab_size, tokenizer=str(tokenizer_file),
+            embedding=f"model.embed_tokens.weight in {embedding_file} ({CONFIG_FILE} "
+                      f"vocab_size {config.vocab_size})", allow_small_vocab=allow_small_vocab)
     if "lm_head.weight" in ignored:
         warnings.append("lm_head.weight ignored: config.json says tie_word_embeddings")
 
@@ -428,6 +435,8 @@ def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optio
         "rope_scaling": config.rope_scaling_source,
         "rope_layout": "half-split as stored (HF q/k need no permutation)",
         "tokenizer_kind": tokenizer_kind,
+        "tokenizer_vocab_size": tokenizer_vocab,
+        "allow_small_vocab": allow_small_vocab,
         "ignored_tensors": ignored,
         "warnings": warnings,
     }

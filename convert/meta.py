@@ -25,8 +25,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from convert.common import (ConversionError, Converted, TORCH_SHAPES, empty_layer_stack,
-                            numpy_dtype, set_layer, torch_to_kernel)
+from convert.common import (ConversionError, Converted, TORCH_SHAPES, check_tokenizer_fits,
+                            empty_layer_stack, numpy_dtype, set_layer, torch_to_kernel)
 from gptk_jax.files import sha256_file
 from gptk_jax.llama.config import LlamaConfig, from_meta_params
 
@@ -309,8 +309,9 @@ def tokenizer_writer(path: Path) -> tuple[Callable[[Path], None], str, int]:
 # --- entry point --------------------------------------------------------------------------------
 
 def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optional[float] = None,
-         scan_layers: bool = False) -> Converted:
-    """Reads a Meta checkpoint folder (see module docstring) into a `Converted`."""
+         scan_layers: bool = False, allow_small_vocab: bool = False) -> Converted:
+    """Reads a Meta checkpoint folder (see module docstring) into a `Converted`;
+    `allow_small_vocab`: see convert.common.check_tokenizer_fits."""
     folder = Path(input_path)
     if not folder.is_dir():
         raise ConversionError(f"{folder}: not a folder; --format meta expects the folder with "
@@ -336,10 +337,10 @@ def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optio
     _check_shapes(shards, paths, config, names)
     ignored = sorted({n for s in shards for n in s} & set(IGNORED_TENSORS))
 
-    warnings = []
-    if tokenizer_vocab > config.vocab_size:
-        warnings.append(f"{folder / TOKENIZER_FILE} has {tokenizer_vocab} ids but the model's "
-                        f"vocabulary is {config.vocab_size}: ids past it cannot be embedded")
+    shards_named = str(paths[0]) if len(paths) == 1 else f"{folder}/consolidated.*.pth"
+    warnings = check_tokenizer_fits(
+        tokenizer_vocab, config.vocab_size, tokenizer=str(folder / TOKENIZER_FILE),
+        embedding=f"tok_embeddings.weight in {shards_named}", allow_small_vocab=allow_small_vocab)
 
     params = convert_tensors(shards, paths, config, np_dtype, names)
     del shards
@@ -355,6 +356,8 @@ def read(input_path: Path, *, dtype: str = "float32", rope_scaling_factor: Optio
         "rope_scaling": config.rope_scaling_source,
         "rope_layout": "q/k rows permuted from Meta's interleaved pairs to half-split",
         "tokenizer_kind": tokenizer_kind,
+        "tokenizer_vocab_size": tokenizer_vocab,
+        "allow_small_vocab": allow_small_vocab,
         "ignored_tensors": ignored,
         "warnings": warnings,
     }

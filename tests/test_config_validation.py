@@ -84,3 +84,33 @@ def test_llama_config_itself_refuses_non_positive_or_non_finite(field, value):
 def test_rope_scaling_factor_must_be_finite():
     with pytest.raises(ConfigError, match="factor"):
         RopeScaling(factor=math.inf)
+
+
+# config.json of a converted folder (LlamaConfig.from_dict): fields that used to load as
+# nonsense ("no" is truthy, 16.0 is not an index, a string is not RoPE scaling)
+FIELDS = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+# (field, value, text the message must show)
+FROM_DICT_BAD = [
+    ("tie_embeddings", "no", "'no'"), ("scan_layers", 1, "got 1"), ("head_dim", 16.0, "16.0"),
+    ("head_dim", "16", "'16'"), ("rope_scaling", "llama3", "'llama3'"),
+    ("rope_scaling", {"factor": "8"}, "factor must be a number, got '8'"),
+    ("rope_scaling", {"factor": 8.0, "original_max_position": 8192.5}, "8192.5"),
+    ("rope_scaling", {"factor": 8.0, "bogus": 1}, "bogus"),
+    ("rope_scaling_source", 5, "got 5"),
+]
+
+
+@pytest.mark.parametrize("field,value,shown", FROM_DICT_BAD,
+                         ids=[f"{f}={v!r}" for f, v, _ in FROM_DICT_BAD])
+def test_converted_config_bad_field_is_refused_with_its_name(field, value, shown):
+    with pytest.raises(ConfigError) as err:
+        LlamaConfig.from_dict(dict(FIELDS, **{field: value}), source="out/config.json")
+    message = str(err.value)
+    assert message.startswith("out/config.json: ") and field in message, message
+    assert shown in message, message
+
+
+@pytest.mark.parametrize("fields", [None, [1, 2], "dim"])
+def test_converted_config_that_is_not_an_object(fields):
+    with pytest.raises(ConfigError, match="out/config.json: expected a JSON object"):
+        LlamaConfig.from_dict(fields, source="out/config.json")

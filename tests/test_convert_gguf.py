@@ -16,8 +16,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import _convert_helpers as helpers
 import _hf_reference as ref
-from convert import cli
+from _convert_helpers import params_leaves, run_convert
 from gptk_jax.llama.checkpoint import load_converted
 
 Q = gguf.GGMLQuantizationType
@@ -37,27 +38,11 @@ CASES = {
 # --- helpers ------------------------------------------------------------------------------------
 
 def convert_gguf(src, out, *extra) -> int:
-    return cli.main(["--format", "gguf", "--input", str(src), "--output", str(out),
-                     *map(str, extra)])
+    return run_convert("gguf", src, out, *extra)
 
 
 def expect_error(capsys, src, out, *needles) -> str:
-    assert convert_gguf(src, out) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    assert not out.exists(), f"{out} was left behind"
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    return err
-
-
-def params_leaves(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k in sorted(tree):
-            yield from params_leaves(tree[k], f"{prefix}/{k}")
-    else:
-        yield prefix, np.asarray(tree)
+    return helpers.expect_error(capsys, "gguf", src, out, *needles)
 
 
 # --- fixtures -----------------------------------------------------------------------------------

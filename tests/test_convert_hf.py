@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+import _convert_helpers as helpers
 import _hf_reference as ref
+from _convert_helpers import params_leaves, run_convert
 from conftest import ROOT
-from convert import cli
 from gptk_jax.llama.checkpoint import load_converted
 
 LOGITS_ATOL = 1e-4
@@ -43,25 +44,11 @@ CASES = {
 # --- helpers ------------------------------------------------------------------------------------
 
 def convert_hf(src: Path, out: Path, *extra) -> int:
-    return cli.main(["--format", "hf", "--input", str(src), "--output", str(out),
-                     *map(str, extra)])
-
-
-def assert_nothing_written(out: Path) -> None:
-    assert not out.exists(), f"{out} was left behind"
-    if out.parent.exists():
-        leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-        assert not leftovers, f"hidden partial folders left behind: {leftovers}"
+    return run_convert("hf", src, out, *extra)
 
 
 def expect_error(capsys, src: Path, out: Path, *needles) -> str:
-    assert convert_hf(src, out) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    assert_nothing_written(out)
-    return err
+    return helpers.expect_error(capsys, "hf", src, out, *needles)
 
 
 def read_header(path: Path) -> tuple[dict, bytes]:
@@ -73,14 +60,6 @@ def read_header(path: Path) -> tuple[dict, bytes]:
 def write_header(path: Path, header: dict, body: bytes) -> None:
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
-
-
-def params_leaves(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k in sorted(tree):
-            yield from params_leaves(tree[k], f"{prefix}/{k}")
-    else:
-        yield prefix, np.asarray(tree)
 
 
 # --- fixtures -----------------------------------------------------------------------------------

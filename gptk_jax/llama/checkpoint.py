@@ -6,7 +6,17 @@
     DIR/conversion.json    provenance: source format, input files, decisions taken
 
 Writing goes to a hidden temporary sibling folder that is renamed into place only when complete,
-so an interrupted or failed conversion leaves nothing that looks like a model.
+so an interrupted or failed conversion leaves nothing that looks like a model. Loading checks the
+folder before trusting it: anything missing or malformed (config.json, params/, tokenizer/,
+conversion.json) is a CheckpointError naming the folder and the part.
+
+Tokenizer ids past the embedding: `python -m convert` refuses a tokenizer with more ids than the
+model has embedding rows unless `--allow-small-vocab` is given (tiny test models beside a real
+tokenizer), which conversion.json records as `"allow_small_vocab": true`. `load_converted`
+refuses such a folder unless that record is there, and then returns a `ConvertedModel` whose
+`allow_small_vocab` is True: `embedding_rows` (= config.vocab_size) is the bound every token id
+fed to the model must respect, and `check_token_ids` raises for ids at or past it (whose logits
+would be NaN); encoders of prompts for such a model should call it.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -41,6 +52,22 @@ class ConvertedModel:
     params: dict  # in the layout Llama(config) expects
     tokenizer: Any  # gptk_jax.tokenizers.Tokenizer, or None when load_tokenizer=False
     path: Path
+    allow_small_vocab: bool = False  # converted with --allow-small-vocab (see module docstring)
+
+    @property
+    def embedding_rows(self) -> int:
+        """Token ids the model can embed: [0, embedding_rows)."""
+        return self.config.vocab_size
+
+    def check_token_ids(self, ids) -> None:
+        """Raises CheckpointError if any id has no embedding row (possible only when the
+        tokenizer is larger than the embedding: a model converted with --allow-small-vocab)."""
+        flat = np.asarray(ids, np.int64).reshape(-1)
+        bad = flat[(flat < 0) | (flat >= self.embedding_rows)]
+        if bad.size:
+            raise CheckpointError(f"{self.path}: token id {bad[0]} has no embedding row (the "
+                                  f"model embeds ids 0..{self.embedding_rows - 1}; its tokenizer "
+                                  f"has {getattr(self.tokenizer, 'vocab_size', '?')} ids)")
 
 
 def check_shapes(params: dict, config: LlamaConfig, *, source: str) -> None:
@@ -85,9 +112,22 @@ def _save_params(directory: Path, params: dict) -> None:
 def _restore_params(directory: Path) -> dict:
     """The saved tree as numpy arrays, read one array at a time: a whole-tree restore reads every
     array's (compressed) bytes concurrently, holding up to the size of the checkpoint on top of the
-    params (1B model: peak 6.7 GB for 4.7 GiB of params; one at a time: 5.7 GB)."""
+    params (1B model: peak 6.7 GB for 4.7 GiB of params; one at a time: 5.7 GB). Whatever orbax
+    cannot read is a CheckpointError naming `directory`."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: missing; a converted model keeps its weights there")
+    if not any(directory.iterdir()):
+        raise CheckpointError(f"{directory}: empty, no weights (an interrupted copy?)")
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    tree = ckptr.metadata(directory).item_metadata.tree
+    try:
+        metadata = ckptr.metadata(directory)
+    except Exception as e:  # orbax / tensorstore raise many types; all mean "not readable"
+        raise _unreadable(directory, e) from None
+    tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)  # None: unreadable
+    if not isinstance(tree, dict) or not tree:
+        raise CheckpointError(f"{directory}: no readable orbax checkpoint metadata (its "
+                              "_METADATA file is missing or damaged): not the params of a "
+                              "converted model, or an incomplete copy")
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     leaves = []
     for key_path, leaf_metadata in flat:
@@ -96,12 +136,23 @@ def _restore_params(directory: Path) -> dict:
         for key in reversed(keys):
             item = {key: item}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        value = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+        try:
+            value = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
+        except Exception as e:
+            raise _unreadable(directory, e, jax.tree_util.keystr(key_path)) from None
         for key in keys:
             value = value[key]
         leaves.append(value)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _unreadable(directory: Path, error: Exception, tensor: Optional[str] = None) -> CheckpointError:
+    text = str(error).strip().splitlines()
+    why = f"{type(error).__name__}: {text[0][:200] if text else ''}"
+    where = f" tensor {tensor}" if tensor else ""
+    return CheckpointError(f"{directory}:{where} cannot be read as an orbax checkpoint ({why}); "
+                           "the folder is damaged or incomplete")
 
 
 def is_converted_model(path: str | os.PathLike) -> bool:
@@ -123,6 +174,8 @@ def check_output_folder(out: str | os.PathLike, overwrite: bool) -> None:
                                   f"and {PROVENANCE_FILE} present); {out} is not one: refusing "
                                   "to delete it")
     parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CheckpointError(f"cannot write {out}: {parent} is not a folder")
     if parent is None or not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot write {out}: {parent or out.parent} is not writable")
 
@@ -155,7 +208,10 @@ def save_converted(out_dir: str | os.PathLike, config: LlamaConfig, params: dict
     out = Path(out_dir).absolute()
     check_output_folder(out, overwrite)
     check_shapes(params, config, source=f"conversion to {out}")
+    start = time.perf_counter()
     check_finite(params, source=f"conversion to {out}")
+    if log is not None:
+        log(f"checked every weight finite in {time.perf_counter() - start:.1f} s")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -176,31 +232,72 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such folder (expected a converted model from "
                               "`python -m convert`)")
-    if not cfg_file.is_file() or not (path / PARAMS_DIR).is_dir():
-        raise CheckpointError(f"{path} is not a converted model: expected {CONFIG_FILE} and "
-                              f"{PARAMS_DIR}/ (made by `python -m convert`)")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} is not a converted model: {cfg_file} is missing (made by "
+                              "`python -m convert`)")
     try:
-        return LlamaConfig.from_dict(json.loads(cfg_file.read_text()), source=str(cfg_file))
-    except (json.JSONDecodeError, ConfigError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
+        fields = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    try:
+        return LlamaConfig.from_dict(fields, source=str(cfg_file))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def read_provenance(path: str | os.PathLike) -> dict:
+    """conversion.json as a dict; {} for a folder without one (not written by save_converted)."""
+    file = Path(path) / PROVENANCE_FILE
+    if not file.is_file():
+        return {}
+    try:
+        provenance = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(provenance, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(provenance).__name__}")
+    return provenance
+
+
+def _load_tokenizer(path: Path, config: LlamaConfig, allow_small_vocab: bool):
+    """The folder's tokenizer, refused if it has ids the embedding cannot hold and the folder
+    was not converted with --allow-small-vocab."""
+    from gptk_jax.tokenizers import TokenizerError, load_tokenizer
+
+    folder = path / TOKENIZER_DIR
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: missing (the source checkpoint had no tokenizer?); "
+                              "load the model with load_tokenizer=False")
+    try:
+        tokenizer = load_tokenizer(folder)
+    except TokenizerError as e:
+        raise CheckpointError(f"{path}: broken {TOKENIZER_DIR}/: {e}") from None
+    if tokenizer.vocab_size > config.vocab_size and not allow_small_vocab:
+        raise CheckpointError(
+            f"{folder} has {tokenizer.vocab_size} token ids but {path / CONFIG_FILE} gives the "
+            f"embedding {config.vocab_size} rows, and {PROVENANCE_FILE} does not record "
+            "--allow-small-vocab: ids past the embedding would give NaN logits")
+    return tokenizer
 
 
 def load_converted(path: str | os.PathLike, *, scan_layers: Optional[bool] = None,
                    dtype: Optional[str] = None, load_tokenizer: bool = True) -> ConvertedModel:
-    """Loads config, params (as numpy/jax arrays in the model's layout) and tokenizer."""
+    """Loads config, params (as numpy/jax arrays in the model's layout) and tokenizer; a folder
+    with any part missing or malformed is a CheckpointError naming it."""
     path = Path(path).absolute()
     config = load_config(path)
+    allow_small_vocab = read_provenance(path).get("allow_small_vocab") is True
     changes = {}
     if scan_layers is not None:
         changes["scan_layers"] = scan_layers
     if dtype is not None:
         changes["dtype"] = dtype
-    config = config.replace(**changes) if changes else config
+    try:
+        config = config.replace(**changes) if changes else config
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    tokenizer = _load_tokenizer(path, config, allow_small_vocab) if load_tokenizer else None
     params = _restore_params(path / PARAMS_DIR)
     check_shapes(params, config, source=str(path / PARAMS_DIR))
-    tokenizer = None
-    if load_tokenizer:
-        from gptk_jax.tokenizers import load_tokenizer as _load_tok
-        tokenizer = _load_tok(path / TOKENIZER_DIR)
     return ConvertedModel(config=config, params=params_for_model(params, config),
-                          tokenizer=tokenizer, path=path)
+                          tokenizer=tokenizer, path=path, allow_small_vocab=allow_small_vocab)

@@ -26,6 +26,14 @@ class ConfigError(ValueError):
     """An architecture description that cannot describe a valid model."""
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama 3 frequency scaling (`rope_type: llama3`)."""
@@ -35,6 +43,13 @@ class RopeScaling:
     original_max_position: int = LLAMA3_ORIGINAL_CONTEXT
 
     def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            if not _is_number(getattr(self, name)):
+                raise ConfigError(f"rope_scaling.{name} must be a number, got "
+                                  f"{getattr(self, name)!r}")
+        if not _is_int(self.original_max_position) or self.original_max_position <= 0:
+            raise ConfigError("rope_scaling.original_max_position must be a positive integer, "
+                              f"got {self.original_max_position!r}")
         if not (math.isfinite(self.factor) and self.factor > 0):
             raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
         if not self.high_freq_factor > self.low_freq_factor > 0:
@@ -63,10 +78,16 @@ class LlamaConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                     "max_seq_len"):
+                     "max_seq_len") + (() if self.head_dim is None else ("head_dim",)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("tie_embeddings", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.rope_scaling_source, str):
+            raise ConfigError(f"rope_scaling_source must be a string, "
+                              f"got {self.rope_scaling_source!r}")
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
@@ -77,11 +98,15 @@ class LlamaConfig:
             raise ConfigError(f"n_kv_heads {self.n_kv_heads} does not divide n_heads {self.n_heads}")
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    not (math.isfinite(value) and value > 0):
+            if not _is_number(value) or not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
         if isinstance(self.rope_scaling, Mapping):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            except TypeError as e:   # a missing or unknown field
+                raise ConfigError(f"rope_scaling {dict(self.rope_scaling)!r}: {e}") from None
+        elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling must be null or an object, got {self.rope_scaling!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name} must be float32, bfloat16 or float16, "
@@ -103,13 +128,16 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "config") -> "LlamaConfig":
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object of LlamaConfig fields, got "
+                              f"{type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown LlamaConfig field(s) {unknown}")
         try:
             return cls(**d)
-        except TypeError as e:
+        except (TypeError, ConfigError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
 
