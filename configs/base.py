@@ -50,7 +50,6 @@ def get_config() -> ml_collections.ConfigDict:
     head.kind = "linear"                    # 'lstm' | 'poma' | 'linear'
     head.k = 3                              # tokens per decoding step (trunk + k-1 drafts)
     head.offsets = config_dict.placeholder(tuple)  # trained offsets; None: (2, ..., k)
-    head.draft_vocab = config_dict.placeholder(tuple)  # decoding only: draft argmax over these ids
     head.dtype = "float32"                  # head compute dtype
     head.param_dtype = "float32"            # head parameter dtype
     head.recipe = "default"                 # 'default' (ours) | 'seed' (the original research

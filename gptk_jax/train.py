@@ -5,14 +5,22 @@
         [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]   (multi-host)
         [--distributed=auto]   (multi-host where JAX finds the cluster itself: TPU VMs, SLURM)
 
-Rerunning with the same --workdir resumes from its latest checkpoint. SIGTERM saves a checkpoint
-and exits. All logic lives in gptk_jax.training.train_and_evaluate.
+Rerunning with the same --workdir resumes from its latest checkpoint; a rerun that changes the
+run (trunk, head, data) is refused, one that changes its optimizer or step count needs
+--config.training.allow_changed_resume=True. SIGTERM saves a checkpoint and exits. All logic
+lives in gptk_jax.training.train_and_evaluate.
+
+Exit status: 0 completed or preempted (rerun to continue); 2 bad flags, a config that does not
+load or validate, or a run that cannot start or continue: one line on stderr, "error: ...".
 """
 
 from __future__ import annotations
 
 import sys
+import sysconfig
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -35,41 +43,107 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "progress bars (feature cache bu
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+ERROR_EXIT = 2
+
+
+def _one_line(text: str) -> str:
+    """A message on one line; one that carries a traceback keeps its first and last lines."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        lines = [lines[0], lines[-1]]
+    return " ".join(lines) if lines else "(no message)"
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    sys.exit(ERROR_EXIT)
+
+
+def _config_frame(error: BaseException):
+    """The innermost frame of `error` in a config file or the project (None: the error came
+    from the flags libraries alone, e.g. an override naming no config key)."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        name = frame.filename
+        if not (name.startswith(("<", stdlib)) or "site-packages" in name or name == __file__):
+            return frame
+    return None
+
+
 def _parse_flags(argv):
-    """absl parsing, with a one-line error for an unknown or mistyped --config.* key."""
-    try:
+    """absl parsing (which runs the config file and applies --config.* overrides); any failure
+    is one line and exit status 2."""
+    from absl import logging
+    logging.set_verbosity(logging.ERROR)       # before parsing absl logs to stderr; --verbosity
+    try:                                       # (parsed here) sets it again
         return flags.FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"error: {e}\nPass --helpshort for the flags.")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        given = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
+        if given and "--config=None" in str(e):
+            _fail("--config: get_config() returned None, not an ml_collections.ConfigDict")
+        hint = "" if "Traceback" in str(e) else " (--helpshort lists the flags)"
+        _fail(f"{e}{hint}")
+    except SyntaxError as e:
+        _fail(f"--config: {e.msg} ({e.filename}, line {e.lineno})")
+    except Exception as e:  # noqa: BLE001 - whatever the config file raises, said in one line
+        frame = _config_frame(e)
+        if frame is not None:
+            _fail(f"--config: {type(e).__name__}: {e} ({frame.filename}, line {frame.lineno})")
+        if not isinstance(e, (AttributeError, KeyError, TypeError, ValueError)):
+            raise
         bad = " ".join(a for a in argv[1:] if a.startswith("--config."))
         why = str(e).strip("'\"").replace("\\'", "'").replace("\\n", " ")
-        sys.exit(f"error: unknown or mistyped config key in {bad}: {why}")
+        _fail(f"unknown or mistyped config key in {bad}: {why}")
 
 
-def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from absl import logging
-    if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO
-        logging.set_verbosity(logging.WARNING)
+def _loaded_config():
+    """The --config ConfigDict; ml_collections defers a file that cannot be read to here."""
+    from ml_collections import ConfigDict
+    config = _CONFIG.value
+    try:
+        config.keys()
+    except OSError as e:
+        _fail(f"cannot load --config: {str(e).strip().splitlines()[-1].strip()}")
+    except AttributeError:
+        pass
+    if not isinstance(config, ConfigDict):
+        _fail(f"--config: get_config() returned {type(config).__name__}, not an "
+              f"ml_collections.ConfigDict")
+    return config
+
+
+def _project_errors() -> tuple:
+    from gptk_jax.data.wmt import DataError
+    from gptk_jax.heads.io import HeadsError
+    from gptk_jax.llama.checkpoint import CheckpointError
+    from gptk_jax.training import TrainingError
+    return TrainingError, DataError, HeadsError, CheckpointError
+
+
+def _start_distributed() -> None:
     import jax
     if _DISTRIBUTED.value == "auto":
         if _NUM_PROCESSES.value or _COORDINATOR.value:
-            raise app.UsageError("--distributed=auto finds the cluster itself; do not also pass "
-                                 "--coordinator_address / --num_processes")
+            _fail("--distributed=auto finds the cluster itself; do not also pass "
+                  "--coordinator_address / --num_processes")
         jax.distributed.initialize()
     elif _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
         if jax.config.jax_platforms in (None, "", "cpu"):  # CPU arrays need gloo collectives
                                                             # (no effect on GPU/TPU arrays)
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from gptk_jax.training import TrainingError, train_and_evaluate
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]} (flags only; --helpshort lists them)")
+    config = _loaded_config()
+    _start_distributed()
+    from gptk_jax.training import train_and_evaluate
     try:
-        result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        result = train_and_evaluate(config, _WORKDIR.value, progress=_PROGRESS.value)
+    except _project_errors() as e:
+        _fail(str(e))
     return 0 if result["status"] in ("completed", "preempted") else 1
 
 

@@ -1,7 +1,10 @@
 """Host-side metrics: sums and counts from the steps -> per-offset means, the acceptance
 estimate, and the writers (TensorBoard event files + JSON lines in the workdir).
 
-    WORKDIR/metrics.jsonl   one JSON object per line: {"step", "split": "train"|"eval"|..., ...}
+    WORKDIR/metrics.jsonl   one JSON object per line: {"step", "split": "train"|"eval"|..., ...},
+                            at most one per (step, split): a run resumed from step s first drops
+                            the rows after s (the steps it replays) and replaces a row of step s
+                            it writes again
     WORKDIR/tensorboard/    tensorboardX event files, scalars named "<split>/<metric>"
 
 Names: `loss_o2` = mean cross-entropy of offset 2; eval adds `_gold` (against the reference
@@ -12,6 +15,7 @@ tokens) or `_trunk` (against the trunk's own argmax, what verification compares 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -62,20 +66,54 @@ def summarize_eval(total: dict, offsets: Sequence[int]) -> dict:
     return out
 
 
-class MetricWriter:
-    """JSON lines + TensorBoard; a no-op on processes other than 0."""
+def _rewrite(path: Path, records: list[dict]) -> None:
+    """`path` replaced, atomically, by these records (one JSON line each)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+
+def _records(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut short by a kill is left out."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class MetricWriter:
+    """JSON lines + TensorBoard; a no-op on processes other than 0.
+
+    `resume_step`: the step this start resumes from; the rows after it, written by a start
+    whose steps are being replayed, are dropped first, and a row of that step written again
+    replaces the old one. None: a start from scratch, the file starts over."""
+
+    def __init__(self, workdir: Path, enabled: bool = True, resume_step: Optional[int] = None):
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
-        if enabled:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        self._resume_step = resume_step
+        self._at_resume_step: set = set()    # splits with a row at resume_step in the file
+        if not enabled:
+            return
+        if self.path.is_file():
+            kept = [] if resume_step is None else \
+                [r for r in _records(self.path) if r.get("step", 0) <= resume_step]
+            _rewrite(self.path, kept)
+            self._at_resume_step = {r.get("split") for r in kept if r.get("step") == resume_step}
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write(self, step: int, split: str, values: dict) -> None:
         if not self.enabled:
             return
+        if step == self._resume_step and split in self._at_resume_step:
+            _rewrite(self.path, [r for r in _records(self.path)
+                                 if (r.get("step"), r.get("split")) != (step, split)])
+            self._at_resume_step.discard(split)
         record = {"step": int(step), "split": split, **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -244,9 +244,8 @@ class RunSettings:
         if missing:
             raise ConfigKeyError(f"config lacks key(s) {missing} (start from configs/base.py)")
         head = dict(_to_dict(values["head"]))
-        for name in ("offsets", "draft_vocab"):
-            if head.get(name) is not None:
-                head[name] = tuple(head[name])
+        if head.get("offsets") is not None:
+            head["offsets"] = tuple(head["offsets"])
         try:
             head_config = HeadConfig.from_dict(head)
         except (HeadConfigError, TypeError) as e:

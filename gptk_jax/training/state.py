@@ -21,6 +21,8 @@ import flax.struct
 import jax
 import orbax.checkpoint as ocp
 
+from gptk_jax.training.settings import TrainingError
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -30,8 +32,22 @@ class TrainState:
     rng: jax.Array         # base PRNG key; step s uses fold_in(rng, s), so resume is exact
 
 
-class TrainCheckpointError(RuntimeError):
+class TrainCheckpointError(TrainingError):
     """A training checkpoint that cannot be restored."""
+
+
+def latest_checkpoint_step(workdir: Path) -> Optional[int]:
+    """The newest complete checkpoint step in WORKDIR/checkpoints (None: none), read without
+    writing anything (no folder is created)."""
+    folder = Path(workdir).absolute() / "checkpoints"
+    if not folder.is_dir():
+        return None
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    manager = ocp.CheckpointManager(folder, options=options)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
 
 
 _DATA_STATE_RE = re.compile(r"^(\d+)\.process(\d+)\.json$")
@@ -77,12 +93,15 @@ class Checkpointer:
         data_file = self._data_file(step)
         if not data_file.is_file():
             raise TrainCheckpointError(f"checkpoint step {step} has no data iterator state "
-                                  f"{data_file} (was it written by another process layout?)")
+                                       f"{data_file} (was it written by another process "
+                                       f"layout?)")
         try:
             state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except (ValueError, KeyError) as e:
-            raise TrainCheckpointError(f"checkpoint step {step} in {self.manager.directory} does not "
-                                  f"match this config's head / optimizer: {e}") from None
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainCheckpointError(f"checkpoint step {step} in {self.manager.directory} does "
+                                       f"not match this config's head / optimizer (orbax: "
+                                       f"{first_line})") from None
         return state, json.loads(data_file.read_text())
 
     def wait(self) -> None:
