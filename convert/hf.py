@@ -25,7 +25,7 @@ import numpy as np
 
 from convert.common import (ConversionError, Converted, TORCH_SHAPES, check_tokenizer_fits,
                             empty_layer_stack, numpy_dtype, set_layer, torch_to_kernel)
-from gptk_jax.files import sha256_file
+from gptk_jax.files import read_json_object, sha256_file
 from gptk_jax.llama.config import LlamaConfig, from_hf_config
 
 CONFIG_FILE = "config.json"
@@ -292,13 +292,7 @@ def _read_json(path: Path, required: bool) -> Optional[dict]:
             raise ConversionError(f"{path}: not found; an HF Llama folder has {CONFIG_FILE} and "
                                   "*.safetensors")
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, ConversionError)
 
 
 def _ids(value) -> list[int]:

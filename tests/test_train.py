@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from _train_helpers import with_fields
 from conftest import ROOT
 
 from gptk_jax.data.prompts import shift_targets
@@ -40,14 +41,6 @@ def get_config(name="tiny", arg=None):
     return module.get_config(arg) if arg else module.get_config()
 
 
-def with_fields(config, fields: dict):
-    for key, value in fields.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 def cli_env(tmp_cache: Path) -> dict:

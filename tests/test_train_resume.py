@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from _train_helpers import with_fields
 from conftest import ROOT, WMT
 
 from gptk_jax.training import TrainingError, train_and_evaluate
@@ -25,14 +26,7 @@ LR = 3e-3            # configs/tiny.py
 
 
 def tiny(fields: dict):
-    config = importlib.import_module("configs.tiny").get_config()
-    for key, value in fields.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return with_fields(importlib.import_module("configs.tiny").get_config(), fields)
 
 
 def rows(workdir: Path, split: str) -> list[dict]:

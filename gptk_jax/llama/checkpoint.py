@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptk_jax.files import atomic_folder
+from gptk_jax.files import atomic_folder, read_json_object
 from gptk_jax.llama.config import ConfigError, LlamaConfig
 from gptk_jax.llama.model import abstract_params, params_for_model
 
@@ -250,13 +250,7 @@ def read_provenance(path: str | os.PathLike) -> dict:
     file = Path(path) / PROVENANCE_FILE
     if not file.is_file():
         return {}
-    try:
-        provenance = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(provenance, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(provenance).__name__}")
-    return provenance
+    return read_json_object(file, CheckpointError)
 
 
 def _load_tokenizer(path: Path, config: LlamaConfig, allow_small_vocab: bool):

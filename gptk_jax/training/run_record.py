@@ -29,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from gptk_jax.files import atomic_write_text
 from gptk_jax.training.settings import RunSettings, TrainingError
 
 RECORD_FILE = "run.json"
@@ -180,9 +180,7 @@ class RunRecord:
                 log(f"resuming at step {step} with changed settings, recorded in "
                     f"{RECORD_FILE}: {_describe(changes)}")
         if write and record != self.data:
-            tmp = self.path.with_name(f".{RECORD_FILE}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(record, indent=2))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(record, indent=2))
         self.data = record
         return record
 

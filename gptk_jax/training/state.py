@@ -12,7 +12,6 @@ mid-save restarts from the previous complete step; the data state file of a step
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +20,7 @@ import flax.struct
 import jax
 import orbax.checkpoint as ocp
 
+from gptk_jax.files import atomic_write_text
 from gptk_jax.training.settings import TrainingError
 
 
@@ -75,9 +75,7 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         target = self._data_file(step)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data_state))
-        os.replace(tmp, target)
+        atomic_write_text(target, json.dumps(data_state))
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
         self._prune(keep={step, *self.manager.all_steps()})
         return True
