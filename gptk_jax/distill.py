@@ -1,24 +1,21 @@
-"""Self-distillation data: the trunk translates the training sources greedily, and its
-translations become the target side the heads train on (what verification will accept).
+"""Self-distillation data: the trunk's own greedy translations of the training sources.
 
     python -m gptk_jax.distill --checkpoint DIR --input PREFIX --output FILE \\
-        [--max-pairs N] [--batch-size B] [--max-new-tokens 128] [--shots 0] [--src-lang de] ...
+        [--max-pairs N] [--batch-size 16] [--k 4] [--chunk 256] [--max-new-tokens 128] \\
+        [--shots 0] [--shots-prefix PREFIX] [--space-with-target] [--bos/--no-bos]
 
-Reads the source side PREFIX.{src_lang}; line i of FILE is the trunk's greedy translation of
-source line i (its first output line, stripped; empty when the source line is empty), so FILE is
-line-aligned with PREFIX and can replace PREFIX.{tgt_lang} in a training config
-(`config.data.train_target_files`). Prompts are the training prompts (gptk_jax.data.prompts):
-use the same --shots as the training config. Decoding is batched with the jitted greedy decoder
-and its KV cache (one gptk_jax.decoding.Decoder for every batch).
-
-Resumable: FILE is appended to after every batch (flushed and fsync-ed); a rerun counts the lines
-already there, drops a partial last line left by a crash, and translates only the rest.
+Line i of FILE is the trunk's greedy translation of line i of PREFIX.{src_lang}, so FILE can
+replace PREFIX.{tgt_lang} in a training config (`config.data.train_target_files`); FILE.json
+records the prompt format, model, decoding and progress (gptk_jax/training/distill.py). Use the
+prompt format (--shots, --space-with-target, BOS) the heads will be trained and decoded with.
+Decoding is exact: continuous batching over --batch-size slots with prompt-lookup drafts, K
+tokens per verify step (--k 1: plain greedy). Resumable: a rerun continues where it stopped.
+Errors: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,80 +24,47 @@ from gptk_jax.data.root import add_data_root_argument, resolve_data_root
 from gptk_jax.data.testsets import news_commentary
 
 
-def lines_done(output: Path) -> int:
-    """Complete lines already in `output`; a trailing partial line is cut off the file."""
-    if not output.exists():
-        return 0
-    data = output.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with open(output, "r+b") as f:
-            f.truncate(end)
-    return data[:end].count(b"\n")
-
-
-def _one_line(text: str) -> str:
-    """The first line of a generation, stripped (and free of characters that split lines)."""
-    first = text.split("\n")[0]
-    for sep in ("\r", "\x85", "\u2028", "\u2029"):
-        first = first.replace(sep, " ")
-    return first.strip()
-
-
-def distill(checkpoint: str | os.PathLike, input_prefix: str, output: str | os.PathLike, *,
-            max_pairs: Optional[int] = None, batch_size: int = 16, max_new_tokens: int = 128,
+def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] = None,
+            batch_size: int = 16, k: int = 4, chunk: int = 256, max_new_tokens: int = 128,
             src_lang: str = "de", tgt_lang: str = "en", shots: int = 0,
-            shots_prefix: Optional[str | os.PathLike] = None, space_with_target: bool = False,
-            progress: bool = True) -> int:
-    """Appends translations of source lines [lines already in output, max_pairs) to `output`;
-    returns the number of lines written now. `shots_prefix`: the few-shot pool PREFIX (needed
-    when shots > 0; the CLI defaults it to News Commentary under the data root)."""
-    from tqdm import tqdm
-
-    from gptk_jax.llama.checkpoint import load_converted
-    from gptk_jax.data.prompts import prompt_format, translation_stop_ids
+            shots_prefix=None, space_with_target: bool = False, bos: Optional[bool] = None,
+            progress: bool = True, stop_after: Optional[int] = None,
+            command: Sequence[str] = ()) -> dict:
+    """Appends the translations of source lines [lines already in output, max_pairs) to
+    `output`; returns the record (FILE.json)."""
+    from gptk_jax.data.prompts import prompt_format, prompt_record, translation_stop_ids
     from gptk_jax.data.wmt import read_text_lines
-    from gptk_jax.decoding import Decoder
+    from gptk_jax.llama.checkpoint import load_converted
+    from gptk_jax.training.distill import (DistillError, DistillPlan, distill_sources,
+                                           model_fingerprint)
 
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError("--batch-size and --max-new-tokens must be >= 1")
-    sources = read_text_lines(f"{input_prefix}.{src_lang}")
+    for name, value, low in (("--batch-size", batch_size, 1), ("--k", k, 1),
+                             ("--chunk", chunk, 1), ("--max-new-tokens", max_new_tokens, 1),
+                             ("--shots", shots, 0)):
+        if value < low:
+            raise DistillError(f"{name} must be >= {low}, got {value}")
+    if max_pairs is not None and max_pairs < 1:
+        raise DistillError(f"--max-pairs must be >= 1, got {max_pairs}")
+    source_path = f"{input_prefix}.{src_lang}"
+    sources = read_text_lines(source_path)
     if max_pairs is not None:
         sources = sources[:max_pairs]
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    start = lines_done(output)
-    if start > len(sources):
-        raise ValueError(f"{output} already has {start} lines, more than the {len(sources)} "
-                         f"source lines asked for: is it the output of another input?")
-    if start == len(sources):
-        return 0
+    fmt = prompt_format(src_lang, tgt_lang, shots, space_with_target, shots_from=shots_prefix)
     model = load_converted(checkpoint)
-    tok = model.tokenizer
-    fmt = prompt_format(src_lang, tgt_lang, shots, shots_from=shots_prefix,
-                        space_with_target=space_with_target)
-    # one decoder for every batch: compiled once per prompt bucket
-    decoder = Decoder(model.config, model.params, stop_ids=translation_stop_ids(tok),
-                      pad_id=tok.pad_id)
-    bos = getattr(tok, "add_bos", True)
-    todo = sources[start:]
-    written = 0
-    with open(output, "a", encoding="utf-8") as out:
-        for first in tqdm(range(0, len(todo), batch_size), desc="distill", unit="batch",
-                          disable=not progress, initial=0, total=-(-len(todo) // batch_size)):
-            chunk = [s.rstrip("\r").strip() for s in todo[first:first + batch_size]]
-            texts = [""] * len(chunk)
-            real = [i for i, s in enumerate(chunk) if s]
-            if real:
-                prompts = [tok.encode(fmt.prompt_text(chunk[i]), bos=bos) for i in real]
-                result = decoder.generate(prompts, max_new_tokens, batch_size=batch_size)
-                for i, ids in zip(real, result.tokens):
-                    texts[i] = _one_line(tok.decode(ids))
-            out.write("".join(t + "\n" for t in texts))
-            out.flush()
-            os.fsync(out.fileno())
-            written += len(texts)
-    return written
+    import hashlib
+    stops = ",".join(map(str, translation_stop_ids(model.tokenizer)))
+    plan = DistillPlan(
+        input=str(Path(source_path).resolve()), sources=len(sources),
+        prompt_format=prompt_record(fmt, model.tokenizer, bos),
+        model=model_fingerprint(Path(checkpoint)), max_new_tokens=max_new_tokens,
+        stop_ids_sha256=hashlib.sha256(stops.encode()).hexdigest()[:16],
+        decoding={"batch_size": batch_size, "drafter": "lookup" if k > 1 else "none", "k": k,
+                  "chunk": chunk, "continuous": True})
+    return distill_sources(model, fmt, sources, output, plan, batch_size=batch_size, k=k,
+                           chunk=chunk, bos=bos, command=command, progress=progress,
+                           stop_after=stop_after)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -110,7 +74,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--input", required=True, help="PREFIX: reads PREFIX.<src-lang>")
     p.add_argument("--output", required=True, help="line-aligned translations (appended to)")
     p.add_argument("--max-pairs", type=int, default=None, help="first N source lines only")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="decoding slots")
+    p.add_argument("--k", type=int, default=4,
+                   help="tokens per verify step with prompt-lookup drafts (1: plain greedy)")
+    p.add_argument("--chunk", type=int, default=256,
+                   help="sources per continuous run (written and recorded after each)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--src-lang", default="de")
     p.add_argument("--tgt-lang", default="en")
@@ -120,27 +88,37 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_data_root_argument(p)
     p.add_argument("--space-with-target", action="store_true",
                    help="prompts end at 'en:' (as config.data.space_with_target in training)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend BOS to prompts (default: the tokenizer's add_bos)")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many lines in this session (resume later)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from gptk_jax.llama.checkpoint import CheckpointError
     from gptk_jax.data.wmt import DataError
+    from gptk_jax.llama.checkpoint import CheckpointError
     try:
-        written = distill(args.checkpoint, args.input, args.output, max_pairs=args.max_pairs,
-                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          src_lang=args.src_lang, tgt_lang=args.tgt_lang, shots=args.shots,
-                          shots_prefix=args.shots_prefix or news_commentary(
-                              resolve_data_root(args.data_root)),
-                          space_with_target=args.space_with_target,
-                          progress=not args.no_progress)
+        shots_prefix = args.shots_prefix or (news_commentary(resolve_data_root(args.data_root))
+                                             if args.shots else None)
+        record = distill(args.checkpoint, args.input, args.output, max_pairs=args.max_pairs,
+                         batch_size=args.batch_size, k=args.k, chunk=args.chunk,
+                         max_new_tokens=args.max_new_tokens, src_lang=args.src_lang,
+                         tgt_lang=args.tgt_lang, shots=args.shots, shots_prefix=shots_prefix,
+                         space_with_target=args.space_with_target, bos=args.bos,
+                         progress=not args.no_progress, stop_after=args.stop_after,
+                         command=["python", "-m", "gptk_jax.distill", *argv])
     except (CheckpointError, DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    total = lines_done(Path(args.output))
-    print(f"{written} translations written now, {total} lines in {args.output}")
+        return 2
+    session = record["sessions"][-1]
+    rate = session["generated_tokens"] / max(session["seconds"], 1e-9)
+    print(f"{session['lines']} lines now ({session['generated_tokens']} tokens, "
+          f"{session['seconds']:.0f} s, {rate:.1f} tokens/s); {record['lines_written']} of "
+          f"{record['sources']} lines in {args.output}")
     return 0
 
 

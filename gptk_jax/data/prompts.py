@@ -12,7 +12,8 @@ The prompt is the research code's: an instruction line, zero or all few-shot lin
 few-shot pool from a training file). A translation is one line: decoding stops at
 `translation_stop_ids` (the one stop rule) and `hypothesis_text` keeps the first line.
 
-The prompt is encoded as one string with BOS; the target separately with EOS appended
+The prompt is encoded as one string, with BOS exactly when the tokenizer's `add_bos` says
+(`prompt_bos`, the one BOS rule; `encode_prompts` for decoding); the target separately with EOS appended
 (`<|end_of_text|>` for Llama 3), so the loss covers exactly the target tokens and the EOS. Rows
 are right-padded with `pad_id`.
 
@@ -147,6 +148,73 @@ def prompt_format(src_lang: str = "de", tgt_lang: str = "en", shots: int = 0,
 
 
 # --------------------------------------------------------------------------------------------
+# One prompt format per run: what distillation, training, evaluation and the demo record
+# --------------------------------------------------------------------------------------------
+
+PROMPT_RECORD_KEYS = ("instruction", "shot_template", "query_template", "target_prefix",
+                      "shots", "shots_sha256", "bos", "stop")
+STOP_RULE = "stop ids + whitespace-only newline tokens; first line kept"
+
+
+def prompt_bos(tokenizer, bos: Optional[bool] = None) -> bool:
+    """The one BOS rule: `bos` when given (a CLI's --bos/--no-bos), else the tokenizer's own
+    `add_bos` (GGUF add_bos_token, HF tokenizer_config.json, Llama 3: always)."""
+    return bool(getattr(tokenizer, "add_bos", True) if bos is None else bos)
+
+
+def encode_prompts(fmt: PromptFormat, tokenizer, sources: Sequence[str],
+                   bos: Optional[bool] = None) -> list[list[int]]:
+    """The prompt ids of each source under `fmt` and the one BOS rule (`prompt_bos`): what
+    training rows start with, and what distillation, evaluation and the demo decode from."""
+    texts = [fmt.prompt_text(s) for s in sources]
+    add = prompt_bos(tokenizer, bos)
+    if hasattr(tokenizer, "encode_batch"):
+        return [list(ids) for ids in tokenizer.encode_batch(texts, bos=add)]
+    return [list(tokenizer.encode(t, bos=add)) for t in texts]
+
+
+def prompt_record(fmt: PromptFormat, tokenizer=None, bos: Optional[bool] = None) -> dict:
+    """What identifies a prompt format (template, shots, BOS, stop rule) as a JSON object;
+    distillation, training (heads.json), evaluation and the demo record it, and
+    `compare_prompt_records` names what differs between two runs. The shots are recorded by
+    count and a sha256 of their text (no WMT text is copied into records)."""
+    import hashlib
+    shots_text = "".join(f"{s.src}\t{s.tgt}\n" for s in fmt.shots)
+    return {"instruction": fmt.instruction, "shot_template": fmt.shot_template,
+            "query_template": fmt.query_template, "target_prefix": fmt.target_prefix,
+            "shots": fmt.num_shots,
+            "shots_sha256": hashlib.sha256(shots_text.encode("utf-8")).hexdigest()[:16],
+            "bos": prompt_bos(tokenizer, bos) if tokenizer is not None or bos is not None
+            else None,
+            "stop": STOP_RULE}
+
+
+def describe_prompt_record(record: dict) -> str:
+    """One line: '2 shots (sha 1a2b...), no BOS, query 'de: {src}; en:', target prefix ' ''."""
+    bos = {True: "BOS", False: "no BOS", None: "BOS unknown"}[record.get("bos")]
+    return (f"{record.get('shots')} shots (sha {record.get('shots_sha256')}), {bos}, "
+            f"query {record.get('query_template')!r}, target prefix "
+            f"{record.get('target_prefix')!r}")
+
+
+def compare_prompt_records(used: dict, recorded: Optional[dict], *, used_by: str,
+                           recorded_by: str) -> Optional[str]:
+    """None when `recorded` is missing or agrees with `used` on every key; else a warning that
+    names both formats and the keys that differ (drafts trained on one prompt format and
+    decoded with another start from text the drafter never saw: low acceptance)."""
+    if not recorded:
+        return None
+    differ = [k for k in PROMPT_RECORD_KEYS
+              if k in recorded and recorded[k] is not None and used.get(k) is not None
+              and recorded[k] != used.get(k)]
+    if not differ:
+        return None
+    return (f"warning: prompt format differs in {', '.join(differ)}: {used_by} uses "
+            f"[{describe_prompt_record(used)}], {recorded_by} recorded "
+            f"[{describe_prompt_record(recorded)}]")
+
+
+# --------------------------------------------------------------------------------------------
 # Where a translation ends
 # --------------------------------------------------------------------------------------------
 
@@ -177,7 +245,7 @@ def hypothesis_text(tokenizer, ids: Sequence[int]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One tokenized pair: `prompt_ids` start with BOS, `target_ids` end with EOS."""
+    """One tokenized pair: `prompt_ids` (BOS first iff `prompt_bos`), `target_ids` end with EOS."""
     prompt_ids: tuple
     target_ids: tuple
     pair: Optional[Pair] = None
@@ -187,8 +255,7 @@ class Example:
 
 
 def encode_example(fmt: PromptFormat, tokenizer: TokenizerLike, pair: Pair) -> Example:
-    bos = getattr(tokenizer, "add_bos", True)      # models trained without BOS don't get one
-    prompt_ids = tokenizer.encode(fmt.prompt_text(pair.src), bos=bos)
+    prompt_ids = tokenizer.encode(fmt.prompt_text(pair.src), bos=prompt_bos(tokenizer))
     target_ids = tokenizer.encode(fmt.target_text(pair.tgt), eos=True)
     return Example(tuple(prompt_ids), tuple(target_ids), pair)
 
@@ -198,8 +265,7 @@ def encode_examples(fmt: PromptFormat, tokenizer: TokenizerLike,
     """`encode_example` over many pairs, through `tokenizer.encode_batch` where it exists."""
     if not hasattr(tokenizer, "encode_batch"):
         return [encode_example(fmt, tokenizer, p) for p in pairs]
-    bos = getattr(tokenizer, "add_bos", True)
-    prompts = tokenizer.encode_batch([fmt.prompt_text(p.src) for p in pairs], bos=bos)
+    prompts = encode_prompts(fmt, tokenizer, [p.src for p in pairs])
     targets = tokenizer.encode_batch([fmt.target_text(p.tgt) for p in pairs], eos=True)
     return [Example(tuple(a), tuple(b), p) for a, b, p in zip(prompts, targets, pairs)]
 

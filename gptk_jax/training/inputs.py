@@ -117,13 +117,17 @@ def load_trunk(settings: RunSettings, workdir: Path) -> Trunk:
 
 def _pairs_with_target_file(prefix: str, src_lang: str, target_file: Path,
                             max_pairs: Optional[int]) -> list[Pair]:
-    """Sources from PREFIX.src paired line by line with `target_file` (e.g. the trunk's own
-    translations from `python -m gptk_jax.distill`, which may cover only the first lines)."""
+    """Sources from PREFIX.src paired line by line with `target_file`: as many lines, or the
+    trunk's own translations of the first N sources from `python -m gptk_jax.distill` (its
+    record FILE.json says N; a partial file without one is refused)."""
+    from gptk_jax.training.distill import DistillError, target_lines_check
+
     sources = read_text_lines(f"{prefix}.{src_lang}")
     targets = read_text_lines(target_file)
-    if len(targets) > len(sources):
-        raise DataError(f"{target_file} has {len(targets)} lines, more than the {len(sources)} "
-                        f"of {prefix}.{src_lang}: not its line-aligned target side")
+    try:
+        target_lines_check(target_file, f"{prefix}.{src_lang}", len(targets), len(sources))
+    except DistillError as e:
+        raise DataError(str(e)) from None
     pairs = []
     for src, tgt in zip(sources, targets):
         src, tgt = src.rstrip("\r").strip(), tgt.rstrip("\r").strip()
@@ -163,6 +167,24 @@ def prompt_format(data: DataSettings) -> PromptFormat:
             raise TrainingError(f"config.data.shots_prefix: {e}") from None
     return PromptFormat.for_languages(data.src_lang, data.tgt_lang, shots=shots,
                                       space_with_target=data.space_with_target)
+
+
+def warn_distilled_format(data: DataSettings, used: dict, log) -> None:
+    """Warns when a target file from `gptk_jax.distill` was made with another prompt format
+    than the rows are built with (the heads would learn output of prompts they never see)."""
+    from gptk_jax.data.prompts import compare_prompt_records
+    from gptk_jax.training.distill import DistillError, read_record
+
+    for target_file in data.train_target_files or ():
+        try:
+            recorded = read_record(Path(target_file))
+        except DistillError as e:
+            raise TrainingError(f"config.data.train_target_files: {e}") from None
+        warning = compare_prompt_records(
+            used, (recorded or {}).get("prompt_format"), used_by="training",
+            recorded_by=f"the distillation {target_file}")
+        if warning:
+            log(warning)
 
 
 def build_pipelines(settings: RunSettings, tokenizer, fmt: PromptFormat,

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import jax
 
+from gptk_jax.data.prompts import prompt_record
 from gptk_jax.heads import make_head
 from gptk_jax.heads.config import HeadConfigError
 from gptk_jax.training import inputs
@@ -73,6 +74,7 @@ class _Run:
     record: Optional[dict] = None  # WORKDIR/run.json as this start wrote it
     cache: Optional[FeatureCache] = None
     cache_seconds: float = 0.0  # spent opening / building the feature cache
+    prompt_format: Optional[dict] = None  # prompt_record of the rows (heads.json records it)
 
 
 def _load(settings: RunSettings, workdir: Path, start_step: Optional[int], log) -> _Run:
@@ -84,6 +86,8 @@ def _load(settings: RunSettings, workdir: Path, start_step: Optional[int], log) 
     except HeadConfigError as e:
         raise TrainingError(f"config.head: {e}") from None
     fmt = inputs.prompt_format(settings.data)
+    prompt = prompt_record(fmt, trunk.tokenizer)
+    inputs.warn_distilled_format(settings.data, prompt, log)
     train_pipe, eval_pipe = inputs.build_pipelines(settings, trunk.tokenizer, fmt)
     try:
         parallel = Parallel(settings.parallel, settings.training.global_batch_size)
@@ -116,7 +120,7 @@ def _load(settings: RunSettings, workdir: Path, start_step: Optional[int], log) 
     return _Run(settings=settings, workdir=workdir, trunk=trunk, train_pipe=train_pipe,
                 eval_pipe=eval_pipe, parallel=parallel, step_cfg=step_cfg, eval_cfg=eval_cfg,
                 num_steps=num_steps, tx=make_optimizer(settings.optimizer, num_steps), log=log,
-                start_step=start_step)
+                start_step=start_step, prompt_format=prompt)
 
 
 def _open_cache(run: _Run, progress: bool) -> None:
@@ -159,6 +163,7 @@ def _export_heads(run: _Run, state, result: dict) -> Optional[Path]:
             "steps_run": result["steps_run"],     # of them, by the start that wrote this
             "num_steps": run.num_steps,           # what that start's config asked for
             "config": json.loads(json.dumps(dataclasses.asdict(run.settings), default=str)),
+            "prompt_format": run.prompt_format,   # template, shots, BOS, stop rule of the rows
             "resumes": run.record["resumes"]}     # settings changed at resumes (run.json)
     args = (run.settings.head, params, run.trunk.config, run.trunk.name)
     if jax.process_count() == 1:

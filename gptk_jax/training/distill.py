@@ -1,0 +1,237 @@
+"""Self-distillation: the trunk's own greedy translations of the training sources, the target
+side heads train on (what verification will accept), made fast with the product's own exact
+decoding (continuous batching + prompt-lookup drafts: the tokens of greedy decoding, sooner).
+
+    FILE          line i = the trunk's translation of source line i (first output line,
+                  stripped); empty for empty sources and for the few-shot pairs' own sources
+                  (the prompt shows them with their reference: they are excluded from training)
+    FILE.json     the record: input, prompt format (template, shots, BOS, stop rule), model
+                  fingerprint, max new tokens, decoding, command; how far it got (lines,
+                  generated tokens, seconds) and one entry per session
+
+Resumable: lines are appended per chunk (flushed, fsync-ed) and the record replaced atomically
+after each chunk; a rerun drops a partial last line, checks that its settings match the record
+(a different prompt format, model, input or max new tokens is refused, naming the keys) and
+translates only the rest. Greedy decoding does not depend on the batch a prompt shares, so a
+resumed run writes the lines an uninterrupted one writes.
+
+Letters: N sources asked for, C chunk of sources decoded by one continuous run, B slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from gptk_jax.data.prompts import PromptFormat, encode_prompts, prompt_record
+from gptk_jax.files import atomic_write_text, read_json_object
+
+RECORD_FORMAT = "gptk-distill-1"
+# a change in any of these makes earlier lines another distillation's: refused on resume
+IDENTITY_KEYS = ("input", "prompt_format", "model", "max_new_tokens", "stop_ids_sha256")
+
+
+class DistillError(ValueError):
+    """Bad input or a rerun that does not match the record; the message names what differs."""
+
+
+def record_path(output: Path) -> Path:
+    return output.with_name(output.name + ".json")
+
+
+def lines_done(output: Path) -> int:
+    """Complete lines already in `output`; a trailing partial line is cut off the file."""
+    if not output.exists():
+        return 0
+    data = output.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(output, "r+b") as f:
+            f.truncate(end)
+    return data[:end].count(b"\n")
+
+
+def one_line(text: str) -> str:
+    """The first line of a generation, stripped (and free of characters that split lines)."""
+    first = text.split("\n")[0]
+    for sep in ("\r", "\x85", "\u2028", "\u2029"):
+        first = first.replace(sep, " ")
+    return first.strip()
+
+
+def model_fingerprint(checkpoint: Path) -> dict:
+    """The converted model: its folder name and the sha256 of its config.json and
+    conversion.json (what it was converted from, and how)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "conversion.json"):
+        path = checkpoint / name
+        h.update(path.read_bytes() if path.is_file() else b"")
+    return {"name": checkpoint.name, "sha256": h.hexdigest()[:16]}
+
+
+@dataclasses.dataclass
+class DistillPlan:
+    """What one distillation is (the identity a resume must match) and how it decodes."""
+    input: str                       # the source file PREFIX.src
+    sources: int                     # N source lines distilled (the first N)
+    prompt_format: dict              # prompt_record(...)
+    model: dict                      # model_fingerprint(...)
+    max_new_tokens: int
+    stop_ids_sha256: str
+    decoding: dict                   # batch size, drafter, K, chunk (free to change on resume)
+
+    def identity(self) -> dict:
+        return {k: getattr(self, k) for k in IDENTITY_KEYS}
+
+
+def check_resume(plan: DistillPlan, output: Path, done: int) -> dict:
+    """The record to continue (a fresh one when nothing was written); refuses a rerun whose
+    identity differs from the record, or lines without a record."""
+    path = record_path(output)
+    if not path.exists():
+        if done:
+            raise DistillError(f"{output} has {done} lines but no record {path}: it was not "
+                               f"written by this distillation (remove it or choose another "
+                               f"--output)")
+        return {"format": RECORD_FORMAT, **plan.identity(), "sources": plan.sources,
+                "lines_written": 0,
+                "generated_tokens": 0, "seconds": 0.0, "sessions": []}
+    record = read_json_object(path, DistillError)
+    differ = [k for k in IDENTITY_KEYS if record.get(k) != plan.identity()[k]]
+    if differ:
+        details = "; ".join(f"{k}: recorded {record.get(k)!r}, now {plan.identity()[k]!r}"
+                            for k in differ)
+        raise DistillError(f"{output} is another distillation ({path} differs in "
+                           f"{', '.join(differ)}): {details}. Remove both files or choose "
+                           f"another --output")
+    if done > plan.sources:
+        raise DistillError(f"{output} already has {done} lines, more than the {plan.sources} "
+                           f"source lines asked for")
+    record["lines_written"] = done          # a crash may fall between the lines and the record
+    record["sources"] = plan.sources         # the first N lines: N may grow on a rerun
+    return record
+
+
+def shot_sources(fmt: PromptFormat) -> frozenset:
+    return frozenset(s.src.strip() for s in fmt.shots)
+
+
+def distill_sources(model, fmt: PromptFormat, sources: Sequence[str], output: Path,
+                    plan: DistillPlan, *, batch_size: int, k: int, chunk: int,
+                    bos: Optional[bool], command: Sequence[str], progress: bool = True,
+                    stop_after: Optional[int] = None) -> dict:
+    """Translates sources[lines already in output:] chunk by chunk; returns the record.
+    `stop_after`: stop once that many lines are written this session (tests, time budgets)."""
+    from tqdm import tqdm
+
+    tok = model.tokenizer
+    done = lines_done(output)
+    record = check_resume(plan, output, done)
+    record["decoding"] = plan.decoding
+    todo = list(range(done, len(sources)))
+    if stop_after is not None:
+        todo = todo[:stop_after]
+    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "first_line": done,
+               "lines": 0, "generated_tokens": 0, "seconds": 0.0,
+               "command": list(command), "decoding": plan.decoding}
+    record["sessions"].append(session)
+    if not todo:
+        _save(output, record)
+        return record
+    decoder = _decoder(model, plan, k)
+    excluded = shot_sources(fmt)
+    bar = tqdm(total=len(sources), initial=done, desc="distill", unit="line",
+               disable=not progress, smoothing=0.1)
+    with open(output, "a", encoding="utf-8") as out:
+        for first in range(0, len(todo), chunk):
+            lines = todo[first:first + chunk]
+            start = time.perf_counter()
+            texts, tokens = _translate(decoder, tok, fmt, [sources[i] for i in lines],
+                                       excluded, batch_size, plan.max_new_tokens, bos)
+            seconds = time.perf_counter() - start
+            out.write("".join(t + "\n" for t in texts))
+            out.flush()
+            os.fsync(out.fileno())
+            for key, value in (("lines", len(lines)), ("generated_tokens", tokens),
+                               ("seconds", seconds)):
+                session[key] += value
+            record["lines_written"] += len(lines)
+            record["generated_tokens"] += tokens
+            record["seconds"] += seconds
+            _save(output, record)
+            bar.update(len(lines))
+            bar.set_postfix(tok_s=f"{session['generated_tokens'] / max(session['seconds'], 1e-9):.0f}")
+    bar.close()
+    return record
+
+
+def _decoder(model, plan: DistillPlan, k: int):
+    from gptk_jax.data.prompts import translation_stop_ids
+    from gptk_jax.decoding import Decoder
+    from gptk_jax.decoding.lookup import LookupDrafter
+
+    tok = model.tokenizer
+    greedy = Decoder(model.config, model.params, stop_ids=translation_stop_ids(tok),
+                     pad_id=tok.pad_id)
+    if k <= 1:
+        return greedy
+    return greedy.replace(drafter=LookupDrafter(k - 1), drafter_vars=LookupDrafter.variables(),
+                          num_tokens_per_step=k)
+
+
+def _translate(decoder, tok, fmt: PromptFormat, chunk: Sequence[str], excluded: frozenset,
+               batch_size: int, max_new_tokens: int, bos: Optional[bool]
+               ) -> tuple[list[str], int]:
+    """One chunk of sources -> (one line per source, tokens generated)."""
+    clean = [s.rstrip("\r").strip() for s in chunk]
+    texts = [""] * len(clean)
+    real = [i for i, s in enumerate(clean) if s and s not in excluded]
+    if not real:
+        return texts, 0
+    prompts = encode_prompts(fmt, tok, [clean[i] for i in real], bos=bos)
+    if len(real) <= batch_size:
+        result = decoder.generate(prompts, max_new_tokens, batch_size=batch_size)
+    else:
+        result = decoder.generate_continuous(prompts, max_new_tokens, batch_size=batch_size)
+    generated = 0
+    for i, ids in zip(real, result.tokens):
+        texts[i] = one_line(tok.decode(list(ids)))
+        generated += len(ids)
+    return texts, generated
+
+
+def _save(output: Path, record: dict) -> None:
+    atomic_write_text(record_path(output), json.dumps(record, indent=1) + "\n")
+
+
+def read_record(output: Path) -> Optional[dict]:
+    """FILE.json of a distillation, None when FILE has none."""
+    path = record_path(Path(output))
+    return read_json_object(path, DistillError) if path.is_file() else None
+
+
+def target_lines_check(target_file: Path, source_path: str, target_lines: int,
+                       source_lines: int) -> None:
+    """A training target file must be line-aligned with its sources: as many lines, or, for a
+    distillation of the first N sources (its record says so), exactly the N it wrote."""
+    record, rec = record_path(Path(target_file)), read_record(Path(target_file))
+    if rec is not None:
+        if rec.get("format") == RECORD_FORMAT and target_lines == rec.get("lines_written") \
+                and target_lines <= source_lines:
+            return
+        raise DistillError(
+            f"{target_file} has {target_lines} lines, its record {record} says "
+            f"{rec.get('lines_written')} of {rec.get('sources')} were written, and "
+            f"{source_path} has {source_lines}: not a line-aligned target side")
+    if target_lines != source_lines:
+        raise DistillError(f"line counts differ: {target_file} has {target_lines} lines, "
+                           f"{source_path} has {source_lines}: not its line-aligned target side")
+
+
+__all__ = ["DistillError", "DistillPlan", "check_resume", "distill_sources", "lines_done",
+           "model_fingerprint", "one_line", "read_record", "record_path", "target_lines_check"]
