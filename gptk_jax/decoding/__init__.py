@@ -12,12 +12,12 @@
     greedy.py, mtp.py, continuous.py   one-call functions over a fresh Decoder
 """
 
-from gptk_jax.decoding.engine import Decoder
+from gptk_jax.decoding.engine import Decoder, DecodingError
 from gptk_jax.decoding.heads import HeadDrafter, head_drafter
 from gptk_jax.decoding.inputs import PromptBatch, pad_prompts, stop_id_array
 from gptk_jax.decoding.loop import Drafter, NoDrafter
 from gptk_jax.decoding.results import ContinuousResult, GenerationResult, MTPResult
 
-__all__ = ["ContinuousResult", "Decoder", "Drafter", "GenerationResult", "HeadDrafter",
+__all__ = ["ContinuousResult", "Decoder", "DecodingError", "Drafter", "GenerationResult", "HeadDrafter",
            "MTPResult", "NoDrafter", "PromptBatch", "head_drafter", "pad_prompts",
            "stop_id_array"]

@@ -42,6 +42,20 @@ from gptk_jax.decoding.results import (ContinuousResult, GenerationResult, MTPRe
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.llama.model import params_for_model
 
+class DecodingError(ValueError):
+    """A request the trunk cannot decode (token ids outside its vocabulary) or a trunk that
+    gave non-finite logits; the message names the prompts."""
+
+
+def check_nonfinite(nonfinite: np.ndarray, prompt_of_row: Sequence[int]) -> None:
+    """Raises DecodingError when any row's flag is set; prompt_of_row[b]: the prompt index."""
+    bad = [int(prompt_of_row[b]) for b in np.flatnonzero(nonfinite) if prompt_of_row[b] >= 0]
+    if bad:
+        raise DecodingError(f"the trunk gave non-finite logits (NaN/Inf) while decoding prompt"
+                            f"{'s' if len(bad) > 1 else ''} {', '.join(map(str, sorted(bad)))}: "
+                            f"its weights or these inputs are broken; no output for them")
+
+
 MAX_COMPILED = 32   # per decoder: 2 per static batch shape; continuous: ~2 + 1 per refill shape
 
 
@@ -149,6 +163,15 @@ class Decoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompt_ids:
             raise ValueError("no prompts given")
+        vocab = self.config.vocab_size
+        for i, ids in enumerate(prompt_ids):
+            if len(ids) == 0:
+                raise DecodingError(f"prompt {i} has no tokens")
+            low, high = int(min(ids)), int(max(ids))
+            if low < 0 or high >= vocab:
+                raise DecodingError(f"prompt {i} holds token id {high if high >= vocab else low}, "
+                                    f"outside the model's vocabulary 0..{vocab - 1} (is the "
+                                    f"tokenizer the model's own?)")
         longest, w = int(max(len(p) for p in prompt_ids)), self.num_tokens_per_step
         if longest + max_new_tokens + w - 1 > self.config.max_seq_len:
             drafts = f" + {w - 1} drafts" if w > 1 else ""
@@ -181,6 +204,7 @@ class Decoder:
         state, decode_seconds, compile_b = self._call(
             run, (), (self.params, self.drafter_vars, state, self._stops, np.array(False)),
             donate=(2,))
+        check_nonfinite(jax.device_get(state.nonfinite), range(len(prompt_ids)))
         return build_result(GenerationResult if self.drafter is None else MTPResult,
                             harvest(state, range(len(prompt_ids))), self._stops,
                             self.num_tokens_per_step, num_steps=1 + int(state.step),
@@ -230,7 +254,8 @@ class Decoder:
         while True:
             # Decode until a slot frees (or, with the queue empty, until all rows are done).
             state = timed(run, (), shared + (state, self._stops, np.array(bool(queue))), "loop")
-            done = jax.device_get(state.done)
+            done, nonfinite = jax.device_get((state.done, state.nonfinite))
+            check_nonfinite(nonfinite, slot_prompt)
             finished = [b for b in range(batch) if done[b] and slot_prompt[b] >= 0]
             for b, record in zip(finished, harvest(state, finished) if finished else []):
                 records[slot_prompt[b]] = record

@@ -14,6 +14,8 @@ One `decode_step`, for every row at once (finished rows run along, frozen):
   4. roll back logically: `lengths = old + 1 + accepted` (rejected slots are overwritten by the
      next write and never attended before, see llama/kv_cache.py); the drafter advances over the
      accepted positions only; the bonus token is the next step's `next_token`.
+A row whose verify logits hold a NaN or Inf (broken weights or inputs) is flagged
+(`nonfinite`, one `isfinite` reduction per step) and stopped; the engine raises naming it.
 Every step emits >= 1 token per active row, and the tokens are the trunk's own argmax, so the
 output is greedy decoding's (in float32, up to argmax ties). Greedy decoding *is* this step with
 W = 1 and `NoDrafter`: no drafts, verify = one trunk call on `next_token`, emit its argmax.
@@ -141,6 +143,7 @@ class DecodeState:
     row_steps: jax.Array         # [B] int32 verify steps each row took part in
     accepted_log: jax.Array      # [M,B] int32 drafts accepted at a row's i-th step (-1: none)
     emitted_log: jax.Array       # [M,B] int32 tokens emitted at a row's i-th step (-1: none)
+    nonfinite: jax.Array         # [B] bool: the trunk gave a NaN/Inf logit (the row is stopped)
 
     @property
     def max_new_tokens(self) -> int:
@@ -164,6 +167,7 @@ def prefill_state(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: in
     pre = prefill(config, params, prompts, slots)
     active = jnp.asarray(prompts.active)
     first = jnp.where(active, greedy_pick(pre.logits), pad_id)
+    nonfinite = active & ~jnp.all(jnp.isfinite(pre.logits), axis=-1)
     drafter_state = drafter.init_state(drafter_vars, batch, slots)
     drafter_state = drafter.advance(drafter_vars, drafter_state, pre.prompt_hidden_normed,
                                     prompts.token_mask & active[:, None], prompts.tokens)
@@ -173,8 +177,9 @@ def prefill_state(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: in
         next_token=first, positions=pre.next_positions, last_hidden=pre.hidden,
         last_hidden_normed=pre.hidden_normed, drafter_state=drafter_state,
         num_generated=active.astype(jnp.int32),
-        done=~active | is_stop(first, stop_ids) | (m <= 1), step=jnp.array(0, jnp.int32),
-        row_steps=jnp.zeros((batch,), jnp.int32), accepted_log=no_log, emitted_log=no_log)
+        done=~active | is_stop(first, stop_ids) | (m <= 1) | nonfinite,
+        step=jnp.array(0, jnp.int32), row_steps=jnp.zeros((batch,), jnp.int32),
+        accepted_log=no_log, emitted_log=no_log, nonfinite=nonfinite)
 
 
 def decode_step(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, params: dict,
@@ -190,6 +195,7 @@ def decode_step(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int,
     out = Llama(config).apply({"params": params}, verify_tokens, verify_positions,
                               cache=state.cache)
     trunk_tokens = greedy_pick(out.logits)                                    # [B,W]
+    nonfinite = active & ~jnp.all(jnp.isfinite(out.logits), axis=(1, 2))     # [B]
     acc = accept_step(drafts, trunk_tokens, state.num_generated, active,
                       max_new_tokens=state.max_new_tokens, stop_ids=stop_ids)
 
@@ -216,11 +222,12 @@ def decode_step(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int,
         drafter_state=drafter.advance(drafter_vars, state.drafter_state, out.hidden_normed, kept,
                                       verify_tokens),
         num_generated=state.num_generated + acc.emitted,
-        done=state.done | acc.finished,
+        done=state.done | acc.finished | nonfinite,
         step=state.step + 1,
         row_steps=state.row_steps + active.astype(jnp.int32),
         accepted_log=log(state.accepted_log, acc.accepted),
-        emitted_log=log(state.emitted_log, acc.emitted))
+        emitted_log=log(state.emitted_log, acc.emitted),
+        nonfinite=state.nonfinite | nonfinite)
 
 
 def run(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, params: dict,
@@ -263,4 +270,5 @@ def refill(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, max_
         num_generated=put(state.num_generated, new.num_generated),
         done=put(state.done, new.done), row_steps=put(state.row_steps, new.row_steps),
         accepted_log=put1(state.accepted_log, new.accepted_log),
-        emitted_log=put1(state.emitted_log, new.emitted_log))
+        emitted_log=put1(state.emitted_log, new.emitted_log),
+        nonfinite=put(state.nonfinite, new.nonfinite))
