@@ -56,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
                                             # code's LSTM / PoMa: gptk_jax/heads/config.py)
     head.lstm_layers = 2                    # LSTM: stacked layers (hidden width = trunk width)
     head.lstm_dropout = 0.1                 # LSTM: dropout between layers (training only)
+    head.lstm_train_on_drafts = False       # LSTM recipe conditioned: train on its own drafts
+    head.lstm_condition_inputs = False      # LSTM recipe conditioned: norm(h_t) in every step input
     head.poma_max_positions = 2048          # PoMa: rows of each position matrix
 
     for name, cls in SECTIONS.items():

@@ -17,11 +17,13 @@ from gptk_jax.heads.common import (HeadFeatures, MTPHead, draft_argmax, shifted_
 from gptk_jax.heads.config import KINDS, RECIPES, HeadConfig, HeadConfigError, seed_config
 from gptk_jax.heads.linear import LinearHead
 from gptk_jax.heads.lstm import LSTMHead
+from gptk_jax.heads.lstm_conditioned import ConditionedLSTMHead
 from gptk_jax.heads.poma import PomaHead
 
 _HEADS = {"lstm": LSTMHead, "poma": PomaHead, "linear": LinearHead}
 
-__all__ = ["HeadConfig", "HeadConfigError", "HeadFeatures", "MTPHead", "LSTMHead", "PomaHead",
+__all__ = ["HeadConfig", "HeadConfigError", "HeadFeatures", "MTPHead", "LSTMHead",
+           "ConditionedLSTMHead", "PomaHead",
            "LinearHead", "KINDS", "RECIPES", "make_head", "init_head_params", "example_features",
            "seed_config", "draft_argmax", "shifted_next_tokens", "trunk_embed", "trunk_final_norm",
            "trunk_unembed"]
@@ -29,6 +31,8 @@ __all__ = ["HeadConfig", "HeadConfigError", "HeadFeatures", "MTPHead", "LSTMHead
 
 def make_head(head_config: HeadConfig, trunk_config: LlamaConfig) -> MTPHead:
     """The flax.linen Module for head_config on a trunk described by trunk_config."""
+    if head_config.kind == "lstm" and head_config.recipe == "conditioned":
+        return ConditionedLSTMHead(head_config, trunk_config)
     return _HEADS[head_config.kind](head_config, trunk_config)
 
 

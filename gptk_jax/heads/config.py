@@ -12,10 +12,19 @@ with offsets 1..k):
                  (so offsets must include 1)
         default: the trunk's frozen final norm + unembedding; teacher-forced step inputs in
                  training; the step-2 input is the trunk's exact next token
+        conditioned: a drafter conditioned on the trunk (ReDrafter-like, heads/lstm_conditioned.py):
+                 per position t, no recurrence over the context; the LSTM starts from the trunk's
+                 hidden state h_t (h0 = tanh(A norm(h_t)), c0 = 0), steps on the embeddings of
+                 the previous tokens (step 1: the trunk's exact next token), and its output is
+                 a residual on h_t (h_t + P y, P zero at init) through the trunk's frozen final
+                 norm + unembedding. `lstm_train_on_drafts` unrolls training on its own argmax
+                 drafts; `lstm_condition_inputs` also feeds norm(h_t) to every step.
   poma  seed:    position matrices ~ normal(0.02), fresh RMSNorm scales (ones)
         default: position matrices zero, norm scales copied from the trunk's final norm (at init
                  the head reproduces the trunk's own logits)
-  linear         one recipe (both names build the same head)
+  linear         one recipe ('default' and 'seed' build the same head)
+'conditioned' is the LSTM family's recipe only, under its own name: heads.json files saved with
+recipe 'default' (the context LSTM) keep loading as what they are.
 
 heads.json written before `recipe` existed carries six options instead (`LEGACY_OPTIONS`);
 `HeadConfig.from_dict` maps them to the recipe whose values they all have, and refuses a mix.
@@ -28,7 +37,8 @@ import warnings
 from typing import Any, Optional, Sequence
 
 KINDS = ("lstm", "poma", "linear")
-RECIPES = ("default", "seed")
+RECIPES = ("default", "seed", "conditioned")
+LSTM_ONLY_RECIPES = ("conditioned",)
 SEED_POSITION_STD = 0.02   # PoMa 'seed': std of the normal position-matrix init
 
 
@@ -49,12 +59,18 @@ class HeadConfig:
     dtype: str = "float32"                     # head compute dtype
     param_dtype: str = "float32"
 
-    # 'seed': the original research code's LSTM / PoMa; 'default': ours (module docstring)
+    # 'seed': the original research code's LSTM / PoMa; 'default': ours; 'conditioned': the LSTM
+    # drafter conditioned on the trunk's hidden state (module docstring)
     recipe: str = "default"
 
     # --- lstm -----------------------------------------------------------------------------------
     lstm_layers: int = 2
     lstm_dropout: float = 0.1                  # between LSTM layers (as torch nn.LSTM(dropout=))
+    # recipe 'conditioned' only: training steps read the head's own argmax drafts (no gradient
+    # through the argmax) instead of the true previous tokens (step 1 always reads t+1's token)
+    lstm_train_on_drafts: bool = False
+    # recipe 'conditioned' only: every step's input is [embedding, norm(h_t)], not the embedding
+    lstm_condition_inputs: bool = False
 
     # --- poma -----------------------------------------------------------------------------------
     poma_max_positions: int = 2048             # rows of each position matrix (positions 0..n-1)
@@ -85,12 +101,35 @@ class HeadConfig:
             raise HeadConfigError(f"lstm_layers must be an integer >= 1, got {self.lstm_layers!r}")
         if not 0.0 <= self.lstm_dropout < 1.0:
             raise HeadConfigError(f"lstm_dropout must be in [0, 1), got {self.lstm_dropout}")
+        if self.recipe in LSTM_ONLY_RECIPES and self.kind != "lstm":
+            raise HeadConfigError(f"recipe {self.recipe!r} is an LSTM recipe; kind {self.kind!r} "
+                                  "has 'default' and 'seed'")
+        for name in ("lstm_train_on_drafts", "lstm_condition_inputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise HeadConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            if getattr(self, name) and not (self.kind == "lstm" and self.recipe == "conditioned"):
+                raise HeadConfigError(f"{name} is an option of the 'conditioned' LSTM recipe "
+                                      f"only (kind {self.kind!r}, recipe {self.recipe!r})")
         if self.kind == "lstm" and self.recipe == "seed" and 1 not in offsets:
             raise HeadConfigError("recipe='seed' LSTM feeds the head's own offset-1 prediction "
                                   "as its first step input, so offsets must include 1")
         if not isinstance(self.poma_max_positions, int) or self.poma_max_positions < 1:
             raise HeadConfigError(f"poma_max_positions must be a positive integer, "
                                   f"got {self.poma_max_positions!r}")
+
+    @property
+    def trunk_field(self) -> str:
+        """The trunk output the head reads: 'hidden' (before the final norm: PoMa, the
+        conditioned LSTM) or 'hidden_normed' (what a feature cache must hold for it)."""
+        if self.kind == "poma" or self.recipe == "conditioned":
+            return "hidden"
+        return "hidden_normed"
+
+    @property
+    def reads_sequence(self) -> bool:
+        """True: the head reads every position in order (the context LSTMs 'default' and
+        'seed'); False: a position's output reads that position's features only."""
+        return self.kind == "lstm" and self.recipe != "conditioned"
 
     @property
     def draft_offset_indices(self) -> tuple[int, ...]:
@@ -157,7 +196,7 @@ def recipe_from_legacy(kind: str, options: dict) -> str:
     family = LEGACY_OPTIONS.get(kind, {})
     own = {name: value for name, value in options.items() if name in family.get("seed", {})}
     changes = {}
-    for recipe in RECIPES:
+    for recipe in ("default", "seed"):   # the recipes that had pre-recipe options
         wanted = family.get(recipe, {})
         changes[recipe] = {name: wanted[name] for name, value in own.items()
                            if wanted[name] is not ANY and value != wanted[name]}

@@ -11,6 +11,8 @@ Inputs of steps 2..W are the trunk's frozen token embeddings. Two recipes (heads
   seed:    the head's own `Dense(V, bias)` projects; step 2 reads the head's own offset-1
            argmax and every later step the previous step's draft argmax, in training and in
            decoding alike (so the projection runs once per step).
+(Recipe 'conditioned', the drafter that starts from the trunk's hidden state at each position
+instead of reading the context, is heads/lstm_conditioned.py; it reuses LSTMStack.)
 
 The original code re-ran the LSTM from zero over the whole prefix at every step; here it runs
 once over the context (`nn.scan`, weights shared across time) and steps from that state. In

@@ -40,8 +40,8 @@ FORMAT = 1
 ALLOW_FLAG = "training.allow_changed_resume"
 # a key listed here, or under a listed "prefix.", belongs to that class
 RECIPE = ("optimizer.", "training.num_train_steps", "training.num_epochs", "loss.targets",
-          "loss.offset_weights", "loss.first_target_tokens_only", "loss.positions_per_row",
-          "features.dtype")
+          "loss.offset_weights", "loss.offset_weight_decay", "loss.first_target_tokens_only",
+          "loss.positions_per_row", "features.dtype")
 BOOKKEEPING = ("training.log_every_steps", "training.eval_every_steps", "training.eval_at_start",
                "training.checkpoint_every_steps", "training.max_checkpoints_to_keep",
                "data.eval_prefix", "data.eval_max_sentences", "loss.argmax_chunk",

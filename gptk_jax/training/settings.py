@@ -22,7 +22,7 @@ from gptk_jax.heads.config import HeadConfig, HeadConfigError
 
 RANDOM_TINY = "random-tiny"   # trunk_checkpoint: a tiny random trunk written into the workdir
 
-TARGETS = ("gold", "trunk_argmax")
+TARGETS = ("gold", "trunk_argmax", "trunk_soft")
 OPTIMIZERS = ("adamw", "adam_l2")
 SCHEDULES = ("cosine", "constant")
 PARALLEL_MODES = ("mesh", "pmap")
@@ -111,8 +111,13 @@ class DataSettings:
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
     targets: str = "gold"                   # 'gold' reference tokens | 'trunk_argmax' (the trunk's
-                                            # own token at each position: self-distillation)
+                                            # own token at each position: self-distillation) |
+                                            # 'trunk_soft' (soft cross-entropy against the trunk's
+                                            # whole next-token distribution at t+o-1; its argmax
+                                            # for top-1 and the LSTM's inputs)
     offset_weights: Optional[tuple] = None  # one loss weight per trained offset; None: all 1
+    offset_weight_decay: Optional[float] = None  # weight decay**(o-1) for offset o (e.g. 0.8);
+                                            # None: offset_weights; setting both is an error
     first_target_tokens_only: bool = False  # True: supervise only the last prompt token, so
                                             # offsets 1..k cover the first k target tokens (seed)
     positions_per_row: Optional[int] = None  # logits per row; None: from the data
@@ -127,6 +132,10 @@ class LossSettings:
             _check(all(w >= 0 for w in weights) and sum(weights) > 0,
                    f"offset_weights must be >= 0 with a positive sum, got {weights}")
             object.__setattr__(self, "offset_weights", weights)
+        _check(self.offset_weight_decay is None or self.offset_weight_decay > 0,
+               f"offset_weight_decay must be > 0 or None, got {self.offset_weight_decay}")
+        _check(self.offset_weight_decay is None or self.offset_weights is None,
+               "set loss.offset_weights or loss.offset_weight_decay, not both")
         _check(self.positions_per_row is None or self.positions_per_row >= 1,
                f"positions_per_row must be >= 1 or None, got {self.positions_per_row}")
         _check(self.argmax_chunk >= 1, f"argmax_chunk must be >= 1, got {self.argmax_chunk}")
@@ -283,6 +292,11 @@ class RunSettings:
 
     @property
     def offset_weights(self) -> tuple:
+        """One loss weight per trained offset: loss.offset_weights, or decay**(o-1) with
+        loss.offset_weight_decay, else all 1 (step.py divides by their sum)."""
+        if self.loss.offset_weight_decay is not None:
+            return tuple(float(self.loss.offset_weight_decay) ** (o - 1)
+                         for o in self.head.offsets)
         return self.loss.offset_weights or (1.0,) * len(self.head.offsets)
 
     @property

@@ -12,7 +12,10 @@ D width, V vocab.
          (teacher-forced self-distillation: what verification will compare drafts against)
       -> supervised positions: t where any trained offset has a target (or only the last prompt
          token, the seed's "first W target tokens only") -> gather_index [B,X]
-      -> head.train_logits(..., gather_index) [B,X,J,V] -> cross-entropy per offset
+      -> head.train_logits(..., gather_index) [B,X,J,V] -> cross-entropy per offset, against
+         the target token (hard) or, targets 'trunk_soft', against the trunk's whole next-token
+         distribution at t+o-1, recomputed from hidden_normed by the frozen unembedding
+         (soft_targets.py; packed heads: a chunk at a time)
 Only X <= T positions get logits: B*T*J*V floats would not fit for a 128k vocabulary.
 
 Packed positions (`position_chunk` C > 0, heads that read each position on its own: linear,
@@ -40,10 +43,13 @@ import optax
 
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.heads import HeadFeatures, make_head
-from gptk_jax.heads.common import unembedding_weights
+from gptk_jax.heads.common import trunk_final_norm, trunk_unembed, unembedding_weights
 from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.model import Llama
 from gptk_jax.training.chunked_loss import chunked_cross_entropy
+from gptk_jax.training.soft_targets import (chunked_soft_cross_entropy, soft_cross_entropy,
+                                            teacher_hidden)
+from gptk_jax.training.settings import TrainingError
 from gptk_jax.training.state import TrainState
 from gptk_jax.training.trunk_argmax import chunked_argmax
 
@@ -55,7 +61,8 @@ class StepConfig:
     """Everything static a step needs (hashable: part of the jit cache key)."""
     trunk_config: LlamaConfig
     head_config: HeadConfig
-    targets: str                    # 'gold' | 'trunk_argmax'
+    targets: str                    # 'gold' | 'trunk_argmax' | 'trunk_soft' (the trunk's whole
+                                    # distribution at t+o-1: soft_targets.py)
     offset_weights: tuple           # [J] loss weight per trained offset
     first_target_tokens_only: bool  # supervise the last prompt token only (seed)
     positions_per_row: int          # X
@@ -80,16 +87,27 @@ class StepConfig:
 def trunk_outputs(cfg: StepConfig, trunk_params: dict, batch: dict, need_argmax: bool):
     """-> (hidden, hidden_normed [B,T,D], trunk_argmax [B,T] or None), all without gradient.
 
-    Cached batches carry them; a head reads only one of hidden / hidden_normed, so the cache
-    may hold just that one and the other aliases it."""
+    Cached batches carry them; a cache may hold just the one the head reads
+    (`HeadConfig.trunk_field`): a missing hidden_normed is the trunk's final norm of hidden
+    (soft targets read it); a missing hidden cannot be recovered, so a head that reads it
+    needs it cached (otherwise the field aliases hidden_normed, which no other head reads)."""
     if "hidden" in batch or "hidden_normed" in batch:
+        if "hidden" not in batch and cfg.head_config.trunk_field == "hidden":
+            raise TrainingError(
+                f"head {cfg.head_config.kind!r} recipe {cfg.head_config.recipe!r} reads the "
+                "trunk's hidden state before the final norm ('hidden'), but the feature cache "
+                "holds only 'hidden_normed': cache 'hidden' for it "
+                "(training/features.py cached_fields should follow HeadConfig.trunk_field) or "
+                "set features.cache=False")
         hidden = batch.get("hidden", batch.get("hidden_normed"))
-        hidden_normed = batch.get("hidden_normed", hidden)
+        hidden_normed = batch.get("hidden_normed")
+        if hidden_normed is None:
+            hidden_normed = trunk_final_norm(cfg.trunk_config, trunk_params, hidden)
         argmax = batch.get("trunk_argmax")
         if need_argmax and argmax is None:
             argmax = chunked_argmax(cfg.trunk_config, trunk_params, hidden_normed,
                                     cfg.argmax_chunk)
-        return hidden, hidden_normed, argmax
+        return hidden, jax.lax.stop_gradient(hidden_normed), argmax
     out = Llama(cfg.trunk_config).apply({"params": jax.lax.stop_gradient(trunk_params)},
                                         batch["tokens"], batch["positions"],
                                         token_mask=batch["token_mask"], compute_logits=False)
@@ -171,22 +189,32 @@ def packed_index(index: jax.Array, valid: jax.Array, t: int, groups: int, chunk:
 
 
 def packed_sums(apply_hidden, unembedding, index, valid, targets, mask, t: int, groups: int,
-                chunk: int):
+                chunk: int, teacher=None):
     """Sums [J] of the masked cross-entropy and top-1 hits over the supervised positions, packed
     and computed a chunk at a time (chunked_loss). index / valid [B,X] (gather_index), targets /
     mask [B,X,J]; apply_hidden(gather_index [Y,X]) -> [Y,X,J,D], the head's hidden states at
-    those positions of the grouped features (`grouped`); unembedding = (w, tied)."""
+    those positions of the grouped features (`grouped`); unembedding = (w, tied).
+    teacher = (grouped hidden_normed [Y,N,D], offsets): soft cross-entropy against the trunk's
+    distribution at t+o-1 instead (soft_targets.py), its logits recomputed chunk by chunk."""
     order, flat = packed_index(index, valid, t, groups, chunk)              # [Z,Y,C]
     n, g, c = flat.shape
     h = apply_hidden(jnp.moveaxis(flat, 0, 1).reshape(g, n * c))            # [Y,Z*C,J,D]
     h = jnp.moveaxis(h.reshape((g, n, c) + h.shape[2:]), 1, 0)              # [Z,Y,C,J,D]
     w, tied = unembedding
-    return chunked_cross_entropy(tied, w, h, packed(targets, order, chunk),
-                                 packed(mask, order, chunk))
+    if teacher is None:
+        return chunked_cross_entropy(tied, w, h, packed(targets, order, chunk),
+                                     packed(mask, order, chunk))
+    hidden_normed, offsets = teacher
+    teacher_h = teacher_hidden(hidden_normed, jnp.moveaxis(flat, 0, 1).reshape(g, n * c),
+                               offsets)                                     # [Y,Z*C,J,D]
+    teacher_h = jnp.moveaxis(teacher_h.reshape((g, n, c) + teacher_h.shape[2:]), 1, 0)
+    return chunked_soft_cross_entropy(tied, w, h, teacher_h, packed(targets, order, chunk),
+                                      packed(mask, order, chunk))
 
 
 def offset_targets(cfg: StepConfig, batch: dict, trunk_argmax: Optional[jax.Array], source: str):
-    """-> (targets [B,T,J], next_tokens [B,T,W]) from `source` ('gold' | 'trunk_argmax');
+    """-> (targets [B,T,J], next_tokens [B,T,W]) from `source` ('gold' | 'trunk_argmax' |
+    'trunk_soft': the hard targets are the trunk's argmax, the soft distribution's mode);
     next_tokens are the LSTM's teacher-forcing inputs (tokens at t+1..t+W) from the same
     source. The mask is always the gold target_mask: position t+o holds a target token."""
     columns = np.asarray(cfg.offsets) - 1
@@ -218,13 +246,45 @@ def _psum(tree, axis_name):
 # Steps
 # --------------------------------------------------------------------------------------------
 
+def _loss_sums(cfg: StepConfig, head, head_params, trunk_params, feats: HeadFeatures, index,
+               valid, targets, mask, rng):
+    """-> (loss sums [J], top-1 hits [J]) over the masked [B,X,J] entries at index [B,X]: hard
+    cross-entropy against targets, or (targets 'trunk_soft') soft cross-entropy against the
+    trunk's distribution at t+o-1 (soft_targets.py); top-1 always against the hard targets."""
+    soft = cfg.targets == "trunk_soft"
+    if cfg.position_chunk > 0 and head.per_position:
+        groups = cfg.pack_groups
+        feats_g = jax.tree.map(lambda x: grouped(x, groups), feats)
+
+        def apply_hidden(packed_index):                                     # [Y,X]
+            return head.apply({"params": head_params}, trunk_params, feats_g,
+                              deterministic=False, gather_index=packed_index,
+                              method=head.train_hidden, rngs={"dropout": rng})
+        return packed_sums(apply_hidden, unembedding_weights(cfg.trunk_config, trunk_params),
+                           index, valid, targets, mask, feats.tokens.shape[1], groups,
+                           cfg.position_chunk,
+                           teacher=(feats_g.hidden_normed, cfg.offsets) if soft else None)
+    head_logits = head.apply({"params": head_params}, trunk_params, feats, deterministic=False,
+                             gather_index=index, method=head.train_logits,
+                             rngs={"dropout": rng})                         # [B,X,J,V]
+    if soft:
+        teacher = trunk_unembed(cfg.trunk_config, trunk_params,
+                                teacher_hidden(feats.hidden_normed, index, cfg.offsets))
+        nll = soft_cross_entropy(head_logits, teacher)                      # [B,X,J]
+    else:
+        nll = cross_entropy(head_logits, targets)                           # [B,X,J]
+    loss_sum = jnp.where(mask, nll, 0.0).sum(axis=(0, 1))                   # [J]
+    top1 = ((jnp.argmax(head_logits, axis=-1) == targets) & mask).sum(axis=(0, 1))
+    return loss_sum, top1.astype(jnp.float32)
+
+
 def train_step(cfg: StepConfig, tx: optax.GradientTransformation, state: TrainState,
                trunk_params: dict, batch: dict, axis_name: Optional[str] = None):
     """One optimizer step on the head params -> (state, metrics). The trunk params are an
     argument only: no gradient, no optimizer state."""
     rng = jax.random.fold_in(state.rng, state.step)
-    need_argmax = cfg.targets == "trunk_argmax"
-    hidden, hidden_normed, trunk_argmax = trunk_outputs(cfg, trunk_params, batch, need_argmax)
+    hidden, hidden_normed, trunk_argmax = trunk_outputs(cfg, trunk_params, batch,
+                                                        cfg.targets != "gold")
     targets, next_tokens = offset_targets(cfg, batch, trunk_argmax, cfg.targets)
     target_mask = batch["target_mask"][..., np.asarray(cfg.offsets) - 1]    # [B,T,J]
     position_mask = supervised_positions(target_mask, batch["loss_mask"],
@@ -239,28 +299,9 @@ def train_step(cfg: StepConfig, tx: optax.GradientTransformation, state: TrainSt
     feats = _features(batch, hidden, hidden_normed, next_tokens)
     head = make_head(cfg.head_config, cfg.trunk_config)
 
-    pack = cfg.position_chunk > 0 and head.per_position
-
     def loss_fn(head_params):
-        if pack:
-            groups = cfg.pack_groups
-            feats_g = jax.tree.map(lambda x: grouped(x, groups), feats)
-
-            def apply_hidden(packed_index):                                 # [Y,X]
-                return head.apply({"params": head_params}, trunk_params, feats_g,
-                                  deterministic=False, gather_index=packed_index,
-                                  method=head.train_hidden, rngs={"dropout": rng})
-            loss_sum, top1 = packed_sums(
-                apply_hidden, unembedding_weights(cfg.trunk_config, trunk_params), index, valid,
-                targets, mask, position_mask.shape[1], groups, cfg.position_chunk)
-        else:
-            head_logits = head.apply({"params": head_params}, trunk_params, feats,
-                                     deterministic=False, gather_index=index,
-                                     method=head.train_logits, rngs={"dropout": rng})  # [B,X,J,V]
-            nll = cross_entropy(head_logits, targets)                       # [B,X,J]
-            loss_sum = jnp.where(mask, nll, 0.0).sum(axis=(0, 1))           # [J]
-            top1 = ((jnp.argmax(head_logits, axis=-1) == targets) & mask).sum(
-                axis=(0, 1)).astype(jnp.float32)
+        loss_sum, top1 = _loss_sums(cfg, head, head_params, trunk_params, feats, index, valid,
+                                    targets, mask, rng)
         objective = jnp.sum(weights * loss_sum / jnp.maximum(global_counts, 1.0))
         return objective, (loss_sum, top1)
 
