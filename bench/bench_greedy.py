@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import torch  # noqa: E402
 
+from gptk_jax.data.prompts import encode_prompts  # noqa: E402
 from gptk_jax import artifacts  # noqa: E402
 from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
 from gptk_jax.data.prompts import PromptFormat  # noqa: E402
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
                                       args.shots)
     decoder = Decoder(model.config, model.params, stop_ids=[], pad_id=tok.pad_id)  # no stops
     fmt = PromptFormat.for_languages("de", "en", shots=shots)
-    prompts = [tok.encode(fmt.prompt_text(p.src), bos=True) for p in pairs]
+    prompts = encode_prompts(fmt, tok, [p.src for p in pairs])   # the tokenizer's BOS rule
     lengths = [len(p) for p in prompts]
     print(f"{len(prompts)} prompts ({min(lengths)}-{max(lengths)} tokens, {args.shots}-shot) from "
           f"{source}; {args.max_new_tokens} new tokens per row; jax {jax.__version__} "

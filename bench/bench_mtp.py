@@ -38,6 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gptk_jax.data.prompts import encode_prompts  # noqa: E402
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root  # noqa: E402
 from gptk_jax.data.testsets import news_commentary, wmt14_path  # noqa: E402
 from gptk_jax.llama.config import LlamaConfig  # noqa: E402
@@ -78,7 +79,7 @@ def load_model(args):
     fmt = prompt_format("de", "en", args.shots, space_with_target=not args.research_space,
                         shots_from=news_commentary(data_root))
     sources = read_sources(wmt14_path(data_root, "newstest2014.de"), args.num_prompts)
-    prompts = [tok.encode(fmt.prompt_text(s), bos=True) for s in sources]
+    prompts = encode_prompts(fmt, tok, sources)   # the tokenizer's BOS rule
     stop_ids = translation_stop_ids(tok) if args.stop_at_newline else set(tok.stop_ids)
     return model.config, model.params, prompts, sorted(stop_ids), tok.pad_id, \
         Path(args.checkpoint).name

@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gptk_jax.data.prompts import encode_prompts  # noqa: E402
 from gptk_jax.data.prompts import prompt_format, translation_stop_ids  # noqa: E402
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root  # noqa: E402
 from gptk_jax.data.testsets import load_test_set  # noqa: E402
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     fmt = prompt_format("de", "en", 0, space_with_target=True)
     pairs = load_test_set("newstest2014", resolve_data_root(args.data_root),
                           max_sentences=args.num_sentences).pairs
-    prompts = [tok.encode(fmt.prompt_text(pair.src), bos=True) for pair in pairs]
+    prompts = encode_prompts(fmt, tok, [pair.src for pair in pairs])   # the tokenizer's BOS rule
     greedy = Decoder(model.config, model.params, stop_ids=translation_stop_ids(tok),
                      pad_id=tok.pad_id)
     report = {"num_sentences": len(prompts), "max_ngram": args.max_ngram, "ks": {}}

@@ -21,8 +21,15 @@ line-aligned pair. The data root: --data-root, else $GPTK_DATA, else ../shared/d
 working directory. The report names what was evaluated (`test_set`).
 
 Prompts use the research format of gptk_jax.data.prompts (`de: {src}; en: `, optional few-shot
-lines from News Commentary); a translation ends at the end of its line
-(gptk_jax.data.prompts.translation_stop_ids). The work is done by gptk_jax.evaluation.
+lines from News Commentary), with BOS exactly when the tokenizer's rule says (`add_bos`: what
+training rows start with; `--bos` / `--no-bos` override it); report.json records the prompt format
+and a warning names what differs from the format heads.json recorded. A translation ends at the
+end of its line (gptk_jax.data.prompts.translation_stop_ids). The work is done by
+gptk_jax.evaluation.
+
+The report folder is checked writable before anything loads; each run (method x batch size) is
+written to DIR/runs/ as it finishes, and a rerun with the same settings reuses those files
+(gptk_jax.evaluation.store says what "same" covers). Bad input is one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -33,13 +40,20 @@ from pathlib import Path
 
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root, sacrebleu_cache
 from gptk_jax.evaluation import EvalConfig, markdown, run_evaluation, write_reports
+from gptk_jax.evaluation.config import AT_LEAST
 
 DEFAULT_SPLIT = "newstest2014"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gptk_jax.evaluate",
-                                description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m gptk_jax.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="converted trunk folder")
     p.add_argument("--heads", default=None, help="trained heads folder (heads_io)")
     p.add_argument("--split", default=None,
@@ -77,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--continuous", action="store_true",
                    help="batch sizes > 1 also run with continuous batching (slots refilled as "
                         "rows finish): greedy and each drafter but the oracle")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend the BOS token (default: the tokenizer's own rule, add_bos, "
+                        "as training does)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--output", required=True, help="report folder")
     return p
@@ -89,6 +106,15 @@ def parse_args(argv=None) -> EvalConfig:
         p.error("--source and --reference go together")
     if a.source is not None and a.split is not None:
         p.error("give --split or --source/--reference, not both")
+    for flag, value in (("--max-sentences", a.max_sentences), ("--k", a.k),
+                        ("--max-new-tokens", a.max_new_tokens), ("--shots", a.shots),
+                        ("--bucket", a.bucket), ("--lookup-k", a.lookup_k),
+                        ("--lookup-max-ngram", a.lookup_max_ngram),
+                        ("--draft-vocab-size", a.draft_vocab_size)):
+        least = AT_LEAST[flag[2:].replace("-", "_")]
+        if value is not None and value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
+    batch_sizes = _batch_sizes(p, a.batch_sizes)
     data_root = resolve_data_root(a.data_root)
     cache = sacrebleu_cache(data_root)
     try:
@@ -97,15 +123,25 @@ def parse_args(argv=None) -> EvalConfig:
             split=None if a.source else (a.split or DEFAULT_SPLIT), source=a.source,
             reference=a.reference, sacrebleu_cache=str(cache) if cache else None,
             src_lang=a.src_lang, tgt_lang=a.tgt_lang, max_sentences=a.max_sentences,
-            batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",")), k=a.k,
+            batch_sizes=batch_sizes, k=a.k,
             max_new_tokens=a.max_new_tokens, shots=a.shots,
             space_with_target=a.space_with_target, bucket=a.bucket, dtype=a.dtype,
             oracle=a.oracle, lookup=a.lookup, lookup_k=a.lookup_k,
             lookup_max_ngram=a.lookup_max_ngram, draft_vocab_size=a.draft_vocab_size,
-            draft_vocab_from=a.draft_vocab_from, continuous=a.continuous,
+            draft_vocab_from=a.draft_vocab_from, continuous=a.continuous, bos=a.bos,
             progress=not a.no_progress)
     except ValueError as e:
         p.error(str(e))
+
+
+def _batch_sizes(p: argparse.ArgumentParser, text: str) -> tuple:
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        p.error(f"--batch-sizes must be positive integers separated by commas, got {text!r}")
+    if min(sizes) < 1:
+        p.error(f"--batch-sizes must be >= 1 each, got {text!r}")
+    return sizes
 
 
 def _exactness_code(report: dict) -> int:
@@ -122,20 +158,35 @@ def _exactness_code(report: dict) -> int:
     return 1
 
 
+def check_inputs(cfg: EvalConfig) -> None:
+    """The cheap checks, before any model loads: the report folder can be written, the
+    checkpoint is a converted model, the heads folder is one."""
+    from gptk_jax.evaluation.store import check_output_folder
+    from gptk_jax.heads.io import read_heads_meta
+    from gptk_jax.llama.checkpoint import load_config
+
+    check_output_folder(cfg.output)
+    load_config(cfg.checkpoint)
+    if cfg.heads:
+        read_heads_meta(cfg.heads)
+
+
 def main(argv=None) -> int:
-    from gptk_jax.data.wmt import DataError
-    from gptk_jax.heads.io import HeadsError
-    from gptk_jax.llama.checkpoint import CheckpointError
+    from gptk_jax.llama.config import ConfigError
+    from gptk_jax.tokenizers import TokenizerError
 
     cfg = parse_args(argv)
     try:
+        check_inputs(cfg)
         report = run_evaluation(cfg)
-    except (DataError, FileNotFoundError, CheckpointError, HeadsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        write_reports(report, Path(cfg.output))
+    except (ValueError, ConfigError, TokenizerError, OSError) as e:
+        # DataError, CheckpointError, HeadsError, OutputError are ValueErrors
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
-    write_reports(report, Path(cfg.output))
     print(markdown(report))
-    print(f"wrote {cfg.output}/report.json, report.md, acceptance.png, translations.jsonl")
+    print(f"wrote {cfg.output}/report.json, report.md, acceptance.png, translations.jsonl "
+          f"(runs: {cfg.output}/runs/)")
     return _exactness_code(report)
 
 

@@ -11,11 +11,18 @@
 
 `--input-file`: one prompt per line (split on '\\n' only, '\\r' stripped, blank lines skipped), or a
 `.jsonl` file whose lines are JSON strings or objects with a "prompt" field (for prompts that hold
-newlines). Prompts are encoded with BOS (`--no-bos` to leave it out). Each JSON line has the
-prompt, the generated ids (stop token excluded), their text, why the row stopped and its batch's
-timing (prefill s, decode s, tokens/s over prefill + decode; compilation reported apart).
-`--continuous` serves all prompts through `--batch-size` slots refilled as rows finish
-(decoding/continuous.py): one timing for the whole run.
+newlines). Prompts are encoded under the tokenizer's own BOS rule (`add_bos`; SmolLM2: none,
+Llama 3: BOS), `--bos` / `--no-bos` override it. Every prompt is encoded and checked against the
+model's vocabulary before anything is decoded: one that cannot be encoded (not valid UTF-8 text,
+a lone surrogate) or holds an id the embedding lacks is refused with its index, exit code 2.
+
+Each JSON line has the prompt, the generated ids (stop token excluded), their text, why the row
+stopped and its batch's timing (prefill s, decode s, tokens/s over prefill + decode; compilation
+reported apart). Lines are appended (and flushed) to OUT.partial as each batch finishes, and
+OUT.partial becomes OUT when every prompt is done: a run that fails leaves OUT.partial (the
+prompts finished so far), never an OUT that looks complete. `--continuous` serves all prompts
+through `--batch-size` slots refilled as rows finish (decoding/continuous.py): one timing, and
+its lines, for the whole run.
 
 Decoders are looked up in DECODERS by `--decoding`: a builder (args, model) -> decode function
 (prompt ids, batch_size) -> result with the fields of `decoding.GenerationResult`; each builder
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,7 +80,7 @@ def build_mtp(args: argparse.Namespace, model) -> DecodeFn:
     if not args.heads:
         raise UsageError("--decoding mtp needs --heads DIR (heads saved by gptk_jax.heads.io)")
     heads = load_heads(args.heads, model.config, model.path.name)  # refuses another trunk's
-    k = args.k or heads.head_config.k
+    k = heads.head_config.k if args.k is None else args.k
     drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
                                       model.params, k)
     return _decode_fn(args, _decoder(model, drafter=drafter, drafter_vars=variables,
@@ -87,7 +95,7 @@ def build_lookup(args: argparse.Namespace, model) -> DecodeFn:
     from gptk_jax.decoding.lookup import LookupDrafter
     from gptk_jax.heads.io import load_heads
 
-    k = args.k or DEFAULT_LOOKUP_K
+    k = DEFAULT_LOOKUP_K if args.k is None else args.k
     fallback, fallback_vars = None, None
     if args.heads:
         heads = load_heads(args.heads, model.config, model.path.name)
@@ -108,9 +116,16 @@ class UsageError(Exception):
     """Bad command-line input (reported as one line, exit code 2)."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit code 2), like every other
+    error of the CLI; `--help` still prints the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gptk_jax.generate",
-                                description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m gptk_jax.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="converted model folder (python -m convert)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
@@ -120,13 +135,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--continuous", action="store_true",
                    help="continuous batching: --batch-size slots, each refilled with the next "
                         "prompt as soon as its row finishes (same tokens; more throughput)")
-    p.add_argument("--output-json", type=Path, help="write one JSON line per prompt here")
+    p.add_argument("--output-json", type=Path,
+                   help="one JSON line per prompt: OUT.partial while decoding, OUT when done")
     p.add_argument("--decoding", choices=sorted(DECODERS), default="greedy")
     p.add_argument("--heads", type=Path, default=None,
                    help="--decoding mtp: trained heads folder (gptk_jax.heads.io); "
                         "--decoding lookup: heads that draft where the lookup finds nothing")
     p.add_argument("--k", type=int, default=None,
-                   help="tokens per verify step (--decoding mtp: default and maximum the "
+                   help="tokens per verify step, >= 2 (--decoding mtp: default and maximum the "
                         f"heads' k; --decoding lookup: default {DEFAULT_LOOKUP_K})")
     p.add_argument("--lookup-max-ngram", type=int, default=3,
                    help="--decoding lookup: longest n-gram matched")
@@ -135,20 +151,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--padding", choices=["left", "right"], default="left")
     p.add_argument("--bucket", type=int, default=32,
                    help="round prompt lengths up to a multiple of this (fewer compilations)")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend the BOS token (default: the tokenizer's own rule, add_bos)")
     p.add_argument("--quiet", action="store_true", help="no per-prompt text on stdout")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
-    if args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
-    if args.bucket < 1:
-        p.error("--bucket must be >= 1")
+    for name, value, least in (("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--batch-size", args.batch_size, 1), ("--bucket", args.bucket, 1),
+                               ("--lookup-max-ngram", args.lookup_max_ngram, 1)):
+        if value < least:
+            p.error(f"{name} must be >= {least}, got {value}")
+    if args.k is not None and args.k < 2:
+        p.error(f"--k must be >= 2 (the trunk's token + at least one draft per verify step), "
+                f"got {args.k}; leave it out for the default")
     return args
 
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a text file (one per line) or a .jsonl file (strings or {"prompt": ...})."""
+    return [prompt for _, prompt in read_prompt_lines(path)]
+
+
+def read_prompt_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, prompt) of each prompt in a text or .jsonl file (see read_prompts)."""
     if not path.is_file():
         raise UsageError(f"--input-file {path}: no such file")
     try:
@@ -171,18 +195,89 @@ def read_prompts(path: Path) -> list[str]:
                 raise UsageError(f'{path}:{number}: expected a JSON string or an object with a '
                                  f'"prompt" string')
             line = item
-        prompts.append(line)
+        prompts.append((number, line))
     if not prompts:
         raise UsageError(f"--input-file {path} holds no prompts (it is empty or blank)")
     return prompts
 
 
-def run(args: argparse.Namespace, prompts: list[str], model, decode: DecodeFn,
-        out=sys.stdout) -> list[dict]:
-    """Decodes the prompts in batches; returns one record per prompt."""
+def encode_all(prompts: Sequence[str], model, bos: Optional[bool],
+               where: Optional[Sequence[str]] = None) -> list[list[int]]:
+    """Every prompt's ids under the one BOS rule (`encode_prompt`), each checked against the
+    model's embedding, before anything is decoded. A prompt that is not valid text (a lone
+    surrogate: a byte of --prompt that is not UTF-8, or "\\ud800" in a JSON line), encodes to no
+    tokens or holds an id past the embedding is a UsageError naming its index (and `where`)."""
+    from gptk_jax.llama.checkpoint import CheckpointError
+    from gptk_jax.tokenizers import encode_prompt
+
+    ids = []
+    for i, text in enumerate(prompts):
+        name = f"prompt {i}" + (f" ({where[i]})" if where else "")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UsageError(f"{name}: not valid UTF-8 text ({text[e.start]!r} at character "
+                             f"{e.start}: a byte that is not UTF-8 or a lone surrogate)") from None
+        try:
+            prompt_ids = list(encode_prompt(model.tokenizer, text, bos))
+        except Exception as e:   # the tokenizer's own refusal, whatever its type
+            raise UsageError(f"{name}: cannot be encoded ({type(e).__name__}: {e})") from None
+        if not prompt_ids:
+            raise UsageError(f"{name} encodes to no tokens; give it text or pass --bos")
+        try:
+            model.check_token_ids(prompt_ids)
+        except CheckpointError as e:
+            raise UsageError(f"{name}: {e}") from None
+        ids.append(prompt_ids)
+    return ids
+
+
+class JsonLines:
+    """OUT.partial, appended and flushed one line at a time; `finish` renames it to OUT. Opened
+    before the model loads, so an unwritable OUT fails first."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path, self.written, self._file = path, 0, None
+        if path is None:
+            return
+        self.partial = path.with_name(path.name + ".partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.partial, "w", encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"--output-json {path}: cannot write it ({e.strerror or e})") from None
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+            self.written += 1
+
+    def finish(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            os.replace(self.partial, self.path)
+            self._file = None
+
+    def abandon(self) -> str:
+        """After a failure: drops an empty OUT.partial; says where finished lines are kept."""
+        if self._file is None:
+            return ""
+        self._file.close()
+        self._file = None
+        if not self.written:
+            self.partial.unlink(missing_ok=True)
+            return ""
+        return f" ({self.written} finished prompts kept in {self.partial})"
+
+
+def run(args: argparse.Namespace, prompts: list[str], ids: list[list[int]], model,
+        decode: DecodeFn, out=sys.stdout, on_record: Callable[[dict], None] = lambda r: None
+        ) -> list[dict]:
+    """Decodes the encoded prompts in batches; returns one record per prompt, each also given
+    to `on_record` as soon as its batch is done."""
     from tqdm import tqdm
 
-    tok = model.tokenizer
     records = []
     if args.continuous:   # one call serves every prompt through batch_size slots
         batches = [list(range(len(prompts)))]
@@ -191,33 +286,40 @@ def run(args: argparse.Namespace, prompts: list[str], model, decode: DecodeFn,
                    for i in range(0, len(prompts), args.batch_size)]
     for batch_index, rows in enumerate(tqdm(batches, desc=args.decoding, unit="batch",
                                             file=sys.stderr, disable=len(batches) < 2)):
-        ids = [tok.encode(prompts[i], bos=not args.no_bos) for i in rows]
-        if any(not x for x in ids):
-            raise UsageError("a prompt encodes to no tokens; drop --no-bos or give it text")
-        result = decode(ids, args.batch_size)
-        seconds = result.prefill_seconds + result.decode_seconds
-        batch_tokens = int(sum(result.num_generated))
-        timing = {"batch": batch_index,
-                  "batch_size": args.batch_size if args.continuous else len(rows),
-                  "prefill_s": round(result.prefill_seconds, 6),
-                  "decode_s": round(result.decode_seconds, 6),
-                  "compile_s": round(result.compile_seconds, 6),
-                  "tokens_per_s": round(batch_tokens / seconds, 3) if seconds > 0 else None}
-        # decoders may add per-row fields (mtp: verify steps, accepted drafts per step)
-        extra = result.row_records() if hasattr(result, "row_records") and \
-            args.decoding != "greedy" else None
-        for j, i in enumerate(rows):
-            text = tok.decode(result.tokens[j])
-            more = {k: v for k, v in extra[j].items() if k not in ("tokens", "stop_reason",
-                                                                  "num_generated")} \
-                if extra else {}
-            records.append({"index": i, "prompt": prompts[i], "prompt_tokens": len(ids[j]),
-                            "generated_ids": result.tokens[j], "text": text,
-                            "stop_reason": result.stop_reasons[j],
-                            "num_generated": result.num_generated[j],
-                            "decoding": args.decoding, **more, **timing})
+        result = decode([ids[i] for i in rows], args.batch_size)
+        for record in batch_records(args, batch_index, rows, prompts, ids, model.tokenizer,
+                                    result):
+            records.append(record)
+            on_record(record)
             if not args.quiet:
-                print(f"=== [{i}] {prompts[i]}\n{text}", file=out, flush=True)
+                print(f"=== [{record['index']}] {record['prompt']}\n{record['text']}", file=out,
+                      flush=True)
+    return records
+
+
+def batch_records(args: argparse.Namespace, batch_index: int, rows: list[int],
+                  prompts: list[str], ids: list[list[int]], tok, result) -> list[dict]:
+    """One JSON record per row of a finished batch."""
+    seconds = result.prefill_seconds + result.decode_seconds
+    batch_tokens = int(sum(result.num_generated))
+    timing = {"batch": batch_index,
+              "batch_size": args.batch_size if args.continuous else len(rows),
+              "prefill_s": round(result.prefill_seconds, 6),
+              "decode_s": round(result.decode_seconds, 6),
+              "compile_s": round(result.compile_seconds, 6),
+              "tokens_per_s": round(batch_tokens / seconds, 3) if seconds > 0 else None}
+    # decoders may add per-row fields (mtp: verify steps, accepted drafts per step)
+    extra = result.row_records() if hasattr(result, "row_records") and \
+        args.decoding != "greedy" else None
+    records = []
+    for j, i in enumerate(rows):
+        more = {k: v for k, v in extra[j].items()
+                if k not in ("tokens", "stop_reason", "num_generated")} if extra else {}
+        records.append({"index": i, "prompt": prompts[i], "prompt_tokens": len(ids[i]),
+                        "generated_ids": result.tokens[j], "text": tok.decode(result.tokens[j]),
+                        "stop_reason": result.stop_reasons[j],
+                        "num_generated": result.num_generated[j],
+                        "decoding": args.decoding, **more, **timing})
     return records
 
 
@@ -232,29 +334,41 @@ def summarize(records: list[dict]) -> str:
             f"decode {sum(b['decode_s'] for b in batches):.2f}s; compile {compile_s:.1f}s apart)")
 
 
+def load_prompts(args: argparse.Namespace) -> tuple[list[str], Optional[list[str]]]:
+    """The prompts and, from --input-file, where each one is (FILE:LINE)."""
+    if args.prompt:
+        return list(args.prompt), None
+    lines = read_prompt_lines(args.input_file)
+    return [p for _, p in lines], [f"{args.input_file}:{n}" for n, _ in lines]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     from gptk_jax.llama.checkpoint import CheckpointError, load_converted
     from gptk_jax.llama.config import ConfigError
     from gptk_jax.tokenizers import TokenizerError
 
+    output = None
     try:
-        prompts = args.prompt if args.prompt else read_prompts(args.input_file)
+        prompts, where = load_prompts(args)
+        output = JsonLines(args.output_json)
         start = time.perf_counter()
         model = load_converted(args.checkpoint, dtype=args.dtype)
         print(f"loaded {model.path} in {time.perf_counter() - start:.1f}s "
               f"({model.config.n_layers} layers, dim {model.config.dim}, "
               f"compute {model.config.dtype})", file=sys.stderr)
+        ids = encode_all(prompts, model, args.bos, where)
         decode = DECODERS[args.decoding](args, model)
-        records = run(args, prompts, model, decode)
-        if args.output_json:
-            args.output_json.parent.mkdir(parents=True, exist_ok=True)
-            with open(args.output_json, "w", encoding="utf-8") as f:
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        records = run(args, prompts, ids, model, decode, on_record=output.write)
+        output.finish()
     except (CheckpointError, TokenizerError, ConfigError, UsageError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        kept = output.abandon() if output is not None else ""
+        print(f"error: {e}{kept}".replace("\n", " "), file=sys.stderr)
         return 2
+    except BaseException:   # a bug or ^C: its traceback, and no empty OUT.partial left behind
+        if output is not None:
+            output.abandon()
+        raise
     print(summarize(records), file=sys.stderr)
     return 0
 

@@ -193,3 +193,95 @@ def test_prompt_boundary_follows_the_heads_unless_the_flag_says_otherwise(capsys
     assert "warning" not in capsys.readouterr().out
     assert resolve_space_with_target(False, trained) is False        # the flag wins, with a warning
     assert "trained with space_with_target=True" in capsys.readouterr().out
+
+
+def _small_eval(ckpt, heads, out, *extra):
+    return ["--checkpoint", str(ckpt), "--heads", str(heads), "--split", "newstest2014",
+            "--data-root", str(DATA), "--max-sentences", "2", "--no-progress",
+            "--output", str(out), *extra]
+
+
+def test_runs_are_saved_as_they_finish_and_a_rerun_reuses_them(folders, tmp_path, capsys,
+                                                               monkeypatch):
+    from gptk_jax.evaluation.decode import Decoding
+
+    ckpt, heads, _ = folders
+    out = tmp_path / "report"
+    argv = _small_eval(ckpt, heads, out, "--batch-sizes", "1,2", "--max-new-tokens", "3",
+                       "--lookup", "--continuous")
+    assert main(argv) == 0
+    first = json.loads((out / "report.json").read_text())
+    assert first["reused_runs"] == []
+    assert sorted(p.name for p in (out / "runs").iterdir()) == \
+        sorted(name.replace("/", "_") + ".json" for name in first["runs"])
+    translations = (out / "translations.jsonl").read_text()
+    capsys.readouterr()
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although every run was on disk with the same settings")
+    monkeypatch.setattr(Decoding, "batch", no_decoding)
+    monkeypatch.setattr(Decoding, "continuous", no_decoding)
+    assert main(argv) == 0
+    second = json.loads((out / "report.json").read_text())
+    assert sorted(second["reused_runs"]) == sorted(first["runs"])
+    for name, run in first["runs"].items():
+        assert second["runs"][name]["tokens"] == run["tokens"] and second["runs"][name]["reused"]
+    assert (out / "translations.jsonl").read_text() == translations
+    monkeypatch.undo()
+
+    capsys.readouterr()
+    changed = list(argv)
+    changed[changed.index("--max-new-tokens") + 1] = "4"
+    assert main(changed) == 0
+    printed = capsys.readouterr().out
+    third = json.loads((out / "report.json").read_text())
+    assert third["reused_runs"] == [] and third["max_new_tokens"] == 4
+    assert "settings changed" in printed and "max_new_tokens" in printed
+
+
+def test_finished_runs_survive_a_failure_and_no_report_is_written(folders, tmp_path,
+                                                                  monkeypatch):
+    from gptk_jax.evaluation.decode import Decoding
+
+    ckpt, heads, _ = folders
+    out = tmp_path / "report"
+
+    def machine_gone(*args, **kwargs):
+        raise RuntimeError("the machine went away")
+    monkeypatch.setattr(Decoding, "continuous", machine_gone)
+    with pytest.raises(RuntimeError):
+        main(_small_eval(ckpt, heads, out, "--batch-sizes", "2", "--max-new-tokens", "2",
+                         "--continuous"))
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["greedy_b2.json", "mtp_b2.json"]
+    saved = json.loads((out / "runs" / "mtp_b2.json").read_text())
+    assert saved["run"]["k"] == 3 and len(saved["tokens"]) == 2 and saved["fingerprint"]
+    assert not (out / "report.json").exists() and not (out / "translations.jsonl").exists()
+
+
+def test_heads_prompt_record_sets_the_boundary_and_a_difference_warns(folders, tmp_path,
+                                                                       capsys):
+    """heads.json's metadata["prompt_format"] (target prefix ' ', no BOS) decides the boundary;
+    Llama 3's tokenizer rule (BOS) differs from it: a warning names bos; --no-bos agrees."""
+    from gptk_jax.data.prompts import PromptFormat, prompt_record
+    from gptk_jax.heads.io import load_heads
+
+    ckpt, heads, _ = folders
+    old = load_heads(heads)
+    recorded = prompt_record(PromptFormat.for_languages("de", "en", space_with_target=True),
+                             bos=False)
+    new_heads = save_heads(tmp_path / "heads", old.head_config, old.params, CFG, "tiny-trunk",
+                           metadata={"prompt_format": recorded})
+    flags = ("--batch-sizes", "1", "--max-new-tokens", "2")
+    assert main(_small_eval(ckpt, new_heads, tmp_path / "r1", *flags)) == 0
+    printed = capsys.readouterr().out
+    assert "space_with_target=True (as the heads were trained" in printed
+    warnings = [l for l in printed.splitlines() if l.startswith("warning: prompt format")]
+    assert len(warnings) == 1 and "differs in bos" in warnings[0] and str(new_heads) in \
+        warnings[0]
+    report = json.loads((tmp_path / "r1" / "report.json").read_text())
+    assert report["prompt_format"]["bos"] is True and report["prompt_format"]["target_prefix"] \
+        == " "
+    assert main(_small_eval(ckpt, new_heads, tmp_path / "r2", *flags, "--no-bos")) == 0
+    assert "warning: prompt format" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "r2" / "report.json").read_text())["prompt_format"]["bos"] \
+        is False

@@ -123,3 +123,53 @@ def test_empty_input_file_is_a_clear_error(checkpoint, tmp_path):
     proc = run_cli("--checkpoint", checkpoint, "--input-file", tmp_path / "absent.txt",
                    "--max-new-tokens", 2)
     assert proc.returncode != 0 and "no such file" in proc.stderr
+
+
+def test_results_are_appended_as_each_batch_finishes(checkpoint, tmp_path, monkeypatch):
+    """OUT.partial holds batch 0's line (flushed) while batch 1 decodes; a run that dies there
+    leaves that line in OUT.partial and no OUT; a whole run renames it to OUT."""
+    from gptk_jax import generate
+
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial"
+    seen_while_decoding = []
+
+    def failing_greedy(args, model):
+        decode = generate.build_greedy(args, model)
+
+        def decode_or_fail(ids, batch_size):
+            if seen_while_decoding or partial.exists() and partial.read_text():
+                seen_while_decoding.append(read_jsonl(partial))
+                raise RuntimeError("the machine went away")
+            return decode(ids, batch_size)
+        return decode_or_fail
+
+    argv = ["--checkpoint", str(checkpoint), "--prompt", "Guten Morgen", "--prompt", "Hallo",
+            "--max-new-tokens", "3", "--output-json", str(out), "--quiet"]
+    monkeypatch.setitem(generate.DECODERS, "greedy", failing_greedy)
+    with pytest.raises(RuntimeError):
+        generate.main(argv)
+    assert [r["index"] for r in seen_while_decoding[0]] == [0]
+    assert not out.exists() and [r["index"] for r in read_jsonl(partial)] == [0]
+    monkeypatch.setitem(generate.DECODERS, "greedy", generate.build_greedy)
+    assert generate.main(argv) == 0
+    assert [r["prompt"] for r in read_jsonl(out)] == ["Guten Morgen", "Hallo"]
+    assert not partial.exists()
+
+
+def test_bos_follows_the_tokenizer_unless_told(checkpoint, tmp_path):
+    """Llama 3's tokenizer says add_bos: BOS by default, --no-bos leaves it out."""
+    from gptk_jax.generate import main
+
+    model = load_converted(checkpoint)
+    tok = model.tokenizer
+    assert tok.add_bos
+    counts = {}
+    for flags in ([], ["--no-bos"], ["--bos"]):
+        out = tmp_path / f"out{len(counts)}.jsonl"
+        assert main(["--checkpoint", str(checkpoint), "--prompt", "Guten Morgen",
+                     "--max-new-tokens", "2", "--output-json", str(out), "--quiet",
+                     *flags]) == 0
+        counts[tuple(flags)] = read_jsonl(out)[0]["prompt_tokens"]
+    plain = len(tok.encode("Guten Morgen", bos=False))
+    assert counts == {(): plain + 1, ("--no-bos",): plain, ("--bos",): plain + 1}

@@ -5,6 +5,8 @@ gptk_jax.evaluate` is the CLI).
     pipeline.py  run_evaluation(cfg) -> report: test set, trunk, heads, methods, runs
     decode.py    the only module that calls the decoders: Method, Decoding, drafter builders
     runs.py      the runs of one batch size (static, oracle, continuous) and their statistics
+    store.py     the report folder: writability checked first, one file per finished run,
+                 reused by a rerun with the same settings
     report.py    scores, translations, report.json / report.md / acceptance.png / translations.jsonl
 """
 

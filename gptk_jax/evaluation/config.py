@@ -10,6 +10,11 @@ import dataclasses
 from typing import Optional
 
 
+# the smallest value of each numeric field (None, where allowed, means its default)
+AT_LEAST = {"max_sentences": 1, "k": 2, "max_new_tokens": 1, "shots": 0, "bucket": 1,
+            "lookup_k": 2, "lookup_max_ngram": 1, "draft_vocab_size": 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     checkpoint: str                       # converted trunk folder
@@ -40,6 +45,7 @@ class EvalConfig:
     draft_vocab_from: Optional[str] = None  # of this text file (default: News Commentary's
                                             # target side under data_root)
     continuous: bool = False              # batch sizes > 1 also run with continuous batching
+    bos: Optional[bool] = None            # prepend BOS; None: the tokenizer's rule (add_bos)
     progress: bool = True
 
     def __post_init__(self):
@@ -52,6 +58,10 @@ class EvalConfig:
             raise ValueError("give a split or a source and reference file")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        for name, least in AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
         if self.heads is None and self.k is None:
             raise ValueError("give --heads (K defaults to the heads' k) or --k with --oracle or "
                              "--lookup")

@@ -1,10 +1,11 @@
 """Every decoding call of the evaluation goes through this module: switching the evaluation to
 another decoding engine changes this file only.
 
-A `Method` is what decodes: greedy (no drafter, K = 1) or draft-and-verify with a drafter and K
-tokens per verify step. A `Decoding` holds the trunk and what every call shares (max new tokens,
-stop ids, pad id, prompt bucket) and decodes one static batch (`batch`) or a queue of prompts
-through continuously refilled slots (`continuous`). The `*_method` builders make the drafters.
+A `Method` is what decodes: greedy (no drafter, k = 1) or draft-and-verify with a drafter and k
+tokens per verify step. A `Decoding` holds one engine `Decoder` per method (made once from one
+greedy decoder, so the trunk goes to the device once and executables are compiled once per
+shape) and what every call shares (max new tokens, prompt bucket); it decodes one static batch
+(`batch`) or a queue of prompts through continuously refilled slots (`continuous`). The `*_method` builders make the drafters.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
 from gptk_jax.decoding import head_drafter
-from gptk_jax.decoding.continuous import continuous_generate
-from gptk_jax.decoding.greedy import greedy_generate
+from gptk_jax.decoding.engine import Decoder
 from gptk_jax.decoding.lookup import LookupDrafter
-from gptk_jax.decoding.mtp import mtp_generate
 from gptk_jax.decoding.oracle import OracleDrafter, oracle_variables
 
 
@@ -36,8 +35,10 @@ class Method:
 GREEDY = Method("greedy")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class Decoding:
+    """One greedy `Decoder` (the trunk on the device once, its executables kept), and per
+    method a decoder made from it by `Decoder.replace`: no batch recompiles or re-uploads."""
     config: Any                           # LlamaConfig of the trunk
     params: Any
     max_new_tokens: int
@@ -45,26 +46,39 @@ class Decoding:
     pad_id: int
     bucket: int
 
-    def _common(self) -> dict:
-        return dict(max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
-                    pad_id=self.pad_id, bucket=self.bucket)
+    def __post_init__(self):
+        self.greedy = Decoder(self.config, self.params, stop_ids=self.stop_ids,
+                              pad_id=self.pad_id)
+        self._by_loop: dict = {}      # (drafter, k) -> decoder holding that loop's executables
+        self._by_method: dict = {}    # id(method) -> (method, its decoder)
+
+    def decoder(self, method: Method) -> Decoder:
+        if not method.drafts:
+            return self.greedy
+        known = self._by_method.get(id(method))
+        if known is not None and known[0] is method:
+            return known[1]
+        loop = self._by_loop.get((method.drafter, method.k))
+        if loop is None:
+            decoder = self.greedy.replace(drafter=method.drafter, drafter_vars=method.variables,
+                                          num_tokens_per_step=method.k)
+            self._by_loop[(method.drafter, method.k)] = decoder
+        else:   # same drafter and k (e.g. the oracle, per batch): its executables are shared
+            decoder = loop.replace(drafter_vars=method.variables)
+        self._by_method[id(method)] = (method, decoder)
+        return decoder
 
     def batch(self, method: Method, prompts: Sequence[Sequence[int]], batch_size: int):
         """One static batch (padded to `batch_size` rows) -> GenerationResult / MTPResult."""
-        if not method.drafts:
-            return greedy_generate(self.config, self.params, prompts, batch_size=batch_size,
-                                   **self._common())
-        return mtp_generate(self.config, self.params, method.drafter, method.variables, prompts,
-                            num_tokens_per_step=method.k, batch_size=batch_size,
-                            **self._common())
+        return self.decoder(method).generate(prompts, self.max_new_tokens, bucket=self.bucket,
+                                             batch_size=batch_size)
 
     def continuous(self, method: Method, prompts: Sequence[Sequence[int]], batch_size: int,
                    on_finished: Optional[Callable[[int], None]] = None):
         """All prompts through `batch_size` refilled slots -> ContinuousResult."""
-        return continuous_generate(self.config, self.params, prompts, batch_size=batch_size,
-                                   drafter=method.drafter, drafter_vars=method.variables,
-                                   num_tokens_per_step=method.k, on_finished=on_finished,
-                                   **self._common())
+        return self.decoder(method).generate_continuous(
+            prompts, self.max_new_tokens, batch_size=batch_size, bucket=self.bucket,
+            on_finished=on_finished)
 
 
 def heads_method(name: str, decoding: Decoding, heads, k: int,

@@ -1,9 +1,12 @@
 """`run_evaluation(cfg) -> report`: greedy vs draft-and-verify decoding of one trunk on one test
 set, from an `EvalConfig` to the report dict (gptk_jax.evaluation.report writes it).
 
-Flow: the test set (first, so a bad split or path fails before the model loads) -> trunk and
-heads -> prompt boundary, draft vocabulary, stop ids -> the drafting methods -> per batch size
-`runs.decode_batch_size` -> `report.build_report`.
+Flow: the report folder's writability and the test set (first, so an unwritable folder or a bad
+split or path fails before the model loads) -> trunk and heads -> prompt boundary, draft
+vocabulary, stop ids -> the prompts (the one BOS rule of gptk_jax.data.prompts, checked against
+the embedding; their prompt record compared with the one in heads.json) -> the drafting methods
+-> per batch size `runs.decode_batch_size`, each run saved to OUT/runs/ as it finishes and
+reused by a rerun with the same settings (`store.RunStore`) -> `report.build_report`.
 """
 
 from __future__ import annotations
@@ -11,9 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from gptk_jax.data.prompts import prompt_format, translation_stop_ids
+from gptk_jax.data.prompts import (PromptFormat, compare_prompt_records, encode_prompts,
+                                   prompt_bos, prompt_format, prompt_record,
+                                   translation_stop_ids)
 from gptk_jax.data.testsets import TestSet, load_file_pair, load_test_set, news_commentary
 from gptk_jax.evaluation.config import EvalConfig
+from gptk_jax.evaluation.store import (RunStore, check_output_folder, folder_fingerprint,
+                                       sha256_json)
 
 
 def load_eval_set(cfg: EvalConfig) -> TestSet:
@@ -27,9 +34,14 @@ def load_eval_set(cfg: EvalConfig) -> TestSet:
 def resolve_space_with_target(given: Optional[bool], heads_metadata: Optional[dict]) -> bool:
     """The prompt boundary to decode with: the flag when given, else what the heads were trained
     with (heads.json records the training config), else False. Prints the choice and warns when
-    the flag contradicts the heads (drafts then start from a shifted boundary: low acceptance)."""
+    the flag contradicts the heads (drafts then start from a shifted boundary: low acceptance).
+    heads.json's prompt record (`metadata["prompt_format"]`) decides when it is there: its
+    target prefix ' ' is space_with_target; older heads: the training config's flag."""
     trained = None
-    if heads_metadata:
+    recorded = (heads_metadata or {}).get("prompt_format")
+    if isinstance(recorded, dict) and recorded.get("target_prefix") is not None:
+        trained = recorded["target_prefix"] == " "
+    elif heads_metadata:
         trained = ((heads_metadata.get("config") or {}).get("data") or {}).get(
             "space_with_target")
     if given is None:
@@ -72,6 +84,50 @@ def drafting_methods(cfg: EvalConfig, decoding, heads, k: int, draft_vocab) -> l
     return methods
 
 
+def build_prompts(cfg: EvalConfig, tokenizer, space_with_target: bool
+                  ) -> tuple[PromptFormat, bool, dict]:
+    """(the prompt format, whether prompts start with BOS, their prompt record): the format of
+    gptk_jax.data.prompts under the one BOS rule (cfg.bos, else the tokenizer's add_bos)."""
+    fmt = prompt_format(cfg.src_lang, cfg.tgt_lang, cfg.shots, space_with_target,
+                        shots_from=news_commentary(cfg.data_root))
+    bos = prompt_bos(tokenizer, cfg.bos)
+    return fmt, bos, prompt_record(fmt, tokenizer, bos)
+
+
+def evaluation_prompts(fmt: PromptFormat, tokenizer, test_set: TestSet, bos: bool) -> list:
+    """The prompt ids of every source: what training rows of the same pairs start with."""
+    return encode_prompts(fmt, tokenizer, [p.src for p in test_set.pairs], bos)
+
+
+def check_prompt_record(used: dict, heads) -> None:
+    """Prints a warning when the heads were trained on another prompt format."""
+    if heads is None:
+        return
+    warning = compare_prompt_records(used, heads.metadata.get("prompt_format"),
+                                     used_by="evaluation", recorded_by=str(heads.path))
+    if warning is not None:
+        print(warning, flush=True)
+
+
+def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_vocab,
+                 record: dict) -> dict:
+    """Everything that decides a run's tokens and timing (store.RunStore's "same settings")."""
+    import jax
+    device = jax.devices()[0]
+    heads = None
+    if cfg.heads:
+        heads = folder_fingerprint(cfg.heads, ("heads.json",))
+    return {"checkpoint": folder_fingerprint(model.path, ("config.json", "conversion.json")),
+            "heads": heads, "prompts_sha256": sha256_json(prompts), "num_prompts": len(prompts),
+            "prompt_format": record, "stop_ids_sha256": sha256_json(list(stop_ids)),
+            "max_new_tokens": cfg.max_new_tokens, "bucket": cfg.bucket,
+            "dtype": model.config.dtype, "platform": device.platform,
+            "device_kind": getattr(device, "device_kind", None),
+            "lookup_max_ngram": cfg.lookup_max_ngram,
+            "draft_vocab_sha256": sha256_json(list(map(int, draft_vocab)))
+            if draft_vocab is not None else None}
+
+
 def run_evaluation(cfg: EvalConfig) -> dict:
     import jax
 
@@ -81,6 +137,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     from gptk_jax.heads.io import load_heads
     from gptk_jax.llama.checkpoint import load_converted
 
+    check_output_folder(cfg.output)
     test_set = load_eval_set(cfg)
     model = load_converted(cfg.checkpoint, dtype=cfg.dtype)
     config, tok = model.config, model.tokenizer
@@ -89,32 +146,34 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     k = cfg.k or heads.head_config.k
     space_with_target = resolve_space_with_target(cfg.space_with_target,
                                                   heads.metadata if heads else None)
+    fmt, bos, record = build_prompts(cfg, tok, space_with_target)
+    check_prompt_record(record, heads)
+    prompts = evaluation_prompts(fmt, tok, test_set, bos)
+    model.check_token_ids([i for p in prompts for i in p])
     draft_vocab, draft_vocab_path = draft_vocabulary(cfg, tok, space_with_target)
     stop_ids = tuple(translation_stop_ids(tok))
     decoding = Decoding(config, model.params, cfg.max_new_tokens, stop_ids, tok.pad_id,
-                      cfg.bucket)
+                        cfg.bucket)
     methods = drafting_methods(cfg, decoding, heads, k, draft_vocab)
-    fmt = prompt_format(cfg.src_lang, cfg.tgt_lang, cfg.shots, space_with_target,
-                        shots_from=news_commentary(cfg.data_root))
-    prompts = [tok.encode(fmt.prompt_text(p.src), bos=True) for p in test_set.pairs]
     platform = jax.devices()[0].platform
     print(f"{trunk_name}: {len(prompts)} sentences of {test_set.name} {cfg.src_lang}->"
-          f"{cfg.tgt_lang}, K={k}, {len(stop_ids)} stop ids, {platform}, dtype {config.dtype}",
-          flush=True)
+          f"{cfg.tgt_lang}, K={k}, {'BOS' if bos else 'no BOS'}, {len(stop_ids)} stop ids, "
+          f"{platform}, dtype {config.dtype}", flush=True)
+    store = RunStore(cfg.output, run_settings(cfg, model, prompts, stop_ids, draft_vocab, record))
 
     runs, outputs = {}, {}
     for batch in cfg.batch_sizes:
         batch_runs, batch_outputs = decode_batch_size(
             decoding, methods, prompts, batch, oracle_k=k if cfg.oracle else None,
-            continuous=cfg.continuous, progress=cfg.progress)
+            continuous=cfg.continuous, progress=cfg.progress, store=store)
         runs.update(batch_runs)
         outputs.update(batch_outputs)
 
     header = {"checkpoint": str(cfg.checkpoint), "heads": cfg.heads, "split": cfg.split,
               "k": k, "max_new_tokens": cfg.max_new_tokens, "shots": cfg.shots,
-              "space_with_target": space_with_target,
+              "space_with_target": space_with_target, "prompt_format": record,
               "draft_vocab_size": len(draft_vocab) if draft_vocab else None,
               "draft_vocab_from": str(draft_vocab_path) if draft_vocab else None,
-              "dtype": config.dtype, "platform": platform}
+              "dtype": config.dtype, "platform": platform, "reused_runs": store.reused}
     main_method = methods[0].name if methods else "oracle"
     return build_report(header, test_set, tok, runs, outputs, cfg.batch_sizes[0], main_method)

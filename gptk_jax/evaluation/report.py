@@ -10,6 +10,7 @@ acceptance.png / translations.jsonl.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -126,12 +127,22 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_reports(report: dict, out_dir: Path) -> None:
+    """translations.jsonl, acceptance.png, report.md, then report.json, each written to a
+    temporary name and renamed: report.json exists only beside a whole set."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in report.items() if k != "translations"}
-    (out_dir / "report.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "report.md").write_text(markdown(report))
-    with open(out_dir / "translations.jsonl", "w", encoding="utf-8") as f:
-        for t in report["translations"]:
-            f.write(json.dumps(t, ensure_ascii=False) + "\n")
-    plot(report, out_dir / "acceptance.png")
+    lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in report["translations"])
+    _replace(out_dir / "translations.jsonl", lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+    _replace(out_dir / "acceptance.png", lambda tmp: plot(report, tmp))
+    _replace(out_dir / "report.md", lambda tmp: tmp.write_text(markdown(report)))
+    _replace(out_dir / "report.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+
+
+def _replace(path: Path, write) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")   # keeps the suffix (matplotlib)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

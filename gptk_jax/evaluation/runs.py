@@ -5,6 +5,11 @@ oracle, in consecutive static batches of B prompts; with `continuous`, and B > 1
 drafter again through B continuously refilled slots. It returns run records (report.json's
 `runs`) and `Output`s (tokens per prompt, per-row step records), both keyed
 `<method>/b<B>` or `<method>/b<B>/continuous`. Decoding itself goes through `decode.Decoding`.
+
+Each run is saved to the `store.RunStore` as soon as it finishes, and a run the store already
+holds under the same settings is reused instead of decoded again. A run that is compared with
+another (a drafter's speedup and exactness against greedy of its batch size and schedule) is
+reused only when that greedy run was reused too, so the two always come from one process.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from tqdm import tqdm
 
 from gptk_jax.decoding.acceptance import acceptance_stats
 from gptk_jax.evaluation.decode import GREEDY, Decoding, Method, oracle_method
+from gptk_jax.evaluation.store import RunStore
 
 
 @dataclasses.dataclass
@@ -60,18 +66,19 @@ def against_greedy(tokens: list, greedy_tokens: list) -> dict:
             "rows_differing_from_greedy": sum(a != b for a, b in zip(tokens, greedy_tokens))}
 
 
-def oracle_methods(decoding: Decoding, k: int, prompts: list, batch: int, greedy_results: list,
+def oracle_methods(decoding: Decoding, k: int, prompts: list, batch: int, greedy_tokens: list,
                    known_stop_tokens: Optional[list]) -> list[Method]:
     """Per batch, an oracle drafting greedy's continuation plus the stop id the row ended on
     (from an earlier draft-and-verify run of the same batch; without one, an untimed oracle pass
     finds it), so every draft is accepted."""
     methods = []
+    greedy_chunks = _chunks(greedy_tokens, batch)
     for i, chunk in enumerate(_chunks(prompts, batch)):
         stops = (known_stop_tokens[i] if known_stop_tokens else decoding.batch(
             oracle_method(decoding, k, chunk, [[0]] * len(chunk), batch), chunk,
             batch).stop_tokens)
         conts = [t + [s] if s is not None else t
-                 for t, s in zip(greedy_results[i].tokens, stops)]
+                 for t, s in zip(greedy_chunks[i], stops)]
         methods.append(oracle_method(decoding, k, chunk, conts, batch))
     return methods
 
@@ -86,64 +93,120 @@ def _drafting_run(name: str, k: int, batch: int, results: list, greedy: dict,
     return run, Output(tokens, [rec for r in results for rec in r.row_records()])
 
 
+def _reuse(store: RunStore, key: str, k: int, allowed: bool = True):
+    """(run, Output, stop tokens) the store holds for `key` under the same settings, or None."""
+    found = store.load(key, k) if allowed else None
+    if found is None:
+        return None
+    return found.run, Output(found.tokens, found.records), found.stop_tokens
+
+
+def _keep(store: RunStore, key: str, k: int, run: dict, output: Output,
+          stop_tokens: Optional[list] = None) -> tuple[dict, Output]:
+    store.save(key, k, run, output.tokens, output.records, stop_tokens)
+    return run, output
+
+
+def _static_greedy(decoding: Decoding, prompts: list, batch: int, progress: bool,
+                   store: RunStore) -> tuple[dict, Output, bool]:
+    """greedy/b<batch>: (run, output, whether it was reused)."""
+    key = f"greedy/b{batch}"
+    found = _reuse(store, key, 1)
+    if found is not None:
+        return found[0], found[1], True
+    results = decode_chunks(decoding, GREEDY, prompts, batch, progress)
+    run = {"method": "greedy", "batch_size": batch, **pooled(results)}
+    return (*_keep(store, key, 1, run, Output([t for r in results for t in r.tokens])), False)
+
+
 def static_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int,
-                oracle_k: Optional[int], progress: bool) -> tuple[dict, dict]:
+                oracle_k: Optional[int], progress: bool,
+                store: Optional[RunStore] = None) -> tuple[dict, dict]:
     """Greedy, each drafting method, then the oracle (K = oracle_k; None: no oracle)."""
-    greedy_results = decode_chunks(decoding, GREEDY, prompts, batch, progress)
-    greedy_tokens = [t for r in greedy_results for t in r.tokens]
-    greedy = {"method": "greedy", "batch_size": batch, **pooled(greedy_results)}
-    runs, outputs = {f"greedy/b{batch}": greedy}, {f"greedy/b{batch}": Output(greedy_tokens)}
+    store = store or RunStore(None, {})
+    greedy, greedy_output, greedy_reused = _static_greedy(decoding, prompts, batch, progress,
+                                                          store)
+    greedy_tokens = greedy_output.tokens
+    runs, outputs = {f"greedy/b{batch}": greedy}, {f"greedy/b{batch}": greedy_output}
     known_stop_tokens = None
     for method in methods:
+        key = f"{method.name}/b{batch}"
+        found = _reuse(store, key, method.k, greedy_reused)
+        if found is not None:
+            runs[key], outputs[key], stops = found
+            known_stop_tokens = _chunks(stops, batch)
+            continue
         results = decode_chunks(decoding, method, prompts, batch, progress)
         known_stop_tokens = [r.stop_tokens for r in results]
-        key = f"{method.name}/b{batch}"
-        runs[key], outputs[key] = _drafting_run(method.name, method.k, batch, results, greedy,
-                                                greedy_tokens)
+        runs[key], outputs[key] = _keep(store, key, method.k, *_drafting_run(
+            method.name, method.k, batch, results, greedy, greedy_tokens),
+            [s for r in results for s in r.stop_tokens])
     if oracle_k is not None:
-        oracles = oracle_methods(decoding, oracle_k, prompts, batch, greedy_results,
-                                 known_stop_tokens)
-        results = decode_chunks(decoding, oracles, prompts, batch, progress)
-        runs[f"oracle/b{batch}"], outputs[f"oracle/b{batch}"] = _drafting_run(
-            "oracle", oracle_k, batch, results, greedy, greedy_tokens)
+        key = f"oracle/b{batch}"
+        found = _reuse(store, key, oracle_k, greedy_reused)
+        if found is not None:
+            runs[key], outputs[key], _ = found
+        else:
+            oracles = oracle_methods(decoding, oracle_k, prompts, batch, greedy_tokens,
+                                     known_stop_tokens)
+            results = decode_chunks(decoding, oracles, prompts, batch, progress)
+            runs[key], outputs[key] = _keep(store, key, oracle_k, *_drafting_run(
+                "oracle", oracle_k, batch, results, greedy, greedy_tokens))
     return runs, outputs
 
 
+def _continuous_run(decoding: Decoding, method: Method, prompts: list, batch: int,
+                    static_greedy: dict, greedy_tokens: list, continuous_greedy: Optional[dict],
+                    progress: bool) -> tuple[dict, Output]:
+    key = f"{method.name}/b{batch}/continuous"
+    with tqdm(total=len(prompts), desc=key, disable=not progress, unit="prompt",
+              leave=False) as bar:
+        result = decoding.continuous(method, prompts, batch, on_finished=bar.update)
+    stats = pooled([result])
+    run = {"method": method.name, "batch_size": batch, "schedule": "continuous", **stats,
+           "loop_iterations": result.loop_iterations, "prefill_calls": result.prefill_calls,
+           "speedup_vs_static_greedy": stats["tokens_per_second"] /
+           static_greedy["tokens_per_second"], **against_greedy(result.tokens, greedy_tokens)}
+    if method.drafts:
+        run.update(k=method.k, speedup=stats["tokens_per_second"] /
+                   continuous_greedy["tokens_per_second"], **mtp_summary([result], method.k))
+    return run, Output(result.tokens, result.row_records() if method.drafts else None)
+
+
 def continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int,
-                    static_greedy: dict, greedy_tokens: list, progress: bool
-                    ) -> tuple[dict, dict]:
+                    static_greedy: dict, greedy_tokens: list, progress: bool,
+                    store: Optional[RunStore] = None) -> tuple[dict, dict]:
     """Greedy and each drafter (not the oracle: its references are per batch row) through
     `batch` continuously refilled slots. `speedup` is over continuous greedy (the same
     scheduler), `speedup_vs_static_greedy` over `greedy/b<batch>`."""
+    store = store or RunStore(None, {})
     runs, outputs = {}, {}
+    greedy_key = f"greedy/b{batch}/continuous"
+    compared_reused = bool(static_greedy.get("reused"))
     for method in (GREEDY, *methods):
         key = f"{method.name}/b{batch}/continuous"
-        with tqdm(total=len(prompts), desc=key, disable=not progress, unit="prompt",
-                  leave=False) as bar:
-            result = decoding.continuous(method, prompts, batch, on_finished=bar.update)
-        stats = pooled([result])
-        run = {"method": method.name, "batch_size": batch, "schedule": "continuous", **stats,
-               "loop_iterations": result.loop_iterations, "prefill_calls": result.prefill_calls,
-               "speedup_vs_static_greedy": stats["tokens_per_second"] /
-               static_greedy["tokens_per_second"], **against_greedy(result.tokens, greedy_tokens)}
-        if method.drafts:
-            run.update(k=method.k, speedup=stats["tokens_per_second"] /
-                       runs[f"greedy/b{batch}/continuous"]["tokens_per_second"],
-                       **mtp_summary([result], method.k))
-        runs[key] = run
-        outputs[key] = Output(result.tokens, result.row_records() if method.drafts else None)
+        found = _reuse(store, key, method.k, compared_reused)
+        if found is not None:
+            runs[key], outputs[key], _ = found
+        else:
+            runs[key], outputs[key] = _keep(store, key, method.k, *_continuous_run(
+                decoding, method, prompts, batch, static_greedy, greedy_tokens,
+                runs.get(greedy_key), progress))
+        if method is GREEDY:
+            compared_reused = found is not None
     return runs, outputs
 
 
 def decode_batch_size(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int, *,
                       oracle_k: Optional[int] = None, continuous: bool = False,
-                      progress: bool = True) -> tuple[dict, dict]:
+                      progress: bool = True, store: Optional[RunStore] = None
+                      ) -> tuple[dict, dict]:
     """Every run of batch size `batch` -> (run records, outputs), in report order."""
-    runs, outputs = static_runs(decoding, methods, prompts, batch, oracle_k, progress)
+    runs, outputs = static_runs(decoding, methods, prompts, batch, oracle_k, progress, store)
     if continuous and batch > 1:
         more_runs, more_outputs = continuous_runs(
             decoding, methods, prompts, batch, runs[f"greedy/b{batch}"],
-            outputs[f"greedy/b{batch}"].tokens, progress)
+            outputs[f"greedy/b{batch}"].tokens, progress, store)
         runs.update(more_runs)
         outputs.update(more_outputs)
     return runs, outputs
