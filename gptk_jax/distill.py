@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from gptk_jax.cli import OneLineParser
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root
 from gptk_jax.data.testsets import news_commentary
 
@@ -68,7 +69,7 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gptk_jax.distill",
+    p = OneLineParser(prog="python -m gptk_jax.distill",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="converted model folder (python -m convert)")
     p.add_argument("--input", required=True, help="PREFIX: reads PREFIX.<src-lang>")

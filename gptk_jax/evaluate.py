@@ -38,18 +38,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from gptk_jax.cli import OneLineParser
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root, sacrebleu_cache
 from gptk_jax.evaluation import EvalConfig, markdown, run_evaluation, write_reports
 from gptk_jax.evaluation.config import AT_LEAST
 
 DEFAULT_SPLIT = "newstest2014"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (exit code 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from gptk_jax.cli import OneLineParser
+
 DecodeFn = Callable[[list, int], object]  # (prompt ids, batch_size) -> GenerationResult-like
 
 
@@ -114,14 +116,6 @@ DECODERS: dict[str, Callable[[argparse.Namespace, object], DecodeFn]] = {
 
 class UsageError(Exception):
     """Bad command-line input (reported as one line, exit code 2)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (exit code 2), like every other
-    error of the CLI; `--help` still prints the whole usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
