@@ -195,7 +195,10 @@ class TrainingLoop:
         run = self.run_
         self.writer.write(self.step, "setup", {
             "feature_cache": run.cache is not None, "feature_cache_seconds": run.cache_seconds,
-            "num_steps": run.num_steps, "train_rows": len(run.train_pipe.rows)})
+            "num_steps": run.num_steps, "train_rows": len(run.train_pipe.rows),
+            # target tokens of the rows: the positions whose next tokens the heads learn
+            "train_target_tokens": int(sum(len(r.tokens) - r.prompt_len
+                                           for r in run.train_pipe.rows))})
         if self.step >= run.num_steps:
             run.log(f"the checkpoint is at step {self.step}, the config asks for "
                     f"{run.num_steps} steps: no step was run")
