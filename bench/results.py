@@ -151,8 +151,19 @@ def evaluate_command(args: argparse.Namespace, family: str, output: str, batch_s
              "--heads", str(run / "heads"), "--split", "newstest2014",
              "--max-sentences", str(args.max_sentences), "--batch-sizes", batch_sizes,
              "--max-new-tokens", str(args.max_new_tokens), "--output", str(run / output),
-             "--shots", str(args.shots), *extra, "--space-with-target", "--no-progress"]
+             "--shots", str(args.shots), *draft_vocab_flags(args), *extra,
+             "--space-with-target", "--no-progress"]
             + (["--data-root", data_root(args)] if args.data_root else []))
+
+
+def draft_vocab_flags(args: argparse.Namespace) -> list[str]:
+    """Heads draft over the --draft-vocab-size most frequent tokens of the trunk's own
+    translations (what they draft on; News Commentary English would miss the German this trunk
+    copies); 0: the whole vocabulary."""
+    if not args.draft_vocab_size:
+        return []
+    return ["--draft-vocab-size", str(args.draft_vocab_size), "--draft-vocab-from",
+            args.distill_output]
 
 
 def eval_command(args: argparse.Namespace, family: str) -> list[str]:
@@ -910,6 +921,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-sentences", type=int, default=200, help="newstest2014 sentences decoded")
     p.add_argument("--batch-sizes", default="1,8", help="decoding batch sizes")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--draft-vocab-size", type=int, default=4096,
+                   help="heads draft over this many tokens of the distilled text (0: all)")
     p.add_argument("--oracle-family", default="linear",
                    help="the family whose evaluation also runs the oracle drafter ('' : none)")
     p.add_argument("--bf16-family", default="linear",

@@ -21,10 +21,8 @@ def get_config():
     config.loss.targets = "trunk_soft"         # soft cross-entropy against the trunk
     config.loss.offset_weight_decay = 0.8      # offset o weighs 0.8^(o-1)
 
-    # The feature cache holds 'hidden_normed' for every LSTM today; this head reads 'hidden'
-    # (before the final norm), so the trunk runs every step until training/features.py caches
-    # HeadConfig.trunk_field.
-    config.features.cache = False
+    # the feature cache holds what the head reads ('hidden', before the final norm) over the
+    # supervised spans only: the head is per position (configs/smollm2.py turns the cache on)
 
     config.data.max_train_pairs = 4000
     config.training.num_epochs = 2.0

@@ -2,7 +2,7 @@
 jitted greedy decoder, then with self-speculative (MTP) decoding through linear heads, on CPU.
 
     python -m gptk_jax.demo [--num-sentences 8] [--shots 3] [--max-new-tokens 64] [--batch-size 8]
-        [--train-steps 150] [--heads DIR] [--k 4] [--eval-sentences 64] [--no-mtp]
+        [--train-steps 50] [--heads DIR] [--k 4] [--eval-sentences 16] [--no-mtp]
 
 Steps: fetch the GGUF (`gptk_jax.artifacts`), convert it once into .cache/models/smollm2-135m
 (`python -m convert --format gguf`), build few-shot prompts (instruction, newstest2013 pairs as
@@ -21,6 +21,12 @@ top-1 accuracy against the trunk untrained vs trained, then the demo sentences d
 next to greedy's output, whether they are token-identical, τ (tokens per verify step) and the
 speedup over the greedy run above (compilation excluded from both). Last, the same with prompt
 lookup drafting in front of the heads (gptk_jax/decoding/lookup.py): identity, τ and speedup.
+The whole run, set-up excluded, takes about 6 minutes on 2 shared CPU cores; its wall time is
+printed at the end (docs/benchmarks.md).
+
+Exit status: 0 done; 1 an MTP decode differed from greedy; 2 bad arguments, a model folder that
+is not a converted model, data or heads that cannot be read, training that failed: one line on
+stderr, "error: ...", no traceback.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root
 from gptk_jax.data.testsets import news_commentary
@@ -39,17 +45,62 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "smollm2-135m"
 RESULTS_HEADS = ROOT / "runs" / "results" / "linear" / "heads"
 DEMO_RUNS = ROOT / "runs" / "demo"
-TRAIN_EPOCHS = 3          # trained here: --train-steps steps over a third as many rows, so the
+TRAIN_EPOCHS = 4          # trained here: --train-steps steps over a quarter as many rows, so the
                           # feature-cache build (the trunk over every row) stays short
+DEFAULT_TRAIN_STEPS = 50  # with 16 rows a step: 200 News Commentary pairs; the whole demo then
+                          # takes under 10 minutes on 2 CPU cores (docs/benchmarks.md)
+ERROR_EXIT = 2            # bad arguments, a model or data that cannot be used: one line on stderr
 DISCLAIMER = ("Note: SmolLM2-135M is a weak translator (135M parameters, trained mostly on "
               "English); this demo shows the mechanics and speed of decoding, not translation "
               "quality.")
 
 
+class DemoError(Exception):
+    """A step of the demo that cannot go on; main() says it in one line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):            # one line, not the usage block
+        _fail(f"{message} ({self.prog} --help lists the options)")
+
+
+def _fail(message) -> None:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    print(f"error: {' '.join(lines) or type(message).__name__}", file=sys.stderr, flush=True)
+    sys.exit(ERROR_EXIT)
+
+
+def _project_errors() -> tuple:
+    """What main() reports in one line (imported only when something failed: they pull in JAX).
+    ValueError covers bad values (CheckpointError, HeadConfigError and TokenizerError are ones)."""
+    from gptk_jax.data.wmt import DataError
+    from gptk_jax.heads.io import HeadsError
+    from gptk_jax.training import TrainingError
+    return DemoError, DataError, HeadsError, TrainingError, ValueError, OSError
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def ensure_converted(model_dir: Path) -> Path:
-    """The converted SmolLM2 folder, converting the fetched GGUF first if it is not there yet."""
+    """The converted SmolLM2 folder, converting the fetched GGUF into it first when the folder
+    is not there yet (or empty); a folder holding something else is an error, not a target."""
     if (model_dir / "config.json").is_file():
         return model_dir
+    if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
+        raise DemoError(f"--model-dir {model_dir} is not a converted model (no config.json): "
+                        f"give a folder written by `python -m convert`, or a new or empty one "
+                        f"to convert SmolLM2 into")
     from gptk_jax import artifacts
 
     gguf = artifacts.fetch("smollm2_gguf")
@@ -58,7 +109,7 @@ def ensure_converted(model_dir: Path) -> Path:
            "--output", str(model_dir)]
     proc = subprocess.run(cmd, cwd=ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"error: conversion failed (exit code {proc.returncode}): {' '.join(cmd)}")
+        raise DemoError(f"conversion failed (exit code {proc.returncode}): {' '.join(cmd)}")
     return model_dir
 
 
@@ -78,13 +129,14 @@ def load_pairs(data_root: Path, num_sentences: int, num_shots: int):
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gptk_jax.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    p = _Parser(prog="python -m gptk_jax.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
+                   help="converted model folder (converted here when it does not exist yet)")
     add_data_root_argument(p)
-    p.add_argument("--num-sentences", type=int, default=8)
-    p.add_argument("--shots", type=int, default=3, help="newstest2013 pairs in the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-sentences", type=_count(1), default=8)
+    p.add_argument("--shots", type=_count(0), default=3, help="newstest2013 pairs in the prompt")
+    p.add_argument("--max-new-tokens", type=_count(1), default=64)
+    p.add_argument("--batch-size", type=_count(1), default=8)
     p.add_argument("--research-space", action="store_true",
                    help="end the prompt at 'en: ' as the research code did, instead of 'en:' "
                         "(SmolLM2's byte-level BPE attaches a space to the next word, so after a "
@@ -93,28 +145,34 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     mtp.add_argument("--no-mtp", action="store_true", help="greedy only")
     mtp.add_argument("--heads", type=Path, default=None,
                      help="trained heads folder (gptk_jax.heads.io) to use instead of training")
-    mtp.add_argument("--train-steps", type=int, default=None,
+    mtp.add_argument("--train-steps", type=_count(1), default=None,
                      help=f"train linear heads for this many steps (default: reuse "
-                          f"{RESULTS_HEADS.relative_to(ROOT)} if present, else 150 steps)")
-    mtp.add_argument("--train-batch-size", type=int, default=16)
-    mtp.add_argument("--k", type=int, default=4, help="tokens per verify step of trained heads")
-    mtp.add_argument("--eval-sentences", type=int, default=64,
+                          f"{RESULTS_HEADS.relative_to(ROOT)} if present, else "
+                          f"{DEFAULT_TRAIN_STEPS} steps)")
+    mtp.add_argument("--train-batch-size", type=_count(1), default=16)
+    mtp.add_argument("--k", type=_count(2), default=4, help="tokens per verify step of trained heads")
+    mtp.add_argument("--eval-sentences", type=_count(1), default=16,
                      help="newstest2013 sentences of the before/after evaluation")
     args = p.parse_args(argv)
     args.data_root = resolve_data_root(args.data_root)
-    if args.train_steps is not None and args.train_steps < 1:
-        p.error("--train-steps must be >= 1")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status: 0 done, 1 MTP output differed from greedy, 2 an error (one line on stderr)."""
     args = parse_args(argv)
-    model_dir = ensure_converted(args.model_dir)
-    started = time.perf_counter()          # the one-time conversion above is set-up
     try:
-        return run(args, model_dir)
-    finally:
-        print(f"\ndemo wall time: {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+        model_dir = ensure_converted(args.model_dir)
+        started = time.perf_counter()          # the one-time conversion above is set-up
+        status = run(args, model_dir)
+    except Exception as e:  # noqa: BLE001 - the project's errors in one line, the rest raised
+        if isinstance(e, _project_errors()):
+            _fail(e)
+        raise
+    seconds = round(time.perf_counter() - started)
+    print(f"\ndemo wall time: {seconds // 60} min {seconds % 60} s (model loading included, "
+          f"conversion excluded)", flush=True)
+    return status
 
 
 def run(args: argparse.Namespace, model_dir: Path) -> int:
@@ -122,6 +180,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
     from gptk_jax.llama.checkpoint import load_converted
     from gptk_jax.data.prompts import PromptFormat, hypothesis_text, translation_stop_ids
     from gptk_jax.decoding import Decoder
+    from gptk_jax.tokenizers import encode_prompt
 
     model = load_converted(model_dir)
     tok = model.tokenizer
@@ -141,7 +200,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
     for b in range(0, len(pairs), args.batch_size):
         batch = pairs[b:b + args.batch_size]
         texts = [fmt.prompt_text(p.src) for p in batch]
-        prompt_ids = [tok.encode(t, bos=True) for t in texts]
+        prompt_ids = [encode_prompt(tok, t) for t in texts]    # BOS iff the model's rule
         result = decoder.generate(prompt_ids, args.max_new_tokens, batch_size=args.batch_size)
         prompt_batches.append(prompt_ids)
         greedy_ids += result.tokens
@@ -161,7 +220,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
     if args.no_mtp:
         return 0
     greedy = {"tokens": greedy_ids, "count": tokens, "seconds": seconds}
-    return mtp_part(args, model, model_dir, prompt_batches, greedy, results, stop_ids)
+    return mtp_part(args, model, model_dir, decoder, prompt_batches, greedy, results)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +272,7 @@ def find_or_train_heads(args, model_dir: Path) -> Path:
         print(f"heads: {RESULTS_HEADS.relative_to(ROOT)} (made by `make results`; "
               f"--train-steps N trains new ones here instead)")
         return RESULTS_HEADS
-    steps = args.train_steps or 150
+    steps = args.train_steps or DEFAULT_TRAIN_STEPS
     workdir = DEMO_RUNS / f"linear-k{args.k}-{steps}steps-x{TRAIN_EPOCHS}"
     if (workdir / "heads" / "heads.json").is_file():
         print(f"heads: {workdir.relative_to(ROOT)}/heads (trained by an earlier demo run)")
@@ -228,10 +287,10 @@ def find_or_train_heads(args, model_dir: Path) -> Path:
         result = train_and_evaluate(train_config(model_dir, steps, args.train_batch_size, args.k,
                                                  args.eval_sentences, args.data_root), workdir)
     except TrainingError as e:
-        raise SystemExit(f"error: head training failed: {e}")
+        raise DemoError(f"head training failed: {e}") from None
     if result["status"] != "completed" or result["heads"] is None:
-        raise SystemExit(f"error: head training ended with status {result['status']}; rerun to "
-                         f"continue it")
+        raise DemoError(f"head training ended with status {result['status']}; rerun to "
+                        f"continue it")
     print(f"trained in {time.perf_counter() - start:.0f}s")
     return Path(result["heads"])
 
@@ -260,25 +319,25 @@ def print_offset_table(metrics_path: Path) -> None:
           f"   (estimated tokens per verify step, 1 + sum of products of the accuracies)")
 
 
-def mtp_part(args, model, model_dir: Path, prompt_batches, greedy: dict, results,
-             stop_ids) -> int:
+def mtp_part(args, model, model_dir: Path, decoder, prompt_batches, greedy: dict,
+             results) -> int:
+    """Heads found or trained, then the demo's prompts decoded with them, and with prompt lookup
+    in front of them, by `decoder` (the greedy one) given each drafter: one trunk upload."""
     from gptk_jax.decoding import head_drafter
-    from gptk_jax.heads.io import HeadsError, load_heads
+    from gptk_jax.heads.io import load_heads
 
     print("\n" + "=" * 78 + "\nSelf-speculative (MTP) decoding: heads draft K-1 tokens, one "
           "trunk call verifies them\n" + "=" * 78)
     heads_dir = find_or_train_heads(args, model_dir)
     print_offset_table(heads_dir.parent / "metrics.jsonl")
-    try:
-        heads = load_heads(heads_dir, model.config, model_dir.name)
-    except HeadsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    heads = load_heads(heads_dir, model.config, model_dir.name)   # HeadsError: main says it
     k = heads.head_config.k
     drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
                                       model.params, k)
-    ok = draft_and_verify(f"{heads.head_config.kind} heads", drafter, variables, k, args, model,
-                          prompt_batches, greedy, results, stop_ids, show_rows=True)
+    heads_decoder = decoder.replace(drafter=drafter, drafter_vars=variables,
+                                    num_tokens_per_step=k)
+    ok = draft_and_verify(f"{heads.head_config.kind} heads", heads_decoder, args, model,
+                          prompt_batches, greedy, results, show_rows=True)
     print("On CPU a verify step over K tokens costs more than a one-token step, so the speedup "
           "stays below τ; heads trained longer (make results) accept more drafts.")
 
@@ -286,24 +345,24 @@ def mtp_part(args, model, model_dir: Path, prompt_batches, greedy: dict, results
     print("\n" + "=" * 78 + "\nPrompt lookup in front of the heads: drafts are the tokens that "
           "followed the last\n1-3 tokens' latest earlier occurrence (prompt included); the heads "
           "draft where\nthere is none\n" + "=" * 78)
-    ok &= draft_and_verify("prompt lookup + heads", LookupDrafter(k - 1, fallback=drafter),
-                           LookupDrafter.variables(variables), k, args, model, prompt_batches,
-                           greedy, results, stop_ids, show_rows=False)
+    lookup_decoder = decoder.replace(drafter=LookupDrafter(k - 1, fallback=drafter),
+                                     drafter_vars=LookupDrafter.variables(variables),
+                                     num_tokens_per_step=k)
+    ok &= draft_and_verify("prompt lookup + heads", lookup_decoder, args, model, prompt_batches,
+                           greedy, results, show_rows=False)
     print("This weak translator copies much of the German source, which the lookup drafts "
           "exactly (docs/results.md).")
     return 0 if ok else 1
 
 
-def draft_and_verify(label: str, drafter, variables, k: int, args, model, prompt_batches,
-                     greedy: dict, results, stop_ids, show_rows: bool) -> bool:
-    """Decodes the demo's prompts draft-and-verify; prints identity with greedy, τ, speed."""
+def draft_and_verify(label: str, decoder, args, model, prompt_batches, greedy: dict, results,
+                     show_rows: bool) -> bool:
+    """Decodes the demo's prompts draft-and-verify with `decoder` (a drafter, W = K); prints
+    identity with greedy, τ, speed."""
     from gptk_jax.decoding.acceptance import acceptance_stats
     from gptk_jax.data.prompts import hypothesis_text
-    from gptk_jax.decoding import Decoder
 
-    tok = model.tokenizer
-    decoder = Decoder(model.config, model.params, stop_ids=stop_ids, pad_id=tok.pad_id,
-                      drafter=drafter, drafter_vars=variables, num_tokens_per_step=k)
+    tok, k = model.tokenizer, decoder.num_tokens_per_step
     mtp_ids, count, seconds, compile_seconds, accepted, emitted = [], 0, 0.0, 0.0, [], []
     for prompt_ids in prompt_batches:
         r = decoder.generate(prompt_ids, args.max_new_tokens, batch_size=args.batch_size)

@@ -255,3 +255,7 @@ def test_one_step_run_of_the_conditioned_config(tmp_path):
     assert result["status"] == "completed" and np.isfinite(result["train"]["loss"])
     loaded = load_heads(tmp_path / "heads")
     assert loaded.head_config.recipe == "conditioned" and "residual" in loaded.params
+    # the feature cache held what this head reads: the trunk's hidden state before the norm
+    cached = sorted(p.name for p in (tmp_path / "feature_cache").glob("*/*.bin"))
+    assert cached == ["hidden.bin", "trunk_argmax.bin"]
+    assert loaded.metadata["prompt_format"]["shots"] == 0     # the rows' format is recorded

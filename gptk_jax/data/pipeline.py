@@ -114,6 +114,25 @@ def prepare_rows(pairs: Sequence[Pair], tokenizer: TokenizerLike, fmt: PromptFor
     return rows, stats
 
 
+def length_sorted_batches(lengths: Sequence[int], batch_size: int,
+                          multiple: int) -> list[tuple[int, np.ndarray]]:
+    """Groups rows for one pass of the frozen trunk over them (the feature cache): rows sorted
+    by length (ties in input order) and taken `batch_size` at a time, each group padded to its
+    longest row rounded up to `multiple`, so the trunk runs on about the tokens the rows hold and
+    compiles once per bucket length. Returns [(T, row indices)] in that order; every row once.
+    Training batches keep their own shapes (the pipeline's `bucket_lengths`)."""
+    if batch_size < 1 or multiple < 1:
+        raise ValueError(f"need batch_size >= 1 and multiple >= 1, got {batch_size}, {multiple}")
+    lengths = np.asarray(lengths, np.int64)
+    order = np.argsort(lengths, kind="stable")
+    groups = []
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
+        longest = int(lengths[rows].max())
+        groups.append((-(-longest // multiple) * multiple, rows))
+    return groups
+
+
 def _resolve_process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax
