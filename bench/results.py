@@ -849,8 +849,7 @@ def _json_entry(drafter: str, recipe: Optional[str], report: dict, run_of, **tra
     fmt = report.get("prompt_format")
     return {"drafter": drafter, "recipe": recipe,
             "prompt_format": describe_prompt_record(fmt) if fmt else f"{report.get('shots')} shots",
-            "split": report.get("test_set", {}).get("name", "newstest2014")
-            if isinstance(report.get("test_set"), dict) else "newstest2014",
+            "split": (report.get("test_set") or {}).get("name", "newstest2014"),
             "sentences": report.get("num_sentences"), "k": some.get("k", report.get("k")),
             "tau_k4": some.get("tokens_per_step"),
             "speedup_b1": (r1 or {}).get("speedup"), "speedup_b8": (r8 or {}).get("speedup"),
@@ -974,7 +973,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.write_text(text)
     summary = out.with_suffix(".json")
     summary.write_text(json.dumps(results_json(families, args), indent=1) + "\n")
-    print(f"\nwrote {args.output} and {summary.relative_to(ROOT)}")
+    print(f"\nwrote {args.output} and {summary}")
     return 0
 
 

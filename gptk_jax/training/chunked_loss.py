@@ -45,11 +45,15 @@ def _chunk_terms(tied: bool, w, h, targets, mask):
     dlogits = jnp.exp(logits - log_z[..., None])
     dlogits = dlogits - jax.nn.one_hot(targets, logits.shape[-1], dtype=dlogits.dtype)
     dlogits = jnp.where(mask[..., None], dlogits, 0.0).astype(w.dtype)
+    return nll, top1.astype(jnp.float32), hidden_grad(dlogits, w, tied).astype(h.dtype)
+
+
+def hidden_grad(dlogits: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
+    """dloss/dh [..., D] from dloss/dlogits [..., V] through the frozen unembedding w ([V,D]
+    tied, else [D,V])."""
     if tied:
-        dh = jnp.einsum("...v,vd->...d", dlogits, w)
-    else:
-        dh = jnp.einsum("...v,dv->...d", dlogits, w)
-    return nll, top1.astype(jnp.float32), dh.astype(h.dtype)
+        return jnp.einsum("...v,vd->...d", dlogits, w)
+    return jnp.einsum("...v,dv->...d", dlogits, w)
 
 
 def _forward(tied, w, h, targets, mask):

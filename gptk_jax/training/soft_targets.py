@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptk_jax.training.chunked_loss import _logits
+from gptk_jax.training.chunked_loss import _logits, hidden_grad
 
 
 def soft_cross_entropy(logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
@@ -61,11 +61,7 @@ def _chunk_terms(tied: bool, w, h, teacher_h, targets, mask):
     top1 = ((jnp.argmax(logits, axis=-1) == targets) & mask).sum(axis=(0, 1))
     dlogits = jnp.exp(logits - log_z[..., None]) - p
     dlogits = jnp.where(mask[..., None], dlogits, 0.0).astype(w.dtype)
-    if tied:
-        dh = jnp.einsum("...v,vd->...d", dlogits, w)
-    else:
-        dh = jnp.einsum("...v,dv->...d", dlogits, w)
-    return loss, top1.astype(jnp.float32), dh.astype(h.dtype)
+    return loss, top1.astype(jnp.float32), hidden_grad(dlogits, w, tied).astype(h.dtype)
 
 
 def _forward(tied, w, h, teacher_h, targets, mask):
