@@ -21,8 +21,10 @@ stopped and its batch's timing (prefill s, decode s, tokens/s over prefill + dec
 reported apart). Lines are appended (and flushed) to OUT.partial as each batch finishes, and
 OUT.partial becomes OUT when every prompt is done: a run that fails leaves OUT.partial (the
 prompts finished so far), never an OUT that looks complete. `--continuous` serves all prompts
-through `--batch-size` slots refilled as rows finish (decoding/continuous.py): one timing, and
-its lines, for the whole run.
+through `--batch-size` slots refilled as rows finish (decoding/continuous.py): each prompt's line
+goes to OUT.partial as its row finishes (in finishing order, without timing: the run is one
+batch, timed at its end); when all are done OUT is written whole, in prompt order, every line
+with the run's timing.
 
 Decoders are looked up in DECODERS by `--decoding`: a builder (args, model) -> decode function
 (prompt ids, batch_size) -> result with the fields of `decoding.GenerationResult`; each builder
@@ -42,7 +44,9 @@ from typing import Callable, Optional, Sequence
 
 from gptk_jax.cli import OneLineParser
 
-DecodeFn = Callable[[list, int], object]  # (prompt ids, batch_size) -> GenerationResult-like
+# (prompt ids, batch_size, on_row=None) -> GenerationResult-like; with --continuous, on_row(i,
+# RowRecord) is called as prompt i (of this call) finishes
+DecodeFn = Callable[..., object]
 
 
 def build_greedy(args: argparse.Namespace, model) -> DecodeFn:
@@ -60,7 +64,7 @@ def _decoder(model, **drafting):
 def _decode_fn(args: argparse.Namespace, decoder) -> DecodeFn:
     """Static batches, or with --continuous every prompt through `batch_size` continuously
     refilled slots (with a progress bar over prompts)."""
-    def decode(prompt_ids: list, batch_size: int):
+    def decode(prompt_ids: list, batch_size: int, on_row=None):
         if not args.continuous:
             return decoder.generate(prompt_ids, args.max_new_tokens, padding=args.padding,
                                     bucket=args.bucket, batch_size=batch_size)
@@ -69,7 +73,8 @@ def _decode_fn(args: argparse.Namespace, decoder) -> DecodeFn:
                   disable=len(prompt_ids) < 2) as bar:
             return decoder.generate_continuous(prompt_ids, args.max_new_tokens,
                                                batch_size=batch_size, padding=args.padding,
-                                               bucket=args.bucket, on_finished=bar.update)
+                                               bucket=args.bucket, on_finished=bar.update,
+                                               on_row=on_row)
     return decode
 
 
@@ -247,11 +252,20 @@ class JsonLines:
             self._file.flush()
             self.written += 1
 
-    def finish(self) -> None:
-        if self._file is not None:
-            self._file.close()
+    def finish(self, records: Optional[list] = None) -> None:
+        """OUT.partial becomes OUT; with `records`, OUT is written whole from them instead
+        (atomically) and OUT.partial removed."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if records is None:
             os.replace(self.partial, self.path)
-            self._file = None
+            return
+        from gptk_jax.files import atomic_write_text
+        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                             for r in records))
+        self.partial.unlink(missing_ok=True)
 
     def abandon(self) -> str:
         """After a failure: drops an empty OUT.partial; says where finished lines are kept."""
@@ -268,16 +282,30 @@ class JsonLines:
 def run(args: argparse.Namespace, prompts: list[str], ids: list[list[int]], model,
         decode: DecodeFn, out=sys.stdout, on_record: Callable[[dict], None] = lambda r: None
         ) -> list[dict]:
-    """Decodes the encoded prompts in batches; returns one record per prompt, each also given
-    to `on_record` as soon as its batch is done."""
+    """Decodes the encoded prompts in batches; returns one record per prompt. Each is given
+    to `on_record` as soon as its batch is done; with --continuous, as its row finishes (then
+    without the run's timing, known only at the end: the returned records have it)."""
     from tqdm import tqdm
 
-    records = []
+    def show(record):
+        if not args.quiet:
+            print(f"=== [{record['index']}] {record['prompt']}\n{record['text']}", file=out,
+                  flush=True)
+
     if args.continuous:   # one call serves every prompt through batch_size slots
-        batches = [list(range(len(prompts)))]
-    else:
-        batches = [list(range(i, min(i + args.batch_size, len(prompts))))
-                   for i in range(0, len(prompts), args.batch_size)]
+        stop_set = set(model.tokenizer.stop_ids)
+
+        def on_row(i, row):
+            record = row_record(args, i, prompts, ids, model.tokenizer, row, stop_set)
+            on_record(record)
+            show(record)
+
+        rows = list(range(len(prompts)))
+        result = decode(ids, args.batch_size, on_row=on_row)
+        return batch_records(args, 0, rows, prompts, ids, model.tokenizer, result)
+    records = []
+    batches = [list(range(i, min(i + args.batch_size, len(prompts))))
+               for i in range(0, len(prompts), args.batch_size)]
     for batch_index, rows in enumerate(tqdm(batches, desc=args.decoding, unit="batch",
                                             file=sys.stderr, disable=len(batches) < 2)):
         result = decode([ids[i] for i in rows], args.batch_size)
@@ -285,10 +313,28 @@ def run(args: argparse.Namespace, prompts: list[str], ids: list[list[int]], mode
                                     result):
             records.append(record)
             on_record(record)
-            if not args.quiet:
-                print(f"=== [{record['index']}] {record['prompt']}\n{record['text']}", file=out,
-                      flush=True)
+            show(record)
     return records
+
+
+def _record(args, i: int, prompts: list[str], ids: list[list[int]], tok, tokens: list,
+            stop_reason: str, num_generated: int, more: dict) -> dict:
+    return {"index": i, "prompt": prompts[i], "prompt_tokens": len(ids[i]),
+            "generated_ids": tokens, "text": tok.decode(tokens), "stop_reason": stop_reason,
+            "num_generated": num_generated, "decoding": args.decoding, **more}
+
+
+def row_record(args, i: int, prompts: list[str], ids: list[list[int]], tok, row,
+               stop_set: set) -> dict:
+    """The record of prompt i from its RowRecord as its row finishes (continuous batching):
+    the fields of `batch_records` but the run's timing."""
+    stopped = bool(row.tokens) and int(row.tokens[-1]) in stop_set
+    tokens = [int(t) for t in (row.tokens[:-1] if stopped else row.tokens)]
+    more = {} if args.decoding == "greedy" else {
+        "verify_steps": len(row.accepted), "accepted_per_step": list(row.accepted),
+        "emitted_per_step": list(row.emitted)}
+    return _record(args, i, prompts, ids, tok, tokens, "stop" if stopped else "length",
+                   len(row.tokens), {**more, "batch": 0, "batch_size": args.batch_size})
 
 
 def batch_records(args: argparse.Namespace, batch_index: int, rows: list[int],
@@ -309,11 +355,9 @@ def batch_records(args: argparse.Namespace, batch_index: int, rows: list[int],
     for j, i in enumerate(rows):
         more = {k: v for k, v in extra[j].items()
                 if k not in ("tokens", "stop_reason", "num_generated")} if extra else {}
-        records.append({"index": i, "prompt": prompts[i], "prompt_tokens": len(ids[i]),
-                        "generated_ids": result.tokens[j], "text": tok.decode(result.tokens[j]),
-                        "stop_reason": result.stop_reasons[j],
-                        "num_generated": result.num_generated[j],
-                        "decoding": args.decoding, **more, **timing})
+        records.append(_record(args, i, prompts, ids, tok, result.tokens[j],
+                               result.stop_reasons[j], result.num_generated[j],
+                               {**more, **timing}))
     return records
 
 
@@ -354,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ids = encode_all(prompts, model, args.bos, where)
         decode = DECODERS[args.decoding](args, model)
         records = run(args, prompts, ids, model, decode, on_record=output.write)
-        output.finish()
+        output.finish(records if args.continuous else None)   # continuous: OUT in prompt order
     except (CheckpointError, TokenizerError, ConfigError, UsageError, ValueError, OSError) as e:
         kept = output.abandon() if output is not None else ""
         print(f"error: {e}{kept}".replace("\n", " "), file=sys.stderr)

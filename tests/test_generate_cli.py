@@ -157,6 +157,46 @@ def test_results_are_appended_as_each_batch_finishes(checkpoint, tmp_path, monke
     assert not partial.exists()
 
 
+def test_continuous_lines_are_written_as_rows_finish(checkpoint, tmp_path, monkeypatch):
+    """--continuous: each prompt's line reaches OUT.partial (flushed) when its row finishes; a
+    run that dies while later rows decode leaves the finished ones there, with greedy's tokens,
+    and no OUT; a whole run writes OUT in prompt order with the run's timing on every line."""
+    from gptk_jax import generate
+    from gptk_jax.decoding import engine
+
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial"
+    prompts = ["Guten Morgen", "Hallo", "Eins zwei drei"]
+    real_harvest, seen_while_decoding = engine.harvest, []
+
+    def harvest_then_fail(state, rows):
+        if partial.exists() and partial.read_text():   # a row finished and its line is there
+            seen_while_decoding.append(read_jsonl(partial))
+            raise RuntimeError("the machine went away")
+        return real_harvest(state, rows)
+
+    argv = ["--checkpoint", str(checkpoint), *sum((["--prompt", p] for p in prompts), []),
+            "--max-new-tokens", "3", "--batch-size", "1", "--continuous",
+            "--output-json", str(out), "--quiet"]
+    monkeypatch.setattr(engine, "harvest", harvest_then_fail)
+    with pytest.raises(RuntimeError):
+        generate.main(argv)
+    monkeypatch.setattr(engine, "harvest", real_harvest)
+    model = load_converted(checkpoint)
+    tok = model.tokenizer
+    ids = [tok.encode(p, bos=True) for p in prompts]
+    expected = greedy_generate(model.config, model.params, ids, 3, tok.stop_ids, tok.pad_id)
+    assert [r["index"] for r in seen_while_decoding[0]] == [0]
+    assert seen_while_decoding[0][0]["generated_ids"] == expected.tokens[0]
+    assert not out.exists() and [r["index"] for r in read_jsonl(partial)] == [0]
+    assert generate.main(argv) == 0
+    records = read_jsonl(out)
+    assert [r["prompt"] for r in records] == prompts
+    assert [r["generated_ids"] for r in records] == expected.tokens
+    assert all("prefill_s" in r and "tokens_per_s" in r for r in records)
+    assert not partial.exists()
+
+
 def test_bos_follows_the_tokenizer_unless_told(checkpoint, tmp_path):
     """Llama 3's tokenizer says add_bos: BOS by default, --no-bos leaves it out."""
     from gptk_jax.generate import main

@@ -38,7 +38,7 @@ import numpy as np
 from gptk_jax.decoding.inputs import DEFAULT_BUCKET, bucket_length, pad_prompts, stop_id_array
 from gptk_jax.decoding.loop import Drafter, NoDrafter, cache_slots, prefill_state, refill, run
 from gptk_jax.decoding.results import (ContinuousResult, GenerationResult, MTPResult,
-                                       build_result, harvest)
+                                       RowRecord, build_result, harvest)
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.llama.model import params_for_model
 
@@ -215,14 +215,17 @@ class Decoder:
     # --- continuous batching ----------------------------------------------------------------------
     def generate_continuous(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
                             batch_size: int, padding: str = "left", bucket: int = DEFAULT_BUCKET,
-                            on_finished: Optional[Callable[[int], None]] = None
+                            on_finished: Optional[Callable[[int], None]] = None,
+                            on_row: Optional[Callable[[int, RowRecord], None]] = None
                             ) -> ContinuousResult:
         """Every prompt through `batch_size` slots, each refilled with the next prompt (first
         come, first served) as soon as its row finishes. Per prompt the tokens of `generate`.
         A refill prefills R rows, R a power of two (filler rows scatter nowhere), at the bucketed
         length of its longest prompt, into the shared cache whose slots fit the longest bucketed
         prompt of the whole queue: few executables serve a run. `on_finished(n)` is called each
-        time n more prompts are done (a progress bar's update)."""
+        time n more prompts are done (a progress bar's update); `on_row(i, record)` as prompt i
+        finishes, with its RowRecord (tokens, a stop token included; per-step logs), so a caller
+        can write each output as it is made."""
         self._check_request(prompt_ids, max_new_tokens)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -259,6 +262,8 @@ class Decoder:
             finished = [b for b in range(batch) if done[b] and slot_prompt[b] >= 0]
             for b, record in zip(finished, harvest(state, finished) if finished else []):
                 records[slot_prompt[b]] = record
+                if on_row is not None:
+                    on_row(slot_prompt[b], record)
                 slot_prompt[b] = -1
             if finished and on_finished is not None:
                 on_finished(len(finished))
