@@ -11,7 +11,7 @@ from configs import smollm2
 def get_config():
     config = smollm2.apply(base.get_config())
     config.head.kind = "lstm"
-    config.head.recipe = "conditioned"         # h0 = tanh(A norm(h_t)), residual on h_t
+    config.head.recipe = "conditioned"         # h0 = tanh(A norm(h_t)), residual on norm(h_t)
     config.head.k = 4                          # the trunk's token + 3 drafts (offsets 2..4)
     config.head.lstm_layers = 1                # one LSTMCell of width D
     config.head.lstm_dropout = 0.0             # one layer: nothing between layers

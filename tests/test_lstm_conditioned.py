@@ -82,7 +82,7 @@ def _np_logits(hp, tp, h, tokens, condition_inputs):
                 for g in "ifgo"}
         c = _sigmoid(gate["f"]) * c + _sigmoid(gate["i"]) * np.tanh(gate["g"])
         s = _sigmoid(gate["o"]) * np.tanh(c)
-        out.append(_np_norm(tp, f64(h) + s @ f64(hp["residual"]["kernel"])) @ unembed)
+        out.append((cond + s @ f64(hp["residual"]["kernel"])) @ unembed)
     return np.stack(out)
 
 
@@ -199,7 +199,7 @@ def test_recipe_options_are_validated():
         HeadConfig("lstm", lstm_train_on_drafts=True)
     with pytest.raises(HeadConfigError, match="'conditioned' LSTM recipe only"):
         seed_config("lstm", lstm_condition_inputs=True)
-    assert HeadConfig("lstm", recipe="conditioned").trunk_field == "hidden"
+    assert HeadConfig("lstm", recipe="conditioned").trunk_field == "hidden_normed"
     assert not HeadConfig("lstm", recipe="conditioned").reads_sequence
     assert HeadConfig("lstm").reads_sequence and HeadConfig("lstm").trunk_field == "hidden_normed"
     assert HeadConfig.from_dict(HeadConfig("lstm", recipe="conditioned").to_dict()) == \
@@ -255,7 +255,7 @@ def test_one_step_run_of_the_conditioned_config(tmp_path):
     assert result["status"] == "completed" and np.isfinite(result["train"]["loss"])
     loaded = load_heads(tmp_path / "heads")
     assert loaded.head_config.recipe == "conditioned" and "residual" in loaded.params
-    # the feature cache held what this head reads: the trunk's hidden state before the norm
+    # the feature cache held what this head reads: the trunk's hidden state after the norm
     cached = sorted(p.name for p in (tmp_path / "feature_cache").glob("*/*.bin"))
-    assert cached == ["hidden.bin", "trunk_argmax.bin"]
+    assert cached == ["hidden_normed.bin", "trunk_argmax.bin"]
     assert loaded.metadata["prompt_format"]["shots"] == 0     # the rows' format is recorded

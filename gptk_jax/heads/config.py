@@ -119,9 +119,9 @@ class HeadConfig:
 
     @property
     def trunk_field(self) -> str:
-        """The trunk output the head reads: 'hidden' (before the final norm: PoMa, the
-        conditioned LSTM) or 'hidden_normed' (what a feature cache must hold for it)."""
-        if self.kind == "poma" or self.recipe == "conditioned":
+        """The trunk output the head reads: 'hidden' (before the final norm: PoMa) or
+        'hidden_normed' (what a feature cache must hold for it)."""
+        if self.kind == "poma":
             return "hidden"
         return "hidden_normed"
 

@@ -68,8 +68,8 @@ def build_groups(rows, batch_size: int, bucketed: bool = True) -> list[tuple[int
 
 
 def cached_fields(head_config: HeadConfig) -> tuple[str, ...]:
-    """The trunk output the head reads ('hidden' before the final norm: PoMa and the conditioned
-    LSTM; else 'hidden_normed') and the trunk's argmax (the targets)."""
+    """The trunk output the head reads ('hidden' before the final norm: PoMa; else
+    'hidden_normed') and the trunk's argmax (the targets)."""
     return (head_config.trunk_field, "trunk_argmax")
 
 
