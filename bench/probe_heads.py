@@ -245,15 +245,21 @@ def main():
     t0 = time.perf_counter()
     rows = build_rows(model, Path(args.distilled), args.sources, args.rows + args.heldout,
                       args.shots)
-    feats = trunk_features(model, rows)
-    print(f"trunk over {len(rows)} rows ({sum(len(r) for r, _ in rows)} tokens) in "
+    families = [f for f in args.families.split(",") if f]
+    if not families:      # scoring saved heads only: the trunk runs over the held-out rows
+        rows = [None] * args.rows + rows[args.rows:]
+    feats = [None] * args.rows + trunk_features(model, rows[args.rows:]) if not families \
+        else trunk_features(model, rows)
+    print(f"trunk over {sum(r is not None for r in rows)} rows in "
           f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
     # training rows first (the first --rows pairs, as `train` reads them), held-out after
-    train, agree = position_table(rows[:args.rows], feats[:args.rows], args.k)
     held, agree_held = position_table(rows[args.rows:], feats[args.rows:], args.k)
-    train = with_teacher(train, args.k)
-    print(f"train positions {len(train['hidden'])}, held-out {len(held['hidden'])}; "
-          f"trunk argmax == next row token: {agree:.3f} (train), {agree_held:.3f} (held-out)")
+    if families:
+        train, agree = position_table(rows[:args.rows], feats[:args.rows], args.k)
+        train = with_teacher(train, args.k)
+        print(f"train positions {len(train['hidden'])}, held-out {len(held['hidden'])}; "
+              f"trunk argmax == next row token: {agree:.3f} (train), {agree_held:.3f} "
+              "(held-out)")
     results = []
     for folder in args.heads:
         from gptk_jax.heads.io import load_heads
@@ -264,7 +270,7 @@ def main():
         results.append(r)
         print(f"{folder}: top1 {r['top1']} chain {r['chain']} tau_est {r['tau_est']}",
               flush=True)
-    for fam in filter(None, args.families.split(",")):
+    for fam in families:
         family, recipe = fam.split(":")
         for kind in args.targets.split(","):
             r = train_and_score(family, recipe, kind, model, train, held, args)
@@ -273,7 +279,7 @@ def main():
                   f"tau_est {r['tau_est']} ({r['train_seconds']}s) loss {r['losses'][0][1]:.2f}"
                   f" -> {r['losses'][-1][1]:.2f}", flush=True)
     if args.output:
-        Path(args.output).write_text(json.dumps({"args": vars(args), "agree": agree,
+        Path(args.output).write_text(json.dumps({"args": vars(args), "agree": agree_held,
                                                  "results": results}, indent=1))
 
 

@@ -117,6 +117,9 @@ def train_overrides(args: argparse.Namespace, family: str) -> list[tuple[str, st
         ("data.max_train_pairs", str(args.pairs)),
         ("data.eval_max_sentences", str(args.eval_sentences)),
         ("features.cache", "True"),
+        # one cache for every family: heads that read the same trunk field over the same rows
+        # share it (its folder is keyed by the rows, fields and trunk)
+        ("features.cache_dir", f"{args.runs_dir}/feature_cache"),
         ("optimizer.name", "adamw"),
         ("optimizer.learning_rate", repr(args.lr)),
         ("optimizer.schedule", "cosine"),
