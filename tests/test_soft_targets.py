@@ -187,12 +187,13 @@ def test_packed_soft_update_equals_the_per_row_update(tiny_trunk, name):
 
 
 def test_a_head_reading_hidden_refuses_a_cache_of_hidden_normed_only(tiny_trunk):
-    trunk_config, trunk_params, head_config, _, head_params = _setup(tiny_trunk,
-                                                                     "lstm-conditioned")
+    # PoMa reads the state before the final norm (the conditioned LSTM no longer does)
+    trunk_config, trunk_params, head_config, _, head_params = _setup(tiny_trunk, "poma")
+    assert head_config.trunk_field == "hidden"
     batch = _hand_batch()
     batch["hidden_normed"] = np.zeros((2, 8, trunk_config.dim), np.float32)
     with pytest.raises(step_lib.TrainingError, match="holds only 'hidden_normed'"):
-        _one_step(_cfg(trunk_config, head_config, 0, 1), head_params, trunk_params, batch, 0.0)
+        _one_step(_cfg(trunk_config, head_config, 4, 1), head_params, trunk_params, batch, 0.0)
 
 
 def test_offset_weight_decay():
