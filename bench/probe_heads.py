@@ -36,6 +36,7 @@ from gptk_jax.heads import HeadConfig, HeadFeatures, init_head_params, make_head
 from gptk_jax.heads.common import trunk_params_for_heads  # noqa: E402
 from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
 from gptk_jax.llama.model import Llama  # noqa: E402
+from gptk_jax.training.features import trunk_fn  # noqa: E402
 
 WMT = ROOT.parent / "shared/data/wmt14-de-en"
 
@@ -53,18 +54,14 @@ def build_rows(model, distilled: Path, sources_prefix: str, n: int, shots: int):
 
 
 def trunk_features(model, rows, bucket: int = 64):
-    """-> per row (hidden [T,D], hidden_normed [T,D], argmax [T]) as numpy float32/int32."""
-    cfg = model.config
-    llama = Llama(cfg)
+    """-> per row (hidden [T,D], hidden_normed [T,D], argmax [T]) as numpy float32/int32, from
+    the feature cache's trunk pass (training/features.py)."""
+    run = trunk_fn(model.config, argmax_chunk=256)
 
-    @jax.jit
     def forward(tokens, mask):
-        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        out = llama.apply({"params": model.params}, tokens, pos, token_mask=mask,
-                          compute_logits=False)
-        logits = llama.apply({"params": model.params}, out.hidden_normed,
-                             method=Llama.unembed)
-        return out.hidden, out.hidden_normed, jnp.argmax(logits, -1).astype(jnp.int32)
+        pos = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+        out = run(model.params, tokens, pos, mask)
+        return out["hidden"], out["hidden_normed"], out["trunk_argmax"]
 
     feats = []
     order = np.argsort([len(r) for r, _ in rows])

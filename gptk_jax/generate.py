@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from gptk_jax.cli import OneLineParser
+from gptk_jax.files import atomic_write_text
 
 # (prompt ids, batch_size, on_row=None) -> GenerationResult-like; with --continuous, on_row(i,
 # RowRecord) is called as prompt i (of this call) finishes
@@ -262,7 +263,6 @@ class JsonLines:
         if records is None:
             os.replace(self.partial, self.path)
             return
-        from gptk_jax.files import atomic_write_text
         atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                              for r in records))
         self.partial.unlink(missing_ok=True)
@@ -328,13 +328,14 @@ def row_record(args, i: int, prompts: list[str], ids: list[list[int]], tok, row,
                stop_set: set) -> dict:
     """The record of prompt i from its RowRecord as its row finishes (continuous batching):
     the fields of `batch_records` but the run's timing."""
-    stopped = bool(row.tokens) and int(row.tokens[-1]) in stop_set
-    tokens = [int(t) for t in (row.tokens[:-1] if stopped else row.tokens)]
+    from gptk_jax.decoding.results import split_stop
+
+    tokens, reason, _ = split_stop(row.tokens, stop_set)
     more = {} if args.decoding == "greedy" else {
         "verify_steps": len(row.accepted), "accepted_per_step": list(row.accepted),
         "emitted_per_step": list(row.emitted)}
-    return _record(args, i, prompts, ids, tok, tokens, "stop" if stopped else "length",
-                   len(row.tokens), {**more, "batch": 0, "batch_size": args.batch_size})
+    return _record(args, i, prompts, ids, tok, tokens, reason, len(row.tokens),
+                   {**more, "batch": 0, "batch_size": args.batch_size})
 
 
 def batch_records(args: argparse.Namespace, batch_index: int, rows: list[int],

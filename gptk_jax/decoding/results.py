@@ -11,7 +11,7 @@ finish. Letters: B batch (slots), M max new tokens, W tokens per verify step (K:
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -91,6 +91,15 @@ def harvest(state, rows: Sequence[int]) -> list[RowRecord]:
                       emitted=emitted_log[:row_steps[b], b].tolist()) for b in rows]
 
 
+def split_stop(tokens: Sequence[int], stop_set: set) -> tuple[list[int], str, Optional[int]]:
+    """A row's emitted tokens -> (tokens without a final stop token, "stop" or "length", the
+    stop token or None)."""
+    row = [int(t) for t in tokens]
+    if row and row[-1] in stop_set:
+        return row[:-1], "stop", row[-1]
+    return row, "length", None
+
+
 def build_result(result_type: type, records: Sequence[RowRecord], stop_ids: np.ndarray,
                  num_tokens_per_step: int, **fields) -> GenerationResult:
     """result_type(...) from one RowRecord per prompt; `fields`: the timing, step counts and
@@ -101,11 +110,10 @@ def build_result(result_type: type, records: Sequence[RowRecord], stop_ids: np.n
     accepted_log = np.full((longest, len(records)), -1, np.int64)              # [steps, N]
     emitted_log = np.full((longest, len(records)), -1, np.int64)
     for i, record in enumerate(records):
-        row = [int(t) for t in record.tokens]
-        stopped = bool(row) and row[-1] in stop_set
-        out_tokens.append(row[:-1] if stopped else row)
-        reasons.append("stop" if stopped else "length")
-        stop_tokens.append(row[-1] if stopped else None)
+        tokens, reason, stop_token = split_stop(record.tokens, stop_set)
+        out_tokens.append(tokens)
+        reasons.append(reason)
+        stop_tokens.append(stop_token)
         accepted_log[:len(record.accepted), i] = record.accepted
         emitted_log[:len(record.emitted), i] = record.emitted
     stats = summarize(accepted_log, emitted_log, num_drafts=num_tokens_per_step - 1)

@@ -97,7 +97,9 @@ def fingerprint(trunk_path: Path, trunk_config, rows, spans: np.ndarray, fields,
     return h.hexdigest()[:20]
 
 
-def _trunk_fn(trunk_config, argmax_chunk: int) -> Callable:
+def trunk_fn(trunk_config, argmax_chunk: int) -> Callable:
+    """jit (trunk_params, tokens, positions, token_mask [B,T]) -> {hidden, hidden_normed
+    [B,T,D], trunk_argmax [B,T]}: the frozen trunk pass the cache stores."""
     def run(trunk_params, tokens, positions, token_mask):
         out = Llama(trunk_config).apply({"params": trunk_params}, tokens, positions,
                                         token_mask=token_mask, compute_logits=False)
@@ -199,7 +201,7 @@ def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, gro
         shape, dt = ((total,), np.int32) if field == "trunk_argmax" else ((total, dim),
                                                                           _DTYPES[dtype])
         flat[field] = np.memmap(folder / f"{field}.bin", dtype=dt, mode="w+", shape=shape)
-    run = _trunk_fn(trunk.config, argmax_chunk)
+    run = trunk_fn(trunk.config, argmax_chunk)
     params = trunk.params
     pad_id = int(trunk.tokenizer.pad_id)
     for length, index in tqdm(groups, desc="trunk features", unit="batch",
