@@ -2,7 +2,9 @@
 
     python -m gptk_jax.distill --checkpoint DIR --input PREFIX --output FILE \\
         [--max-pairs N] [--batch-size 16] [--k 4] [--chunk 256] [--max-new-tokens 128] \\
-        [--shots 0] [--shots-prefix PREFIX] [--space-with-target] [--bos/--no-bos]
+        [--shots 0] [--shots-prefix PREFIX] [--space-with-target] [--bos/--no-bos] \\
+        [--num-shards N --shard-index I]
+    python -m gptk_jax.distill --output FILE --num-shards N --merge [--input PREFIX]
 
 Line i of FILE is the trunk's greedy translation of line i of PREFIX.{src_lang}, so FILE can
 replace PREFIX.{tgt_lang} in a training config (`config.data.train_target_files`); FILE.json
@@ -10,6 +12,14 @@ records the prompt format, model, decoding and progress (gptk_jax/training/disti
 prompt format (--shots, --space-with-target, BOS) the heads will be trained and decoded with.
 Decoding is exact: continuous batching over --batch-size slots with prompt-lookup drafts, K
 tokens per verify step (--k 1: plain greedy). Resumable: a rerun continues where it stopped.
+
+Scale-out: N runs of the same command with --num-shards N and --shard-index 0..N-1 (one per host,
+or one per accelerator: CUDA_VISIBLE_DEVICES=I) translate source lines I, I+N, I+2N, ... each,
+into FILE.shardI-of-N with its own record FILE.shardI-of-N.json, and each resumes on its own. The
+run that finds all N shards complete merges them into FILE and FILE.json, the file and record a
+one-process run writes (its record adds the shards' sessions and "merged_from"); --merge does it
+by hand and names a shard that is missing or incomplete, with its line counts
+(gptk_jax/training/distill_shards.py). --num-shards 1 is the one-process run.
 Errors: one line on stderr, exit code 2.
 """
 
@@ -30,14 +40,19 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
             src_lang: str = "de", tgt_lang: str = "en", shots: int = 0,
             shots_prefix=None, space_with_target: bool = False, bos: Optional[bool] = None,
             progress: bool = True, stop_after: Optional[int] = None,
-            command: Sequence[str] = ()) -> dict:
+            command: Sequence[str] = (), num_shards: int = 1,
+            shard_index: Optional[int] = None) -> dict:
     """Appends the translations of source lines [lines already in output, max_pairs) to
-    `output`; returns the record (FILE.json)."""
+    `output`; returns the record (FILE.json). With num_shards N > 1: only lines shard_index,
+    shard_index + N, ... into FILE.shardI-of-N (merging is the caller's:
+    `training.distill_shards.merge_shards`)."""
     from gptk_jax.data.prompts import prompt_format, prompt_record, translation_stop_ids
     from gptk_jax.data.wmt import read_text_lines
     from gptk_jax.llama.checkpoint import load_converted
     from gptk_jax.training.distill import (DistillError, DistillPlan, distill_sources,
                                            model_fingerprint)
+    from gptk_jax.training.distill_shards import (check_shard_arguments, shard_path,
+                                                  shard_sources)
 
     for name, value, low in (("--batch-size", batch_size, 1), ("--k", k, 1),
                              ("--chunk", chunk, 1), ("--max-new-tokens", max_new_tokens, 1),
@@ -46,10 +61,16 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
             raise DistillError(f"{name} must be >= {low}, got {value}")
     if max_pairs is not None and max_pairs < 1:
         raise DistillError(f"--max-pairs must be >= 1, got {max_pairs}")
+    check_shard_arguments(num_shards, shard_index)
     source_path = f"{input_prefix}.{src_lang}"
     sources = read_text_lines(source_path)
     if max_pairs is not None:
         sources = sources[:max_pairs]
+    shard, all_sources = None, None
+    if num_shards > 1:
+        shard, all_sources = {"index": shard_index, "count": num_shards}, len(sources)
+        sources = shard_sources(sources, shard_index, num_shards)
+        output = shard_path(Path(output), shard_index, num_shards)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fmt = prompt_format(src_lang, tgt_lang, shots, space_with_target, shots_from=shots_prefix)
@@ -62,7 +83,8 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
         model=model_fingerprint(Path(checkpoint)), max_new_tokens=max_new_tokens,
         stop_ids_sha256=hashlib.sha256(stops.encode()).hexdigest()[:16],
         decoding={"batch_size": batch_size, "drafter": "lookup" if k > 1 else "none", "k": k,
-                  "chunk": chunk, "continuous": True})
+                  "chunk": chunk, "continuous": True},
+        shard=shard, all_sources=all_sources)
     return distill_sources(model, fmt, sources, output, plan, batch_size=batch_size, k=k,
                            chunk=chunk, bos=bos, command=command, progress=progress,
                            stop_after=stop_after)
@@ -71,8 +93,8 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m gptk_jax.distill",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="converted model folder (python -m convert)")
-    p.add_argument("--input", required=True, help="PREFIX: reads PREFIX.<src-lang>")
+    p.add_argument("--checkpoint", help="converted model folder (python -m convert)")
+    p.add_argument("--input", help="PREFIX: reads PREFIX.<src-lang>")
     p.add_argument("--output", required=True, help="line-aligned translations (appended to)")
     p.add_argument("--max-pairs", type=int, default=None, help="first N source lines only")
     p.add_argument("--batch-size", type=int, default=16, help="decoding slots")
@@ -94,7 +116,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many lines in this session (resume later)")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--num-shards", type=int, default=1,
+                   help="N runs share the work: this one translates every N-th source line")
+    p.add_argument("--shard-index", type=int, default=None,
+                   help="this run's shard, 0..N-1 (lines I, I+N, ... into OUTPUT.shardI-of-N)")
+    p.add_argument("--merge", action="store_true",
+                   help="only merge the N complete shards of OUTPUT into OUTPUT (no model)")
+    args = p.parse_args(argv)
+    if args.merge and args.shard_index is not None:
+        p.error("--merge merges every shard: drop --shard-index")
+    if not args.merge:
+        missing = [f"--{name}" for name in ("checkpoint", "input") if getattr(args, name) is None]
+        if missing:
+            p.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
+
+
+def _merge(args) -> int:
+    from gptk_jax.training.distill_shards import merge_shards
+    input_path = None if args.input is None else f"{args.input}.{args.src_lang}"
+    record = merge_shards(Path(args.output), args.num_shards, input_path)
+    print(f"merged {args.num_shards} shards into {args.output}: {record['lines_written']} "
+          f"lines ({record['generated_tokens']} tokens, {record['seconds']:.0f} s of decoding)")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -102,7 +146,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     from gptk_jax.data.wmt import DataError
     from gptk_jax.llama.checkpoint import CheckpointError
+    from gptk_jax.training.distill_shards import all_complete, read_shards, shard_path
     try:
+        if args.merge:
+            return _merge(args)
         shots_prefix = args.shots_prefix or (news_commentary(resolve_data_root(args.data_root))
                                              if args.shots else None)
         record = distill(args.checkpoint, args.input, args.output, max_pairs=args.max_pairs,
@@ -111,15 +158,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          tgt_lang=args.tgt_lang, shots=args.shots, shots_prefix=shots_prefix,
                          space_with_target=args.space_with_target, bos=args.bos,
                          progress=not args.no_progress, stop_after=args.stop_after,
-                         command=["python", "-m", "gptk_jax.distill", *argv])
+                         command=["python", "-m", "gptk_jax.distill", *argv],
+                         num_shards=args.num_shards, shard_index=args.shard_index)
+        session = record["sessions"][-1]
+        rate = session["generated_tokens"] / max(session["seconds"], 1e-9)
+        written = args.output if args.num_shards == 1 else \
+            shard_path(Path(args.output), args.shard_index, args.num_shards)
+        print(f"{session['lines']} lines now ({session['generated_tokens']} tokens, "
+              f"{session['seconds']:.0f} s, {rate:.1f} tokens/s); {record['lines_written']} of "
+              f"{record['sources']} lines in {written}")
+        if args.num_shards > 1:
+            if all_complete(Path(args.output), args.num_shards):
+                return _merge(args)
+            waiting = [s.index for s in read_shards(Path(args.output), args.num_shards)
+                       if s.record is None or s.lines_written() != s.expected(args.num_shards)]
+            print(f"shards {waiting} of {args.num_shards} are not complete yet: the run that "
+                  f"completes the last one merges them into {args.output} (or --merge)")
     except (CheckpointError, DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    session = record["sessions"][-1]
-    rate = session["generated_tokens"] / max(session["seconds"], 1e-9)
-    print(f"{session['lines']} lines now ({session['generated_tokens']} tokens, "
-          f"{session['seconds']:.0f} s, {rate:.1f} tokens/s); {record['lines_written']} of "
-          f"{record['sources']} lines in {args.output}")
     return 0
 
 

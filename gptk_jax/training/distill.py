@@ -15,6 +15,10 @@ after each chunk; a rerun drops a partial last line, checks that its settings ma
 translates only the rest. Greedy decoding does not depend on the batch a prompt shares, so a
 resumed run writes the lines an uninterrupted one writes.
 
+Shards (training/distill_shards.py): N runs on other hosts or devices, run I writing every N-th
+source's line from I into FILE.shardI-of-N (the same format; its record also names the shard),
+merged into the FILE a one-process run writes.
+
 Letters: N sources asked for, C chunk of sources decoded by one continuous run, B slots.
 """
 
@@ -84,9 +88,14 @@ class DistillPlan:
     max_new_tokens: int
     stop_ids_sha256: str
     decoding: dict                   # batch size, drafter, K, chunk (free to change on resume)
+    shard: Optional[dict] = None     # {"index": I, "count": N}: every N-th source from I only
+                                     # (training/distill_shards.py); None: every source
+    all_sources: Optional[int] = None  # a shard's: the S source lines all N shards share
 
     def identity(self) -> dict:
-        return {k: getattr(self, k) for k in IDENTITY_KEYS}
+        """What a resume must match (a shard's index and count too)."""
+        keys = IDENTITY_KEYS + (("shard",) if self.shard is not None else ())
+        return {k: getattr(self, k) for k in keys}
 
 
 def check_resume(plan: DistillPlan, output: Path, done: int) -> dict:
@@ -98,13 +107,17 @@ def check_resume(plan: DistillPlan, output: Path, done: int) -> dict:
             raise DistillError(f"{output} has {done} lines but no record {path}: it was not "
                                f"written by this distillation (remove it or choose another "
                                f"--output)")
-        return {"format": RECORD_FORMAT, **plan.identity(), "sources": plan.sources,
-                "lines_written": 0,
-                "generated_tokens": 0, "seconds": 0.0, "sessions": []}
+        record = {"format": RECORD_FORMAT, **plan.identity(), "sources": plan.sources,
+                  "lines_written": 0,
+                  "generated_tokens": 0, "seconds": 0.0, "sessions": []}
+        if plan.all_sources is not None:
+            record["all_sources"] = plan.all_sources
+        return record
     record = read_json_object(path, DistillError)
-    differ = [k for k in IDENTITY_KEYS if record.get(k) != plan.identity()[k]]
+    identity = {"shard": None, **plan.identity()}
+    differ = [k for k in identity if record.get(k) != identity[k]]
     if differ:
-        details = "; ".join(f"{k}: recorded {record.get(k)!r}, now {plan.identity()[k]!r}"
+        details = "; ".join(f"{k}: recorded {record.get(k)!r}, now {identity[k]!r}"
                             for k in differ)
         raise DistillError(f"{output} is another distillation ({path} differs in "
                            f"{', '.join(differ)}): {details}. Remove both files or choose "
@@ -114,6 +127,8 @@ def check_resume(plan: DistillPlan, output: Path, done: int) -> dict:
                            f"source lines asked for")
     record["lines_written"] = done          # a crash may fall between the lines and the record
     record["sources"] = plan.sources         # the first N lines: N may grow on a rerun
+    if plan.all_sources is not None:
+        record["all_sources"] = plan.all_sources
     return record
 
 
@@ -220,6 +235,13 @@ def target_lines_check(target_file: Path, source_path: str, target_lines: int,
     """A training target file must be line-aligned with its sources: as many lines, or, for a
     distillation of the first N sources (its record says so), exactly the N it wrote."""
     record, rec = record_path(Path(target_file)), read_record(Path(target_file))
+    if rec is not None and rec.get("shard"):
+        shard = rec["shard"]
+        raise DistillError(
+            f"{target_file} is shard {shard.get('index')} of {shard.get('count')} of a "
+            f"distillation (every {shard.get('count')}th line of {source_path}), not its "
+            f"line-aligned target side: merge the shards (python -m gptk_jax.distill --output "
+            f"FILE --num-shards {shard.get('count')} --merge) and train on FILE")
     if rec is not None:
         if rec.get("format") == RECORD_FORMAT and target_lines == rec.get("lines_written") \
                 and target_lines <= source_lines:
