@@ -1,11 +1,22 @@
 """Trunk-feature cache: the frozen trunk's outputs for every training row, computed once and
 memory-mapped, so every epoch after the build runs only the heads.
 
-    CACHE_DIR/<fingerprint>/meta.json        what was cached and from what
+    CACHE_DIR/<fingerprint>/meta.json        what was cached and from what, the share count N;
+                                             written last: the cache is complete
     CACHE_DIR/<fingerprint>/spans.npy        [R,3] int64 per row: flat offset, first position, length
     CACHE_DIR/<fingerprint>/pair_index.npy   [R] int64: the row's index among the input pairs
                                              (what batches carry as `example_index`)
-    CACHE_DIR/<fingerprint>/<field>.bin      flat [P,D] (hidden, hidden_normed) or [P] (trunk_argmax)
+    CACHE_DIR/<fingerprint>/shares/<i>-of-<N>/<field>.bin   flat [P_i,D] (hidden, hidden_normed)
+                                             or [P_i] (trunk_argmax): share i's positions of the
+                                             flat layout (training/feature_shares.py)
+
+Shares: a job of N processes (jax.distributed) splits the rows into N contiguous shares; process
+i runs the trunk over share i only (its batches split over its local devices, data parallel),
+then every process memory-maps every share, so training's batch assembly reads any row as
+before. CACHE_DIR must then be on storage every process sees; a share that a process does not
+see after the others finished is built there too. One process: one share. The fingerprint does
+not depend on N, and neither do the values: a 2-process cache is the 1-process cache split in
+two (tests/test_shares.py), and a later run with another process count reuses it.
 
 Positions: a row's span is [0, L) for the LSTM (it reads the whole sequence in order) and
 [max(0, prompt - max offset), L) for PoMa / linear: every position that can be supervised and
@@ -13,24 +24,23 @@ every argmax its targets read. Fields: `hidden` (PoMa) or `hidden_normed` (LSTM,
 `trunk_argmax` (int32, always: self-distillation targets and evaluation read it). Positions
 outside the span come back as zeros: no head reads them. The fingerprint covers the trunk
 (config, conversion record, path), every row's tokens and prompt length, the spans, the fields
-and the dtype; a change gives a new folder. A build writes a temporary folder and renames it
-when complete, so an interrupted build is never read.
+and the dtype; a change gives a new folder. A share is written in a temporary folder and renamed
+when complete, meta.json once every share is there, so an interrupted build is never read (and
+a restart keeps the shares that were complete).
 
-Build order: rows sorted by length and run `build_batch_size` at a time, each trunk call padded
-to its longest row rounded up to BUCKET_LENGTH_MULTIPLE (`gptk_jax.data.pipeline.
-length_sorted_batches`), so the trunk runs on about the tokens the rows hold (SmolLM2 on News
-Commentary: 1.33x instead of 2x in input order) and compiles once per bucket length. The
-stored values do not depend on the order: causal attention never reads right padding, and
-tests/test_feature_cache.py checks both orders against each other and against the trunk on
-each row alone.
+Build order: a share's rows sorted by length and run `build_batch_size` at a time (rounded up to
+a multiple of the local devices), each trunk call padded to its longest row rounded up to
+BUCKET_LENGTH_MULTIPLE (`gptk_jax.data.pipeline.length_sorted_batches`), so the trunk runs on
+about the tokens the rows hold (SmolLM2 on News Commentary: 1.33x instead of 2x in input order)
+and compiles once per bucket length. The stored values do not depend on the order: causal
+attention never reads right padding, and tests/test_feature_cache.py checks both orders against
+each other and against the trunk on each row alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -38,13 +48,18 @@ from typing import Callable
 import jax
 import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptk_jax.data.pipeline import length_sorted_batches
 from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.model import Llama
+from gptk_jax.training.feature_shares import (
+    SHARE_RECORD, SHARE_WAIT_SECONDS, CacheError, ConcatenatedRows, all_processes, building,
+    built_by, log_on_every_process, positions_of, read_share_records, remove_other_counts,
+    replace_atomically, share_complete, share_folder, share_rows, wait_for_shares)
 from gptk_jax.training.step import chunked_argmax
 
-FORMAT = 1
+FORMAT = 2                    # 2: field files in shares/<i>-of-<N>/ (1: in the folder itself)
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 BUILD_LENGTH_MULTIPLE = 32   # input-order build batches are padded to a multiple of this
 BUCKET_LENGTH_MULTIPLE = 64  # length-sorted ones to a multiple of this: the unrolled 30-layer
@@ -84,6 +99,7 @@ def row_spans(rows, head_config: HeadConfig) -> np.ndarray:
 
 
 def fingerprint(trunk_path: Path, trunk_config, rows, spans: np.ndarray, fields, dtype: str) -> str:
+    """The cache's folder name (not the process count: any count builds the same cache)."""
     h = hashlib.sha256()
     conversion = Path(trunk_path) / "conversion.json"
     h.update(json.dumps([FORMAT, str(Path(trunk_path).absolute()), trunk_config.to_dict(),
@@ -97,16 +113,31 @@ def fingerprint(trunk_path: Path, trunk_config, rows, spans: np.ndarray, fields,
     return h.hexdigest()[:20]
 
 
-def trunk_fn(trunk_config, argmax_chunk: int) -> Callable:
-    """jit (trunk_params, tokens, positions, token_mask [B,T]) -> {hidden, hidden_normed
-    [B,T,D], trunk_argmax [B,T]}: the frozen trunk pass the cache stores."""
+def _trunk_pass(trunk_config, argmax_chunk: int) -> Callable:
     def run(trunk_params, tokens, positions, token_mask):
         out = Llama(trunk_config).apply({"params": trunk_params}, tokens, positions,
                                         token_mask=token_mask, compute_logits=False)
         argmax = chunked_argmax(trunk_config, trunk_params, out.hidden_normed, argmax_chunk)
         return {"hidden": out.hidden, "hidden_normed": out.hidden_normed,
                 "trunk_argmax": argmax}
-    return jax.jit(run)
+    return run
+
+
+def trunk_fn(trunk_config, argmax_chunk: int) -> Callable:
+    """jit (trunk_params, tokens, positions, token_mask [B,T]) -> {hidden, hidden_normed
+    [B,T,D], trunk_argmax [B,T]}: the frozen trunk pass the cache stores."""
+    return jax.jit(_trunk_pass(trunk_config, argmax_chunk))
+
+
+def local_trunk_fn(trunk_config, argmax_chunk: int, trunk_params) -> tuple[Callable, dict, int]:
+    """(run, params, L): `trunk_fn` data parallel over this process's L local devices (the
+    batch's rows split over them, the trunk replicated on each); `params` placed so."""
+    devices = jax.local_devices()
+    mesh = Mesh(np.asarray(devices), ("rows",))
+    rows, replicated = NamedSharding(mesh, P("rows")), NamedSharding(mesh, P())
+    run = jax.jit(_trunk_pass(trunk_config, argmax_chunk),
+                  in_shardings=(replicated, rows, rows, rows), out_shardings=rows)
+    return run, jax.device_put(trunk_params, replicated), len(devices)
 
 
 class FeatureCache:
@@ -115,17 +146,27 @@ class FeatureCache:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "meta.json").read_text())
+        if self.meta.get("format") != FORMAT:
+            raise CacheError(f"{self.folder}: cache format {self.meta.get('format')}, this "
+                             f"version reads {FORMAT} (delete the folder to rebuild it)")
         self.spans = np.load(self.folder / "spans.npy")
         pair_index = np.load(self.folder / "pair_index.npy")
         self.row_of_pair = np.full(int(pair_index.max()) + 1, -1, np.int64)  # example_index -> row
         self.row_of_pair[pair_index] = np.arange(len(pair_index))
-        total, dim = self.meta["num_positions"], self.meta["dim"]
+        count, dim = self.meta["shares"], self.meta["dim"]
+        self.shares = read_share_records(self.folder, count, len(self.spans), self.spans)
         dtype = _DTYPES[self.meta["dtype"]]
-        self.arrays = {}
+        self.arrays = {}            # field -> flat [P, D] or [P] over the shares' memory-maps
         for field in self.meta["fields"]:
-            shape, dt = ((total,), np.int32) if field == "trunk_argmax" else ((total, dim), dtype)
-            self.arrays[field] = np.memmap(self.folder / f"{field}.bin", dtype=dt, mode="r",
-                                           shape=shape)
+            parts = []
+            for index, share in enumerate(self.shares):
+                p0, p1 = share["positions"]
+                shape, dt = ((p1 - p0,), np.int32) if field == "trunk_argmax" else \
+                    ((p1 - p0, dim), dtype)
+                path = share_folder(self.folder, index, count) / f"{field}.bin"
+                parts.append(np.memmap(path, dtype=dt, mode="r", shape=shape) if p1 > p0
+                             else np.zeros(shape, dt))      # a share of no rows has no file
+            self.arrays[field] = ConcatenatedRows(parts, [s["positions"][0] for s in self.shares])
 
     @property
     def nbytes(self) -> int:
@@ -154,55 +195,97 @@ class FeatureCache:
                       log: Callable[[str], None] = print, progress: bool = True,
                       bucketed: bool = True) -> "FeatureCache":
         """The cache of `rows` under cache_root (built unless there); bucketed=False builds in
-        input order (same values, more padding: for benchmarks and tests)."""
+        input order (same values, more padding: for benchmarks and tests). Under
+        jax.distributed every process must call it (collective): each builds its own share."""
         spans = row_spans(rows, head_config)
         fields = cached_fields(head_config)
         key = fingerprint(trunk.path, trunk.config, rows, spans, fields, dtype)
         folder = Path(cache_root) / key
-        if (folder / "meta.json").is_file():
+        if all_processes((folder / "meta.json").is_file()):
             log(f"feature cache: reusing {folder}")
             return cls(folder)
-        Path(cache_root).mkdir(parents=True, exist_ok=True)
-        tmp = Path(cache_root) / f".{key}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            groups = build_groups(rows, build_batch_size, bucketed)
-            seconds = _build(tmp, trunk, rows, spans, fields, dtype, groups, build_batch_size,
-                             argmax_chunk, progress)
-            try:
-                tmp.rename(folder)
-            except OSError:       # another process finished the same cache first
-                if not (folder / "meta.json").is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        start_time = time.perf_counter()
+        index, count = jax.process_index(), jax.process_count()
+        args = (folder, trunk, rows, spans, fields, dtype, build_batch_size, argmax_chunk,
+                bucketed)
+        own = build_share(*args, index, count, progress=progress)
+        all_processes(True)          # barrier: every process has its share (built or found)
+        for other in wait_for_shares(folder, count, SHARE_WAIT_SECONDS if count > 1 else 0.0):
+            log_on_every_process(
+                f"feature cache: share {other}-of-{count} is not in {folder} after the other "
+                f"processes built it: building it here too (put features.cache_dir on storage "
+                f"every process sees, so each process builds only its own share)", log)
+            build_share(*args, other, count, progress=False)
+        write_meta(folder, trunk, rows, spans, fields, dtype, count)
+        if index == 0:
+            remove_other_counts(folder, count)
         cache = cls(folder)
-        build = cache.meta["build"]
-        log(f"feature cache: built {folder} in {seconds:.1f}s ({len(rows)} rows, "
-            f"{cache.meta['num_positions']} positions, {cache.nbytes / 2**20:.1f} MiB; the trunk "
-            f"ran on {build['trunk_tokens']} tokens for {build['row_tokens']} in the rows, "
-            f"{len(build['lengths'])} lengths)")
+        build, mine = cache.meta["build"], cache.shares[index]
+        log(f"feature cache: built {folder} in {time.perf_counter() - start_time:.1f}s "
+            f"({len(rows)} rows, {cache.meta['num_positions']} positions, "
+            f"{cache.nbytes / 2**20:.1f} MiB; the trunk ran on {build['trunk_tokens']} tokens "
+            f"for {build['row_tokens']} in the rows, {len(build['lengths'])} lengths; "
+            f"{count} share(s), this process's rows [{mine['rows'][0]}, {mine['rows'][1]}) "
+            f"{'built' if own else 'found complete'})")
         return cache
 
 
-def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, groups,
-           batch_size: int, argmax_chunk: int, progress: bool) -> float:
-    """Runs the trunk over `groups` ([(T, row indices)], see `build_groups`) and writes the
-    folder's files; returns the seconds it took."""
+def build_share(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str,
+                build_batch_size: int, argmax_chunk: int, bucketed: bool, index: int,
+                count: int, progress: bool = False) -> bool:
+    """Builds share `index` of `count` of the cache `folder` (rows `share_rows`, spans [R,3] of
+    all rows) unless it is complete there; True when this call built it."""
+    final = share_folder(folder, index, count)
+    if share_complete(final):
+        return False
+    first, last = share_rows(len(rows), index, count)
+    p0, p1 = positions_of(spans, first, last)
+    local = spans[first:last].copy()
+    local[:, 0] -= p0                                   # offsets within the share's files
+    with building(final) as tmp:
+        stats = _build(tmp, trunk, rows[first:last], local, fields, dtype, build_batch_size,
+                       argmax_chunk, bucketed, progress)
+        (tmp / SHARE_RECORD).write_text(json.dumps(
+            {"index": index, "count": count, "rows": [first, last], "positions": [p0, p1],
+             "built_by": built_by(), **stats}, indent=2))
+    return True
+
+
+def write_meta(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str,
+               count: int) -> None:
+    """spans.npy, pair_index.npy, then meta.json (each replaced atomically: every process of a
+    job may write them, with the same content) once the `count` shares are complete."""
+    shares = read_share_records(folder, count, len(rows), spans)
+    build = {"trunk_tokens": sum(s["build"]["trunk_tokens"] for s in shares),
+             "row_tokens": sum(s["build"]["row_tokens"] for s in shares),
+             "lengths": sorted({t for s in shares for t in s["build"]["lengths"]})}
+    pair_index = np.asarray([r.index for r in rows], np.int64)
+    replace_atomically(folder / "spans.npy", lambda f: np.save(f, spans))
+    replace_atomically(folder / "pair_index.npy", lambda f: np.save(f, pair_index))
+    meta = {"format": FORMAT, "num_rows": len(rows), "num_positions": int(spans[:, 2].sum()),
+            "dim": trunk.config.dim, "fields": list(fields), "dtype": dtype,
+            "trunk": str(trunk.path), "shares": count, "build": build}
+    replace_atomically(folder / "meta.json", lambda f: f.write(json.dumps(meta, indent=2)
+                                                               .encode()))
+
+
+def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, batch_size: int,
+           argmax_chunk: int, bucketed: bool, progress: bool) -> dict:
+    """Runs the trunk over `rows` (spans [R_i,3], offsets from 0) and writes folder/<field>.bin;
+    returns {"seconds", "local_devices", "build": trunk / row tokens, trunk-call lengths}."""
     from tqdm import tqdm
 
     start_time = time.perf_counter()
     total, dim = int(spans[:, 2].sum()), trunk.config.dim
+    run, params, devices = local_trunk_fn(trunk.config, argmax_chunk, trunk.params)
+    batch_size = -(-batch_size // devices) * devices     # rows per trunk call, split evenly
+    groups = build_groups(rows, batch_size, bucketed) if rows else []
     flat = {}
     for field in fields:
         shape, dt = ((total,), np.int32) if field == "trunk_argmax" else ((total, dim),
                                                                           _DTYPES[dtype])
-        flat[field] = np.memmap(folder / f"{field}.bin", dtype=dt, mode="w+", shape=shape)
-    run = trunk_fn(trunk.config, argmax_chunk)
-    params = trunk.params
+        if total:
+            flat[field] = np.memmap(folder / f"{field}.bin", dtype=dt, mode="w+", shape=shape)
     pad_id = int(trunk.tokenizer.pad_id)
     for length, index in tqdm(groups, desc="trunk features", unit="batch",
                               disable=not progress, leave=False):
@@ -220,13 +303,7 @@ def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, gro
                 flat[field][offset:offset + n] = outputs[field][i, start:start + n]
     for array in flat.values():
         array.flush()
-    np.save(folder / "spans.npy", spans)
-    np.save(folder / "pair_index.npy", np.asarray([r.index for r in rows], np.int64))
-    build = {"trunk_tokens": int(sum(batch_size * length for length, _ in groups)),
-             "row_tokens": int(sum(len(r.tokens) for r in rows)),
-             "lengths": sorted({int(length) for length, _ in groups})}  # one compile each
-    (folder / "meta.json").write_text(json.dumps(
-        {"format": FORMAT, "num_rows": len(rows), "num_positions": total, "dim": dim,
-         "fields": list(fields), "dtype": dtype, "trunk": str(trunk.path), "build": build},
-        indent=2))
-    return time.perf_counter() - start_time
+    return {"seconds": time.perf_counter() - start_time, "local_devices": devices,
+            "build": {"trunk_tokens": int(sum(batch_size * length for length, _ in groups)),
+                      "row_tokens": int(sum(len(r.tokens) for r in rows)),
+                      "lengths": sorted({int(length) for length, _ in groups})}}  # a compile each

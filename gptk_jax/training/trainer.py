@@ -7,7 +7,7 @@
     trunk     <- converted folder / random-tiny (inputs.py); placed replicated or model-sharded
     pipelines <- WMT text -> prompts -> grain batches (gptk_jax.data), per-process rows; their
                  fingerprints (trunk, training rows) checked against the record, then it is
-                 written and the feature cache opened or built
+                 written and the feature cache opened or built (each process its share)
     loop      <- loop.TrainingLoop: fresh or restored state, steps, metrics, eval, checkpoints
     end:      WORKDIR/heads (heads_io format, for gptk_jax.evaluate), its metadata saying what
               was run: the real step, the steps this start ran, the settings and their changes
@@ -32,6 +32,7 @@ from gptk_jax.data.prompts import prompt_record
 from gptk_jax.heads import make_head
 from gptk_jax.heads.config import HeadConfigError
 from gptk_jax.training import inputs
+from gptk_jax.training.feature_shares import CacheError
 from gptk_jax.training.features import FeatureCache
 from gptk_jax.training.loop import TrainingLoop
 from gptk_jax.training.optim import make_optimizer
@@ -128,10 +129,13 @@ def _open_cache(run: _Run, progress: bool) -> None:
     if not features.cache:
         return
     root = Path(features.cache_dir) if features.cache_dir else run.workdir / "feature_cache"
-    run.cache = FeatureCache.open_or_build(
-        root, run.trunk, run.train_pipe.rows, run.settings.head, features.dtype,
-        features.build_batch_size, run.settings.loss.argmax_chunk, log=run.log,
-        progress=progress and jax.process_index() == 0)
+    try:       # every process: each builds its share of the rows (training/feature_shares.py)
+        run.cache = FeatureCache.open_or_build(
+            root, run.trunk, run.train_pipe.rows, run.settings.head, features.dtype,
+            features.build_batch_size, run.settings.loss.argmax_chunk, log=run.log,
+            progress=progress and jax.process_index() == 0)
+    except CacheError as e:
+        raise TrainingError(f"config.features.cache_dir: {e}") from None
     run.cache_seconds = time.perf_counter() - start
 
 
