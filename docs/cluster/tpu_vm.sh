@@ -23,6 +23,8 @@ PY=${PY:-.venv/bin/python}
 echo "worker $(hostname), config $CONFIG"
 
 # JAX_PLATFORMS=tpu: fail at once rather than fall back to CPU when the TPU is busy.
-# The feature cache (each worker builds all of it) stays on the worker's local disk.
+# The feature cache: each worker builds its share and reads every share, so it lives on the
+# shared file system too (node-local disk works, but then every worker builds all of it).
+FEATURE_CACHE=${FEATURE_CACHE:-$WORKDIR/feature_cache}
 exec env JAX_PLATFORMS=tpu "$PY" -m gptk_jax.train --config "$CONFIG" --workdir "$WORKDIR" \
-  --distributed=auto --noprogress --config.features.cache_dir="/tmp/gptk-features" "$@"
+  --distributed=auto --noprogress --config.features.cache_dir="$FEATURE_CACHE" "$@"
