@@ -256,6 +256,6 @@ def test_one_step_run_of_the_conditioned_config(tmp_path):
     loaded = load_heads(tmp_path / "heads")
     assert loaded.head_config.recipe == "conditioned" and "residual" in loaded.params
     # the feature cache held what this head reads: the trunk's hidden state after the norm
-    cached = sorted(p.name for p in (tmp_path / "feature_cache").glob("*/*.bin"))
+    cached = sorted(p.name for p in (tmp_path / "feature_cache").rglob("*.bin"))
     assert cached == ["hidden_normed.bin", "trunk_argmax.bin"]
     assert loaded.metadata["prompt_format"]["shots"] == 0     # the rows' format is recorded
