@@ -257,7 +257,8 @@ def refill(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, max_
                         drafter_vars, prompts, stop_ids, pad_id)
     put = lambda big, small: big.at[rows].set(small, mode="drop")          # batch axis 0
     put1 = lambda big, small: big.at[:, rows].set(small, mode="drop")      # batch axis 1
-    cache = KVCache(k=put1(state.cache.k, new.cache.k), v=put1(state.cache.v, new.cache.v),
+    cache = KVCache(k=jax.tree.map(put, state.cache.k, new.cache.k),
+                    v=jax.tree.map(put, state.cache.v, new.cache.v),
                     valid=put(state.cache.valid, new.cache.valid),
                     lengths=put(state.cache.lengths, new.cache.lengths))
     return state.replace(

@@ -32,11 +32,11 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, inv_freq, mask, cache_k, cache_v, write_start, layer=None):
-        """x [B,T,D]; positions [B,T]; mask [B,T,S]; write_start [B]; cache_k/v either this
-        layer's [B,K,S,H] (layer None) or the stacked [L,B,K,S,H] with `layer` the index to use.
+    def __call__(self, x, positions, inv_freq, mask, cache_k, cache_v, write_start):
+        """x [B,T,D]; positions [B,T]; mask [B,T,S]; write_start [B]; cache_k/v this layer's
+        [B,K,S,H].
 
-        Returns (out [B,T,D], cache_k, cache_v) with the T new keys/values written (same form).
+        Returns (out [B,T,D], cache_k, cache_v) with the T new keys/values written.
         """
         dense = lambda feats, name: nn.DenseGeneral(
             feats, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -45,21 +45,30 @@ class Attention(nn.Module):
         v = dense((self.n_kv_heads, self.head_dim), "wv")(x)    # [B,T,K,H]
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        cache_k = write_layer(cache_k, k, write_start, layer)
-        cache_v = write_layer(cache_v, v, write_start, layer)
-        keys = cache_k if layer is None else cache_k[layer]     # [B,K,S,H]
-        values = cache_v if layer is None else cache_v[layer]   # [B,K,S,H]
+        cache_k = write_layer(cache_k, k, write_start)          # [B,K,S,H]
+        cache_v = write_layer(cache_v, v, write_start)
+        keys, values = cache_k, cache_v
 
+        # Both products as one batched matmul over B*K (kv head) batches with the G query heads
+        # of a group and the T tokens merged into the rows: XLA:CPU runs a dot with one leading
+        # batch dimension as a batched GEMM, while the equivalent einsum over (b, k) batches
+        # was 2.5-3x slower at B=8 decode (docs/benchmarks.md, bench/bench_attention.py).
         b, t = x.shape[:2]
-        groups = self.n_heads // self.n_kv_heads
-        q = q.reshape(b, t, self.n_kv_heads, groups, self.head_dim)  # [B,T,K,G,H]
-        scores = jnp.einsum("btkgh,bksh->bkgts", q, keys.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
-        scores = scores / np.sqrt(self.head_dim).astype(np.float32)
+        kv, groups, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        s = keys.shape[2]
+        q = q.reshape(b, t, kv, groups, hd).transpose(0, 2, 3, 1, 4)   # [B,K,G,T,H]
+        q = q.reshape(b * kv, groups * t, hd)                          # [BK,GT,H]
+        keys = keys.astype(self.dtype).reshape(b * kv, s, hd)          # [BK,S,H]
+        values = values.astype(self.dtype).reshape(b * kv, s, hd)      # [BK,S,H]
+        scores = jax.lax.dot_general(q, keys, (((2,), (2,)), ((0,), (0,))),
+                                     preferred_element_type=jnp.float32)  # [BK,GT,S]
+        scores = scores.reshape(b, kv, groups, t, s) / np.sqrt(hd).astype(np.float32)
         scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B,K,G,T,S]
-        attended = jnp.einsum("bkgts,bksh->btkgh", probs, values.astype(self.dtype))
-        attended = attended.reshape(b, t, self.n_heads, self.head_dim)  # [B,T,N,H]
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)    # [B,K,G,T,S]
+        probs = probs.reshape(b * kv, groups * t, s)                   # [BK,GT,S]
+        attended = jax.lax.dot_general(probs, values, (((2,), (1,)), ((0,), (0,))))  # [BK,GT,H]
+        attended = attended.reshape(b, kv, groups, t, hd).transpose(0, 3, 1, 2, 4)
+        attended = attended.reshape(b, t, self.n_heads, hd)           # [B,T,N,H]
         out = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype, name="wo")(attended)
         return out, cache_k, cache_v

@@ -19,22 +19,26 @@ from gptk_jax.llama.config import LlamaConfig
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array        # [L,B,K,S,H] (kv heads before slots: attention reads [B,K,S,H] as is)
-    v: jax.Array        # [L,B,K,S,H]
+    """One key and one value buffer per layer (kv heads before slots: attention reads [B,K,S,H]
+    as is). Separate buffers, not one stacked [L,B,K,S,H] array: each layer's attention reads its
+    own buffer in place, where a layer sliced out of a stacked array is copied first (at batch 8
+    those copies were ~10 % of a decode step, docs/benchmarks.md)."""
+    k: tuple            # L x [B,K,S,H]
+    v: tuple            # L x [B,K,S,H]
     valid: jax.Array    # [B,S] bool
     lengths: jax.Array  # [B] int32, slots filled so far
 
     @classmethod
     def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or config.dtype
-        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   valid=jnp.zeros((batch, max_len), bool),
+        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+        return cls(k=zeros(), v=zeros(), valid=jnp.zeros((batch, max_len), bool),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
 
 def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -44,19 +48,16 @@ def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     return jax.vmap(one)(buffer, new.astype(buffer.dtype), start)
 
 
-def write_layer(buffer: jax.Array, new: jax.Array, start: jax.Array,
-                layer: Optional[int] = None) -> jax.Array:
+def write_layer(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Writes new keys or values [B,T,K,H] at per-row slots start[b] .. start[b]+T-1 into a
-    layer's cache [B,K,S,H] (layer None) or into layer `layer` of the stacked cache [L,B,K,S,H].
+    layer's cache [B,K,S,H].
 
     One scatter of B*T slots straight into the (loop-carried) buffer, which XLA updates in place.
-    Slicing a layer out, writing it and stacking the layers again copies the whole cache every
-    step, and a vmap over the batch axis transposes it (both measured, docs/benchmarks.md).
+    A vmap of dynamic_update_slice over the batch axis transposes the buffer instead (measured,
+    docs/benchmarks.md).
     """
     batch, t = new.shape[:2]
     rows = jnp.arange(batch)[:, None]                              # [B,1]
     slots = start[:, None] + jnp.arange(t)[None, :]                # [B,T]
     new = new.astype(buffer.dtype)     # [B,T,K,H]: the advanced indices' dims come first
-    if layer is None:
-        return buffer.at[rows, :, slots].set(new, mode="drop", unique_indices=True)
-    return buffer.at[layer, rows, :, slots].set(new, mode="drop", unique_indices=True)
+    return buffer.at[rows, :, slots].set(new, mode="drop", unique_indices=True)

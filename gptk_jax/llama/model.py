@@ -35,16 +35,15 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask, write_start, layer=None):
-        """x [B,T,D]; layer_cache (k, v): this layer's [B,K,S,H] each (layer None, under scan)
-        or the stacked [L,B,K,S,H] with `layer` the index to use. Returns (x, (k, v))."""
+    def __call__(self, x, layer_cache, positions, mask, write_start):
+        """x [B,T,D]; layer_cache (k, v): this layer's [B,K,S,H] each. Returns (x, (k, v))."""
         c = self.config
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="attention_norm")(x)
         attn, k, v = Attention(c.n_heads, c.n_kv_heads, c.head_dim, dtype, pdtype,
                                name="attention")(h, positions, inv_freq, mask, *layer_cache,
-                                                 write_start, layer)
+                                                 write_start)
         x = x + attn
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="ffn_norm")(x)
         x = x + MLP(c.ffn_dim, dtype, pdtype, name="feed_forward")(h)
@@ -92,8 +91,8 @@ class Llama(nn.Module):
         if token_mask is None:
             token_mask = jnp.ones((b, t), bool)
         if cache is None:  # attend within the new tokens only
-            shape = (c.n_layers, b, c.n_kv_heads, t, c.head_dim)
-            ks = vs = jnp.zeros(shape, jnp.dtype(c.dtype))
+            shape = (b, c.n_kv_heads, t, c.head_dim)
+            ks = vs = (jnp.zeros(shape, jnp.dtype(c.dtype)),) * c.n_layers
             valid, lengths = jnp.zeros((b, t), bool), jnp.zeros((b,), jnp.int32)
         else:
             ks, vs, valid, lengths = cache.k, cache.v, cache.valid, cache.lengths
@@ -101,11 +100,17 @@ class Llama(nn.Module):
         mask = attention_mask(valid, lengths, t)              # [B,T,S]
 
         x = self.embed(tokens)
-        if c.scan_layers:
-            x, (ks, vs) = self.layers(x, (ks, vs), positions, mask, lengths)
+        if c.scan_layers:   # scan carries the layers' buffers stacked: [L,B,K,S,H]
+            x, (ks, vs) = self.layers(x, (jnp.stack(ks), jnp.stack(vs)), positions, mask,
+                                      lengths)
+            ks, vs = tuple(ks), tuple(vs)
         else:
-            for i, layer in enumerate(self.layers):  # writes in place into the stacked cache
-                x, (ks, vs) = layer(x, (ks, vs), positions, mask, lengths, i)
+            new_k, new_v = [], []
+            for layer, k, v in zip(self.layers, ks, vs):  # each writes its own buffer in place
+                x, (k, v) = layer(x, (k, v), positions, mask, lengths)
+                new_k.append(k)
+                new_v.append(v)
+            ks, vs = tuple(new_k), tuple(new_v)
         hidden = x
         hidden_normed = self.final_norm(hidden)
         logits = None
