@@ -1,7 +1,8 @@
 """Teacher-forced drafting accuracy along the trunk's own output: a quick probe of head recipes.
 
     python bench/probe_heads.py --distilled runs/distill/nc10k.2shot.smollm2.en --rows 1024 \
-        --heldout 64 --steps 400 --families linear,lstm --targets hard,soft
+        --heldout 64 --steps 400 --families linear,lstm --targets hard,soft \
+        [--heldout-distilled runs/distill/nt14.2shot.smollm2.en --heldout-sources PREFIX]
 
 Builds the rows training builds (2-shot prompt + the trunk's own translation, SmolLM2's BOS
 rule), runs the frozen trunk over them once (hidden states and the trunk's argmax at every
@@ -41,9 +42,12 @@ from gptk_jax.training.features import trunk_fn  # noqa: E402
 WMT = ROOT.parent / "shared/data/wmt14-de-en"
 
 
-def build_rows(model, distilled: Path, sources_prefix: str, n: int, shots: int):
-    fmt_shots = few_shot_from(read_parallel_text(sources_prefix, "de", "en").pairs, shots) \
-        if shots else ()
+def build_rows(model, distilled: Path, sources_prefix: str, n: int, shots: int,
+               shots_prefix: str = None):
+    """Rows of (prompt + distilled target) for the first n pairs; the few-shot examples come
+    from shots_prefix (default: sources_prefix), as the distillation's prompts did."""
+    pool = read_parallel_text(shots_prefix or sources_prefix, "de", "en").pairs
+    fmt_shots = few_shot_from(pool, shots) if shots else ()
     fmt = PromptFormat.for_languages("de", "en", shots=fmt_shots, space_with_target=True)
     sources = read_text_lines(f"{sources_prefix}.de")
     targets = read_text_lines(distilled)
@@ -236,12 +240,22 @@ def main():
     p.add_argument("--heads", action="append", default=[],
                    help="also score these saved heads folders on the held-out rows")
     p.add_argument("--output", default=None)
+    p.add_argument("--heldout-distilled", default=None,
+                   help="held-out rows from this distilled file (e.g. the trunk's own newstest "
+                        "translations) instead of the rows after --rows")
+    p.add_argument("--heldout-sources", default=None,
+                   help="PREFIX of --heldout-distilled's sources (PREFIX.de); shots stay --sources'")
     args = p.parse_args()
 
     model = load_converted(args.checkpoint)
     t0 = time.perf_counter()
-    rows = build_rows(model, Path(args.distilled), args.sources, args.rows + args.heldout,
-                      args.shots)
+    if args.heldout_distilled:   # held-out rows of another text, same prompt format
+        rows = build_rows(model, Path(args.distilled), args.sources, args.rows, args.shots)
+        rows += build_rows(model, Path(args.heldout_distilled), args.heldout_sources,
+                           args.heldout, args.shots, shots_prefix=args.sources)
+    else:
+        rows = build_rows(model, Path(args.distilled), args.sources, args.rows + args.heldout,
+                          args.shots)
     families = [f for f in args.families.split(",") if f]
     if not families:      # scoring saved heads only: the trunk runs over the held-out rows
         rows = [None] * args.rows + rows[args.rows:]
