@@ -86,15 +86,23 @@ def test_bucketed_cache_equals_input_order_cache(tmp_path, trunk, rows, kind):
     for field, values in bucketed.arrays.items():
         other = input_order.arrays[field]
         assert values.shape == other.shape and values.shape[0] == int(bucketed.spans[:, 2].sum())
-        # every real position of every row: the same value to the last bit
-        np.testing.assert_array_equal(np.asarray(values), np.asarray(other), err_msg=field)
+        # every real position of every row: the same value, up to float32 rounding (attention
+        # over 64 / 128 slots and over 96 slots accumulates in different blocks); ids exactly
+        _assert_same(np.asarray(values), np.asarray(other), field)
     # and what a training batch receives (rows in batch order, a filler row)
     batch = {"tokens": np.zeros((3, 96), np.int32),
              "example_index": np.asarray([rows[9].index, -1, rows[4].index], np.int32)}
     a, b = bucketed.attach(batch), input_order.attach(batch)
     for field in bucketed.arrays:
-        np.testing.assert_array_equal(a[field], b[field], err_msg=field)
+        _assert_same(a[field], b[field], field)
         assert not a[field][1].any()                           # the filler row
+
+
+def _assert_same(a: np.ndarray, b: np.ndarray, field: str) -> None:
+    if np.issubdtype(a.dtype, np.integer):
+        np.testing.assert_array_equal(a, b, err_msg=field)
+    else:
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=field)
 
 
 def test_bucketed_cache_matches_the_trunk_on_each_row_alone(tmp_path, trunk, rows):
