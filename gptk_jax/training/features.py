@@ -32,7 +32,8 @@ Build order: a share's rows sorted by length and run `build_batch_size` at a tim
 a multiple of the local devices), each trunk call padded to its longest row rounded up to
 BUCKET_LENGTH_MULTIPLE (`gptk_jax.data.pipeline.length_sorted_batches`), so the trunk runs on
 about the tokens the rows hold (SmolLM2 on News Commentary: 1.33x instead of 2x in input order)
-and compiles once per bucket length. The stored values do not depend on the order: causal
+and compiles once per bucket length. The stored values do not depend on the order beyond
+float32 rounding (attention over a longer padded call accumulates in other blocks; ~1e-6): causal
 attention never reads right padding, and tests/test_feature_cache.py checks both orders against
 each other and against the trunk on each row alone.
 """
