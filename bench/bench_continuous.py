@@ -43,7 +43,7 @@ def static_run(generate, prompts, batch):
         iterations += out.num_steps - 1
         prefill, decode = prefill + out.prefill_seconds, decode + out.decode_seconds
         compile_s += out.compile_seconds
-        if out.num_tokens_per_step > 1:     # draft-and-verify
+        if out.tokens_per_step > 1:     # draft-and-verify
             steps += out.stats["verify_steps"]
             emitted += out.stats["tokens_from_verify_steps"]
     return tokens, {"loop_iterations": iterations, "prefill_s": prefill, "decode_s": decode,
@@ -52,7 +52,7 @@ def static_run(generate, prompts, batch):
 
 def continuous_run(generate, prompts):
     out = generate(prompts)
-    tau = out.stats["tokens_per_step"] if out.num_tokens_per_step > 1 else None
+    tau = out.stats["tau"] if out.tokens_per_step > 1 else None
     return out.tokens, {"loop_iterations": out.loop_iterations, "prefill_s": out.prefill_seconds,
                         "decode_s": out.decode_seconds, "compile_s": out.compile_seconds,
                         "tau": tau, "prefill_calls": out.prefill_calls}
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     decoders = {"greedy": greedy,
                 "lookup": greedy.replace(drafter=LookupDrafter(k - 1),
                                          drafter_vars=LookupDrafter.variables(),
-                                         num_tokens_per_step=k)}
+                                         tokens_per_step=k)}
     methods = {}
     for name, decoder in decoders.items():
         methods[(name, "static")] = (lambda d=decoder: static_run(

@@ -119,7 +119,7 @@ def run_method(name, generate, prompt_chunks, batch, repeats):
            # decode-loop iterations (one trunk call each) and their mean cost, in the loop
            "loop_iterations": sum(r.num_steps - 1 for r in results)}
     row["ms_per_iteration"] = 1e3 * row["decode_seconds"] / max(row["loop_iterations"], 1)
-    if results[0].num_tokens_per_step > 1:    # draft-and-verify
+    if results[0].tokens_per_step > 1:    # draft-and-verify
         steps = sum(r.stats["verify_steps"] for r in results)
         from_steps = sum(r.stats["tokens_from_verify_steps"] for r in results)
         hist = np.sum([r.stats["accepted_histogram"] for r in results], axis=0)
@@ -136,14 +136,14 @@ def end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name, head
     # one decoder per method for the whole run: each compiles once per batch shape
     greedy_decoder = Decoder(config, params, stop_ids=stop_ids, pad_id=pad_id)
     oracle_decoder = greedy_decoder.replace(drafter=OracleDrafter(k - 1, config.vocab_size),
-                                            num_tokens_per_step=k)
-    decoders = {name: greedy_decoder.replace(drafter=d, drafter_vars=v, num_tokens_per_step=k)
+                                            tokens_per_step=k)
+    decoders = {name: greedy_decoder.replace(drafter=d, drafter_vars=v, tokens_per_step=k)
                 for name, (d, v) in others.items()}
     if heads is not None:
         heads_name = f"mtp-heads-v{args.draft_vocab_size}" if args.draft_vocab_size else \
             "mtp-heads"
         decoders = {f"{heads_name}-k{k}": greedy_decoder.replace(
-            drafter=heads[0], drafter_vars=heads[1], num_tokens_per_step=k), **decoders}
+            drafter=heads[0], drafter_vars=heads[1], tokens_per_step=k), **decoders}
     for batch in args.batch_sizes:
         prompt_chunks = chunks(prompts, batch)
         greedy_fn = lambda chunk, b, _: greedy_decoder.generate(

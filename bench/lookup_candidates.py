@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     for k in (int(x) for x in args.ks.split(",")):
         rows, per_row, steps, emitted = [], [], 0, 0
         lookup = greedy.replace(drafter=LookupDrafter(k - 1, args.max_ngram),
-                                drafter_vars=LookupDrafter.variables(), num_tokens_per_step=k)
+                                drafter_vars=LookupDrafter.variables(), tokens_per_step=k)
         for i in range(0, len(prompts), 8):
             chunk = prompts[i:i + 8]
             out = lookup.generate(chunk, args.max_new_tokens, batch_size=8)

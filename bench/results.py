@@ -61,7 +61,7 @@ ANCHORS_B1 = (("Medusa", 1.73), ("Hydra", 1.94), ("EAGLE", 1.99))  # Spec-Bench,
 ANCHOR_HYDRA_B1, ANCHOR_HYDRA_B8 = 2.70, 1.63                      # Hydra, batch 1 -> batch 8
 
 
-class ResultsError(RuntimeError):
+class ResultsError(GptkError, RuntimeError):
     """A step failed or an input of the report is missing."""
 
 
@@ -394,7 +394,7 @@ def lookup_section(args: argparse.Namespace) -> list[str]:
                 continue
             rates = ", ".join(_fmt(v, ".2f") for v in r["per_offset_acceptance"].values())
             lines.append(f"| {name} | {r.get('k', k)} | {r['tokens_per_second']:.1f} | "
-                         f"{_fmt(r.get('speedup'), '.2f', '×')} | {_fmt(r.get('tokens_per_step'))}"
+                         f"{_fmt(r.get('speedup'), '.2f', '×')} | {_fmt(r.get('tau'))}"
                          f" | {rates} | "
                          f"{ {True: 'yes', False: '**no**'}.get(r.get('identical_to_greedy'))} |")
     best = max(((r.get("speedup") or 0, name, k) for k, rep in reports.items()
@@ -410,9 +410,9 @@ def lookup_section(args: argparse.Namespace) -> list[str]:
         if lk[1] and lk[8]:
             lines += [f"Against the issue's goals at K = 4 (τ ≥ {GOAL_TAU}, ≥ {GOAL_SPEEDUP_B1}× "
                       f"at batch 1, ≥ {GOAL_SPEEDUP_B8}× at batch 8): lookup τ "
-                      f"{_fmt(lk[1].get('tokens_per_step'))}, {_fmt(lk[1].get('speedup'), '.2f', '×')}"
+                      f"{_fmt(lk[1].get('tau'))}, {_fmt(lk[1].get('speedup'), '.2f', '×')}"
                       f" at batch 1, {_fmt(lk[8].get('speedup'), '.2f', '×')} at batch 8: "
-                      + ("met." if (lk[1]["tokens_per_step"] >= GOAL_TAU and
+                      + ("met." if (lk[1]["tau"] >= GOAL_TAU and
                                     lk[1]["speedup"] >= GOAL_SPEEDUP_B1 and
                                     lk[8]["speedup"] >= GOAL_SPEEDUP_B8) else "not met."), ""]
     for k in reports:
@@ -434,7 +434,7 @@ def bf16_section(args: argparse.Namespace) -> list[str]:
         if "rows_differing_from_greedy" in r:
             lines.append(f"| {name} | {r['rows_differing_from_greedy']}/"
                          f"{report['num_sentences']} | {r['tokens_per_second']:.1f} | "
-                         f"{r.get('tokens_per_step', float('nan')):.2f} |")
+                         f"{r.get('tau', float('nan')):.2f} |")
     lines += ["", "```bash", shown_block(bf16_command(args)), "```", ""]
     return lines
 
@@ -508,11 +508,11 @@ def family_numbers(f: dict) -> dict:
            "identical": bool(rep["all_identical_to_greedy"] and rep["scores_identical"])}
     for b in batches:
         mtp, greedy, oracle = (_run(rep, f"{m}/b{b}") for m in ("mtp", "greedy", "oracle"))
-        out[f"tau_b{b}"] = mtp and mtp.get("tokens_per_step")
+        out[f"tau_b{b}"] = mtp and mtp.get("tau")
         out[f"speedup_b{b}"] = mtp and mtp.get("speedup")
         out[f"tps_mtp_b{b}"] = mtp and mtp.get("tokens_per_second")
         out[f"tps_greedy_b{b}"] = greedy and greedy.get("tokens_per_second")
-        out[f"oracle_tau_b{b}"] = oracle and oracle.get("tokens_per_step")
+        out[f"oracle_tau_b{b}"] = oracle and oracle.get("tau")
         out[f"oracle_speedup_b{b}"] = oracle and oracle.get("speedup")
     first = batches[0]
     q = rep["quality"].get(f"mtp/b{first}") or rep["quality"][f"greedy/b{first}"]
@@ -761,7 +761,7 @@ def markdown(families: list[dict], args: argparse.Namespace, invocation: str) ->
         for name, r in rep["runs"].items():
             q = rep["quality"][name]
             L.append(f"| {name} | {_fmt(r['tokens_per_second'], '.1f')} | "
-                     f"{_fmt(r.get('speedup'), '.2f', '×')} | {_fmt(r.get('tokens_per_step'))} | "
+                     f"{_fmt(r.get('speedup'), '.2f', '×')} | {_fmt(r.get('tau'))} | "
                      f"{r.get('accepted_histogram', '–')} | "
                      f"{ {True: 'yes', False: '**no**'}.get(r.get('identical_to_greedy'), '–')} | "
                      f"{q['bleu']:.2f} | {q['chrf']:.2f} |")
@@ -854,7 +854,7 @@ def _json_entry(drafter: str, recipe: Optional[str], report: dict, run_of, **tra
             "prompt_format": describe_prompt_record(fmt) if fmt else f"{report.get('shots')} shots",
             "split": (report.get("test_set") or {}).get("name", "newstest2014"),
             "sentences": report.get("num_sentences"), "k": some.get("k", report.get("k")),
-            "tau_k4": some.get("tokens_per_step"),
+            "tau_k4": some.get("tau"),
             "speedup_b1": (r1 or {}).get("speedup"), "speedup_b8": (r8 or {}).get("speedup"),
             "identical_to_greedy": all(r.get("identical_to_greedy", False)
                                        for r in (r1, r8) if r),

@@ -16,7 +16,7 @@ import numpy as np
 from gptk_jax.llama.config import LlamaConfig
 
 
-class ConversionError(ValueError):
+class ConversionError(GptkError, ValueError):
     """Bad conversion input; the message names the file and tensor/field."""
 
 

@@ -55,7 +55,7 @@ DISCLAIMER = ("Note: SmolLM2-135M is a weak translator (135M parameters, trained
               "quality.")
 
 
-class DemoError(Exception):
+class DemoError(GptkError):
     """A step of the demo that cannot go on; main() says it in one line (exit status 2)."""
 
 
@@ -335,7 +335,7 @@ def mtp_part(args, model, model_dir: Path, decoder, prompt_batches, greedy: dict
     drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
                                       model.params, k)
     heads_decoder = decoder.replace(drafter=drafter, drafter_vars=variables,
-                                    num_tokens_per_step=k)
+                                    tokens_per_step=k)
     ok = draft_and_verify(f"{heads.head_config.kind} heads", heads_decoder, args, model,
                           prompt_batches, greedy, results, show_rows=True)
     print("On CPU a verify step over K tokens costs more than a one-token step, so the speedup "
@@ -347,7 +347,7 @@ def mtp_part(args, model, model_dir: Path, decoder, prompt_batches, greedy: dict
           "draft where\nthere is none\n" + "=" * 78)
     lookup_decoder = decoder.replace(drafter=LookupDrafter(k - 1, fallback=drafter),
                                      drafter_vars=LookupDrafter.variables(variables),
-                                     num_tokens_per_step=k)
+                                     tokens_per_step=k)
     ok &= draft_and_verify("prompt lookup + heads", lookup_decoder, args, model, prompt_batches,
                            greedy, results, show_rows=False)
     print("This weak translator copies much of the German source, which the lookup drafts "
@@ -362,7 +362,7 @@ def draft_and_verify(label: str, decoder, args, model, prompt_batches, greedy: d
     from gptk_jax.decoding.acceptance import acceptance_stats
     from gptk_jax.data.prompts import hypothesis_text
 
-    tok, k = model.tokenizer, decoder.num_tokens_per_step
+    tok, k = model.tokenizer, decoder.tokens_per_step
     mtp_ids, count, seconds, compile_seconds, accepted, emitted = [], 0, 0.0, 0.0, [], []
     for prompt_ids in prompt_batches:
         r = decoder.generate(prompt_ids, args.max_new_tokens, batch_size=args.batch_size)
@@ -386,7 +386,7 @@ def draft_and_verify(label: str, decoder, args, model, prompt_batches, greedy: d
     stats = acceptance_stats(accepted, emitted, num_drafts=k - 1)
     greedy_rate = greedy["count"] / greedy["seconds"] if greedy["seconds"] > 0 else float("nan")
     rate = count / seconds if seconds > 0 else float("nan")
-    tau = stats["tokens_per_step"]
+    tau = stats["tau"]
     print(f"{label} == greedy: {identical}/{len(mtp_ids)} sentences token-identical")
     print(f"τ = {tau:.2f} tokens per verify step (at most {k}); accepted drafts per step "
           f"histogram {stats['accepted_histogram']}" if tau is not None else "τ: no verify steps")

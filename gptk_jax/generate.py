@@ -92,7 +92,7 @@ def build_mtp(args: argparse.Namespace, model) -> DecodeFn:
     drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
                                       model.params, k)
     return _decode_fn(args, _decoder(model, drafter=drafter, drafter_vars=variables,
-                                     num_tokens_per_step=k))
+                                     tokens_per_step=k))
 
 
 def build_lookup(args: argparse.Namespace, model) -> DecodeFn:
@@ -112,7 +112,7 @@ def build_lookup(args: argparse.Namespace, model) -> DecodeFn:
     drafter = LookupDrafter(k - 1, max_ngram=args.lookup_max_ngram, fallback=fallback)
     return _decode_fn(args, _decoder(model, drafter=drafter,
                                      drafter_vars=LookupDrafter.variables(fallback_vars),
-                                     num_tokens_per_step=k))
+                                     tokens_per_step=k))
 
 
 DEFAULT_LOOKUP_K = 4
@@ -120,7 +120,7 @@ DECODERS: dict[str, Callable[[argparse.Namespace, object], DecodeFn]] = {
     "greedy": build_greedy, "mtp": build_mtp, "lookup": build_lookup}
 
 
-class UsageError(Exception):
+class UsageError(GptkError):
     """Bad command-line input (reported as one line, exit code 2)."""
 
 

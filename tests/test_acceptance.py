@@ -101,7 +101,7 @@ def test_summarize_hand_computed():
     s = summarize(accepted, emitted, num_drafts=3)
     assert s["verify_steps"] == 4
     assert s["tokens_from_verify_steps"] == 8
-    assert s["tokens_per_step"] == 2.0
+    assert s["tau"] == 2.0
     assert s["accepted_histogram"] == [2, 1, 0, 1]
     # offset 2 reached in 4 steps, passed in 2; offset 3 reached 2, passed 1; offset 4: 1 of 1
     assert s["per_offset_acceptance"] == {"2": 0.5, "3": 0.5, "4": 1.0}

@@ -59,7 +59,7 @@ def test_greedy_through_refilled_slots_equals_static_greedy(setup, batch):
     # K = 1: one token per step; the prefill emits each prompt's first token
     steps = [n - 1 for n in greedy.num_generated]
     assert result.stats["steps_per_row"] == steps
-    assert result.stats["tokens_per_step"] == 1.0
+    assert result.stats["tau"] == 1.0
     # Every slot busy while the queue lasts: no fewer iterations than the work spread over B
     # slots, no more than static batches of B (each running until its longest row is done).
     static = sum(max(steps[i:i + batch]) for i in range(0, len(steps), batch))
@@ -95,7 +95,7 @@ def _drafters(decoder):
 def test_mtp_through_refilled_slots_is_exact(setup, name, batch, padding):
     decoder, prompts, stop_ids, greedy, _ = setup
     drafter, variables = _drafters(decoder)[name]
-    mtp = decoder.replace(drafter=drafter, drafter_vars=variables, num_tokens_per_step=K)
+    mtp = decoder.replace(drafter=drafter, drafter_vars=variables, tokens_per_step=K)
     result = mtp.generate_continuous(prompts, MAX_NEW, batch_size=batch, padding=padding,
                                      bucket=BUCKET)
     assert result.tokens == greedy.tokens
@@ -119,7 +119,7 @@ def test_refilled_slots_start_fresh(setup, batch):
     assert result.stats["mean_accepted_drafts"] > 0.3    # the lookup does find things here
     static = lookup.generate(prompts, MAX_NEW, bucket=BUCKET)
     assert static.stats["accepted_per_row"] == expected
-    assert result.stats["tokens_per_step"] == static.stats["tokens_per_step"]
+    assert result.stats["tau"] == static.stats["tau"]
 
 
 def test_bad_arguments_are_refused(setup):
@@ -127,11 +127,11 @@ def test_bad_arguments_are_refused(setup):
     params = decoder.params
     with pytest.raises(ValueError, match="without a drafter K must be 1"):
         continuous_generate(CFG, params, prompts, MAX_NEW, stop_ids, PAD, batch_size=2,
-                            num_tokens_per_step=4)
+                            tokens_per_step=4)
     with pytest.raises(ValueError, match="supports at most 3"):
         continuous_generate(CFG, params, prompts, MAX_NEW, stop_ids, PAD, batch_size=2,
                             drafter=LookupDrafter(K - 1), drafter_vars={},
-                            num_tokens_per_step=K + 1)
+                            tokens_per_step=K + 1)
     with pytest.raises(ValueError, match="batch_size"):
         continuous_generate(CFG, params, prompts, MAX_NEW, stop_ids, PAD, batch_size=0)
     with pytest.raises(ValueError, match="max_seq_len"):

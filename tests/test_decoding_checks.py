@@ -57,7 +57,7 @@ def test_nonfinite_logits_stop_with_an_error_naming_the_prompt(broken):
     with pytest.raises(DecodingError, match=r"non-finite logits .* prompt 3\b"):
         greedy.generate_continuous(prompts, 4, batch_size=2)
     lookup = greedy.replace(drafter=LookupDrafter(3), drafter_vars=LookupDrafter.variables(),
-                            num_tokens_per_step=4)
+                            tokens_per_step=4)
     with pytest.raises(DecodingError, match=r"prompt 3\b"):
         lookup.generate(prompts, 4)
 
@@ -74,7 +74,7 @@ class PoisonDrafter(Drafter):
 
 def test_nan_reached_inside_the_loop_is_caught(broken):
     poisoned = Decoder(CFG, broken, stop_ids=(), pad_id=0, drafter=PoisonDrafter(),
-                       num_tokens_per_step=4)
+                       tokens_per_step=4)
     with pytest.raises(DecodingError, match=r"non-finite logits .* prompts 0, 1, 2:"):
         poisoned.generate(PROMPTS, 6)
     # continuous batching fails at the first run: prompt 2 was still queued

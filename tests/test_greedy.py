@@ -185,7 +185,7 @@ def test_compiled_executables_are_bounded_least_recently_used_first(params):
 
 def test_greedy_result_has_the_step_statistics_of_one_token_per_step(decoder, reference):
     result = generate(decoder, PROMPTS)
-    assert result.num_tokens_per_step == 1 and result.stats["tokens_per_step"] == 1.0
+    assert result.tokens_per_step == 1 and result.stats["tau"] == 1.0
     assert result.stats["steps_per_row"] == [n - 1 for n in result.num_generated]
     assert result.stop_tokens == [None] * 3
     assert [r["tokens"] for r in result.row_records()] == reference

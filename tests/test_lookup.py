@@ -118,6 +118,6 @@ def test_lookup_in_front_of_heads_equals_greedy(setup, kind):
     drafter = LookupDrafter(K - 1, fallback=heads)
     greedy = decoder.generate(prompts, MAX_NEW, bucket=8)
     result = decoder.replace(drafter=drafter, drafter_vars=LookupDrafter.variables(head_vars),
-                             num_tokens_per_step=K).generate(prompts, MAX_NEW, bucket=8)
+                             tokens_per_step=K).generate(prompts, MAX_NEW, bucket=8)
     assert result.tokens == greedy.tokens
     assert result.stop_reasons == greedy.stop_reasons

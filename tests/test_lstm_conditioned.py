@@ -168,7 +168,7 @@ def test_decoding_equals_greedy(params, decoder, prompts, stop_ids, greedy, batc
         _assert_same_as_greedy(result, reference)
         if std == 0.0 and batch == 8:
             repeat = mtp_generate(CFG, params, RepeatDrafter(K - 1), (), prompts, MAX_NEW,
-                                  stop_ids, PAD, num_tokens_per_step=K, bucket=BUCKET)
+                                  stop_ids, PAD, tokens_per_step=K, bucket=BUCKET)
             assert result.stats["accepted_per_row"] == repeat.stats["accepted_per_row"]
             assert len({tuple(a) for a in result.stats["accepted_per_row"]}) > 1   # ragged
             assert result.stats["mean_accepted_drafts"] > 0

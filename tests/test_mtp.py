@@ -95,7 +95,7 @@ def test_mtp_equals_greedy(decoder, prompts, stop_ids, greedy, batch, drafter_na
     reference = greedy[batch, padding]
     drafter, variables = _drafter(drafter_name, reference, prompts[:batch], stop_ids)
     mtp = decoder.replace(stop_ids=stop_ids, drafter=drafter, drafter_vars=variables,
-                          num_tokens_per_step=K)
+                          tokens_per_step=K)
     result = mtp.generate(prompts[:batch], MAX_NEW, padding=padding, bucket=BUCKET)
     _assert_same_as_greedy(result, reference)
     stats = result.stats
@@ -111,7 +111,7 @@ def test_mtp_equals_greedy(decoder, prompts, stop_ids, greedy, batch, drafter_na
             assert len(accepted) == -(-(result.num_generated[b] - 1) // K)
         # so τ is as high as the row lengths allow: tokens / sum over rows of ceil((n-1)/K)
         ideal_steps = sum(-(-(n - 1) // K) for n in result.num_generated)
-        assert stats["tokens_per_step"] == pytest.approx(
+        assert stats["tau"] == pytest.approx(
             stats["tokens_from_verify_steps"] / ideal_steps)
     if drafter_name == "noisy_oracle":
         per_row = stats["accepted_per_row"]
@@ -172,10 +172,10 @@ def test_cache_after_partly_rejected_block_matches_greedy_cache(params, decoder,
 def test_k_beyond_the_drafter_is_refused(params, prompts):
     with pytest.raises(ValueError, match="at most 3"):
         mtp_generate(CFG, params, RepeatDrafter(3), (), prompts[:1], 4, [], PAD,
-                     num_tokens_per_step=5)
+                     tokens_per_step=5)
     with pytest.raises(ValueError, match=">= 2"):
         mtp_generate(CFG, params, RepeatDrafter(3), (), prompts[:1], 4, [], PAD,
-                     num_tokens_per_step=1)
+                     tokens_per_step=1)
 
 
 @pytest.mark.parametrize("kind", ["linear", "poma", "lstm"])
@@ -189,9 +189,9 @@ def test_mtp_with_heads_equals_greedy(params, decoder, prompts, stop_ids, greedy
     drafter, variables = head_drafter(head_config, head_params, CFG, params)
     result = decoder.replace(stop_ids=stop_ids, drafter=drafter, drafter_vars=variables).generate(
         prompts, MAX_NEW, bucket=BUCKET)
-    assert result.num_tokens_per_step == K    # the heads' k by default
+    assert result.tokens_per_step == K    # the heads' k by default
     _assert_same_as_greedy(result, greedy[8, "left"])
     if kind == "linear":
         repeat = mtp_generate(CFG, params, RepeatDrafter(K - 1), (), prompts, MAX_NEW, stop_ids,
-                              PAD, num_tokens_per_step=K, bucket=BUCKET)
+                              PAD, tokens_per_step=K, bucket=BUCKET)
         assert result.stats["accepted_per_row"] == repeat.stats["accepted_per_row"]

@@ -171,7 +171,7 @@ def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, decode
         mtp = decoder
         for chunk, reference, (drafter, variables) in chunks:
             # the same drafter with this chunk's variables: the executables are reused
-            mtp = mtp.replace(drafter=drafter, drafter_vars=variables, num_tokens_per_step=K)
+            mtp = mtp.replace(drafter=drafter, drafter_vars=variables, tokens_per_step=K)
             got = mtp.generate(chunk, MAX_NEW, batch_size=batch)
             assert got.tokens == reference.tokens, (name, batch)
             assert got.stop_reasons == reference.stop_reasons, (name, batch)
@@ -200,7 +200,7 @@ def test_continuous_batching_equals_greedy_on_the_real_trunk(setting, decoder, g
     heads, head_vars = head_drafter(loaded.head_config, loaded.params, config, params)
     lookup = decoder.replace(drafter=LookupDrafter(K - 1, fallback=heads),
                              drafter_vars=LookupDrafter.variables(head_vars),
-                             num_tokens_per_step=K)
+                             tokens_per_step=K)
     got = lookup.generate_continuous(prompts, MAX_NEW, batch_size=8)
     assert got.tokens == [t for r in greedy[8] for t in r.tokens]
     assert got.stop_reasons == [s for r in greedy[8] for s in r.stop_reasons]

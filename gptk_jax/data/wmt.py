@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class DataError(ValueError):
+class DataError(GptkError, ValueError):
     """Input data that is malformed or inconsistent (mismatched files, unparsable SGML, ...)."""
 
 

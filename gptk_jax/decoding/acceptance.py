@@ -62,7 +62,7 @@ def acceptance_stats(accepted, emitted, num_drafts: int) -> dict:
     """Statistics over verify steps (any set of rows and runs pooled).
 
     accepted, emitted: [N] int per verify step (drafts accepted, tokens emitted). τ
-    (`tokens_per_step`) = tokens emitted by verify steps / verify steps, the bonus token included
+    (`tau`) = tokens emitted by verify steps / verify steps, the bonus token included
     (τ >= 1; τ = W when every draft is accepted). It leaves out the one token the prefill emits
     and a step's tokens past a stop id or the limit; the histogram and the per-offset rates use
     the acceptance before that cut (they describe the drafter).
@@ -77,7 +77,7 @@ def acceptance_stats(accepted, emitted, num_drafts: int) -> dict:
     return {
         "verify_steps": steps,
         "tokens_from_verify_steps": int(emitted.sum()),
-        "tokens_per_step": float(emitted.sum() / steps) if steps else None,
+        "tau": float(emitted.sum() / steps) if steps else None,
         "mean_accepted_drafts": float(accepted.mean()) if steps else None,
         "accepted_histogram": histogram.tolist(),  # index a: steps that accepted a drafts
         # P(offset j accepted | offsets 2..j-1 accepted), keyed by offset j

@@ -40,7 +40,7 @@ def continuous_generate(model_config: LlamaConfig, params: dict,
                         prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
                         stop_ids: Iterable[int], pad_id: int, *, batch_size: int,
                         drafter: Optional[Drafter] = None, drafter_vars: Any = (),
-                        num_tokens_per_step: int = 1, padding: str = "left",
+                        tokens_per_step: int = 1, padding: str = "left",
                         bucket: int = DEFAULT_BUCKET,
                         on_finished: Optional[Callable[[int], None]] = None
                         ) -> ContinuousResult:
@@ -49,6 +49,6 @@ def continuous_generate(model_config: LlamaConfig, params: dict,
     Same tokens per prompt as `greedy.greedy_generate`. `on_finished(n)` is called each time n
     more prompts are done (a progress bar's update)."""
     decoder = Decoder(model_config, params, stop_ids=stop_ids, pad_id=pad_id, drafter=drafter,
-                      drafter_vars=drafter_vars, num_tokens_per_step=num_tokens_per_step)
+                      drafter_vars=drafter_vars, tokens_per_step=tokens_per_step)
     return decoder.generate_continuous(prompt_ids, max_new_tokens, batch_size=batch_size,
                                        padding=padding, bucket=bucket, on_finished=on_finished)

@@ -1,7 +1,7 @@
 """The decoding engine: a `Decoder` owns what every call shares and its compiled executables.
 
     decoder = Decoder(model_config, params, stop_ids=tok.stop_ids, pad_id=tok.pad_id)  # greedy
-    mtp = decoder.replace(drafter=drafter, drafter_vars=variables, num_tokens_per_step=4)
+    mtp = decoder.replace(drafter=drafter, drafter_vars=variables, tokens_per_step=4)
     result = mtp.generate(prompt_ids, max_new_tokens, batch_size=8)         # one static batch
     result = mtp.generate_continuous(prompt_ids, max_new_tokens, batch_size=8)   # a queue
 
@@ -42,7 +42,7 @@ from gptk_jax.decoding.results import (ContinuousResult, GenerationResult, MTPRe
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.llama.model import params_for_model
 
-class DecodingError(ValueError):
+class DecodingError(GptkError, ValueError):
     """A request the trunk cannot decode (token ids outside its vocabulary) or a trunk that
     gave non-finite logits; the message names the prompts."""
 
@@ -91,14 +91,14 @@ class Executables:
         return exe, time.perf_counter() - start
 
 
-def check_drafter(drafter: Optional[Drafter], num_tokens_per_step: Optional[int]) -> int:
+def check_drafter(drafter: Optional[Drafter], tokens_per_step: Optional[int]) -> int:
     """W for this drafter: 1 without one (greedy); with one 2 .. max_drafts + 1 (default the
     most it supports)."""
     if drafter is None:
-        if num_tokens_per_step not in (None, 1):
-            raise ValueError(f"without a drafter K must be 1 (greedy), got {num_tokens_per_step}")
+        if tokens_per_step not in (None, 1):
+            raise ValueError(f"without a drafter K must be 1 (greedy), got {tokens_per_step}")
         return 1
-    w = drafter.max_drafts + 1 if num_tokens_per_step is None else num_tokens_per_step
+    w = drafter.max_drafts + 1 if tokens_per_step is None else tokens_per_step
     if not isinstance(w, int) or isinstance(w, bool) or w < 2:
         raise ValueError(f"tokens per step K must be an integer >= 2 (1 trunk token + K-1 "
                          f"drafts), got {w!r}")
@@ -113,43 +113,43 @@ class Decoder:
 
     model_config, params: the trunk (stacked or per-layer params; converted and put on the device
     here). stop_ids: a row ends after emitting one of these; pad_id fills the padding.
-    drafter, drafter_vars: a `Drafter` and its variables (None: greedy); num_tokens_per_step W:
+    drafter, drafter_vars: a `Drafter` and its variables (None: greedy); tokens_per_step W:
     default 1 without a drafter, else the drafter's max_drafts + 1. max_compiled: executables
     kept on this decoder.
     """
 
     def __init__(self, model_config: LlamaConfig, params: dict, *, stop_ids: Iterable[int],
                  pad_id: int, drafter: Optional[Drafter] = None, drafter_vars: Any = (),
-                 num_tokens_per_step: Optional[int] = None, max_compiled: int = MAX_COMPILED):
+                 tokens_per_step: Optional[int] = None, max_compiled: int = MAX_COMPILED):
         self.config = model_config
         self.params = jax.device_put(params_for_model(params, model_config))
         self.executables = Executables(max_compiled)
-        self._configure(stop_ids, pad_id, drafter, drafter_vars, num_tokens_per_step)
+        self._configure(stop_ids, pad_id, drafter, drafter_vars, tokens_per_step)
 
-    def _configure(self, stop_ids, pad_id, drafter, drafter_vars, num_tokens_per_step):
-        self.num_tokens_per_step = check_drafter(drafter, num_tokens_per_step)
+    def _configure(self, stop_ids, pad_id, drafter, drafter_vars, tokens_per_step):
+        self.tokens_per_step = check_drafter(drafter, tokens_per_step)
         self.drafter = drafter
         self.drafter_vars = jax.device_put(drafter_vars)
         self.stop_ids = tuple(sorted({int(i) for i in stop_ids}))
         self.pad_id = int(pad_id)
         self._stops = stop_id_array(self.stop_ids)
         self._pad = np.array(self.pad_id, np.int32)
-        self._statics = (self.config, drafter or NoDrafter(), self.num_tokens_per_step)
+        self._statics = (self.config, drafter or NoDrafter(), self.tokens_per_step)
 
     def replace(self, **changes) -> "Decoder":
-        """A decoder with other stop_ids / pad_id / drafter / drafter_vars / num_tokens_per_step
+        """A decoder with other stop_ids / pad_id / drafter / drafter_vars / tokens_per_step
         that shares this one's device params, and its executables while drafter and W stay the
         same (other stop ids or drafter variables of the same shapes reuse them). A new drafter
         starts with drafter_vars () and its default W unless those are given too."""
         settings = dict(stop_ids=self.stop_ids, pad_id=self.pad_id, drafter=self.drafter,
                         drafter_vars=self.drafter_vars,
-                        num_tokens_per_step=self.num_tokens_per_step)
+                        tokens_per_step=self.tokens_per_step)
         unknown = sorted(set(changes) - set(settings))
         if unknown:
             raise TypeError(f"Decoder.replace: cannot change {unknown} (a new trunk needs a new "
                             f"Decoder); changeable: {sorted(settings)}")
         if "drafter" in changes:
-            settings.update(drafter_vars=(), num_tokens_per_step=None)
+            settings.update(drafter_vars=(), tokens_per_step=None)
         settings.update(changes)
         new = copy.copy(self)
         new._configure(**settings)
@@ -172,7 +172,7 @@ class Decoder:
                 raise DecodingError(f"prompt {i} holds token id {high if high >= vocab else low}, "
                                     f"outside the model's vocabulary 0..{vocab - 1} (is the "
                                     f"tokenizer the model's own?)")
-        longest, w = int(max(len(p) for p in prompt_ids)), self.num_tokens_per_step
+        longest, w = int(max(len(p) for p in prompt_ids)), self.tokens_per_step
         if longest + max_new_tokens + w - 1 > self.config.max_seq_len:
             drafts = f" + {w - 1} drafts" if w > 1 else ""
             raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens{drafts} "
@@ -197,7 +197,7 @@ class Decoder:
         self._check_request(prompt_ids, max_new_tokens)
         prompts = pad_prompts(prompt_ids, self.pad_id, padding=padding, bucket=bucket,
                               batch_size=batch_size)
-        slots = cache_slots(prompts.padded_length, max_new_tokens, self.num_tokens_per_step)
+        slots = cache_slots(prompts.padded_length, max_new_tokens, self.tokens_per_step)
         state, prefill_seconds, compile_a = self._call(
             prefill_state, (max_new_tokens, slots),
             (self.params, self.drafter_vars, prompts, self._stops, self._pad))
@@ -207,7 +207,7 @@ class Decoder:
         check_nonfinite(jax.device_get(state.nonfinite), range(len(prompt_ids)))
         return build_result(GenerationResult if self.drafter is None else MTPResult,
                             harvest(state, range(len(prompt_ids))), self._stops,
-                            self.num_tokens_per_step, num_steps=1 + int(state.step),
+                            self.tokens_per_step, num_steps=1 + int(state.step),
                             prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                             compile_seconds=compile_a + compile_b,
                             padded_shape=tuple(prompts.tokens.shape))
@@ -231,7 +231,7 @@ class Decoder:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         m, batch = max_new_tokens, batch_size
         width = bucket_length(int(max(len(p) for p in prompt_ids)), bucket)  # widest batch
-        statics = (m, cache_slots(width, m, self.num_tokens_per_step))
+        statics = (m, cache_slots(width, m, self.tokens_per_step))
         shared = (self.params, self.drafter_vars)
         clock = {"prefill": 0.0, "loop": 0.0, "compile": 0.0}
 
@@ -287,7 +287,7 @@ class Decoder:
         iterations = int(state.step)
         return build_result(
             ContinuousResult, [records[i] for i in range(len(prompt_ids))], self._stops,
-            self.num_tokens_per_step, num_steps=iterations + prefill_calls,
+            self.tokens_per_step, num_steps=iterations + prefill_calls,
             prefill_seconds=clock["prefill"], decode_seconds=wall - clock["prefill"],
             compile_seconds=clock["compile"], padded_shape=(batch, width),
             loop_iterations=iterations, prefill_calls=prefill_calls, batch_size=batch,

@@ -1,7 +1,7 @@
 """Trained MTP heads (gptk_jax.heads) as a drafter, and the draft vocabulary they draft over.
 
     drafter, variables = head_drafter(head_config, head_params, trunk_config, trunk_params,
-                                      num_tokens_per_step=None, draft_vocab=None)
+                                      tokens_per_step=None, draft_vocab=None)
 
 `variables` = {"head": the head params, "trunk": the trunk leaves heads read (embedding, final
 norm, output: `heads.common.trunk_params_for_heads`), and with a draft vocabulary
@@ -30,7 +30,7 @@ from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.config import LlamaConfig
 
 
-class DraftVocabError(ValueError):
+class DraftVocabError(GptkError, ValueError):
     """A draft vocabulary that is empty, repeats ids, or holds ids outside the trunk's."""
 
 
@@ -92,14 +92,14 @@ def draft_vocabulary(trunk_config: LlamaConfig, trunk_params: dict,
 
 
 def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaConfig,
-                 trunk_params: Any, num_tokens_per_step: Optional[int] = None,
+                 trunk_params: Any, tokens_per_step: Optional[int] = None,
                  draft_vocab: Optional[Sequence[int]] = None) -> tuple[HeadDrafter, dict]:
-    """-> (HeadDrafter, drafter_vars) for the decoding loop; W (num_tokens_per_step) defaults to
+    """-> (HeadDrafter, drafter_vars) for the decoding loop; W (tokens_per_step) defaults to
     head_config.k and may not exceed it. draft_vocab: drafts are the argmax over these ids only
     (None: the whole vocabulary)."""
     from gptk_jax.heads.io import HeadsError
 
-    w = head_config.k if num_tokens_per_step is None else num_tokens_per_step
+    w = head_config.k if tokens_per_step is None else tokens_per_step
     if w > head_config.k:
         raise HeadsError(f"K={w} tokens per step needs drafts for offsets 2..{w}, but these "
                          f"heads were trained for offsets {head_config.offsets} (K <= "

@@ -150,19 +150,19 @@ class DecodeState:
         return self.accepted_log.shape[0]
 
 
-def cache_slots(padded_length: int, max_new_tokens: int, num_tokens_per_step: int = 1) -> int:
+def cache_slots(padded_length: int, max_new_tokens: int, tokens_per_step: int = 1) -> int:
     """Slots a batch needs: an active row holds at most P + M - 2 slots (the last token is never
     fed back) and a verify step writes W more; finished rows stop growing."""
-    return padded_length + max(max_new_tokens - 1, 0) + num_tokens_per_step - 1
+    return padded_length + max(max_new_tokens - 1, 0) + tokens_per_step - 1
 
 
-def prefill_state(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int,
+def prefill_state(config: LlamaConfig, drafter: Drafter, tokens_per_step: int,
                   max_new_tokens: int, slots: int, params: dict, drafter_vars: Any,
                   prompts: PromptBatch, stop_ids: jax.Array, pad_id: jax.Array) -> DecodeState:
     """The prefill, then the first token (the trunk's argmax, exact); the drafter consumes every
     real prompt position; inactive (filler) rows start done. `slots`: cache slots (a static
     batch: `cache_slots` of its prompts; continuous batching: its shared cache's)."""
-    w, m = num_tokens_per_step, max_new_tokens
+    w, m = tokens_per_step, max_new_tokens
     batch = prompts.tokens.shape[0]
     pre = prefill(config, params, prompts, slots)
     active = jnp.asarray(prompts.active)
@@ -182,10 +182,10 @@ def prefill_state(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: in
         accepted_log=no_log, emitted_log=no_log, nonfinite=nonfinite)
 
 
-def decode_step(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, params: dict,
+def decode_step(config: LlamaConfig, drafter: Drafter, tokens_per_step: int, params: dict,
                 drafter_vars: Any, state: DecodeState, stop_ids: jax.Array) -> DecodeState:
     """Draft, verify with one trunk call over W tokens, accept, roll back (see module doc)."""
-    w = num_tokens_per_step
+    w = tokens_per_step
     active = ~state.done
     drafts = drafter.draft(drafter_vars, state.drafter_state, state.last_hidden,
                            state.last_hidden_normed, state.positions - 1, state.next_token)
@@ -230,7 +230,7 @@ def decode_step(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int,
         nonfinite=state.nonfinite | nonfinite)
 
 
-def run(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, params: dict,
+def run(config: LlamaConfig, drafter: Drafter, tokens_per_step: int, params: dict,
         drafter_vars: Any, state: DecodeState, stop_ids: jax.Array, stop_at_first: jax.Array
         ) -> DecodeState:
     """Steps until every row is done, or (stop_at_first, a [] bool: continuous batching with
@@ -240,20 +240,20 @@ def run(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, params:
         return jnp.where(stop_at_first, ~jnp.any(s.done), ~jnp.all(s.done))
 
     def body(s):
-        return decode_step(config, drafter, num_tokens_per_step, params, drafter_vars, s,
+        return decode_step(config, drafter, tokens_per_step, params, drafter_vars, s,
                            stop_ids)
 
     return jax.lax.while_loop(cond, body, state)
 
 
-def refill(config: LlamaConfig, drafter: Drafter, num_tokens_per_step: int, max_new_tokens: int,
+def refill(config: LlamaConfig, drafter: Drafter, tokens_per_step: int, max_new_tokens: int,
            slots: int, params: dict, drafter_vars: Any, state: DecodeState,
            prompts: PromptBatch, rows: jax.Array, stop_ids: jax.Array, pad_id: jax.Array
            ) -> DecodeState:
     """Prefills prompts [R,P] and puts them in slots rows [R] of state (row index >= B: a filler
     row, dropped). Everything per row is replaced: cache row (keys, values, `valid`), output
     buffer, next token, positions, hidden states, drafter state, counters, logs."""
-    new = prefill_state(config, drafter, num_tokens_per_step, max_new_tokens, slots, params,
+    new = prefill_state(config, drafter, tokens_per_step, max_new_tokens, slots, params,
                         drafter_vars, prompts, stop_ids, pad_id)
     put = lambda big, small: big.at[rows].set(small, mode="drop")          # batch axis 0
     put1 = lambda big, small: big.at[:, rows].set(small, mode="drop")      # batch axis 1

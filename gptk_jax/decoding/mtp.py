@@ -25,13 +25,13 @@ from gptk_jax.llama.config import LlamaConfig
 
 def mtp_generate(model_config: LlamaConfig, params: dict, drafter: Drafter, drafter_vars: Any,
                  prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                 stop_ids: Iterable[int], pad_id: int, *, num_tokens_per_step: int,
+                 stop_ids: Iterable[int], pad_id: int, *, tokens_per_step: int,
                  padding: str = "left", bucket: int = DEFAULT_BUCKET,
                  batch_size: Optional[int] = None) -> MTPResult:
     """Greedy continuation of each prompt (one batch) by draft-and-verify, W tokens per step
     (2 <= W <= drafter.max_drafts + 1). Same tokens as `greedy.greedy_generate` with the same
     arguments; the result adds acceptance statistics (τ, per-row logs)."""
     decoder = Decoder(model_config, params, stop_ids=stop_ids, pad_id=pad_id, drafter=drafter,
-                      drafter_vars=drafter_vars, num_tokens_per_step=num_tokens_per_step)
+                      drafter_vars=drafter_vars, tokens_per_step=tokens_per_step)
     return decoder.generate(prompt_ids, max_new_tokens, padding=padding, bucket=bucket,
                             batch_size=batch_size)

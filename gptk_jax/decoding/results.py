@@ -29,7 +29,7 @@ class GenerationResult:
     decode_seconds: float
     compile_seconds: float      # spent compiling in this call (0 when executables were cached)
     padded_shape: tuple         # (B, P): batch rows (fillers included) and bucketed prompt length
-    num_tokens_per_step: int = 1    # W: the trunk's token + W-1 drafts (1: greedy)
+    tokens_per_step: int = 1    # W: the trunk's token + W-1 drafts (1: greedy)
     # `acceptance.summarize` of the verify steps (τ = tokens per verify step, bonus included;
     # greedy: τ = 1, nothing drafted) plus per-row logs
     stats: dict = dataclasses.field(default_factory=dict)
@@ -101,7 +101,7 @@ def split_stop(tokens: Sequence[int], stop_set: set) -> tuple[list[int], str, Op
 
 
 def build_result(result_type: type, records: Sequence[RowRecord], stop_ids: np.ndarray,
-                 num_tokens_per_step: int, **fields) -> GenerationResult:
+                 tokens_per_step: int, **fields) -> GenerationResult:
     """result_type(...) from one RowRecord per prompt; `fields`: the timing, step counts and
     shape fields, as the result type names them. stop_ids: `inputs.stop_id_array` (-1 padded)."""
     stop_set = {int(i) for i in stop_ids if i >= 0}
@@ -116,8 +116,8 @@ def build_result(result_type: type, records: Sequence[RowRecord], stop_ids: np.n
         stop_tokens.append(stop_token)
         accepted_log[:len(record.accepted), i] = record.accepted
         emitted_log[:len(record.emitted), i] = record.emitted
-    stats = summarize(accepted_log, emitted_log, num_drafts=num_tokens_per_step - 1)
+    stats = summarize(accepted_log, emitted_log, num_drafts=tokens_per_step - 1)
     return result_type(tokens=out_tokens, stop_reasons=reasons,
                        num_generated=[len(r.tokens) for r in records],
-                       num_tokens_per_step=num_tokens_per_step, stats=stats,
+                       tokens_per_step=tokens_per_step, stats=stats,
                        stop_tokens=stop_tokens, **fields)

@@ -61,7 +61,7 @@ class Decoding:
         loop = self._by_loop.get((method.drafter, method.k))
         if loop is None:
             decoder = self.greedy.replace(drafter=method.drafter, drafter_vars=method.variables,
-                                          num_tokens_per_step=method.k)
+                                          tokens_per_step=method.k)
             self._by_loop[(method.drafter, method.k)] = decoder
         else:   # same drafter and k (e.g. the oracle, per batch): its executables are shared
             decoder = loop.replace(drafter_vars=method.variables)

@@ -63,7 +63,7 @@ def describe_test_set(test_set: dict) -> str:
 
 
 def _run_row(name: str, run: dict, q: dict) -> str:
-    tau = f"{run['tokens_per_step']:.2f}" if run.get("tokens_per_step") else "–"
+    tau = f"{run['tau']:.2f}" if run.get("tau") else "–"
     differing = (f" ({run['rows_differing_from_greedy']})"
                  if "rows_differing_from_greedy" in run else "")
     return (f"| {name} | {run.get('k', 1)} | {q['bleu']:.2f} | {q['chrf']:.2f} | "

@@ -30,7 +30,7 @@ RUNS_DIR = "runs"
 RUN_FORMAT = 1
 
 
-class OutputError(ValueError):
+class OutputError(GptkError, ValueError):
     """A report folder that cannot be written."""
 
 

@@ -42,7 +42,7 @@ LSTM_ONLY_RECIPES = ("conditioned",)
 SEED_POSITION_STD = 0.02   # PoMa 'seed': std of the normal position-matrix init
 
 
-class HeadConfigError(ValueError):
+class HeadConfigError(GptkError, ValueError):
     """A head description that cannot describe a valid head."""
 
 

@@ -33,7 +33,7 @@ PARAMS_DIR = "params"
 FINGERPRINT_FIELDS = ("dim", "vocab_size", "n_layers")
 
 
-class HeadsError(ValueError):
+class HeadsError(GptkError, ValueError):
     """A heads folder that is incomplete, or made for another trunk."""
 
 

@@ -42,7 +42,7 @@ TOKENIZER_DIR = "tokenizer"
 PROVENANCE_FILE = "conversion.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GptkError, ValueError):
     """A folder that is not a (complete) converted model, or one that cannot be written."""
 
 

@@ -22,7 +22,7 @@ LLAMA3_HIGH_FREQ_FACTOR = 4.0
 LLAMA3_ORIGINAL_CONTEXT = 8192
 
 
-class ConfigError(ValueError):
+class ConfigError(GptkError, ValueError):
     """An architecture description that cannot describe a valid model."""
 
 

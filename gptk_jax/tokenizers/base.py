@@ -37,7 +37,7 @@ KINDS = (KIND_LLAMA3, KIND_SENTENCEPIECE, KIND_HF_JSON)
 KIND_FILES = {KIND_LLAMA3: MODEL_FILE, KIND_SENTENCEPIECE: MODEL_FILE, KIND_HF_JSON: JSON_FILE}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GptkError, ValueError):
     """A tokenizer file or folder that is missing, malformed or not what was expected."""
 
 

@@ -40,7 +40,7 @@ RECORD_FORMAT = "gptk-distill-1"
 IDENTITY_KEYS = ("input", "prompt_format", "model", "max_new_tokens", "stop_ids_sha256")
 
 
-class DistillError(ValueError):
+class DistillError(GptkError, ValueError):
     """Bad input or a rerun that does not match the record; the message names what differs."""
 
 
@@ -196,7 +196,7 @@ def _decoder(model, plan: DistillPlan, k: int):
     if k <= 1:
         return greedy
     return greedy.replace(drafter=LookupDrafter(k - 1), drafter_vars=LookupDrafter.variables(),
-                          num_tokens_per_step=k)
+                          tokens_per_step=k)
 
 
 def _translate(decoder, tok, fmt: PromptFormat, chunk: Sequence[str], excluded: frozenset,

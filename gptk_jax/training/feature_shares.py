@@ -36,7 +36,7 @@ SHARE_WAIT_SECONDS = 60.0     # after the barrier: time for another host's share
                               # shared storage (NFS attribute caches) before building it here
 
 
-class CacheError(RuntimeError):
+class CacheError(GptkError, RuntimeError):
     """A cache folder that is not what its meta.json says (a share missing or inconsistent)."""
 
 

@@ -32,7 +32,7 @@ FEATURE_DTYPES = ("float32", "bfloat16")
 PATH = {"path": True}   # field metadata: a file or folder path, made absolute once (from_config)
 
 
-class TrainingError(ValueError):
+class TrainingError(GptkError, ValueError):
     """Training cannot start or continue: the message says what to change."""
 
 
@@ -71,6 +71,30 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def line_range(value: Any, name: str) -> tuple:
+    """(first, last) 1-based inclusive line numbers, last None (to the end) -> a checked tuple."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"{name} must be (first, last) line numbers, got {value!r}")
+    first, last = value
+    ok = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    _check(ok(first) and first >= 1, f"{name}: first line must be an int >= 1, got {first!r}")
+    _check(last is None or (ok(last) and last >= first),
+           f"{name}: last line must be None or an int >= first ({first}), got {last!r}")
+    return (first, last)
+
+
+def select_lines(lines: list, line_range: tuple, what: str) -> list:
+    """lines[first-1:last] of a (first, last) range (line_range); a range past the end of the
+    file is an error naming `what` and its line count."""
+    if not line_range:
+        return lines
+    first, last = line_range
+    end = len(lines) if last is None else last
+    if end > len(lines) or first > len(lines):
+        raise ValueError(f"{what} has {len(lines)} lines; lines {first}-{last} were asked for")
+    return lines[first - 1:end]
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSettings:
     # PREFIX.{src_lang,tgt_lang}: line-aligned parallel text, read in order
@@ -78,6 +102,10 @@ class DataSettings:
     # Optional, one per prefix: files replacing PREFIX.tgt_lang line by line (the trunk's own
     # translations from `python -m gptk_jax.distill`); (): the references
     train_target_files: tuple = dataclasses.field(default=(), metadata=PATH)
+    # Optional, one per prefix: (first, last) 1-based line numbers of PREFIX.src_lang (and of
+    # its target file) to read, inclusive; last None: to the end. (): every line. E.g.
+    # ((1, 2700), (1, None)): newstest2013's lines 1-2700, all of News Commentary
+    train_line_ranges: tuple = ()
     src_lang: str = "de"                    # source language suffix
     tgt_lang: str = "en"                    # target language suffix
     max_train_pairs: Optional[int] = None   # first N pairs over all prefixes; None: all
@@ -91,12 +119,33 @@ class DataSettings:
                                             # models such as SmolLM2); False: 'en: ' + '{tgt}'
     eval_prefix: str = dataclasses.field(metadata=PATH)  # evaluation set; '': none
     eval_max_sentences: Optional[int] = 500  # first N evaluation pairs; None: all
+    # (first, last) 1-based lines of eval_prefix to evaluate on, inclusive (last None: to the
+    # end), before eval_max_sentences; (): from the first line. Keep it apart from the training
+    # lines when eval_prefix is also a train prefix
+    eval_line_range: tuple = ()
+    # The trunk's own translations of eval_prefix's sources (`python -m gptk_jax.distill`,
+    # line-aligned): when set, evaluation also scores the heads on these rows (same lines,
+    # distilled targets): teacher-forced acceptance per offset, chain acceptance and the tau
+    # estimate (training/draft_metrics.py), split 'eval_distilled'; '': reference text only
+    eval_target_file: str = dataclasses.field(default="", metadata=PATH)
 
     def __post_init__(self):
         for name in ("train_prefixes", "train_target_files", "bucket_lengths"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         _check(len(self.train_prefixes) > 0, "train_prefixes is empty")
+        if self.train_line_ranges:
+            ranges = tuple(self.train_line_ranges)
+            _check(len(ranges) == len(self.train_prefixes),
+                   f"train_line_ranges ({len(ranges)}) must be empty or one (first, last) per "
+                   f"train prefix ({len(self.train_prefixes)})")
+            object.__setattr__(self, "train_line_ranges", tuple(
+                line_range(r, f"train_line_ranges[{i}]") for i, r in enumerate(ranges)))
+        if self.eval_line_range:
+            object.__setattr__(self, "eval_line_range",
+                               line_range(self.eval_line_range, "eval_line_range"))
+        _check(not self.eval_target_file or bool(self.eval_prefix),
+               "eval_target_file needs eval_prefix (the sources it translates)")
         _check(not self.train_target_files or
                len(self.train_target_files) == len(self.train_prefixes),
                f"train_target_files ({len(self.train_target_files)}) must be empty or one per "

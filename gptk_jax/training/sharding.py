@@ -35,7 +35,7 @@ _MODEL_AXIS_RULES = {
 }
 
 
-class ParallelError(ValueError):
+class ParallelError(GptkError, ValueError):
     """A batch size or axis size the devices cannot be split into."""
 
 
