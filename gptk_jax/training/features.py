@@ -32,7 +32,11 @@ Build order: a share's rows sorted by length and run `build_batch_size` at a tim
 a multiple of the local devices), each trunk call padded to its longest row rounded up to
 BUCKET_LENGTH_MULTIPLE (`gptk_jax.data.pipeline.length_sorted_batches`), so the trunk runs on
 about the tokens the rows hold (SmolLM2 on News Commentary: 1.33x instead of 2x in input order)
-and compiles once per bucket length. The stored values do not depend on the order beyond
+and compiles once per bucket length. Few-shot rows start with the same instruction and shots:
+on one local device the longest prefix every row of the share holds (up to the first cached
+position, at least MIN_SHARED_PREFIX tokens) is prefilled once and its KV cache broadcast over
+each call, which then runs only the rows' own tokens after it (llama/prefix.py; 2-shot WMT
+rows: about half of each row); meta.json's build record says how long it was (`shared_prefix`). The stored values do not depend on the order beyond
 float32 rounding (attention over a longer padded call accumulates in other blocks; ~1e-6): causal
 attention never reads right padding, and tests/test_feature_cache.py checks both orders against
 each other and against the trunk on each row alone.
@@ -40,6 +44,7 @@ each other and against the trunk on each row alone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -47,6 +52,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -54,6 +60,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gptk_jax.data.pipeline import length_sorted_batches
 from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.model import Llama
+from gptk_jax.llama.prefix import broadcast_cache, common_prefix_length, prefill_prefix
 from gptk_jax.training.feature_shares import (
     SHARE_RECORD, SHARE_WAIT_SECONDS, CacheError, ConcatenatedRows, all_processes, building,
     built_by, log_on_every_process, positions_of, read_share_records, remove_other_counts,
@@ -62,6 +69,7 @@ from gptk_jax.training.step import chunked_argmax
 
 FORMAT = 2                    # 2: field files in shares/<i>-of-<N>/ (1: in the folder itself)
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+MIN_SHARED_PREFIX = 16      # a shorter prefix common to every row is not run apart
 BUILD_LENGTH_MULTIPLE = 32   # input-order build batches are padded to a multiple of this
 BUCKET_LENGTH_MULTIPLE = 64  # length-sorted ones to a multiple of this: the unrolled 30-layer
                              # SmolLM2 compiles for each length, so 4 lengths up to 256 (1.33x the
@@ -259,7 +267,8 @@ def write_meta(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str,
     shares = read_share_records(folder, count, len(rows), spans)
     build = {"trunk_tokens": sum(s["build"]["trunk_tokens"] for s in shares),
              "row_tokens": sum(s["build"]["row_tokens"] for s in shares),
-             "lengths": sorted({t for s in shares for t in s["build"]["lengths"]})}
+             "lengths": sorted({t for s in shares for t in s["build"]["lengths"]}),
+             "shared_prefix": max(s["build"].get("shared_prefix", 0) for s in shares)}
     pair_index = np.asarray([r.index for r in rows], np.int64)
     replace_atomically(folder / "spans.npy", lambda f: np.save(f, spans))
     replace_atomically(folder / "pair_index.npy", lambda f: np.save(f, pair_index))
@@ -270,8 +279,37 @@ def write_meta(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str,
                                                                .encode()))
 
 
+def shared_prefix_length(rows, spans: np.ndarray) -> int:
+    """Tokens every row starts with (few-shot prompts: instruction + shots), capped at the first
+    cached position of every row: what the shared-prefix build runs once."""
+    if not rows:
+        return 0
+    return min(common_prefix_length([r.tokens for r in rows]), int(spans[:, 1].min()))
+
+
+def _suffix_pass(trunk_config, argmax_chunk: int) -> Callable:
+    """jit (params, prefix cache [1,..], suffix tokens, token_mask [B,T]) -> the fields at the
+    suffix positions (RoPE positions P .. P+T-1 after the P-token prefix)."""
+    def run(trunk_params, prefix_cache, tokens, token_mask):
+        b, t = tokens.shape
+        cache = broadcast_cache(prefix_cache, b)
+        positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]   # [B,T]
+        out = Llama(trunk_config).apply({"params": trunk_params}, tokens, positions, cache,
+                                        token_mask, compute_logits=False)
+        argmax = chunked_argmax(trunk_config, trunk_params, out.hidden_normed, argmax_chunk)
+        return {"hidden": out.hidden, "hidden_normed": out.hidden_normed,
+                "trunk_argmax": argmax}
+    return jax.jit(run)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Suffix:            # what build_groups reads of a row: its tokens after the prefix
+    tokens: np.ndarray
+
+
 def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, batch_size: int,
-           argmax_chunk: int, bucketed: bool, progress: bool) -> dict:
+           argmax_chunk: int, bucketed: bool, progress: bool,
+           shared_prefix: bool = True) -> dict:
     """Runs the trunk over `rows` (spans [R_i,3], offsets from 0) and writes folder/<field>.bin;
     returns {"seconds", "local_devices", "build": trunk / row tokens, trunk-call lengths}."""
     from tqdm import tqdm
@@ -280,7 +318,16 @@ def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, bat
     total, dim = int(spans[:, 2].sum()), trunk.config.dim
     run, params, devices = local_trunk_fn(trunk.config, argmax_chunk, trunk.params)
     batch_size = -(-batch_size // devices) * devices     # rows per trunk call, split evenly
-    groups = build_groups(rows, batch_size, bucketed) if rows else []
+    # the prefix every row shares runs once (one device: its cache is broadcast over the batch)
+    prefix = shared_prefix_length(rows, spans) if shared_prefix and devices == 1 else 0
+    if prefix < MIN_SHARED_PREFIX:
+        prefix = 0
+    groups = build_groups([_Suffix(r.tokens[prefix:]) for r in rows] if prefix else rows,
+                          batch_size, bucketed) if rows else []
+    if prefix:
+        prefix_cache = prefill_prefix(trunk.config, params, rows[0].tokens[:prefix],
+                                      max_len=prefix + max(length for length, _ in groups))
+        run_suffix = _suffix_pass(trunk.config, argmax_chunk)
     flat = {}
     for field in fields:
         shape, dt = ((total,), np.int32) if field == "trunk_argmax" else ((total, dim),
@@ -294,17 +341,24 @@ def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, bat
         tokens = np.full((batch_size, length), pad_id, np.int32)
         token_mask = np.zeros((batch_size, length), bool)
         for i, row in enumerate(index):
-            tokens[i, :len(rows[row].tokens)] = rows[row].tokens
-            token_mask[i, :len(rows[row].tokens)] = True
-        positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-        outputs = jax.device_get(run(params, tokens, positions, token_mask))
+            own = rows[row].tokens[prefix:]
+            tokens[i, :len(own)] = own
+            token_mask[i, :len(own)] = True
+        if prefix:
+            outputs = jax.device_get(run_suffix(params, prefix_cache, tokens, token_mask))
+        else:
+            positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+            outputs = jax.device_get(run(params, tokens, positions, token_mask))
         for i, row in enumerate(index):
             offset, start, n = spans[row]
+            start -= prefix                             # position in the call's tokens
             for field in fields:
                 flat[field][offset:offset + n] = outputs[field][i, start:start + n]
     for array in flat.values():
         array.flush()
     return {"seconds": time.perf_counter() - start_time, "local_devices": devices,
-            "build": {"trunk_tokens": int(sum(batch_size * length for length, _ in groups)),
+            "build": {"trunk_tokens": int(prefix + sum(batch_size * length
+                                                       for length, _ in groups)),
+                      "shared_prefix": int(prefix),
                       "row_tokens": int(sum(len(r.tokens) for r in rows)),
                       "lengths": sorted({int(length) for length, _ in groups})}}  # a compile each
