@@ -1,0 +1,75 @@
+"""docs/results.md / results.json rendering (gptk_jax/evaluation/results_table.py) from hand-made
+run folders: drafter names, the numbers carried over unchanged, a partial table that says so."""
+
+import json
+
+from gptk_jax.evaluation.results_table import collect, markdown, results_json
+
+
+def _run(tau=None, speedup=None, k=4, identical=True, acc=None):
+    run = {"tokens_per_second": 30.0, "identical_to_greedy": identical}
+    if tau is not None:
+        run.update(tau=tau, speedup=speedup, k=k, per_offset_acceptance=acc or {"2": 0.5})
+    return run
+
+
+def _write_family(root, family, runs, trained=True):
+    run = root / family
+    (run / "heads").mkdir(parents=True)
+    if trained:
+        (run / "heads" / "heads.json").write_text(json.dumps(
+            {"head_config": {"recipe": "conditioned" if family == "lstm" else "default"}}))
+    (run / "train.json").write_text(json.dumps({"wall_seconds": 600.0}))
+    (run / "metrics.jsonl").write_text(json.dumps({"split": "setup", "step": 0,
+                                                   "train_target_tokens": 1234}) + "\n")
+    if runs is not None:
+        (run / "eval").mkdir()
+        (run / "eval" / "report.json").write_text(json.dumps(
+            {"num_sentences": 200, "shots": 2, "test_set": {"name": "newstest2014"},
+             "runs": runs}))
+
+
+def test_entries_names_and_numbers(tmp_path):
+    _write_family(tmp_path, "linear", {
+        "greedy/b1": _run(), "mtp/b1": _run(1.5, 1.1, acc={"2": 0.4, "3": 0.3, "4": 0.2}),
+        "heads+lookup/b1": _run(2.4, 1.4), "lookup/b1": _run(2.0, 1.2),
+        "oracle/b1": _run(3.9, 1.9), "greedy/b8": _run(), "mtp/b8": _run(1.5, 0.99),
+        "greedy/b8/continuous": _run(), "mtp/b8/continuous": _run(1.5, 1.02)})
+    _write_family(tmp_path, "lstm", {"greedy/b1": _run(), "mtp/b1": _run(1.7, 1.2),
+                                     "lookup/b1": _run(9.0, 9.0)})
+    collected = collect(tmp_path, ["linear", "lstm"])
+    names = [e["drafter"] for e in collected["entries"]]
+    # lookup comes from the first family that ran it, once
+    assert names == ["linear", "linear+lookup", "lookup", "oracle", "lstm"]
+    linear = collected["entries"][0]
+    assert (linear["tau_k4"], linear["speedup_b1"], linear["speedup_b8"],
+            linear["speedup_b8_continuous"]) == (1.5, 1.1, 0.99, 1.02)
+    assert linear["recipe"] == "default" and linear["train_minutes"] == 10.0
+    assert linear["train_positions"] == 1234
+    assert collected["entries"][2]["train_minutes"] is None          # lookup is not trained
+    assert collected["entries"][4]["recipe"] == "conditioned"
+    text = markdown(collected)
+    assert "| linear | default | 1.50 | 1.10× | 0.99× | 1.02× | 0.40, 0.30, 0.20 | yes |" in text
+    assert "Partial" not in text
+    assert results_json(collected, "x")["partial"] is False
+
+
+def test_partial_table_names_what_is_missing(tmp_path):
+    _write_family(tmp_path, "linear", {"greedy/b1": _run(), "mtp/b1": _run(1.5, 1.1)})
+    _write_family(tmp_path, "poma", None)                  # trained, not evaluated
+    _write_family(tmp_path, "lstm", None, trained=False)   # not trained
+    collected = collect(tmp_path, ["linear", "poma", "lstm"])
+    assert collected["missing"] == ["poma: evaluation not finished (no eval/report.json)",
+                                    "lstm: training not finished (no heads/heads.json)"]
+    text = markdown(collected)
+    assert "**Partial**" in text and "- poma: evaluation not finished" in text
+    summary = results_json(collected, "python bench/results.py")
+    assert summary["partial"] is True and [r["drafter"] for r in summary["runs"]] == ["linear"]
+    assert summary["runs"][0]["identical_to_greedy"] is True
+
+
+def test_a_run_differing_from_greedy_is_flagged(tmp_path):
+    _write_family(tmp_path, "linear", {"greedy/b1": _run(),
+                                       "mtp/b1": _run(1.5, 1.1, identical=False)})
+    text = markdown(collect(tmp_path, ["linear"]))
+    assert "| **no** |" in text
