@@ -1,7 +1,8 @@
 """Continuous batching vs static batches, greedy and MTP, on the real model and newstest2014.
 
     python bench/bench_continuous.py [--checkpoint .cache/models/smollm2-135m]
-        [--num-sentences 50] [--batch-size 8] [--k 4] [--rounds 2] [--output-json bench/results/continuous.json]
+        [--num-sentences 50] [--batch-size 8] [--tokens-per-step 4] [--rounds 2]
+        [--output-json bench/results/continuous.json]
 
 The first --num-sentences newstest2014 sentences (0-shot prompt ending at 'en:', stop at a
 newline, 64 new tokens) through B slots, every method in one process and in each of --rounds
@@ -64,15 +65,15 @@ def main(argv=None) -> int:
     add_data_root_argument(p)
     p.add_argument("--num-sentences", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--tokens-per-step", "--k", dest="tokens_per_step", type=int, default=4,
+                   help="W, tokens per verify step of the lookup decoder")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--output-json", type=Path, default=None)
     args = p.parse_args(argv)
 
     from gptk_jax.llama.checkpoint import load_converted
-    from gptk_jax.decoding import Decoder
-    from gptk_jax.decoding.lookup import LookupDrafter
+    from gptk_jax.decoding.factory import GREEDY, DecoderSpec, make_decoder
 
     model = load_converted(args.checkpoint)
     config, params, tok = model.config, model.params, model.tokenizer
@@ -81,14 +82,13 @@ def main(argv=None) -> int:
                           max_sentences=args.num_sentences).pairs
     prompts = encode_prompts(fmt, tok, [pair.src for pair in pairs])   # the tokenizer's BOS rule
     stop_ids, pad, m, b, k = translation_stop_ids(tok), tok.pad_id, args.max_new_tokens, \
-        args.batch_size, args.k
+        args.batch_size, args.tokens_per_step
 
     # one decoder per method, held over the rounds: each compiles once per shape
-    greedy = Decoder(config, params, stop_ids=stop_ids, pad_id=pad)
+    greedy = make_decoder(model, GREEDY, stop_ids=stop_ids, pad_id=pad)
     decoders = {"greedy": greedy,
-                "lookup": greedy.replace(drafter=LookupDrafter(k - 1),
-                                         drafter_vars=LookupDrafter.variables(),
-                                         tokens_per_step=k)}
+                "lookup": make_decoder(model, DecoderSpec("lookup", tokens_per_step=k),
+                                       base=greedy)}
     methods = {}
     for name, decoder in decoders.items():
         methods[(name, "static")] = (lambda d=decoder: static_run(
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
 
     best = {key: max(rs, key=lambda s: s["tokens_per_s"]) for key, rs in rounds.items()}
     base = best[("greedy", "static")]
-    print(f"\n{len(prompts)} newstest2014 sentences, 0-shot, batch {b}, K = {k}, at most {m} new "
+    print(f"\n{len(prompts)} newstest2014 sentences, 0-shot, batch {b}, W = {k}, at most {m} new "
           f"tokens; best of {args.rounds} rounds; every method token-identical to static greedy")
     header = (f"{'drafter':>12} {'schedule':>10} {'tau':>5} {'iterations':>10} {'prefill s':>9} "
               f"{'decode s':>8} {'tokens/s':>8} {'vs greedy static':>16} "

@@ -43,7 +43,7 @@ from gptk_jax import artifacts  # noqa: E402
 from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
 from gptk_jax.data.prompts import PromptFormat  # noqa: E402
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root  # noqa: E402
-from gptk_jax.decoding import Decoder  # noqa: E402
+from gptk_jax.decoding.factory import GREEDY, make_decoder  # noqa: E402
 from gptk_jax.demo import DEFAULT_MODEL_DIR, ensure_converted, load_pairs  # noqa: E402
 
 
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
 
     pairs, shots, source = load_pairs(resolve_data_root(args.data_root), args.num_prompts,
                                       args.shots)
-    decoder = Decoder(model.config, model.params, stop_ids=[], pad_id=tok.pad_id)  # no stops
+    decoder = make_decoder(model, GREEDY, stop_ids=[])  # no stops
     fmt = PromptFormat.for_languages("de", "en", shots=shots)
     prompts = encode_prompts(fmt, tok, [p.src for p in pairs])   # the tokenizer's BOS rule
     lengths = [len(p) for p in prompts]

@@ -1,7 +1,8 @@
 """Greedy vs self-speculative (MTP) decoding, side by side in one process.
 
     python bench/bench_mtp.py --checkpoint .cache/models/smollm2-135m [--heads HEADS_DIR]
-        [--k 4] [--num-prompts 8] [--max-new-tokens 64] [--batch-sizes 1,8] [--shots 5]
+        [--tokens-per-step 4] [--num-prompts 8] [--max-new-tokens 64] [--batch-sizes 1,8]
+        [--shots 5]
         [--output out/bench_mtp.json] [--profile out/trace]
 
 Prompts: the first --num-prompts German sentences of newstest2014 (read at run time from
@@ -42,10 +43,11 @@ from gptk_jax.data.prompts import encode_prompts  # noqa: E402
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root  # noqa: E402
 from gptk_jax.data.testsets import news_commentary, wmt14_path  # noqa: E402
 from gptk_jax.llama.config import LlamaConfig  # noqa: E402
-from gptk_jax.decoding import Decoder  # noqa: E402
+from gptk_jax.decoding.factory import (GREEDY, DecoderSpec, Trunk, make_decoder,  # noqa: E402
+                                       make_drafter)
 from gptk_jax.decoding.inputs import pad_prompts, stop_id_array  # noqa: E402
 from gptk_jax.decoding.loop import cache_slots, decode_step, prefill_state  # noqa: E402
-from gptk_jax.decoding.oracle import OracleDrafter, oracle_variables  # noqa: E402
+from gptk_jax.decoding.oracle import oracle_variables  # noqa: E402
 from gptk_jax.llama.kv_cache import KVCache  # noqa: E402
 from gptk_jax.llama.model import Llama, init_params, params_for_model  # noqa: E402
 
@@ -129,21 +131,14 @@ def run_method(name, generate, prompt_chunks, batch, repeats):
     return row, [t for r in results for t in r.tokens], results
 
 
-def end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name, heads, others):
-    """others: name -> (drafter, variables) run after the oracle and the heads."""
+def end_to_end(args, trunk, prompts, greedy_decoder, decoders):
+    """decoders: name -> Decoder (decoding.factory.make_decoder, from greedy_decoder) run after
+    the oracle."""
     rows, checks = [], []
-    k = args.k
-    # one decoder per method for the whole run: each compiles once per batch shape
-    greedy_decoder = Decoder(config, params, stop_ids=stop_ids, pad_id=pad_id)
-    oracle_decoder = greedy_decoder.replace(drafter=OracleDrafter(k - 1, config.vocab_size),
-                                            tokens_per_step=k)
-    decoders = {name: greedy_decoder.replace(drafter=d, drafter_vars=v, tokens_per_step=k)
-                for name, (d, v) in others.items()}
-    if heads is not None:
-        heads_name = f"mtp-heads-v{args.draft_vocab_size}" if args.draft_vocab_size else \
-            "mtp-heads"
-        decoders = {f"{heads_name}-k{k}": greedy_decoder.replace(
-            drafter=heads[0], drafter_vars=heads[1], tokens_per_step=k), **decoders}
+    k = args.tokens_per_step
+    # one decoder per method for the whole run: each compiles once per batch shape; the
+    # oracle's references change per chunk, its executables are shared (make_decoder's base)
+    oracle_spec, oracle_loop = DecoderSpec("oracle", tokens_per_step=k), []
     for batch in args.batch_sizes:
         prompt_chunks = chunks(prompts, batch)
         greedy_fn = lambda chunk, b, _: greedy_decoder.generate(
@@ -166,8 +161,11 @@ def end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name, head
                          for t, s in zip(ref.tokens, stop_tokens[id(chunk)])]
             conts = [(c + [0] * args.max_new_tokens)[:args.max_new_tokens] for c in conts]
             variables = oracle_variables(conts, [len(p) for p in chunk], b, k - 1)
-            result = oracle_decoder.replace(drafter_vars=variables).generate(
-                chunk, args.max_new_tokens, bucket=args.bucket, batch_size=b)
+            oracle = make_decoder(trunk, oracle_spec, references=variables,
+                                  base=oracle_loop[0] if oracle_loop else greedy_decoder)
+            oracle_loop[:] = [oracle]
+            result = oracle.generate(chunk, args.max_new_tokens, bucket=args.bucket,
+                                     batch_size=b)
             if index is None:
                 stop_tokens[id(chunk)] = result.stop_tokens
             return result
@@ -318,7 +316,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", default=str(ROOT / ".cache" / "models" / "smollm2-135m"))
     add_data_root_argument(p)
     p.add_argument("--heads", default=None, help="trained heads folder (gptk_jax.heads.io)")
-    p.add_argument("--k", type=int, default=4, help="tokens per verify step")
+    p.add_argument("--tokens-per-step", "--k", dest="tokens_per_step", type=int, default=4,
+                   help="W, tokens per verify step")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", default="1,8")
@@ -346,9 +345,10 @@ def main(argv=None):
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     config, params, prompts, stop_ids, pad_id, trunk_name = load_model(args)
-    heads, lookups = None, {}
+    k = args.tokens_per_step
+    trunk = Trunk(config, params, name=trunk_name)
+    specs, loaded, heads_label = {}, None, None   # name -> DecoderSpec, run after the oracle
     if args.heads:
-        from gptk_jax.decoding import head_drafter
         from gptk_jax.heads.io import load_heads
         loaded = load_heads(args.heads, config, trunk_name)
         draft_vocab = None
@@ -360,46 +360,44 @@ def main(argv=None):
             text = f"{news_commentary(resolve_data_root(args.data_root))}.en"
             draft_vocab = build_draft_vocab(tok, args.draft_vocab_size, text,
                                             space_with_target=not args.research_space)
-        heads = head_drafter(loaded.head_config, loaded.params, config, params, args.k,
-                             draft_vocab=draft_vocab)
+        heads_label = "heads" + (f"-v{args.draft_vocab_size}" if args.draft_vocab_size else "")
+        specs[f"mtp-{heads_label}-k{k}"] = DecoderSpec("mtp", tokens_per_step=k,
+                                                       heads=args.heads, draft_vocab=draft_vocab)
         if draft_vocab is not None:   # the same heads over the full vocabulary, side by side
-            lookups[f"mtp-heads-fullvocab-k{args.k}"] = head_drafter(
-                loaded.head_config, loaded.params, config, params, args.k)
+            specs[f"mtp-heads-fullvocab-k{k}"] = DecoderSpec("mtp", tokens_per_step=k,
+                                                             heads=args.heads)
     if args.lookup:
-        from gptk_jax.decoding.lookup import LookupDrafter
-        lookups[f"mtp-lookup-k{args.k}"] = (LookupDrafter(args.k - 1), LookupDrafter.variables())
-        if heads is not None:
-            lookups[f"mtp-heads+lookup-k{args.k}"] = (
-                LookupDrafter(args.k - 1, fallback=heads[0]), LookupDrafter.variables(heads[1]))
+        specs[f"mtp-lookup-k{k}"] = DecoderSpec("lookup", tokens_per_step=k)
+        if args.heads:
+            specs[f"mtp-heads+lookup-k{k}"] = DecoderSpec(
+                "mtp+lookup", tokens_per_step=k, heads=args.heads, draft_vocab=draft_vocab)
     print(f"trunk {trunk_name}: dim {config.dim}, {config.n_layers} layers, vocab "
           f"{config.vocab_size}, dtype {config.dtype}; {jax.devices()[0].platform}; "
           f"{len(prompts)} prompts, mean {np.mean([len(p) for p in prompts]):.0f} tokens")
 
-    rows, identical = end_to_end(args, config, params, prompts, stop_ids, pad_id, trunk_name,
-                                 heads, lookups)
+    greedy_decoder = make_decoder(trunk, GREEDY, stop_ids=stop_ids, pad_id=pad_id)
+    decoders = {name: make_decoder(trunk, spec, base=greedy_decoder, heads=loaded)
+                for name, spec in specs.items()}
+    rows, identical = end_to_end(args, trunk, prompts, greedy_decoder, decoders)
     context = int(np.mean([len(q) for q in prompts])) + args.max_new_tokens // 2
-    costs = [verify_cost(config, params, b, context, args.k, args.reps)
+    costs = [verify_cost(config, params, b, context, k, args.reps)
              for b in args.batch_sizes]
     breakdown = []
     for b in args.batch_sizes:
-        variables = oracle_variables([[0] * args.max_new_tokens] * b,
-                                     [len(q) for q in prompts[:b]], b, args.k - 1)
-        breakdown.append(step_breakdown(config, params, prompts, stop_ids, pad_id,
-                                        OracleDrafter(args.k - 1, config.vocab_size), variables,
-                                        args.k, b, args.max_new_tokens, args.bucket, args.reps,
-                                        "oracle"))
-        if heads is not None:
-            breakdown.append(step_breakdown(config, params, prompts, stop_ids, pad_id, *heads,
-                                            args.k, b, args.max_new_tokens, args.bucket,
-                                            args.reps, "heads" + (f"-v{args.draft_vocab_size}"
-                                                                  if args.draft_vocab_size else "")))
-        for name, drafter_and_vars in lookups.items():
+        references = oracle_variables([[0] * args.max_new_tokens] * b,
+                                      [len(q) for q in prompts[:b]], b, k - 1)
+        oracle, variables, _ = make_drafter(trunk, DecoderSpec("oracle", tokens_per_step=k),
+                                            references=references)
+        breakdown.append(step_breakdown(config, params, prompts, stop_ids, pad_id, oracle,
+                                        variables, k, b, args.max_new_tokens, args.bucket,
+                                        args.reps, "oracle"))
+        for name, decoder in decoders.items():   # the heads first, then the others
+            label = name.replace("mtp-", "", 1).rsplit("-k", 1)[0]   # heads[-vN], lookup, ...
             breakdown.append(step_breakdown(config, params, prompts, stop_ids, pad_id,
-                                            *drafter_and_vars, args.k, b, args.max_new_tokens,
-                                            args.bucket, args.reps,
-                                            name.replace("mtp-", "").rsplit("-k", 1)[0]))
+                                            decoder.drafter, decoder.drafter_vars, k, b,
+                                            args.max_new_tokens, args.bucket, args.reps, label))
     report = {"trunk": trunk_name, "platform": jax.devices()[0].platform,
-              "dtype": config.dtype, "k": args.k, "num_prompts": len(prompts),
+              "dtype": config.dtype, "k": k, "num_prompts": len(prompts),
               "max_new_tokens": args.max_new_tokens, "heads": args.heads,
               "draft_vocab_size": args.draft_vocab_size,
               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),

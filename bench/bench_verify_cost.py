@@ -4,10 +4,16 @@ needs), at the last one only, and none (the layers alone).
 
     python bench/bench_verify_cost.py [--checkpoint .cache/models/smollm2-135m] [--context 92]
         [--batch-sizes 1,8] [--output-json bench/results/verify_cost.json]
+        [--calibration-json runs/verify_cost.json]
 
 Each call runs inside a jitted fori_loop of 8 calls that feeds the argmax back and rewrites the
 same cache slots (bench_mtp's method: no dispatch, carry in place); best of 3 loops, 2 rounds
 (the spread between rounds is the machine's noise). GFLOP/s counts 2 x parameters x B x T.
+
+--calibration-json writes the table auto W reads (`tokens_per_step="auto"`,
+gptk_jax/decoding/cost.py `VerifyCost.load`): per batch size, the best time of a verify call
+with logits at every token at W = T (trunk only: a decoder's own `calibrate` also counts its
+drafting).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench_mtp import _per_iteration  # noqa: E402
+from gptk_jax.decoding.cost import VerifyCost, device_name  # noqa: E402
 from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
 from gptk_jax.llama.kv_cache import KVCache  # noqa: E402
 from gptk_jax.llama.model import Llama  # noqa: E402
@@ -62,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--output-json", type=Path, default=None)
+    p.add_argument("--calibration-json", type=Path, default=None,
+                   help="write the verify cost table auto W reads (decoding/cost.py)")
     args = p.parse_args(argv)
     model = load_converted(args.checkpoint)
     config, params = model.config, jax.device_put(model.params)
@@ -85,6 +94,15 @@ def main(argv=None) -> int:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps({"context": args.context, "params": n_params,
                                                 "results": results}, indent=2))
+    if args.calibration_json:
+        seconds = {}
+        for r in results:
+            if r["logits"] == "all":
+                row = seconds.setdefault(r["batch"], {})
+                row[r["t"]] = min(row.get(r["t"], float("inf")), r["ms"] / 1e3)
+        VerifyCost(seconds, source="bench/bench_verify_cost.py (trunk verify call only)",
+                   context=args.context, device=device_name()).save(args.calibration_json)
+        print(f"wrote {args.calibration_json}")
     return 0
 
 

@@ -94,8 +94,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from gptk_jax.llama.checkpoint import load_converted
-    from gptk_jax.decoding import Decoder
-    from gptk_jax.decoding.lookup import LookupDrafter
+    from gptk_jax.decoding.factory import GREEDY, DecoderSpec, make_decoder
 
     model = load_converted(args.checkpoint)
     tok = model.tokenizer
@@ -103,8 +102,7 @@ def main(argv=None) -> int:
     pairs = load_test_set("newstest2014", resolve_data_root(args.data_root),
                           max_sentences=args.num_sentences).pairs
     prompts = encode_prompts(fmt, tok, [pair.src for pair in pairs])   # the tokenizer's BOS rule
-    greedy = Decoder(model.config, model.params, stop_ids=translation_stop_ids(tok),
-                     pad_id=tok.pad_id)
+    greedy = make_decoder(model, GREEDY, stop_ids=translation_stop_ids(tok))
     report = {"num_sentences": len(prompts), "max_ngram": args.max_ngram, "ks": {}}
     print(f"{len(prompts)} newstest2014 sentences, 0-shot, batch 8; tau = tokens per verify "
           "step, bonus token included")
@@ -112,8 +110,8 @@ def main(argv=None) -> int:
         f"{f'replay C={c}':>12}" for c in range(1, args.max_candidates + 1)))
     for k in (int(x) for x in args.ks.split(",")):
         rows, per_row, steps, emitted = [], [], 0, 0
-        lookup = greedy.replace(drafter=LookupDrafter(k - 1, args.max_ngram),
-                                drafter_vars=LookupDrafter.variables(), tokens_per_step=k)
+        lookup = make_decoder(model, DecoderSpec("lookup", tokens_per_step=k,
+                                                 lookup_max_ngram=args.max_ngram), base=greedy)
         for i in range(0, len(prompts), 8):
             chunk = prompts[i:i + 8]
             out = lookup.generate(chunk, args.max_new_tokens, batch_size=8)

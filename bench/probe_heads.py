@@ -9,7 +9,8 @@ rule), runs the frozen trunk over them once (hidden states and the trunk's argma
 position), then trains each head family for `--steps` AdamW steps on batches of `--positions`
 target positions and reports, on held-out rows, top-1 agreement with the trunk's argmax at
 offsets 2..K (chain acceptance: a draft counts only if every earlier offset matched) and the
-acceptance-estimated τ = 1 + Σ_k Π_{i≤k} accept(i). It also reports how often the trunk's argmax
+acceptance-estimated τ = 1 + Σ_k chain(k), counted by gptk_jax/training/draft_metrics.py (the
+trainer's own validation, split 'eval_distilled', counts the same way). It also reports how often the trunk's argmax
 at a target position equals the next token of the row (1.0: the re-tokenised distilled text is
 exactly what the trunk decodes). One process, one trunk pass: a diagnosis, not a training run.
 Writes JSON next to the table (--output).
@@ -37,6 +38,7 @@ from gptk_jax.heads import HeadConfig, HeadFeatures, init_head_params, make_head
 from gptk_jax.heads.common import trunk_params_for_heads  # noqa: E402
 from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
 from gptk_jax.llama.model import Llama  # noqa: E402
+from gptk_jax.training.draft_metrics import draft_sums, summarize_drafts  # noqa: E402
 from gptk_jax.training.features import trunk_fn  # noqa: E402
 
 WMT = ROOT.parent / "shared/data/wmt14-de-en"
@@ -127,7 +129,7 @@ def features_of(table, index, k):
 
 
 def train_and_score(family, recipe, targets_kind, model, train, held, args):
-    k = args.k
+    k = args.tokens_per_step
     hc = HeadConfig(kind=family, k=k, recipe=recipe, lstm_layers=1, lstm_dropout=0.0)
     head = make_head(hc, model.config)
     tp = trunk_params_for_heads(model.params)
@@ -189,23 +191,22 @@ def score(head, params, tp, held, k):
         logits = head.apply({"params": params}, tp, feats, method=head.train_logits)[0]
         return jnp.argmax(logits, -1)
 
-    correct = np.zeros(len(offsets))
-    chain = np.zeros(len(offsets))
-    count = 0
+    totals = None
     for i in range(0, len(held["hidden"]), 512):
         index = np.arange(i, min(i + 512, len(held["hidden"])))
         pred = np.asarray(predict(params, features_of(held, index, k)))      # [N,J]
         tgt = held["targets"][index][:, [o - 1 for o in offsets]]
+        # the table's positions start at the last prompt token: the draft positions are those
+        # where every offset has a target (the trainer's eval_distilled counts the same way)
         val = held["valid"][index][:, [o - 1 for o in offsets]].all(-1)
-        hit = (pred == tgt)[val]
-        correct += hit.sum(0)
-        chain += np.cumprod(hit, axis=1).sum(0)
-        count += int(val.sum())
-    top1 = correct / count
-    chain_rate = chain / count
-    tau = 1 + chain_rate.sum()
-    return {"top1": top1.round(4).tolist(), "chain": chain_rate.round(4).tolist(),
-            "tau_est": round(float(tau), 3), "positions_scored": count}
+        sums = draft_sums(pred, tgt, val, offsets)
+        totals = sums if totals is None else {key: totals[key] + sums[key] for key in sums}
+    summary = summarize_drafts(totals, offsets)
+    drafts = [o for o in offsets if o >= 2]
+    return {"top1": [round(summary[f"accept_o{o}"], 4) for o in drafts],
+            "chain": [round(summary[f"chain_o{o}"], 4) for o in drafts],
+            "tau_est": round(float(summary["tau_est"]), 3),
+            "positions_scored": int(summary["draft_positions"])}
 
 
 def with_teacher(table, k):
@@ -229,7 +230,8 @@ def main():
     p.add_argument("--shots", type=int, default=2)
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--heldout", type=int, default=64)
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--tokens-per-step", "--k", dest="tokens_per_step", type=int, default=4,
+                   help="W: the heads' k (offsets 2..W)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--positions", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -264,10 +266,10 @@ def main():
     print(f"trunk over {sum(r is not None for r in rows)} rows in "
           f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
     # training rows first (the first --rows pairs, as `train` reads them), held-out after
-    held, agree_held = position_table(rows[args.rows:], feats[args.rows:], args.k)
+    held, agree_held = position_table(rows[args.rows:], feats[args.rows:], args.tokens_per_step)
     if families:
-        train, agree = position_table(rows[:args.rows], feats[:args.rows], args.k)
-        train = with_teacher(train, args.k)
+        train, agree = position_table(rows[:args.rows], feats[:args.rows], args.tokens_per_step)
+        train = with_teacher(train, args.tokens_per_step)
         print(f"train positions {len(train['hidden'])}, held-out {len(held['hidden'])}; "
               f"trunk argmax == next row token: {agree:.3f} (train), {agree_held:.3f} "
               "(held-out)")
@@ -277,7 +279,7 @@ def main():
         heads = load_heads(folder, model.config, model.path.name)
         head = make_head(heads.head_config, model.config)
         r = {"heads": folder, **score(head, heads.params, trunk_params_for_heads(model.params),
-                                      held, args.k)}
+                                      held, args.tokens_per_step)}
         results.append(r)
         print(f"{folder}: top1 {r['top1']} chain {r['chain']} tau_est {r['tau_est']}",
               flush=True)

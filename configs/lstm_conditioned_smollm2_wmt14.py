@@ -24,7 +24,7 @@ def get_config():
     # the feature cache holds what the head reads ('hidden', before the final norm) over the
     # supervised spans only: the head is per position (configs/smollm2.py turns the cache on)
 
-    config.data.max_train_pairs = 4000
+    config.data.max_train_pairs = None         # every training row (~6,500)
     config.training.num_epochs = 2.0
     config.optimizer.learning_rate = 1e-3
     return config

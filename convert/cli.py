@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from convert.common import ALLOW_SMALL_VOCAB_FLAG, ConversionError, Converted
+from gptk_jax.errors import CLI_ERRORS
 
 FORMAT_MODULES = {"meta": "convert.meta", "hf": "convert.hf", "gguf": "convert.gguf_format"}
 EXIT_BAD_INPUT = 2
@@ -148,20 +149,13 @@ def convert(fmt: str, input_path: Path, output: Path, *, dtype: str = "float32",
     return out
 
 
-def _expected_errors() -> tuple:
-    from gptk_jax.llama.checkpoint import CheckpointError
-    from gptk_jax.llama.config import ConfigError
-    from gptk_jax.tokenizers import TokenizerError
-    return (ConversionError, CheckpointError, ConfigError, TokenizerError, OSError)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         convert(args.format, args.input, args.output, dtype=args.dtype,
                 rope_scaling_factor=args.rope_scaling_factor, overwrite=args.overwrite,
                 allow_small_vocab=args.allow_small_vocab)
-    except _expected_errors() as e:
+    except CLI_ERRORS as e:
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)  # always one line
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from gptk_jax.errors import GptkError
 from gptk_jax.llama.config import LlamaConfig
 
 

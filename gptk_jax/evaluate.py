@@ -3,7 +3,8 @@
     python -m gptk_jax.evaluate --checkpoint DIR --heads DIR --output DIR
         [--split newstest2014 | --split wmt13 | --source FILE --reference FILE]
         [--data-root DIR] [--src-lang de] [--tgt-lang en] [--max-sentences N]
-        [--batch-sizes 1,8] [--k K] [--max-new-tokens 128] [--lookup] [--oracle] [--continuous]
+        [--batch-sizes 1,8] [--tokens-per-step W] [--max-new-tokens 128] [--lookup] [--oracle]
+        [--continuous]
 
 For each batch size: greedy, then MTP with the trained heads, over the same prompts. Reported:
 BLEU and chrF (sacreBLEU, signatures printed) — identical for greedy and MTP by construction,
@@ -40,10 +41,12 @@ from pathlib import Path
 
 from gptk_jax.cli import OneLineParser
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root, sacrebleu_cache
+from gptk_jax.errors import CLI_ERRORS
 from gptk_jax.evaluation import EvalConfig, markdown, run_evaluation, write_reports
 from gptk_jax.evaluation.config import AT_LEAST
 
 DEFAULT_SPLIT = "newstest2014"
+ALIASES = {"--tokens-per-step": "--k", "--lookup-tokens-per-step": "--lookup-k"}  # still accepted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tgt-lang", default="en")
     p.add_argument("--max-sentences", type=int, default=None)
     p.add_argument("--batch-sizes", default="1,8")
-    p.add_argument("--k", type=int, default=None, help="tokens per step (default: heads' k)")
+    p.add_argument("--tokens-per-step", "--k", dest="tokens_per_step", type=int, default=None,
+                   help="W, tokens per verify step (default: the heads' k)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--shots", type=int, default=0)
     p.add_argument("--space-with-target", action=argparse.BooleanOptionalAction, default=None,
@@ -73,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lookup", action="store_true",
                    help="also run prompt-lookup drafting (decoding/lookup.py): alone, and in "
                         "front of the heads when --heads is given")
-    p.add_argument("--lookup-k", type=int, default=None,
-                   help="tokens per verify step of the lookup runs (default: K)")
+    p.add_argument("--lookup-tokens-per-step", "--lookup-k", dest="lookup_tokens_per_step",
+                   type=int, default=None,
+                   help="tokens per verify step of the lookup runs (default: --tokens-per-step)")
     p.add_argument("--lookup-max-ngram", type=int, default=3)
     p.add_argument("--draft-vocab-size", type=int, default=None,
                    help="heads draft over the N most frequent target-side tokens only (a "
@@ -85,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--continuous", action="store_true",
                    help="batch sizes > 1 also run with continuous batching (slots refilled as "
                         "rows finish): greedy and each drafter but the oracle")
+    p.add_argument("--choose-width", action="store_true",
+                   help="the drafters (not the oracle) choose W per step, 1 .. --tokens-per-step,"
+                        " by expected tokens per second from measured step costs "
+                        "(gptk_jax/decoding/width.py)")
+    p.add_argument("--verify-cost", default=None,
+                   help="with --choose-width: a step-cost table (bench/bench_verify_cost.py "
+                        "--calibration-json); default: measured at start")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="prepend the BOS token (default: the tokenizer's own rule, add_bos, "
                         "as training does)")
@@ -100,14 +112,17 @@ def parse_args(argv=None) -> EvalConfig:
         p.error("--source and --reference go together")
     if a.source is not None and a.split is not None:
         p.error("give --split or --source/--reference, not both")
-    for flag, value in (("--max-sentences", a.max_sentences), ("--k", a.k),
+    for flag, value in (("--max-sentences", a.max_sentences),
+                        ("--tokens-per-step", a.tokens_per_step),
                         ("--max-new-tokens", a.max_new_tokens), ("--shots", a.shots),
-                        ("--bucket", a.bucket), ("--lookup-k", a.lookup_k),
+                        ("--bucket", a.bucket),
+                        ("--lookup-tokens-per-step", a.lookup_tokens_per_step),
                         ("--lookup-max-ngram", a.lookup_max_ngram),
                         ("--draft-vocab-size", a.draft_vocab_size)):
         least = AT_LEAST[flag[2:].replace("-", "_")]
         if value is not None and value < least:
-            p.error(f"{flag} must be >= {least}, got {value}")
+            alias = ALIASES.get(flag)
+            p.error(f"{flag}{f' ({alias})' if alias else ''} must be >= {least}, got {value}")
     batch_sizes = _batch_sizes(p, a.batch_sizes)
     data_root = resolve_data_root(a.data_root)
     cache = sacrebleu_cache(data_root)
@@ -117,12 +132,13 @@ def parse_args(argv=None) -> EvalConfig:
             split=None if a.source else (a.split or DEFAULT_SPLIT), source=a.source,
             reference=a.reference, sacrebleu_cache=str(cache) if cache else None,
             src_lang=a.src_lang, tgt_lang=a.tgt_lang, max_sentences=a.max_sentences,
-            batch_sizes=batch_sizes, k=a.k,
+            batch_sizes=batch_sizes, tokens_per_step=a.tokens_per_step,
             max_new_tokens=a.max_new_tokens, shots=a.shots,
             space_with_target=a.space_with_target, bucket=a.bucket, dtype=a.dtype,
-            oracle=a.oracle, lookup=a.lookup, lookup_k=a.lookup_k,
+            oracle=a.oracle, lookup=a.lookup, lookup_tokens_per_step=a.lookup_tokens_per_step,
             lookup_max_ngram=a.lookup_max_ngram, draft_vocab_size=a.draft_vocab_size,
             draft_vocab_from=a.draft_vocab_from, continuous=a.continuous, bos=a.bos,
+            choose_width=a.choose_width, verify_cost=a.verify_cost,
             progress=not a.no_progress)
     except ValueError as e:
         p.error(str(e))
@@ -166,16 +182,12 @@ def check_inputs(cfg: EvalConfig) -> None:
 
 
 def main(argv=None) -> int:
-    from gptk_jax.llama.config import ConfigError
-    from gptk_jax.tokenizers import TokenizerError
-
     cfg = parse_args(argv)
     try:
         check_inputs(cfg)
         report = run_evaluation(cfg)
         write_reports(report, Path(cfg.output))
-    except (ValueError, ConfigError, TokenizerError, OSError) as e:
-        # DataError, CheckpointError, HeadsError, OutputError are ValueErrors
+    except CLI_ERRORS as e:
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     print(markdown(report))

@@ -4,9 +4,11 @@
         --prompt "The capital of France is" --max-new-tokens 32
     python -m gptk_jax.generate --checkpoint DIR --input-file prompts.txt --batch-size 8 \\
         --max-new-tokens 64 --output-json out.jsonl
-    python -m gptk_jax.generate --checkpoint DIR --decoding mtp --heads HEADS_DIR [--k 3] \\
-        --input-file prompts.txt --batch-size 8 --max-new-tokens 64 --output-json out.jsonl
-    python -m gptk_jax.generate --checkpoint DIR --decoding lookup [--heads HEADS_DIR] [--k 6] …
+    python -m gptk_jax.generate --checkpoint DIR --decoding mtp --heads HEADS_DIR \\
+        [--tokens-per-step 3] --input-file prompts.txt --batch-size 8 --max-new-tokens 64 \\
+        --output-json out.jsonl
+    python -m gptk_jax.generate --checkpoint DIR --decoding lookup [--heads HEADS_DIR] \\
+        [--tokens-per-step 6] …
     python -m gptk_jax.generate … --input-file prompts.txt --batch-size 8 --continuous
 
 `--input-file`: one prompt per line (split on '\\n' only, '\\r' stripped, blank lines skipped), or a
@@ -28,8 +30,9 @@ with the run's timing.
 
 Decoders are looked up in DECODERS by `--decoding`: a builder (args, model) -> decode function
 (prompt ids, batch_size) -> result with the fields of `decoding.GenerationResult`; each builder
-holds one `decoding.Decoder`, so every batch of a run reuses its executables. A multi-token
-decoder adds its own entry (and its own flags, e.g. `--heads DIR`).
+holds one `decoding.Decoder`, made by `decoding.factory.make_decoder` from the run's
+`DecoderSpec` (`decoder_spec`: the flags), so every batch of a run reuses its executables.
+`--tokens-per-step` (alias `--k`) is W, the tokens per verify step.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from gptk_jax.cli import OneLineParser
+from gptk_jax.errors import CLI_ERRORS, GptkError
 from gptk_jax.files import atomic_write_text
 
 # (prompt ids, batch_size, on_row=None) -> GenerationResult-like; with --continuous, on_row(i,
@@ -50,16 +54,34 @@ from gptk_jax.files import atomic_write_text
 DecodeFn = Callable[..., object]
 
 
-def build_greedy(args: argparse.Namespace, model) -> DecodeFn:
-    return _decode_fn(args, _decoder(model))
+def decoder_spec(args: argparse.Namespace):
+    """The run's `DecoderSpec` (decoding/factory.py) from the flags: --decoding lookup with
+    --heads is 'mtp+lookup' (the heads draft where the lookup finds nothing); flags another
+    method does not use are ignored."""
+    from gptk_jax.decoding.factory import DecoderSpec
+
+    method = args.decoding
+    if method == "mtp" and not args.heads:
+        raise UsageError("--decoding mtp needs --heads DIR (heads saved by gptk_jax.heads.io)")
+    if method == "lookup" and args.heads:
+        method = "mtp+lookup"
+    if method == "greedy":
+        return DecoderSpec("greedy")
+    lookup = {"lookup_max_ngram": args.lookup_max_ngram} if "lookup" in method else {}
+    return DecoderSpec(method, tokens_per_step=args.tokens_per_step,
+                       heads=str(args.heads) if args.heads else None, **lookup)
 
 
-def _decoder(model, **drafting):
-    """One Decoder (decoding/engine.py) for the whole run: it compiles once per batch shape."""
-    from gptk_jax.decoding import Decoder
-    tok = model.tokenizer
-    return Decoder(model.config, model.params, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-                   **drafting)
+def build_decoder(args: argparse.Namespace, model) -> DecodeFn:
+    """One Decoder (decoding/engine.py, made by decoding.factory.make_decoder) for the whole
+    run: it compiles once per batch shape. mtp: self-speculative decoding with trained heads
+    (greedy's tokens, fewer trunk calls; rows also carry verify steps and accepted drafts per
+    step); lookup: prompt-lookup drafts (decoding/lookup.py) in the same draft-verify loop,
+    drafts being the tokens that followed the latest earlier occurrence of the last n tokens
+    (prompt included); with --heads, offsets the lookup cannot fill come from the heads."""
+    from gptk_jax.decoding import factory
+
+    return _decode_fn(args, factory.make_decoder(model, decoder_spec(args)))
 
 
 def _decode_fn(args: argparse.Namespace, decoder) -> DecodeFn:
@@ -79,45 +101,11 @@ def _decode_fn(args: argparse.Namespace, decoder) -> DecodeFn:
     return decode
 
 
-def build_mtp(args: argparse.Namespace, model) -> DecodeFn:
-    """Self-speculative decoding with trained heads (decoding/mtp.py): greedy's tokens, fewer
-    trunk calls. Result rows also carry verify steps and accepted drafts per step."""
-    from gptk_jax.decoding import head_drafter
-    from gptk_jax.heads.io import load_heads
+build_greedy = build_decoder   # one builder for every --decoding (decoder_spec reads it)
 
-    if not args.heads:
-        raise UsageError("--decoding mtp needs --heads DIR (heads saved by gptk_jax.heads.io)")
-    heads = load_heads(args.heads, model.config, model.path.name)  # refuses another trunk's
-    k = heads.head_config.k if args.k is None else args.k
-    drafter, variables = head_drafter(heads.head_config, heads.params, model.config,
-                                      model.params, k)
-    return _decode_fn(args, _decoder(model, drafter=drafter, drafter_vars=variables,
-                                     tokens_per_step=k))
-
-
-def build_lookup(args: argparse.Namespace, model) -> DecodeFn:
-    """Prompt-lookup drafting (decoding/lookup.py) in the same draft-verify loop: drafts are the
-    tokens that followed the latest earlier occurrence of the last n tokens (prompt included);
-    with --heads, offsets the lookup cannot fill come from the trained heads."""
-    from gptk_jax.decoding import head_drafter
-    from gptk_jax.decoding.lookup import LookupDrafter
-    from gptk_jax.heads.io import load_heads
-
-    k = DEFAULT_LOOKUP_K if args.k is None else args.k
-    fallback, fallback_vars = None, None
-    if args.heads:
-        heads = load_heads(args.heads, model.config, model.path.name)
-        fallback, fallback_vars = head_drafter(heads.head_config, heads.params, model.config,
-                                               model.params)
-    drafter = LookupDrafter(k - 1, max_ngram=args.lookup_max_ngram, fallback=fallback)
-    return _decode_fn(args, _decoder(model, drafter=drafter,
-                                     drafter_vars=LookupDrafter.variables(fallback_vars),
-                                     tokens_per_step=k))
-
-
-DEFAULT_LOOKUP_K = 4
+DEFAULT_LOOKUP_TOKENS_PER_STEP = 4   # decoding.factory's (not imported here: it loads JAX)
 DECODERS: dict[str, Callable[[argparse.Namespace, object], DecodeFn]] = {
-    "greedy": build_greedy, "mtp": build_mtp, "lookup": build_lookup}
+    "greedy": build_decoder, "mtp": build_decoder, "lookup": build_decoder}
 
 
 class UsageError(GptkError):
@@ -141,9 +129,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--heads", type=Path, default=None,
                    help="--decoding mtp: trained heads folder (gptk_jax.heads.io); "
                         "--decoding lookup: heads that draft where the lookup finds nothing")
-    p.add_argument("--k", type=int, default=None,
-                   help="tokens per verify step, >= 2 (--decoding mtp: default and maximum the "
-                        f"heads' k; --decoding lookup: default {DEFAULT_LOOKUP_K})")
+    p.add_argument("--tokens-per-step", "--k", dest="tokens_per_step", type=int, default=None,
+                   help="tokens per verify step W, >= 2 (--decoding mtp: default and maximum the "
+                        f"heads' k; --decoding lookup: default {DEFAULT_LOOKUP_TOKENS_PER_STEP})")
     p.add_argument("--lookup-max-ngram", type=int, default=3,
                    help="--decoding lookup: longest n-gram matched")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -160,9 +148,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                ("--lookup-max-ngram", args.lookup_max_ngram, 1)):
         if value < least:
             p.error(f"{name} must be >= {least}, got {value}")
-    if args.k is not None and args.k < 2:
-        p.error(f"--k must be >= 2 (the trunk's token + at least one draft per verify step), "
-                f"got {args.k}; leave it out for the default")
+    if args.tokens_per_step is not None and args.tokens_per_step < 2:
+        p.error(f"--tokens-per-step (--k) must be >= 2 (the trunk's token + at least one draft "
+                f"per verify step), got {args.tokens_per_step}; leave it out for the default")
     return args
 
 
@@ -383,9 +371,7 @@ def load_prompts(args: argparse.Namespace) -> tuple[list[str], Optional[list[str
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from gptk_jax.llama.checkpoint import CheckpointError, load_converted
-    from gptk_jax.llama.config import ConfigError
-    from gptk_jax.tokenizers import TokenizerError
+    from gptk_jax.llama.checkpoint import load_converted
 
     output = None
     try:
@@ -400,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         decode = DECODERS[args.decoding](args, model)
         records = run(args, prompts, ids, model, decode, on_record=output.write)
         output.finish(records if args.continuous else None)   # continuous: OUT in prompt order
-    except (CheckpointError, TokenizerError, ConfigError, UsageError, ValueError, OSError) as e:
+    except CLI_ERRORS as e:
         kept = output.abandon() if output is not None else ""
         print(f"error: {e}{kept}".replace("\n", " "), file=sys.stderr)
         return 2

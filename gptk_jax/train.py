@@ -19,15 +19,15 @@ from __future__ import annotations
 import sys
 import sysconfig
 import traceback
-from pathlib import Path
 from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:            # configs/*.py import `configs.base`
-    sys.path.insert(0, str(ROOT))
+from gptk_jax.cli import configs_module
+from gptk_jax.errors import CLI_ERRORS
+
+configs_module()                         # configs/*.py import `configs.base`, from any folder
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, heads")
@@ -112,14 +112,6 @@ def _loaded_config():
     return config
 
 
-def _project_errors() -> tuple:
-    from gptk_jax.data.wmt import DataError
-    from gptk_jax.heads.io import HeadsError
-    from gptk_jax.llama.checkpoint import CheckpointError
-    from gptk_jax.training import TrainingError
-    return TrainingError, DataError, HeadsError, CheckpointError
-
-
 def _start_distributed() -> None:
     import jax
     if _DISTRIBUTED.value == "auto":
@@ -142,7 +134,7 @@ def main(argv) -> int:
     from gptk_jax.training import train_and_evaluate
     try:
         result = train_and_evaluate(config, _WORKDIR.value, progress=_PROGRESS.value)
-    except _project_errors() as e:
+    except CLI_ERRORS as e:
         _fail(str(e))
     return 0 if result["status"] in ("completed", "preempted") else 1
 

@@ -44,7 +44,7 @@ def llama3_tokenizer():
 
 def _eval_config(**changes) -> EvalConfig:
     return EvalConfig(checkpoint="unused", heads=None, output="unused", data_root=str(DATA),
-                      lookup=True, k=3, **changes)
+                      lookup=True, tokens_per_step=3, **changes)
 
 
 @pytest.mark.parametrize("tokenizer_name", ["smollm2_tokenizer", "llama3_tokenizer"])

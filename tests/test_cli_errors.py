@@ -100,11 +100,11 @@ GENERATE_CASES = {
                      ["--batch-size"]),
     "bucket-0": (["--prompt", "hi", "--max-new-tokens", 2, "--bucket", 0], ["--bucket"]),
     "mtp-k-0": (["--prompt", "hi", "--max-new-tokens", 2, "--decoding", "mtp", "--heads",
-                 "{heads}", "--k", 0], ["--k", ">= 2"]),
+                 "{heads}", "--k", 0], ["--tokens-per-step", ">= 2"]),
     "mtp-k-1": (["--prompt", "hi", "--max-new-tokens", 2, "--decoding", "mtp", "--heads",
-                 "{heads}", "--k", 1], ["--k", ">= 2"]),
+                 "{heads}", "--k", 1], ["--tokens-per-step", ">= 2"]),
     "lookup-k-negative": (["--prompt", "hi", "--max-new-tokens", 2, "--decoding", "lookup",
-                           "--k", -3], ["--k", ">= 2"]),
+                           "--k", -3], ["--tokens-per-step", ">= 2"]),
     "mtp-without-heads": (["--prompt", "hi", "--max-new-tokens", 2, "--decoding", "mtp"],
                           ["--heads"]),
     "heads-not-a-heads-folder": (["--prompt", "hi", "--max-new-tokens", 2, "--decoding", "mtp",
@@ -180,7 +180,7 @@ def test_generate_mtp_k_below_2_from_the_shell(models, k):
                       "--max-new-tokens", 2, "--decoding", "mtp", "--heads", models["heads"],
                       "--k", k)
     assert proc.returncode == 2
-    assert_one_line_error(proc.stderr.decode(), "--k", ">= 2", f"got {k}")
+    assert_one_line_error(proc.stderr.decode(), "--tokens-per-step", ">= 2", f"got {k}")
 
 
 # --- evaluate ---------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ EVALUATE_CASES = {
     "max-sentences-negative": ({"--max-sentences": -1}, ["--max-sentences", ">= 1"]),
     "batch-sizes-0": ({"--batch-sizes": "0"}, ["--batch-sizes"]),
     "batch-sizes-not-numbers": ({"--batch-sizes": "1,x"}, ["--batch-sizes", "'1,x'"]),
-    "k-1": ({"--k": 1}, ["--k", ">= 2"]),
+    "k-1": ({"--k": 1}, ["--tokens-per-step", ">= 2"]),
     "max-new-tokens-0": ({"--max-new-tokens": 0}, ["--max-new-tokens"]),
     "shots-negative": ({"--shots": -2}, ["--shots"]),
     "checkpoint-not-a-model": ({"--checkpoint": "{empty}"}, ["{empty}", "config.json"]),

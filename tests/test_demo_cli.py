@@ -47,7 +47,7 @@ def test_a_converted_folder_with_a_broken_config(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (("--k", "1"), "--k: must be >= 2, got 1"),
+    (("--k", "1"), "--tokens-per-step/--k: must be >= 2, got 1"),
     (("--num-sentences", "many"), "--num-sentences: not an integer: 'many'"),
     (("--train-steps", "0"), "--train-steps: must be >= 1, got 0"),
 ])

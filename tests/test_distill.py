@@ -137,14 +137,14 @@ def test_training_warns_when_distilled_with_another_format(data, tmp_path):
     assert distill_main(_args(root, trunk, out, "--space-with-target")) == 0
     used = prompt_record(PromptFormat.for_languages("de", "en"), bos=False)
     logged = []
-    settings = SimpleNamespace(train_target_files=(str(out),))
+    settings = SimpleNamespace(train_target_files=(str(out),), eval_target_file=None)
     warn_distilled_format(settings, used, logged.append)
     assert len(logged) == 1 and "target_prefix" in logged[0] and str(out) in logged[0]
 
 
 @pytest.mark.parametrize("extra, names", [
     (["--batch-size", "0"], "--batch-size"),
-    (["--k", "0"], "--k"),
+    (["--k", "0"], "--tokens-per-step"),
     (["--max-pairs", "0"], "--max-pairs"),
 ])
 def test_bad_arguments_one_line_exit_2(data, tmp_path, extra, names):

@@ -247,15 +247,17 @@ def test_one_step_run_of_the_conditioned_config(tmp_path):
     from gptk_jax.training import train_and_evaluate
     config = importlib.import_module("configs.lstm_conditioned_smollm2_wmt14").get_config()
     config = with_fields(config, {
-        "trunk_checkpoint": "random-tiny", "data.max_train_pairs": 8, "data.max_len": 128,
+        "trunk_checkpoint": "random-tiny", "data.max_train_pairs": 8, "data.max_len": 384,
         "data.truncate": "truncate_target", "data.eval_max_sentences": 2,
+        "data.shots": 0, "data.bucket_lengths": (),       # bytes: 2 shots do not fit
         "training.global_batch_size": 4, "training.num_train_steps": 1,
         "training.eval_at_start": False, "training.log_every_steps": 1})
     result = train_and_evaluate(config, tmp_path, progress=False)
     assert result["status"] == "completed" and np.isfinite(result["train"]["loss"])
+    assert np.isfinite(result["eval_distilled"]["tau_est"])   # the held-out distilled rows
     loaded = load_heads(tmp_path / "heads")
     assert loaded.head_config.recipe == "conditioned" and "residual" in loaded.params
     # the feature cache held what this head reads: the trunk's hidden state after the norm
-    cached = sorted(p.name for p in (tmp_path / "feature_cache").rglob("*.bin"))
+    cached = sorted({p.name for p in (tmp_path / "feature_cache").rglob("*.bin")})
     assert cached == ["hidden_normed.bin", "trunk_argmax.bin"]
     assert loaded.metadata["prompt_format"]["shots"] == 0     # the rows' format is recorded

@@ -34,7 +34,7 @@ import numpy as np
 
 from gptk_jax.data.prompts import (TRUNCATE_POLICIES, PromptFormat, TokenizerLike,
                                    encode_examples, fit_length, shift_targets)
-from gptk_jax.data.wmt import Pair, ReadResult
+from gptk_jax.data.wmt import DataError, Pair, ReadResult
 
 STATE_VERSION = 1
 
@@ -54,16 +54,16 @@ class PipelineConfig:
     def __post_init__(self):
         object.__setattr__(self, "bucket_lengths", tuple(int(b) for b in self.bucket_lengths))
         if self.global_batch_size < 1 or self.max_len < 2 or self.max_offset < 1:
-            raise ValueError(f"need global_batch_size >= 1, max_len >= 2, max_offset >= 1: {self}")
+            raise DataError(f"need global_batch_size >= 1, max_len >= 2, max_offset >= 1: {self}")
         if self.truncate not in TRUNCATE_POLICIES:
-            raise ValueError(f"truncate must be one of {TRUNCATE_POLICIES}, got {self.truncate!r}")
+            raise DataError(f"truncate must be one of {TRUNCATE_POLICIES}, got {self.truncate!r}")
         if self.num_epochs is not None and self.num_epochs < 1:
-            raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
+            raise DataError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
         buckets = self.bucket_lengths
         if list(buckets) != sorted(set(buckets)) or (buckets and not 0 < buckets[0]):
-            raise ValueError(f"bucket_lengths must be positive and strictly increasing: {buckets}")
+            raise DataError(f"bucket_lengths must be positive and strictly increasing: {buckets}")
         if buckets and buckets[-1] > self.max_len:
-            raise ValueError(f"bucket {buckets[-1]} exceeds max_len={self.max_len}")
+            raise DataError(f"bucket {buckets[-1]} exceeds max_len={self.max_len}")
 
     @property
     def row_lengths(self) -> tuple:
@@ -156,19 +156,19 @@ class TranslationPipeline:
         self.pad_id = int(tokenizer.pad_id)
         self.process_index, self.process_count = _resolve_process(process_index, process_count)
         if config.global_batch_size % self.process_count:
-            raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by "
-                             f"process_count {self.process_count}")
+            raise DataError(f"global_batch_size {config.global_batch_size} is not divisible by "
+                            f"process_count {self.process_count}")
         self.local_batch_size = config.global_batch_size // self.process_count
         self.rows, self.stats = prepare_rows(pairs, tokenizer, fmt, config.max_len,
                                              config.truncate)
         self.stats.reader = reader
         if not self.rows:
-            raise ValueError(f"no examples left after filtering (max_len={config.max_len}, "
-                             f"truncate={config.truncate!r}): {self.stats.summary()}")
+            raise DataError(f"no examples left after filtering (max_len={config.max_len}, "
+                            f"truncate={config.truncate!r}): {self.stats.summary()}")
         if config.drop_remainder and len(self.rows) * (config.num_epochs or 1) < config.global_batch_size:
-            raise ValueError(f"{len(self.rows)} examples x {config.num_epochs or 1} epochs cannot "
-                             f"fill one global batch of {config.global_batch_size} with "
-                             f"drop_remainder=True: {self.stats.summary()}")
+            raise DataError(f"{len(self.rows)} examples x {config.num_epochs or 1} epochs cannot "
+                            f"fill one global batch of {config.global_batch_size} with "
+                            f"drop_remainder=True: {self.stats.summary()}")
         self.dataset = self._build_dataset()
         self._fingerprint = self._make_fingerprint(fmt)
 
@@ -257,9 +257,9 @@ class BatchIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"iterator state version {state.get('version')!r}, "
-                             f"expected {STATE_VERSION}")
+            raise DataError(f"iterator state version {state.get('version')!r}, "
+                            f"expected {STATE_VERSION}")
         if state.get("fingerprint") != self._pipeline._fingerprint:
-            raise ValueError("iterator state was saved from a different pipeline (data, prompt "
-                             "format, config or process layout differ); refusing to restore")
+            raise DataError("iterator state was saved from a different pipeline (data, prompt "
+                            "format, config or process layout differ); refusing to restore")
         self._it.set_state(state["grain"])

@@ -27,7 +27,7 @@ from typing import Iterable, NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 
-from gptk_jax.data.wmt import Pair, PathLike, read_parallel_text
+from gptk_jax.data.wmt import DataError, Pair, PathLike, read_parallel_text
 
 TRUNCATE_POLICIES = ("error", "drop", "truncate_target")
 
@@ -102,8 +102,8 @@ def _check_template(name: str, template: str, fields: set) -> None:
     import string
     used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     if used != fields:
-        raise ValueError(f"{name} {template!r} must use exactly the fields {sorted(fields)}, "
-                         f"uses {sorted(used)}")
+        raise DataError(f"{name} {template!r} must use exactly the fields {sorted(fields)}, "
+                        f"uses {sorted(used)}")
 
 
 def few_shot_from(pairs: Iterable[Pair], n: int = 5, *, max_chars: int = 160,
@@ -127,8 +127,8 @@ def few_shot_from(pairs: Iterable[Pair], n: int = 5, *, max_chars: int = 160,
         chosen.append(Pair(src, tgt))
         if len(chosen) == n:
             return tuple(chosen)
-    raise ValueError(f"only {len(chosen)} pairs have both sides within {min_chars}..{max_chars} "
-                     f"characters; {n} few-shot pairs were asked for")
+    raise DataError(f"only {len(chosen)} pairs have both sides within {min_chars}..{max_chars} "
+                    f"characters; {n} few-shot pairs were asked for")
 
 
 def prompt_format(src_lang: str = "de", tgt_lang: str = "en", shots: int = 0,
@@ -140,8 +140,8 @@ def prompt_format(src_lang: str = "de", tgt_lang: str = "en", shots: int = 0,
     pool = ()
     if shots:
         if shots_from is None:
-            raise ValueError(f"{shots} few-shot lines need a training file to take them from "
-                             f"(shots_from=PREFIX)")
+            raise DataError(f"{shots} few-shot lines need a training file to take them from "
+                            f"(shots_from=PREFIX)")
         pool = few_shot_from(read_parallel_text(shots_from, src_lang, tgt_lang).pairs, shots)
     return PromptFormat.for_languages(src_lang, tgt_lang, shots=pool,
                                       space_with_target=space_with_target)
@@ -279,12 +279,12 @@ class LengthDecision(NamedTuple):
 def fit_length(prompt_len: int, target_len: int, max_len: int, truncate: str) -> LengthDecision:
     """What `truncate` does with a row of `prompt_len + target_len` tokens when `max_len` is the limit."""
     if truncate not in TRUNCATE_POLICIES:
-        raise ValueError(f"truncate must be one of {TRUNCATE_POLICIES}, got {truncate!r}")
+        raise DataError(f"truncate must be one of {TRUNCATE_POLICIES}, got {truncate!r}")
     if prompt_len + target_len <= max_len:
         return LengthDecision("ok", target_len)
     if truncate == "error":
-        raise ValueError(f"example of {prompt_len} prompt + {target_len} target tokens exceeds "
-                         f"max_len={max_len}")
+        raise DataError(f"example of {prompt_len} prompt + {target_len} target tokens exceeds "
+                        f"max_len={max_len}")
     if truncate == "drop":
         return LengthDecision("too_long", 0)
     if prompt_len >= max_len:             # not even one target token would fit

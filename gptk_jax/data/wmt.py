@@ -27,6 +27,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Optional, Union
 
+from gptk_jax.errors import GptkError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -89,7 +91,7 @@ def _collect(candidates: Iterable[tuple[str, str, Optional[str]]], source: str,
              max_pairs: Optional[int], strip: bool) -> ReadResult:
     """Applies the CR strip, the empty-side filter and `max_pairs` to (src, tgt, doc_id)."""
     if max_pairs is not None and max_pairs < 0:
-        raise ValueError(f"max_pairs must be >= 0 or None, got {max_pairs}")
+        raise DataError(f"max_pairs must be >= 0 or None, got {max_pairs}")
     result = ReadResult(pairs=[], source=source)
     if max_pairs == 0:
         return result
@@ -118,18 +120,37 @@ def _oriented(first: list[str], second: list[str], reverse: bool) -> tuple[list[
 # --------------------------------------------------------------------------------------------
 
 def read_parallel_text(prefix: PathLike, src_lang: str = "de", tgt_lang: str = "en", *,
-                       max_pairs: Optional[int] = None, strip: bool = True) -> ReadResult:
+                       max_pairs: Optional[int] = None, strip: bool = True,
+                       line_range: Optional[tuple] = None) -> ReadResult:
     """Reads `PREFIX.{src_lang}` and `PREFIX.{tgt_lang}`, line i of one aligned with line i of the other.
 
     `strip=True` also removes leading/trailing whitespace (incl. NBSP) from kept text; the trailing
     '\\r' is removed either way. Files with different line counts raise `DataError`.
+    `line_range=(first, last)`: only those 1-based lines, inclusive (last None: to the end),
+    before `max_pairs`; a range past the end of the files raises `DataError`.
     """
     return read_file_pair(f"{prefix}.{src_lang}", f"{prefix}.{tgt_lang}", max_pairs=max_pairs,
-                          strip=strip, source=f"{prefix}.{{{src_lang},{tgt_lang}}}")
+                          strip=strip, source=f"{prefix}.{{{src_lang},{tgt_lang}}}",
+                          line_range=line_range)
+
+
+def lines_in_range(lines: list, line_range: Optional[tuple], what: str) -> list:
+    """lines[first-1:last] for line_range=(first, last) (1-based, inclusive, last None: to the
+    end); None or (): every line. A range past the end raises `DataError` naming `what`."""
+    if not line_range:
+        return lines
+    first, last = line_range
+    end = len(lines) if last is None else int(last)
+    if int(first) < 1 or end < int(first):
+        raise DataError(f"{what}: bad line range {tuple(line_range)}")
+    if end > len(lines):
+        raise DataError(f"{what} has {len(lines)} lines; lines {first}-{last} were asked for")
+    return lines[int(first) - 1:end]
 
 
 def read_file_pair(src_path: PathLike, tgt_path: PathLike, *, max_pairs: Optional[int] = None,
-                   strip: bool = True, source: Optional[str] = None) -> ReadResult:
+                   strip: bool = True, source: Optional[str] = None,
+                   line_range: Optional[tuple] = None) -> ReadResult:
     """Two line-aligned files of any names (a user's source and reference), as
     `read_parallel_text` reads PREFIX.src / PREFIX.tgt; `source` names them in the result."""
     src_path, tgt_path = Path(src_path), Path(tgt_path)
@@ -137,6 +158,8 @@ def read_file_pair(src_path: PathLike, tgt_path: PathLike, *, max_pairs: Optiona
     if len(src_lines) != len(tgt_lines):
         raise DataError(f"line counts differ: {src_path} has {len(src_lines)} lines, "
                         f"{tgt_path} has {len(tgt_lines)} lines")
+    src_lines = lines_in_range(src_lines, line_range, str(src_path))
+    tgt_lines = lines_in_range(tgt_lines, line_range, str(tgt_path))
     candidates = ((s, t, None) for s, t in zip(src_lines, tgt_lines))
     return _collect(candidates, source or f"{src_path}+{tgt_path}", max_pairs, strip)
 
@@ -249,7 +272,7 @@ def read_sacrebleu(test_set: str = "wmt14/full", src_lang: str = "de", tgt_lang:
     langpair = langpair or f"{src_lang}-{tgt_lang}"
     first, second = langpair.split("-")
     if {first, second} != {src_lang, tgt_lang}:
-        raise ValueError(f"langpair {langpair!r} does not hold {src_lang}->{tgt_lang}")
+        raise DataError(f"langpair {langpair!r} does not hold {src_lang}->{tgt_lang}")
     dataset = _sacrebleu_dataset(test_set, cache_dir)
     sources = list(dataset.source(langpair))
     refs = [fields[0].rstrip("\n") for fields in dataset.references(langpair)]

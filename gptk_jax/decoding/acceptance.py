@@ -17,6 +17,8 @@ loop) and turns the per-step logs into τ, histograms and per-offset acceptance.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -58,23 +60,28 @@ def accept_step(draft_tokens: jax.Array, trunk_tokens: jax.Array, num_emitted: j
 
 # --- host-side statistics -------------------------------------------------------------------------
 
-def acceptance_stats(accepted, emitted, num_drafts: int) -> dict:
+def acceptance_stats(accepted, emitted, num_drafts: int, widths=None) -> dict:
     """Statistics over verify steps (any set of rows and runs pooled).
 
     accepted, emitted: [N] int per verify step (drafts accepted, tokens emitted). τ
     (`tau`) = tokens emitted by verify steps / verify steps, the bonus token included
     (τ >= 1; τ = W when every draft is accepted). It leaves out the one token the prefill emits
     and a step's tokens past a stop id or the limit; the histogram and the per-offset rates use
-    the acceptance before that cut (they describe the drafter).
+    the acceptance before that cut (they describe the drafter). widths: [N] the W of each step
+    where it varies (auto W, decoding/width.py; None: every step drafted num_drafts): an offset
+    counts as reached only in steps that drafted it, and `width_histogram` (index W: steps at
+    that W) is added.
     """
     accepted = np.asarray(accepted, np.int64).reshape(-1)
     emitted = np.asarray(emitted, np.int64).reshape(-1)
+    drafted = (np.full_like(accepted, num_drafts + 1) if widths is None
+               else np.asarray(widths, np.int64).reshape(-1)) - 1     # drafts each step verified
     steps = int(accepted.size)
     histogram = np.bincount(accepted, minlength=num_drafts + 1)[: num_drafts + 1]
-    # offset j = 2..W is reached when the j-2 drafts before it were accepted
-    reached = [int((accepted >= j).sum()) for j in range(num_drafts)]
+    # offset j = 2..W is reached when it was drafted and the j-2 drafts before it were accepted
+    reached = [int(((accepted >= j) & (drafted > j)).sum()) for j in range(num_drafts)]
     passed = [int((accepted >= j + 1).sum()) for j in range(num_drafts)]
-    return {
+    stats = {
         "verify_steps": steps,
         "tokens_from_verify_steps": int(emitted.sum()),
         "tau": float(emitted.sum() / steps) if steps else None,
@@ -84,20 +91,29 @@ def acceptance_stats(accepted, emitted, num_drafts: int) -> dict:
         "per_offset_acceptance": {str(j + 2): (passed[j] / reached[j] if reached[j] else None)
                                   for j in range(num_drafts)},
     }
+    if widths is not None:
+        stats["width_histogram"] = np.bincount(drafted + 1,
+                                               minlength=num_drafts + 2).tolist()
+    return stats
 
 
-def summarize(accepted_log: np.ndarray, emitted_log: np.ndarray, num_drafts: int) -> dict:
+def summarize(accepted_log: np.ndarray, emitted_log: np.ndarray, num_drafts: int,
+              width_log: Optional[np.ndarray] = None) -> dict:
     """`acceptance_stats` of one run plus per-row logs (for JSON lines).
 
     accepted_log, emitted_log [R,B] int32: row i of column b is row b's i-th verify step, -1
-    past its last one (mtp.MTPState's logs).
+    past its last one (loop.DecodeState's logs); width_log [R,B] the W of each step (auto W:
+    per-row `widths_per_row` added; None: every step at W = num_drafts + 1).
     """
     accepted_log, emitted_log = np.asarray(accepted_log), np.asarray(emitted_log)
     ran = accepted_log >= 0                                                # [R,B]
-    stats = acceptance_stats(accepted_log[ran], emitted_log[ran], num_drafts)
+    widths = None if width_log is None else np.asarray(width_log)[ran]
+    stats = acceptance_stats(accepted_log[ran], emitted_log[ran], num_drafts, widths)
     rows = range(accepted_log.shape[1])
     stats.update(
         steps_per_row=ran.sum(axis=0).tolist(),
         accepted_per_row=[accepted_log[ran[:, b], b].tolist() for b in rows],
         emitted_per_row=[emitted_log[ran[:, b], b].tolist() for b in rows])
+    if width_log is not None:
+        stats["widths_per_row"] = [np.asarray(width_log)[ran[:, b], b].tolist() for b in rows]
     return stats

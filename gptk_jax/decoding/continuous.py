@@ -27,12 +27,13 @@ per verify step, M max new tokens. (K is kept for kv heads.)
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from gptk_jax.decoding.engine import Decoder
 from gptk_jax.decoding.inputs import DEFAULT_BUCKET
 from gptk_jax.decoding.loop import Drafter
 from gptk_jax.decoding.results import ContinuousResult
+from gptk_jax.decoding.width import AutoWidth
 from gptk_jax.llama.config import LlamaConfig
 
 
@@ -40,15 +41,17 @@ def continuous_generate(model_config: LlamaConfig, params: dict,
                         prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
                         stop_ids: Iterable[int], pad_id: int, *, batch_size: int,
                         drafter: Optional[Drafter] = None, drafter_vars: Any = (),
-                        tokens_per_step: int = 1, padding: str = "left",
-                        bucket: int = DEFAULT_BUCKET,
-                        on_finished: Optional[Callable[[int], None]] = None
-                        ) -> ContinuousResult:
+                        tokens_per_step: Union[int, str, AutoWidth] = 1,
+                        padding: str = "left", bucket: int = DEFAULT_BUCKET,
+                        on_finished: Optional[Callable[[int], None]] = None,
+                        verify_cost: Any = None) -> ContinuousResult:
     """Greedy continuation of every prompt through `batch_size` continuously refilled slots:
-    greedy decoding (drafter None, W = 1) or draft-and-verify with `drafter`, W tokens per step.
+    greedy decoding (drafter None, W = 1) or draft-and-verify with `drafter`, W tokens per step
+    ("auto": chosen per step by cost from `verify_cost` or a measurement, decoding/width.py).
     Same tokens per prompt as `greedy.greedy_generate`. `on_finished(n)` is called each time n
     more prompts are done (a progress bar's update)."""
     decoder = Decoder(model_config, params, stop_ids=stop_ids, pad_id=pad_id, drafter=drafter,
-                      drafter_vars=drafter_vars, tokens_per_step=tokens_per_step)
+                      drafter_vars=drafter_vars, tokens_per_step=tokens_per_step,
+                      verify_cost=verify_cost)
     return decoder.generate_continuous(prompt_ids, max_new_tokens, batch_size=batch_size,
                                        padding=padding, bucket=bucket, on_finished=on_finished)

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence, Union
 
 from gptk_jax.data.prompts import translation_stop_ids
 from gptk_jax.data.wmt import read_text_lines
+from gptk_jax.decoding.heads import DraftVocabError
 
 
 def frequent_token_ids(tokenizer, lines: Iterable[str], size: int, *, prefix: str = "",
@@ -27,7 +28,7 @@ def frequent_token_ids(tokenizer, lines: Iterable[str], size: int, *, prefix: st
     lines skipped), ties by id; `always` (e.g. the stop ids, so a draft can end a translation)
     come first and count towards size."""
     if size < 1:
-        raise ValueError(f"draft vocabulary size must be >= 1, got {size}")
+        raise DraftVocabError(f"draft vocabulary size must be >= 1, got {size}")
     counts = collections.Counter()
     for line in lines:
         line = line[:-1] if line.endswith("\r") else line
@@ -38,8 +39,8 @@ def frequent_token_ids(tokenizer, lines: Iterable[str], size: int, *, prefix: st
     first = set(ids)
     ids += [i for i in ranked if i not in first]
     if len(ids) < size:
-        raise ValueError(f"the text has only {len(ids)} distinct tokens, fewer than the draft "
-                         f"vocabulary size {size}")
+        raise DraftVocabError(f"the text has only {len(ids)} distinct tokens, fewer than the "
+                              f"draft vocabulary size {size}")
     return tuple(ids[:size])
 
 

@@ -12,6 +12,15 @@ every row is done; continuous batching runs until some row is done, harvests it 
 batching), so a batch no longer waits for its slowest row. Both give every prompt the tokens it
 gets alone, i.e. greedy decoding's.
 
+    auto = decoder.replace(drafter=drafter, drafter_vars=variables, tokens_per_step="auto",
+                           verify_cost="runs/verify_cost.json")   # or a dict; None: measured
+
+`tokens_per_step="auto"` (or an `AutoWidth`) chooses W per step, 1 .. the drafter's most, by
+expected tokens per second: the drafter's running per-offset acceptance against the step's
+measured cost at this batch and W (decoding/width.py, decoding/cost.py). `run` is compiled per
+W and returns when the choice changes; `_run` then runs the chosen W's executable on the same
+(donated) state. The result's stats add the W histogram and the final acceptance estimates.
+
 The decoder puts the params (in the layout `Llama(model_config)` reads) and the drafter
 variables on the device once, at construction: numpy arguments would be copied into every call
 of an executable (538 MB for SmolLM2, ~55 ms a call on CPU). Executables are compiled ahead of
@@ -29,22 +38,29 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import jax
 import numpy as np
 
+from gptk_jax.decoding.acceptance import summarize
+from gptk_jax.decoding.cost import (VerifyCost, as_verify_cost, device_name,
+                                    measure_step_seconds)
 from gptk_jax.decoding.inputs import DEFAULT_BUCKET, bucket_length, pad_prompts, stop_id_array
 from gptk_jax.decoding.loop import Drafter, NoDrafter, cache_slots, prefill_state, refill, run
 from gptk_jax.decoding.results import (ContinuousResult, GenerationResult, MTPResult,
                                        RowRecord, build_result, harvest)
+from gptk_jax.errors import GptkError
 from gptk_jax.llama.config import LlamaConfig
+from gptk_jax.decoding.width import AutoWidth, acceptance_estimate, expected_tokens
 from gptk_jax.llama.model import params_for_model
 
 class DecodingError(GptkError, ValueError):
-    """A request the trunk cannot decode (token ids outside its vocabulary) or a trunk that
-    gave non-finite logits; the message names the prompts."""
+    """A request the trunk cannot decode (bad settings, no or empty prompts, token ids outside
+    its vocabulary, too long for max_seq_len) or a trunk that gave non-finite logits; the
+    message names the prompts."""
 
 
 def check_nonfinite(nonfinite: np.ndarray, prompt_of_row: Sequence[int]) -> None:
@@ -96,16 +112,39 @@ def check_drafter(drafter: Optional[Drafter], tokens_per_step: Optional[int]) ->
     most it supports)."""
     if drafter is None:
         if tokens_per_step not in (None, 1):
-            raise ValueError(f"without a drafter K must be 1 (greedy), got {tokens_per_step}")
+            raise DecodingError(f"without a drafter K must be 1 (greedy), got {tokens_per_step}")
         return 1
     w = drafter.max_drafts + 1 if tokens_per_step is None else tokens_per_step
     if not isinstance(w, int) or isinstance(w, bool) or w < 2:
-        raise ValueError(f"tokens per step K must be an integer >= 2 (1 trunk token + K-1 "
-                         f"drafts), got {w!r}")
+        raise DecodingError(f"tokens per step K must be an integer >= 2 (1 trunk token + K-1 "
+                            f"drafts), got {w!r}")
     if w - 1 > drafter.max_drafts:
-        raise ValueError(f"K={w} needs {w - 1} drafts per step but the drafter supports at most "
-                         f"{drafter.max_drafts} (K <= {drafter.max_drafts + 1})")
+        raise DecodingError(f"K={w} needs {w - 1} drafts per step but the drafter supports at "
+                            f"most {drafter.max_drafts} (K <= {drafter.max_drafts + 1})")
     return w
+
+
+def check_width(drafter: Optional[Drafter], tokens_per_step: Any) -> Optional[AutoWidth]:
+    """The AutoWidth (max_width resolved) when W is chosen by cost ("auto" or an AutoWidth)
+    and there is a drafter; None otherwise (a fixed W, or greedy)."""
+    if isinstance(tokens_per_step, str) and tokens_per_step == "auto":
+        tokens_per_step = AutoWidth()
+    if not isinstance(tokens_per_step, AutoWidth) or drafter is None:
+        if isinstance(tokens_per_step, str):
+            raise DecodingError(f"tokens per step must be an integer or 'auto', got "
+                                f"{tokens_per_step!r}")
+        return None
+    p = tokens_per_step
+    w = drafter.max_drafts + 1 if p.max_width is None else p.max_width
+    if not isinstance(w, int) or isinstance(w, bool) or not 2 <= w <= drafter.max_drafts + 1:
+        raise DecodingError(f"auto W: max_width must be an integer in 2..{drafter.max_drafts + 1}"
+                            f" (the drafter drafts at most {drafter.max_drafts}), got {w!r}")
+    if not isinstance(p.probe_every, int) or p.probe_every < 1:
+        raise DecodingError(f"auto W: probe_every must be an integer >= 1, got {p.probe_every!r}")
+    if not (0 < p.decay <= 1 and 0 <= p.prior <= 1 and p.prior_weight > 0):
+        raise DecodingError(f"auto W: need 0 < decay <= 1, 0 <= prior <= 1, prior_weight > 0; "
+                            f"got {p.decay}, {p.prior}, {p.prior_weight}")
+    return dataclasses.replace(p, max_width=w, costs=(), width=0)
 
 
 class Decoder:
@@ -114,36 +153,52 @@ class Decoder:
     model_config, params: the trunk (stacked or per-layer params; converted and put on the device
     here). stop_ids: a row ends after emitting one of these; pad_id fills the padding.
     drafter, drafter_vars: a `Drafter` and its variables (None: greedy); tokens_per_step W:
-    default 1 without a drafter, else the drafter's max_drafts + 1. max_compiled: executables
-    kept on this decoder.
+    default 1 without a drafter, else the drafter's max_drafts + 1; "auto" (or an
+    `AutoWidth`): chosen per step by expected tokens per second (decoding/width.py), from
+    `verify_cost` (a `VerifyCost`, a {batch: {W: cost}} dict or a saved table's path; None:
+    measured with `calibrate` at the first call of each batch size, kept in `measured_cost`).
+    `tokens_per_step` is then W_max (the buffers' width) and `width_policy` the AutoWidth.
+    max_compiled: executables kept on this decoder.
     """
 
     def __init__(self, model_config: LlamaConfig, params: dict, *, stop_ids: Iterable[int],
                  pad_id: int, drafter: Optional[Drafter] = None, drafter_vars: Any = (),
-                 tokens_per_step: Optional[int] = None, max_compiled: int = MAX_COMPILED):
+                 tokens_per_step: Union[int, str, AutoWidth, None] = None,
+                 verify_cost: Any = None, max_compiled: int = MAX_COMPILED):
         self.config = model_config
         self.params = jax.device_put(params_for_model(params, model_config))
         self.executables = Executables(max_compiled)
-        self._configure(stop_ids, pad_id, drafter, drafter_vars, tokens_per_step)
+        self.measured_cost = VerifyCost({}, source="Decoder.calibrate")
+        self._configure(stop_ids, pad_id, drafter, drafter_vars, tokens_per_step, verify_cost)
 
-    def _configure(self, stop_ids, pad_id, drafter, drafter_vars, tokens_per_step):
-        self.tokens_per_step = check_drafter(drafter, tokens_per_step)
+    def _configure(self, stop_ids, pad_id, drafter, drafter_vars, tokens_per_step,
+                   verify_cost=None):
+        self.width_policy = check_width(drafter, tokens_per_step)
+        if self.width_policy is not None:
+            self.tokens_per_step = self.width_policy.max_width
+        else:
+            auto = isinstance(tokens_per_step, AutoWidth) or tokens_per_step == "auto"
+            self.tokens_per_step = check_drafter(drafter, None if auto else tokens_per_step)
+        self.verify_cost = as_verify_cost(verify_cost)
         self.drafter = drafter
         self.drafter_vars = jax.device_put(drafter_vars)
         self.stop_ids = tuple(sorted({int(i) for i in stop_ids}))
         self.pad_id = int(pad_id)
         self._stops = stop_id_array(self.stop_ids)
         self._pad = np.array(self.pad_id, np.int32)
-        self._statics = (self.config, drafter or NoDrafter(), self.tokens_per_step)
+        self._statics = (self.config, drafter or NoDrafter(),
+                         self.width_policy or self.tokens_per_step)
 
     def replace(self, **changes) -> "Decoder":
-        """A decoder with other stop_ids / pad_id / drafter / drafter_vars / tokens_per_step
-        that shares this one's device params, and its executables while drafter and W stay the
-        same (other stop ids or drafter variables of the same shapes reuse them). A new drafter
-        starts with drafter_vars () and its default W unless those are given too."""
+        """A decoder with other stop_ids / pad_id / drafter / drafter_vars / tokens_per_step /
+        verify_cost that shares this one's device params, and its executables while drafter
+        and W stay the same (other stop ids or drafter variables of the same shapes reuse
+        them). A new drafter starts with drafter_vars () and its default (fixed) W unless those
+        are given too."""
         settings = dict(stop_ids=self.stop_ids, pad_id=self.pad_id, drafter=self.drafter,
                         drafter_vars=self.drafter_vars,
-                        tokens_per_step=self.tokens_per_step)
+                        tokens_per_step=self.width_policy or self.tokens_per_step,
+                        verify_cost=self.verify_cost)
         unknown = sorted(set(changes) - set(settings))
         if unknown:
             raise TypeError(f"Decoder.replace: cannot change {unknown} (a new trunk needs a new "
@@ -155,14 +210,76 @@ class Decoder:
         new._configure(**settings)
         if new._statics != self._statics:    # executables of another loop: not worth sharing
             new.executables = Executables(self.executables.capacity)
+            new.measured_cost = VerifyCost({}, source="Decoder.calibrate")   # another step
         return new
+
+    # --- auto W: step costs ---------------------------------------------------------------------
+    def calibrate(self, batch_sizes: Iterable[int], *, context: int = 64, steps: int = 8,
+                  reps: int = 5) -> VerifyCost:
+        """Measures this decoder's step (draft + verify + accept) at each batch size and W =
+        1..tokens_per_step (decoding/cost.py `measure_step_seconds`; one compile per W) ->
+        a VerifyCost, also merged into `measured_cost`. Save it with `.save(path)` and pass it
+        as `verify_cost` to skip the measurement next time."""
+        seconds = {int(b): measure_step_seconds(
+            self.config, self.drafter, self.params, self.drafter_vars, int(b),
+            range(1, self.tokens_per_step + 1), context=context, steps=steps, reps=reps)
+            for b in batch_sizes}
+        table = VerifyCost(seconds, source="Decoder.calibrate", context=context,
+                           device=device_name())
+        self.measured_cost = self.measured_cost.merged(table)
+        return table
+
+    def step_costs(self, batch_size: int) -> tuple[tuple[float, ...], str, float]:
+        """(cost(W) / cost(1) for W = 1..W_max at this batch, where they come from, seconds
+        spent measuring now): `verify_cost` when given, else `measured_cost`, measured first
+        at a batch size it lacks."""
+        start = time.perf_counter()
+        if self.verify_cost is not None:
+            table, source = self.verify_cost, self.verify_cost.source or "given"
+        else:
+            if batch_size not in self.measured_cost:
+                self.calibrate([batch_size])
+            table, source = self.measured_cost, "measured"
+        return (table.relative(batch_size, self.tokens_per_step), source,
+                time.perf_counter() - start)
+
+    def _loop_statics(self, batch_size: int) -> tuple[tuple, dict]:
+        """The statics of this batch's executables and, for auto W, what the result records."""
+        if self.width_policy is None:
+            return self._statics, {}
+        costs, source, seconds = self.step_costs(batch_size)
+        policy = dataclasses.replace(self.width_policy, costs=costs)
+        return self._statics[:2] + (policy,), {"step_cost": list(costs),
+                                               "step_cost_source": source,
+                                               "calibration_seconds": seconds}
+
+    def _run(self, statics: tuple, state, stop_at_first: bool):
+        """`run` until every row is done (stop_at_first: some row); auto W: one executable per W,
+        run again at the chosen W each time the choice changes. -> (state, wall seconds
+        (compilation excluded), compile seconds)."""
+        policy, start, compile_seconds = statics[2], time.perf_counter(), 0.0
+        while True:
+            run_statics = statics
+            if isinstance(policy, AutoWidth):
+                width = int(jax.device_get(state.width_stats.next_width))
+                run_statics = statics[:2] + (dataclasses.replace(policy, width=width),)
+            state, _, seconds = self._call(
+                run, (), (self.params, self.drafter_vars, state, self._stops,
+                          np.array(stop_at_first)), donate=(2,), statics=run_statics)
+            compile_seconds += seconds
+            if not isinstance(policy, AutoWidth):
+                break
+            done = jax.device_get(state.done)
+            if done.any() if stop_at_first else done.all():
+                break
+        return state, time.perf_counter() - start - compile_seconds, compile_seconds
 
     # --- checks and executables -----------------------------------------------------------------
     def _check_request(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompt_ids:
-            raise ValueError("no prompts given")
+            raise DecodingError("no prompts given")
         vocab = self.config.vocab_size
         for i, ids in enumerate(prompt_ids):
             if len(ids) == 0:
@@ -175,14 +292,16 @@ class Decoder:
         longest, w = int(max(len(p) for p in prompt_ids)), self.tokens_per_step
         if longest + max_new_tokens + w - 1 > self.config.max_seq_len:
             drafts = f" + {w - 1} drafts" if w > 1 else ""
-            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens{drafts} "
-                             f"exceeds the model's max_seq_len {self.config.max_seq_len}")
+            raise DecodingError(f"prompt of {longest} tokens + {max_new_tokens} new tokens"
+                                f"{drafts} exceeds the model's max_seq_len "
+                                f"{self.config.max_seq_len}")
 
-    def _call(self, fn: Callable, extra_statics: tuple, args: tuple, donate: tuple = ()
-              ) -> tuple[Any, float, float]:
-        """fn's executable run on args -> (output, run seconds, compile seconds)."""
-        exe, compile_seconds = self.executables.get(fn, self._statics + extra_statics, args,
-                                                    donate)
+    def _call(self, fn: Callable, extra_statics: tuple, args: tuple, donate: tuple = (),
+              statics: Optional[tuple] = None) -> tuple[Any, float, float]:
+        """fn's executable run on args -> (output, run seconds, compile seconds). statics:
+        the loop's (config, drafter, W or AutoWidth); default this decoder's."""
+        statics = self._statics if statics is None else statics
+        exe, compile_seconds = self.executables.get(fn, statics + extra_statics, args, donate)
         start = time.perf_counter()
         out = jax.block_until_ready(exe(*args))
         return out, time.perf_counter() - start, compile_seconds
@@ -198,19 +317,22 @@ class Decoder:
         prompts = pad_prompts(prompt_ids, self.pad_id, padding=padding, bucket=bucket,
                               batch_size=batch_size)
         slots = cache_slots(prompts.padded_length, max_new_tokens, self.tokens_per_step)
+        statics, auto_info = self._loop_statics(prompts.tokens.shape[0])
         state, prefill_seconds, compile_a = self._call(
             prefill_state, (max_new_tokens, slots),
-            (self.params, self.drafter_vars, prompts, self._stops, self._pad))
-        state, decode_seconds, compile_b = self._call(
-            run, (), (self.params, self.drafter_vars, state, self._stops, np.array(False)),
-            donate=(2,))
+            (self.params, self.drafter_vars, prompts, self._stops, self._pad), statics=statics)
+        state, decode_seconds, compile_b = self._run(statics, state, stop_at_first=False)
         check_nonfinite(jax.device_get(state.nonfinite), range(len(prompt_ids)))
-        return build_result(GenerationResult if self.drafter is None else MTPResult,
-                            harvest(state, range(len(prompt_ids))), self._stops,
-                            self.tokens_per_step, num_steps=1 + int(state.step),
-                            prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-                            compile_seconds=compile_a + compile_b,
-                            padded_shape=tuple(prompts.tokens.shape))
+        rows = range(len(prompt_ids))
+        result = build_result(GenerationResult if self.drafter is None else MTPResult,
+                              harvest(state, rows), self._stops,
+                              self.tokens_per_step, num_steps=1 + int(state.step),
+                              prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                              compile_seconds=compile_a + compile_b,
+                              padded_shape=tuple(prompts.tokens.shape))
+        if self.width_policy is not None:
+            _add_width_stats(result, harvest_widths(state, rows), state.width_stats, auto_info)
+        return result
 
     # --- continuous batching ----------------------------------------------------------------------
     def generate_continuous(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -228,16 +350,18 @@ class Decoder:
         can write each output as it is made."""
         self._check_request(prompt_ids, max_new_tokens)
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+            raise DecodingError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         m, batch = max_new_tokens, batch_size
         width = bucket_length(int(max(len(p) for p in prompt_ids)), bucket)  # widest batch
-        statics = (m, cache_slots(width, m, self.tokens_per_step))
+        sizes = (m, cache_slots(width, m, self.tokens_per_step))
         shared = (self.params, self.drafter_vars)
         clock = {"prefill": 0.0, "loop": 0.0, "compile": 0.0}
+        loop_statics, auto_info = self._loop_statics(batch)
 
-        def timed(fn, fn_statics, args, part):   # run and refill update the state in place
+        def timed(fn, fn_statics, args, part):   # refill updates the state in place
             out, seconds, compile_seconds = self._call(
-                fn, fn_statics, args, donate=() if fn is prefill_state else (2,))
+                fn, fn_statics, args, donate=() if fn is prefill_state else (2,),
+                statics=loop_statics)
             clock[part] += seconds
             clock["compile"] += compile_seconds
             return out
@@ -246,20 +370,26 @@ class Decoder:
         queue = collections.deque(range(len(prompt_ids)))
         slot_prompt = [-1] * batch          # prompt index each slot serves, -1: free
         records = {}                        # prompt index -> RowRecord
+        widths = {}                         # prompt index -> W per step (auto W)
         # The first B prompts: one prefill, as a static batch would (filler rows start done).
         first = [queue.popleft() for _ in range(min(batch, len(queue)))]
         prompts = pad_prompts([prompt_ids[i] for i in first], self.pad_id, padding=padding,
                               bucket=bucket, batch_size=batch)
-        state = timed(prefill_state, statics, shared + (prompts, self._stops, self._pad),
+        state = timed(prefill_state, sizes, shared + (prompts, self._stops, self._pad),
                       "prefill")
         slot_prompt[:len(first)] = first
         prefill_calls = 1
         while True:
             # Decode until a slot frees (or, with the queue empty, until all rows are done).
-            state = timed(run, (), shared + (state, self._stops, np.array(bool(queue))), "loop")
+            state, seconds, compile_seconds = self._run(loop_statics, state, bool(queue))
+            clock["loop"] += seconds
+            clock["compile"] += compile_seconds
             done, nonfinite = jax.device_get((state.done, state.nonfinite))
             check_nonfinite(nonfinite, slot_prompt)
             finished = [b for b in range(batch) if done[b] and slot_prompt[b] >= 0]
+            if self.width_policy is not None and finished:
+                widths.update(zip((slot_prompt[b] for b in finished),
+                                  harvest_widths(state, finished)))
             for b, record in zip(finished, harvest(state, finished) if finished else []):
                 records[slot_prompt[b]] = record
                 if on_row is not None:
@@ -278,20 +408,53 @@ class Decoder:
             prompts = pad_prompts([prompt_ids[i] for i in take], self.pad_id, padding=padding,
                                   bucket=bucket, batch_size=rows_n)
             rows = np.array(free[:len(take)] + [batch] * (rows_n - len(take)), np.int32)
-            state = timed(refill, statics, shared + (state, prompts, rows, self._stops,
-                                                     self._pad), "prefill")
+            state = timed(refill, sizes, shared + (state, prompts, rows, self._stops,
+                                                   self._pad), "prefill")
             prefill_calls += 1
             for b, i in zip(free, take):
                 slot_prompt[b] = i
         wall = time.perf_counter() - start - clock["compile"]
         iterations = int(state.step)
-        return build_result(
+        result = build_result(
             ContinuousResult, [records[i] for i in range(len(prompt_ids))], self._stops,
             self.tokens_per_step, num_steps=iterations + prefill_calls,
             prefill_seconds=clock["prefill"], decode_seconds=wall - clock["prefill"],
             compile_seconds=clock["compile"], padded_shape=(batch, width),
             loop_iterations=iterations, prefill_calls=prefill_calls, batch_size=batch,
             loop_seconds=clock["loop"])
+        if self.width_policy is not None:
+            _add_width_stats(result, [widths[i] for i in range(len(prompt_ids))],
+                             state.width_stats, auto_info)
+        return result
+
+
+def harvest_widths(state, rows: Sequence[int]) -> list[list[int]]:
+    """The W of each verify step of slots `rows` (auto W; one device-to-host copy)."""
+    row_steps, width_log = jax.device_get((state.row_steps, state.width_log))
+    return [width_log[:row_steps[b], b].tolist() for b in rows]
+
+
+def _add_width_stats(result: GenerationResult, widths: Sequence[Sequence[int]], width_stats,
+                     auto_info: dict) -> None:
+    """Auto W: result.stats recomputed with each step's W (an offset counts as reached only
+    where it was drafted; `width_histogram` over row-steps, `widths_per_row`), plus
+    `chosen_w_histogram` (index W: loop iterations run at W), `offset_acceptance_estimate`
+    (the running p_j at the end, offsets 2..W_max), `expected_tokens` (E(W) from them),
+    `step_cost` (cost(W) / cost(1) used), its source and the calibration seconds."""
+    s = result.stats
+    w_max = result.tokens_per_step
+    longest = max([len(a) for a in s["accepted_per_row"]] + [1])
+    logs = np.full((3, longest, len(widths)), -1, np.int64)        # accepted, emitted, W
+    for i, (acc, emitted, ws) in enumerate(zip(s["accepted_per_row"], s["emitted_per_row"],
+                                               widths)):
+        logs[0, :len(acc), i], logs[1, :len(emitted), i], logs[2, :len(ws), i] = acc, emitted, ws
+    result.stats = summarize(logs[0], logs[1], w_max - 1, width_log=logs[2])
+    histogram, estimate = jax.device_get((width_stats.histogram,
+                                          acceptance_estimate(width_stats)))
+    result.stats.update(
+        tokens_per_step_mode="auto", chosen_w_histogram=histogram.tolist(),
+        offset_acceptance_estimate={str(j + 2): float(p) for j, p in enumerate(estimate)},
+        expected_tokens=[float(e) for e in np.asarray(expected_tokens(estimate))], **auto_info)
 
 
 def _pow2_at_most(n: int, cap: int) -> int:

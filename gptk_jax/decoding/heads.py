@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 
 from gptk_jax.decoding.loop import Drafter
+from gptk_jax.errors import GptkError
 from gptk_jax.heads import make_head
 from gptk_jax.heads.common import (DRAFT_VOCAB_COLLECTION, trunk_params_for_heads,
                                    unembedding_weights)

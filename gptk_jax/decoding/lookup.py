@@ -31,6 +31,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from gptk_jax.decoding.engine import DecodingError
 from gptk_jax.decoding.loop import Drafter
 
 
@@ -94,10 +95,10 @@ class LookupDrafter(Drafter):
 
     def __post_init__(self):
         if not 1 <= self.min_ngram <= self.max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, "
-                             f"{self.max_ngram}")
+            raise DecodingError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, "
+                                f"{self.max_ngram}")
         if self.max_drafts < 1:
-            raise ValueError(f"max_drafts must be >= 1, got {self.max_drafts}")
+            raise DecodingError(f"max_drafts must be >= 1, got {self.max_drafts}")
 
     @staticmethod
     def variables(fallback_vars: Any = None) -> dict:

@@ -19,6 +19,10 @@ A row whose verify logits hold a NaN or Inf (broken weights or inputs) is flagge
 Every step emits >= 1 token per active row, and the tokens are the trunk's own argmax, so the
 output is greedy decoding's (in float32, up to argmax ties). Greedy decoding *is* this step with
 W = 1 and `NoDrafter`: no drafts, verify = one trunk call on `next_token`, emit its argmax.
+W is fixed (a static int), or chosen per step (`AutoWidth`, decoding/width.py: the W of the best
+expected tokens per measured step cost, from the pooled per-offset acceptance so far; buffers
+and cache slots sized for W_max; `run` at one W returns when the choice changes). Each step
+logs its W per row (`width_log`) and updates the pooled statistics (`width_stats`) either way.
 
 A drafter is a hashable `Drafter` (static under jit) plus a pytree of arrays (`drafter_vars`)
 passed to each call; see `NoDrafter` here, `HeadDrafter` (decoding/heads.py), `LookupDrafter`
@@ -46,6 +50,8 @@ import jax.numpy as jnp
 
 from gptk_jax.decoding.acceptance import accept_step
 from gptk_jax.decoding.inputs import PromptBatch, is_stop
+from gptk_jax.decoding.width import (AutoWidth, WidthStats, init_width_stats, max_width,
+                                     step_width, update_width_stats)
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.llama.kv_cache import KVCache, write_rows
 from gptk_jax.llama.model import Llama
@@ -143,26 +149,30 @@ class DecodeState:
     row_steps: jax.Array         # [B] int32 verify steps each row took part in
     accepted_log: jax.Array      # [M,B] int32 drafts accepted at a row's i-th step (-1: none)
     emitted_log: jax.Array       # [M,B] int32 tokens emitted at a row's i-th step (-1: none)
+    width_log: jax.Array         # [M,B] int32 W of a row's i-th step (-1: none)
     nonfinite: jax.Array         # [B] bool: the trunk gave a NaN/Inf logit (the row is stopped)
+    width_stats: WidthStats      # pooled per-offset acceptance, W histogram (decoding/width.py)
 
     @property
     def max_new_tokens(self) -> int:
         return self.accepted_log.shape[0]
 
 
-def cache_slots(padded_length: int, max_new_tokens: int, tokens_per_step: int = 1) -> int:
+def cache_slots(padded_length: int, max_new_tokens: int,
+                tokens_per_step: int | AutoWidth = 1) -> int:
     """Slots a batch needs: an active row holds at most P + M - 2 slots (the last token is never
-    fed back) and a verify step writes W more; finished rows stop growing."""
-    return padded_length + max(max_new_tokens - 1, 0) + tokens_per_step - 1
+    fed back) and a verify step writes W more (auto W: W_max); finished rows stop growing."""
+    return padded_length + max(max_new_tokens - 1, 0) + max_width(tokens_per_step) - 1
 
 
-def prefill_state(config: LlamaConfig, drafter: Drafter, tokens_per_step: int,
+def prefill_state(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | AutoWidth,
                   max_new_tokens: int, slots: int, params: dict, drafter_vars: Any,
                   prompts: PromptBatch, stop_ids: jax.Array, pad_id: jax.Array) -> DecodeState:
     """The prefill, then the first token (the trunk's argmax, exact); the drafter consumes every
     real prompt position; inactive (filler) rows start done. `slots`: cache slots (a static
-    batch: `cache_slots` of its prompts; continuous batching: its shared cache's)."""
-    w, m = tokens_per_step, max_new_tokens
+    batch: `cache_slots` of its prompts; continuous batching: its shared cache's).
+    tokens_per_step: W, or an `AutoWidth` (buffers sized for its max_width)."""
+    w, m = max_width(tokens_per_step), max_new_tokens
     batch = prompts.tokens.shape[0]
     pre = prefill(config, params, prompts, slots)
     active = jnp.asarray(prompts.active)
@@ -179,13 +189,28 @@ def prefill_state(config: LlamaConfig, drafter: Drafter, tokens_per_step: int,
         num_generated=active.astype(jnp.int32),
         done=~active | is_stop(first, stop_ids) | (m <= 1) | nonfinite,
         step=jnp.array(0, jnp.int32), row_steps=jnp.zeros((batch,), jnp.int32),
-        accepted_log=no_log, emitted_log=no_log, nonfinite=nonfinite)
+        accepted_log=no_log, emitted_log=no_log, width_log=no_log, nonfinite=nonfinite,
+        width_stats=init_width_stats(tokens_per_step))
 
 
-def decode_step(config: LlamaConfig, drafter: Drafter, tokens_per_step: int, params: dict,
-                drafter_vars: Any, state: DecodeState, stop_ids: jax.Array) -> DecodeState:
-    """Draft, verify with one trunk call over W tokens, accept, roll back (see module doc)."""
-    w = tokens_per_step
+def decode_step(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | AutoWidth,
+                params: dict, drafter_vars: Any, state: DecodeState, stop_ids: jax.Array
+                ) -> DecodeState:
+    """Draft, verify with one trunk call over W tokens, accept, roll back (see module doc); then
+    the pooled width statistics and the next step's W (auto W: chosen, decoding/width.py).
+    tokens_per_step: a fixed W, or an `AutoWidth` whose `width` is the W this step runs at."""
+    w = step_width(tokens_per_step)
+    new, accepted = _step_at(config, drafter, w, state, params=params,
+                             drafter_vars=drafter_vars, stop_ids=stop_ids)
+    return new.replace(width_stats=update_width_stats(tokens_per_step, state.width_stats, w,
+                                                      accepted, ~state.done))
+
+
+def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, *,
+             params: dict, drafter_vars: Any, stop_ids: jax.Array
+             ) -> tuple[DecodeState, jax.Array]:
+    """The step at W = w (<= the state's buffer width) -> (state but width_stats, drafts
+    accepted per row [B] before the stop / limit cut)."""
     active = ~state.done
     drafts = drafter.draft(drafter_vars, state.drafter_state, state.last_hidden,
                            state.last_hidden_normed, state.positions - 1, state.next_token)
@@ -211,7 +236,7 @@ def decode_step(config: LlamaConfig, drafter: Drafter, tokens_per_step: int, par
     # iterations: continuous batching); finished rows write nowhere (index M: dropped).
     log_at = jnp.where(active, state.row_steps, state.max_new_tokens)
     log = lambda buf, x: buf.at[log_at, jnp.arange(buf.shape[1])].set(x, mode="drop")
-    return DecodeState(
+    new = DecodeState(
         cache=out.cache.replace(lengths=state.cache.lengths + num_kept),
         tokens=write_rows(state.tokens, trunk_tokens, state.num_generated),
         next_token=keep_old(jnp.take_along_axis(trunk_tokens, acc.accepted[:, None], 1)[:, 0],
@@ -227,17 +252,26 @@ def decode_step(config: LlamaConfig, drafter: Drafter, tokens_per_step: int, par
         row_steps=state.row_steps + active.astype(jnp.int32),
         accepted_log=log(state.accepted_log, acc.accepted),
         emitted_log=log(state.emitted_log, acc.emitted),
-        nonfinite=state.nonfinite | nonfinite)
+        width_log=log(state.width_log, jnp.full_like(acc.accepted, w)),
+        nonfinite=state.nonfinite | nonfinite,
+        width_stats=state.width_stats)
+    return new, acc.accepted
 
 
-def run(config: LlamaConfig, drafter: Drafter, tokens_per_step: int, params: dict,
+def run(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | AutoWidth, params: dict,
         drafter_vars: Any, state: DecodeState, stop_ids: jax.Array, stop_at_first: jax.Array
         ) -> DecodeState:
     """Steps until every row is done, or (stop_at_first, a [] bool: continuous batching with
     prompts still queued) until some row is; no host round-trip. Each active row emits >= 1
-    token per step and stops at M, so this ends."""
+    token per step and stops at M, so this ends. Auto W: the steps run at `tokens_per_step.width`
+    and the loop also ends as soon as the choice for the next step (`width_stats.next_width`)
+    differs; the host then runs the executable of that W (engine.py: a W change costs one host
+    round trip and no copy of the cache, which a `lax.switch` over the W's would cost)."""
+    w = step_width(tokens_per_step)
+
     def cond(s):
-        return jnp.where(stop_at_first, ~jnp.any(s.done), ~jnp.all(s.done))
+        going = jnp.where(stop_at_first, ~jnp.any(s.done), ~jnp.all(s.done))
+        return going & (s.width_stats.next_width == w)
 
     def body(s):
         return decode_step(config, drafter, tokens_per_step, params, drafter_vars, s,
@@ -246,13 +280,15 @@ def run(config: LlamaConfig, drafter: Drafter, tokens_per_step: int, params: dic
     return jax.lax.while_loop(cond, body, state)
 
 
-def refill(config: LlamaConfig, drafter: Drafter, tokens_per_step: int, max_new_tokens: int,
+def refill(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | AutoWidth,
+           max_new_tokens: int,
            slots: int, params: dict, drafter_vars: Any, state: DecodeState,
            prompts: PromptBatch, rows: jax.Array, stop_ids: jax.Array, pad_id: jax.Array
            ) -> DecodeState:
     """Prefills prompts [R,P] and puts them in slots rows [R] of state (row index >= B: a filler
     row, dropped). Everything per row is replaced: cache row (keys, values, `valid`), output
-    buffer, next token, positions, hidden states, drafter state, counters, logs."""
+    buffer, next token, positions, hidden states, drafter state, counters, logs; the batch's
+    pooled width statistics (auto W) go on."""
     new = prefill_state(config, drafter, tokens_per_step, max_new_tokens, slots, params,
                         drafter_vars, prompts, stop_ids, pad_id)
     put = lambda big, small: big.at[rows].set(small, mode="drop")          # batch axis 0
@@ -272,4 +308,5 @@ def refill(config: LlamaConfig, drafter: Drafter, tokens_per_step: int, max_new_
         done=put(state.done, new.done), row_steps=put(state.row_steps, new.row_steps),
         accepted_log=put1(state.accepted_log, new.accepted_log),
         emitted_log=put1(state.emitted_log, new.emitted_log),
+        width_log=put1(state.width_log, new.width_log),
         nonfinite=put(state.nonfinite, new.nonfinite))

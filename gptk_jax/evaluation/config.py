@@ -7,12 +7,20 @@ splits, the default few-shot pool and the default draft-vocabulary text are read
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional
+
+from gptk_jax.errors import GptkError
 
 
 # the smallest value of each numeric field (None, where allowed, means its default)
-AT_LEAST = {"max_sentences": 1, "k": 2, "max_new_tokens": 1, "shots": 0, "bucket": 1,
-            "lookup_k": 2, "lookup_max_ngram": 1, "draft_vocab_size": 1}
+AT_LEAST = {"max_sentences": 1, "tokens_per_step": 2, "max_new_tokens": 1, "shots": 0,
+            "bucket": 1, "lookup_tokens_per_step": 2, "lookup_max_ngram": 1,
+            "draft_vocab_size": 1}
+
+
+class EvalConfigError(GptkError, ValueError):
+    """Settings of an evaluation that do not go together or are out of range."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,41 +37,47 @@ class EvalConfig:
     tgt_lang: str = "en"
     max_sentences: Optional[int] = None
     batch_sizes: tuple = (1, 8)
-    k: Optional[int] = None               # tokens per verify step; default: the heads' k
+    tokens_per_step: Optional[int] = None  # W, tokens per verify step; default: the heads' k
     max_new_tokens: int = 128
     shots: int = 0                        # few-shot lines from the News Commentary head
     space_with_target: Optional[bool] = None  # prompt ends 'en:' (byte-level BPE models,
                                               # SmolLM2); None: as the heads were trained
     bucket: int = 32                      # prompt length bucket (fewer compilations)
     dtype: Optional[str] = None           # compute dtype (exactness is promised for float32)
-    oracle: bool = False                  # also run the oracle drafter (upper bound for K)
+    oracle: bool = False                  # also run the oracle drafter (upper bound for W)
     lookup: bool = False                  # also run prompt-lookup drafting: alone ("lookup")
                                           # and in front of the heads ("heads+lookup")
-    lookup_k: Optional[int] = None        # tokens per step of the lookup runs (default: K)
+    lookup_tokens_per_step: Optional[int] = None  # W of the lookup runs (default: W)
     lookup_max_ngram: int = 3
     draft_vocab_size: Optional[int] = None  # heads draft over the N most frequent target tokens
     draft_vocab_from: Optional[str] = None  # of this text file (default: News Commentary's
                                             # target side under data_root)
     continuous: bool = False              # batch sizes > 1 also run with continuous batching
+    choose_width: bool = False            # drafters choose W per step by measured cost
+    verify_cost: Optional[str] = None     # choose_width: step-cost table file (None: measured)
     bos: Optional[bool] = None            # prepend BOS; None: the tokenizer's rule (add_bos)
     progress: bool = True
 
     def __post_init__(self):
         if (self.source is None) != (self.reference is None):
-            raise ValueError("a user's test set needs both a source and a reference file")
+            raise EvalConfigError("a user's test set needs both a source and a reference file")
         if self.source is not None and self.split is not None:
-            raise ValueError(f"give a split ({self.split!r}) or a source and reference file, "
-                             f"not both")
+            raise EvalConfigError(f"give a split ({self.split!r}) or a source and reference "
+                                  f"file, not both")
         if self.source is None and self.split is None:
-            raise ValueError("give a split or a source and reference file")
+            raise EvalConfigError("give a split or a source and reference file")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+            raise EvalConfigError(f"batch sizes must be >= 1, got {self.batch_sizes}")
         for name, least in AT_LEAST.items():
             value = getattr(self, name)
             if value is not None and value < least:
-                raise ValueError(f"{name} must be >= {least}, got {value}")
-        if self.heads is None and self.k is None:
-            raise ValueError("give --heads (K defaults to the heads' k) or --k with --oracle or "
-                             "--lookup")
+                raise EvalConfigError(f"{name} must be >= {least}, got {value}")
+        if self.heads is None and self.tokens_per_step is None:
+            raise EvalConfigError("give --heads (W defaults to the heads' k) or "
+                                  "--tokens-per-step with --oracle or --lookup")
         if self.heads is None and not (self.lookup or self.oracle):
-            raise ValueError("nothing to compare: give --heads, --lookup and/or --oracle")
+            raise EvalConfigError("nothing to compare: give --heads, --lookup and/or --oracle")
+        if self.verify_cost is not None and not self.choose_width:
+            raise EvalConfigError("--verify-cost is a table for --choose-width: give both")
+        if self.verify_cost is not None and not Path(self.verify_cost).is_file():
+            raise EvalConfigError(f"--verify-cost {self.verify_cost}: no such file")

@@ -1,11 +1,15 @@
 """Every decoding call of the evaluation goes through this module: switching the evaluation to
 another decoding engine changes this file only.
 
-A `Method` is what decodes: greedy (no drafter, k = 1) or draft-and-verify with a drafter and k
-tokens per verify step. A `Decoding` holds one engine `Decoder` per method (made once from one
-greedy decoder, so the trunk goes to the device once and executables are compiled once per
-shape) and what every call shares (max new tokens, prompt bucket); it decodes one static batch
-(`batch`) or a queue of prompts through continuously refilled slots (`continuous`). The `*_method` builders make the drafters.
+A `Method` is what decodes: a name (the runs' label), W = tokens_per_step and a `DecoderSpec`
+(decoding/factory.py): greedy (W = 1) or draft-and-verify, W tokens per verify step (the oracle
+adds its per-batch references). A `Decoding` holds one engine `Decoder` per method, each made by
+`decoding.factory.make_decoder` from one greedy decoder (so the trunk goes to the device once and
+executables are compiled once per shape), and what every call shares (max new tokens, prompt
+bucket, the loaded heads); it decodes one static batch (`batch`) or a queue of prompts through
+continuously refilled slots (`continuous`). The `*_method` functions name the methods.
+
+Letters: W tokens per verify step (the trunk's token + W-1 drafts). (K is kept for kv heads.)
 """
 
 from __future__ import annotations
@@ -13,23 +17,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
-from gptk_jax.decoding import head_drafter
+from gptk_jax.decoding import factory
 from gptk_jax.decoding.engine import Decoder
-from gptk_jax.decoding.lookup import LookupDrafter
-from gptk_jax.decoding.oracle import OracleDrafter, oracle_variables
+from gptk_jax.decoding.factory import GREEDY as GREEDY_SPEC
+from gptk_jax.decoding.factory import DecoderSpec, Trunk
+from gptk_jax.decoding.oracle import oracle_variables
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """`name` labels the runs (`<name>/b<B>`); `k` tokens per verify step (1: greedy)."""
+    """`name` labels the runs (`<name>/b<B>`); `tokens_per_step` W (1: greedy); `spec` what
+    decodes; `references` the oracle's (per batch), else None."""
     name: str
-    k: int = 1
-    drafter: Any = None
-    variables: Any = ()
+    tokens_per_step: int = 1
+    spec: DecoderSpec = GREEDY_SPEC
+    references: Any = dataclasses.field(default=None, compare=False)
 
     @property
     def drafts(self) -> bool:
-        return self.drafter is not None
+        return self.spec.drafts
 
 
 GREEDY = Method("greedy")
@@ -38,18 +44,21 @@ GREEDY = Method("greedy")
 @dataclasses.dataclass(eq=False)
 class Decoding:
     """One greedy `Decoder` (the trunk on the device once, its executables kept), and per
-    method a decoder made from it by `Decoder.replace`: no batch recompiles or re-uploads."""
+    method a decoder made from it by `make_decoder(..., base=...)`: no batch recompiles or
+    re-uploads. `heads`: the LoadedHeads the specs' heads folder holds (read once)."""
     config: Any                           # LlamaConfig of the trunk
     params: Any
     max_new_tokens: int
     stop_ids: tuple
     pad_id: int
     bucket: int
+    heads: Any = None
 
     def __post_init__(self):
-        self.greedy = Decoder(self.config, self.params, stop_ids=self.stop_ids,
-                              pad_id=self.pad_id)
-        self._by_loop: dict = {}      # (drafter, k) -> decoder holding that loop's executables
+        self.trunk = Trunk(self.config, self.params)
+        self.greedy = factory.make_decoder(self.trunk, GREEDY_SPEC, stop_ids=self.stop_ids,
+                                           pad_id=self.pad_id)
+        self._by_loop: dict = {}      # spec -> decoder holding that loop's executables
         self._by_method: dict = {}    # id(method) -> (method, its decoder)
 
     def decoder(self, method: Method) -> Decoder:
@@ -58,13 +67,12 @@ class Decoding:
         known = self._by_method.get(id(method))
         if known is not None and known[0] is method:
             return known[1]
-        loop = self._by_loop.get((method.drafter, method.k))
+        # same spec (e.g. the oracle, per batch): the loop's executables are shared
+        loop = self._by_loop.get(method.spec)
+        decoder = factory.make_decoder(self.trunk, method.spec, base=loop or self.greedy,
+                                       heads=self.heads, references=method.references)
         if loop is None:
-            decoder = self.greedy.replace(drafter=method.drafter, drafter_vars=method.variables,
-                                          tokens_per_step=method.k)
-            self._by_loop[(method.drafter, method.k)] = decoder
-        else:   # same drafter and k (e.g. the oracle, per batch): its executables are shared
-            decoder = loop.replace(drafter_vars=method.variables)
+            self._by_loop[method.spec] = decoder
         self._by_method[id(method)] = (method, decoder)
         return decoder
 
@@ -81,30 +89,39 @@ class Decoding:
             on_finished=on_finished)
 
 
-def heads_method(name: str, decoding: Decoding, heads, k: int,
-                 draft_vocab: Optional[Sequence[int]] = None) -> Method:
-    """Trained heads (a gptk_jax.heads.io LoadedHeads) drafting K-1 tokens per step."""
-    drafter, variables = head_drafter(heads.head_config, heads.params, decoding.config,
-                                      decoding.params, k, draft_vocab=draft_vocab)
-    return Method(name, k, drafter, variables)
+def heads_method(name: str, decoding: Decoding, heads: str, tokens_per_step: int,
+                 draft_vocab: Optional[Sequence[int]] = None, choose_width: bool = False,
+                 verify_cost: Optional[str] = None) -> Method:
+    """Trained heads (the folder `heads`, loaded as decoding.heads) drafting W-1 tokens per
+    step; built now, so a W the heads cannot draft fails before anything decodes."""
+    method = Method(name, tokens_per_step, DecoderSpec(
+        "mtp", tokens_per_step=tokens_per_step, heads=heads, draft_vocab=draft_vocab,
+        choose_width=choose_width, verify_cost=verify_cost))
+    decoding.decoder(method)
+    return method
 
 
-def lookup_method(name: str, k: int, max_ngram: int,
-                  fallback: Optional[Method] = None) -> Method:
-    """Prompt lookup, optionally in front of another drafter (which drafts where it finds
-    nothing)."""
+def lookup_method(name: str, tokens_per_step: int, max_ngram: int,
+                  fallback: Optional[Method] = None, choose_width: bool = False,
+                  verify_cost: Optional[str] = None) -> Method:
+    """Prompt lookup, optionally in front of heads (`fallback`, a heads_method: they draft
+    where it finds nothing). choose_width: W per step by cost, up to tokens_per_step."""
+    width = {"choose_width": choose_width, "verify_cost": verify_cost}
     if fallback is None:
-        return Method(name, k, LookupDrafter(k - 1, max_ngram=max_ngram),
-                      LookupDrafter.variables())
-    return Method(name, k, LookupDrafter(k - 1, max_ngram=max_ngram, fallback=fallback.drafter),
-                  LookupDrafter.variables(fallback.variables))
+        return Method(name, tokens_per_step, DecoderSpec(
+            "lookup", tokens_per_step=tokens_per_step, lookup_max_ngram=max_ngram, **width))
+    return Method(name, tokens_per_step, DecoderSpec(
+        "mtp+lookup", tokens_per_step=tokens_per_step, heads=fallback.spec.heads,
+        lookup_max_ngram=max_ngram, draft_vocab=fallback.spec.draft_vocab, **width))
 
 
-def oracle_method(decoding: Decoding, k: int, prompts: Sequence[Sequence[int]],
+def oracle_method(decoding: Decoding, tokens_per_step: int, prompts: Sequence[Sequence[int]],
                   continuations: Sequence[Sequence[int]], batch_size: int) -> Method:
     """The oracle for one batch: drafts `continuations` (per row, what greedy will emit), padded
     or cut to max_new_tokens."""
     length = decoding.max_new_tokens
     padded = [(list(c) + [0] * length)[:length] for c in continuations]
-    variables = oracle_variables(padded, [len(p) for p in prompts], batch_size, k - 1)
-    return Method("oracle", k, OracleDrafter(k - 1, decoding.config.vocab_size), variables)
+    references = oracle_variables(padded, [len(p) for p in prompts], batch_size,
+                                  tokens_per_step - 1)
+    return Method("oracle", tokens_per_step,
+                  DecoderSpec("oracle", tokens_per_step=tokens_per_step), references)

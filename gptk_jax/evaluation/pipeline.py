@@ -69,18 +69,23 @@ def draft_vocabulary(cfg: EvalConfig, tokenizer, space_with_target: bool):
     return ids, path
 
 
-def drafting_methods(cfg: EvalConfig, decoding, heads, k: int, draft_vocab) -> list:
-    """'mtp' (the heads), 'lookup' and 'heads+lookup', as cfg asks (the oracle is apart)."""
+def drafting_methods(cfg: EvalConfig, decoding, heads, tokens_per_step: int,
+                     draft_vocab) -> list:
+    """'mtp' (the heads, W = tokens_per_step), 'lookup' and 'heads+lookup' (W =
+    cfg.lookup_tokens_per_step, default the same W), as cfg asks (the oracle is apart); each a
+    `DecoderSpec` that decoding.factory.make_decoder builds."""
     from gptk_jax.evaluation.decode import heads_method, lookup_method
     methods = []
+    width = {"choose_width": cfg.choose_width, "verify_cost": cfg.verify_cost}
     if heads is not None:
-        methods.append(heads_method("mtp", decoding, heads, k, draft_vocab))
+        methods.append(heads_method("mtp", decoding, str(heads.path), tokens_per_step,
+                                    draft_vocab, **width))
     if cfg.lookup:
-        lookup_k = cfg.lookup_k or k
-        methods.append(lookup_method("lookup", lookup_k, cfg.lookup_max_ngram))
+        lookup_w = cfg.lookup_tokens_per_step or tokens_per_step
+        methods.append(lookup_method("lookup", lookup_w, cfg.lookup_max_ngram, **width))
         if heads is not None:
-            methods.append(lookup_method("heads+lookup", lookup_k, cfg.lookup_max_ngram,
-                                         fallback=methods[0]))
+            methods.append(lookup_method("heads+lookup", lookup_w, cfg.lookup_max_ngram,
+                                         fallback=methods[0], **width))
     return methods
 
 
@@ -123,7 +128,9 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
             "max_new_tokens": cfg.max_new_tokens, "bucket": cfg.bucket,
             "dtype": model.config.dtype, "platform": device.platform,
             "device_kind": getattr(device, "device_kind", None),
-            "lookup_max_ngram": cfg.lookup_max_ngram,
+            "lookup_max_ngram": cfg.lookup_max_ngram, "choose_width": cfg.choose_width,
+            "verify_cost": sha256_json(Path(cfg.verify_cost).read_text())
+            if cfg.verify_cost else None,
             "draft_vocab_sha256": sha256_json(list(map(int, draft_vocab)))
             if draft_vocab is not None else None}
 
@@ -143,7 +150,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     config, tok = model.config, model.tokenizer
     trunk_name = Path(cfg.checkpoint).name
     heads = load_heads(cfg.heads, config, trunk_name) if cfg.heads else None
-    k = cfg.k or heads.head_config.k
+    k = cfg.tokens_per_step or heads.head_config.k      # W
     space_with_target = resolve_space_with_target(cfg.space_with_target,
                                                   heads.metadata if heads else None)
     fmt, bos, record = build_prompts(cfg, tok, space_with_target)
@@ -153,7 +160,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     draft_vocab, draft_vocab_path = draft_vocabulary(cfg, tok, space_with_target)
     stop_ids = tuple(translation_stop_ids(tok))
     decoding = Decoding(config, model.params, cfg.max_new_tokens, stop_ids, tok.pad_id,
-                        cfg.bucket)
+                        cfg.bucket, heads=heads)
     methods = drafting_methods(cfg, decoding, heads, k, draft_vocab)
     platform = jax.devices()[0].platform
     print(f"{trunk_name}: {len(prompts)} sentences of {test_set.name} {cfg.src_lang}->"
@@ -173,6 +180,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
               "k": k, "max_new_tokens": cfg.max_new_tokens, "shots": cfg.shots,
               "space_with_target": space_with_target, "prompt_format": record,
               "draft_vocab_size": len(draft_vocab) if draft_vocab else None,
+              "choose_width": cfg.choose_width, "verify_cost": cfg.verify_cost,
               "draft_vocab_from": str(draft_vocab_path) if draft_vocab else None,
               "dtype": config.dtype, "platform": platform, "reused_runs": store.reused}
     main_method = methods[0].name if methods else "oracle"

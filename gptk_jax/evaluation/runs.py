@@ -131,15 +131,16 @@ def static_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, ba
     known_stop_tokens = None
     for method in methods:
         key = f"{method.name}/b{batch}"
-        found = _reuse(store, key, method.k, greedy_reused)
+        found = _reuse(store, key, method.tokens_per_step, greedy_reused)
         if found is not None:
             runs[key], outputs[key], stops = found
             known_stop_tokens = _chunks(stops, batch)
             continue
         results = decode_chunks(decoding, method, prompts, batch, progress)
         known_stop_tokens = [r.stop_tokens for r in results]
-        runs[key], outputs[key] = _keep(store, key, method.k, *_drafting_run(
-            method.name, method.k, batch, results, greedy, greedy_tokens),
+        w = method.tokens_per_step
+        runs[key], outputs[key] = _keep(store, key, w, *_drafting_run(
+            method.name, w, batch, results, greedy, greedy_tokens),
             [s for r in results for s in r.stop_tokens])
     if oracle_k is not None:
         key = f"oracle/b{batch}"
@@ -168,8 +169,9 @@ def _continuous_run(decoding: Decoding, method: Method, prompts: list, batch: in
            "speedup_vs_static_greedy": stats["tokens_per_second"] /
            static_greedy["tokens_per_second"], **against_greedy(result.tokens, greedy_tokens)}
     if method.drafts:
-        run.update(k=method.k, speedup=stats["tokens_per_second"] /
-                   continuous_greedy["tokens_per_second"], **mtp_summary([result], method.k))
+        w = method.tokens_per_step
+        run.update(k=w, speedup=stats["tokens_per_second"] /
+                   continuous_greedy["tokens_per_second"], **mtp_summary([result], w))
     return run, Output(result.tokens, result.row_records() if method.drafts else None)
 
 
@@ -185,11 +187,11 @@ def continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list
     compared_reused = bool(static_greedy.get("reused"))
     for method in (GREEDY, *methods):
         key = f"{method.name}/b{batch}/continuous"
-        found = _reuse(store, key, method.k, compared_reused)
+        found = _reuse(store, key, method.tokens_per_step, compared_reused)
         if found is not None:
             runs[key], outputs[key], _ = found
         else:
-            runs[key], outputs[key] = _keep(store, key, method.k, *_continuous_run(
+            runs[key], outputs[key] = _keep(store, key, method.tokens_per_step, *_continuous_run(
                 decoding, method, prompts, batch, static_greedy, greedy_tokens,
                 runs.get(greedy_key), progress))
         if method is GREEDY:

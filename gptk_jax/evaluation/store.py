@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from gptk_jax.errors import GptkError
+
 RUNS_DIR = "runs"
 RUN_FORMAT = 1
 

@@ -36,6 +36,8 @@ import dataclasses
 import warnings
 from typing import Any, Optional, Sequence
 
+from gptk_jax.errors import GptkError
+
 KINDS = ("lstm", "poma", "linear")
 RECIPES = ("default", "seed", "conditioned")
 LSTM_ONLY_RECIPES = ("conditioned",)

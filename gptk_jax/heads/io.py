@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gptk_jax.errors import GptkError
 from gptk_jax.files import atomic_folder
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.heads.config import HeadConfig, HeadConfigError

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptk_jax.heads.common import MTPHead, gather_features, rms_norm
-from gptk_jax.heads.config import SEED_POSITION_STD
+from gptk_jax.heads.config import SEED_POSITION_STD, HeadConfigError
 
 
 class _NormScales(nn.Module):
@@ -52,7 +52,7 @@ def check_positions(positions, valid, max_positions: int) -> None:
     pos, ok = np.asarray(positions), np.asarray(valid)
     bad = ok & ((pos < 0) | (pos >= max_positions))
     if bad.any():
-        raise ValueError(
+        raise HeadConfigError(
             f"PoMa position {int(pos[bad].max())} is outside its position table (rows "
             f"0..{max_positions - 1}); raise HeadConfig.poma_max_positions (and retrain) or keep "
             "sequences shorter")

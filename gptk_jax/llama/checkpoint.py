@@ -32,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gptk_jax.errors import GptkError
 from gptk_jax.files import atomic_folder, read_json_object
 from gptk_jax.llama.config import ConfigError, LlamaConfig
 from gptk_jax.llama.model import abstract_params, params_for_model

@@ -13,6 +13,8 @@ import json
 import math
 from typing import Any, Mapping, Optional
 
+from gptk_jax.errors import GptkError
+
 # Meta's reference code (llama-models, llama3/model.py `apply_scaling`) hard-codes these for every
 # Llama 3.x checkpoint whose params.json says use_scaled_rope; HF configs of Llama 3.2 1B/3B say
 # factor 32 instead. The factor is an explicit field so either can be reproduced.

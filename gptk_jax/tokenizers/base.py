@@ -21,6 +21,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import AbstractSet, Any, Iterable, Mapping, Optional, Sequence, Union
 
+from gptk_jax.errors import GptkError
+
 PathLike = Union[str, "os.PathLike[str]"]
 AllowedSpecial = Union[str, AbstractSet[str], Sequence[str]]
 

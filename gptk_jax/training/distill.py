@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gptk_jax.data.prompts import PromptFormat, encode_prompts, prompt_record
+from gptk_jax.errors import GptkError
 from gptk_jax.files import atomic_write_text, read_json_object
 
 RECORD_FORMAT = "gptk-distill-1"
@@ -87,7 +88,8 @@ class DistillPlan:
     model: dict                      # model_fingerprint(...)
     max_new_tokens: int
     stop_ids_sha256: str
-    decoding: dict                   # batch size, drafter, K, chunk (free to change on resume)
+    decoding: dict                   # batch size, drafter, "k" (W), chunk (free to change on
+                                     # resume)
     shard: Optional[dict] = None     # {"index": I, "count": N}: every N-th source from I only
                                      # (training/distill_shards.py); None: every source
     all_sources: Optional[int] = None  # a shard's: the S source lines all N shards share
@@ -137,7 +139,7 @@ def shot_sources(fmt: PromptFormat) -> frozenset:
 
 
 def distill_sources(model, fmt: PromptFormat, sources: Sequence[str], output: Path,
-                    plan: DistillPlan, *, batch_size: int, k: int, chunk: int,
+                    plan: DistillPlan, *, batch_size: int, tokens_per_step: int, chunk: int,
                     bos: Optional[bool], command: Sequence[str], progress: bool = True,
                     stop_after: Optional[int] = None) -> dict:
     """Translates sources[lines already in output:] chunk by chunk; returns the record.
@@ -158,7 +160,7 @@ def distill_sources(model, fmt: PromptFormat, sources: Sequence[str], output: Pa
     if not todo:
         _save(output, record)
         return record
-    decoder = _decoder(model, plan, k)
+    decoder = _decoder(model, tokens_per_step)
     excluded = shot_sources(fmt)
     bar = tqdm(total=len(sources), initial=done, desc="distill", unit="line",
                disable=not progress, smoothing=0.1)
@@ -185,18 +187,20 @@ def distill_sources(model, fmt: PromptFormat, sources: Sequence[str], output: Pa
     return record
 
 
-def _decoder(model, plan: DistillPlan, k: int):
-    from gptk_jax.data.prompts import translation_stop_ids
-    from gptk_jax.decoding import Decoder
-    from gptk_jax.decoding.lookup import LookupDrafter
+def decoder_spec(tokens_per_step: int):
+    """Greedy (W = 1), else prompt-lookup drafts, W tokens per verify step."""
+    from gptk_jax.decoding.factory import GREEDY, DecoderSpec
+    if tokens_per_step <= 1:
+        return GREEDY
+    return DecoderSpec("lookup", tokens_per_step=tokens_per_step)
 
-    tok = model.tokenizer
-    greedy = Decoder(model.config, model.params, stop_ids=translation_stop_ids(tok),
-                     pad_id=tok.pad_id)
-    if k <= 1:
-        return greedy
-    return greedy.replace(drafter=LookupDrafter(k - 1), drafter_vars=LookupDrafter.variables(),
-                          tokens_per_step=k)
+
+def _decoder(model, tokens_per_step: int):
+    from gptk_jax.data.prompts import translation_stop_ids
+    from gptk_jax.decoding import factory
+
+    return factory.make_decoder(model, decoder_spec(tokens_per_step),
+                                stop_ids=translation_stop_ids(model.tokenizer))
 
 
 def _translate(decoder, tok, fmt: PromptFormat, chunk: Sequence[str], excluded: frozenset,

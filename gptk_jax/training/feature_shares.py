@@ -30,6 +30,8 @@ from typing import Callable, Iterator, Sequence
 import jax
 import numpy as np
 
+from gptk_jax.errors import GptkError
+
 SHARES_DIR = "shares"
 SHARE_RECORD = "share.json"
 SHARE_WAIT_SECONDS = 60.0     # after the barrier: time for another host's share to show up on

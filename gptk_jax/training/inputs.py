@@ -23,7 +23,8 @@ from gptk_jax.llama.checkpoint import CheckpointError, load_converted, save_conv
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.data.pipeline import PipelineConfig, TranslationPipeline
 from gptk_jax.data.prompts import PromptFormat, few_shot_from
-from gptk_jax.data.wmt import DataError, Pair, read_parallel_text, read_text_lines
+from gptk_jax.data.wmt import (DataError, Pair, lines_in_range, read_parallel_text,
+                              read_text_lines)
 from gptk_jax.training.settings import RANDOM_TINY, DataSettings, RunSettings, TrainingError
 
 TINY_TRUNK_DIR = "random-tiny-trunk"
@@ -116,10 +117,11 @@ def load_trunk(settings: RunSettings, workdir: Path) -> Trunk:
 # --------------------------------------------------------------------------------------------
 
 def _pairs_with_target_file(prefix: str, src_lang: str, target_file: Path,
-                            max_pairs: Optional[int]) -> list[Pair]:
+                            max_pairs: Optional[int], line_range: tuple = ()) -> list[Pair]:
     """Sources from PREFIX.src paired line by line with `target_file`: as many lines, or the
     trunk's own translations of the first N sources from `python -m gptk_jax.distill` (its
-    record FILE.json says N; a partial file without one is refused)."""
+    record FILE.json says N; a partial file without one is refused). `line_range` (first, last):
+    only those 1-based lines of both (a range past the target file's lines is refused)."""
     from gptk_jax.training.distill import DistillError, target_lines_check
 
     sources = read_text_lines(f"{prefix}.{src_lang}")
@@ -128,6 +130,8 @@ def _pairs_with_target_file(prefix: str, src_lang: str, target_file: Path,
         target_lines_check(target_file, f"{prefix}.{src_lang}", len(targets), len(sources))
     except DistillError as e:
         raise DataError(str(e)) from None
+    sources = lines_in_range(sources, line_range, f"{prefix}.{src_lang}")
+    targets = lines_in_range(targets, line_range, str(target_file))
     pairs = []
     for src, tgt in zip(sources, targets):
         src, tgt = src.rstrip("\r").strip(), tgt.rstrip("\r").strip()
@@ -139,19 +143,22 @@ def _pairs_with_target_file(prefix: str, src_lang: str, target_file: Path,
 
 
 def read_train_pairs(data: DataSettings) -> list[Pair]:
-    """The first `max_train_pairs` pairs over the train prefixes, in order."""
+    """The first `max_train_pairs` pairs over the train prefixes (each within its
+    `train_line_ranges` entry), in order."""
     pairs: list[Pair] = []
     targets = data.train_target_files or (None,) * len(data.train_prefixes)
-    for prefix, target_file in zip(data.train_prefixes, targets):
+    ranges = data.train_line_ranges or ((),) * len(data.train_prefixes)
+    for prefix, target_file, lines in zip(data.train_prefixes, targets, ranges):
         left = None if data.max_train_pairs is None else data.max_train_pairs - len(pairs)
         if left == 0:
             break
         try:
             if target_file:
-                pairs += _pairs_with_target_file(prefix, data.src_lang, Path(target_file), left)
+                pairs += _pairs_with_target_file(prefix, data.src_lang, Path(target_file), left,
+                                                 lines)
             else:
                 pairs += read_parallel_text(prefix, data.src_lang, data.tgt_lang,
-                                            max_pairs=left).pairs
+                                            max_pairs=left, line_range=lines).pairs
         except (OSError, DataError) as e:
             raise TrainingError(f"config.data.train_prefixes: cannot read {prefix}: {e}") from None
     return pairs
@@ -175,7 +182,8 @@ def warn_distilled_format(data: DataSettings, used: dict, log) -> None:
     from gptk_jax.data.prompts import compare_prompt_records
     from gptk_jax.training.distill import DistillError, read_record
 
-    for target_file in data.train_target_files or ():
+    for target_file in tuple(data.train_target_files or ()) + \
+            ((data.eval_target_file,) if data.eval_target_file else ()):
         try:
             recorded = read_record(Path(target_file))
         except DistillError as e:
@@ -205,13 +213,35 @@ def build_pipelines(settings: RunSettings, tokenizer, fmt: PromptFormat,
         prefix = data.eval_prefix
         try:
             eval_pairs = read_parallel_text(prefix, data.src_lang, data.tgt_lang,
-                                            max_pairs=data.eval_max_sentences)
+                                            max_pairs=data.eval_max_sentences,
+                                            line_range=data.eval_line_range)
             evaluation = TranslationPipeline(eval_pairs, tokenizer, fmt, PipelineConfig(
                 global_batch_size=batch, shuffle=False, num_epochs=1, drop_remainder=False,
                 **common))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, DataError) as e:
             raise TrainingError(f"evaluation set {prefix}: {e}") from None
     return train, evaluation
+
+
+def build_distilled_eval(settings: RunSettings, tokenizer,
+                         fmt: PromptFormat) -> Optional[TranslationPipeline]:
+    """The validation rows of `data.eval_target_file`: eval_prefix's sources (the same lines
+    as the reference evaluation: eval_line_range, eval_max_sentences) with the trunk's own
+    translations as targets; None when no file is set."""
+    data = settings.data
+    if not (data.eval_prefix and data.eval_target_file):
+        return None
+    try:
+        pairs = _pairs_with_target_file(data.eval_prefix, data.src_lang,
+                                        Path(data.eval_target_file), data.eval_max_sentences,
+                                        data.eval_line_range)
+        return TranslationPipeline(pairs, tokenizer, fmt, PipelineConfig(
+            global_batch_size=settings.training.global_batch_size, shuffle=False, num_epochs=1,
+            drop_remainder=False, max_len=data.max_len, max_offset=settings.max_offset,
+            truncate=data.truncate, bucket_lengths=data.bucket_lengths))
+    except (OSError, ValueError, DataError) as e:
+        raise TrainingError(f"config.data.eval_target_file {data.eval_target_file} (sources "
+                            f"{data.eval_prefix}.{data.src_lang}): {e}") from None
 
 
 def positions_per_row(pipe: TranslationPipeline, offsets: tuple, first_target_tokens_only: bool,

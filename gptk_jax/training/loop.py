@@ -81,11 +81,14 @@ def _console(step: int, num_steps: int, summary: dict, offsets, seconds: float, 
             f"ETA {eta_text}")
 
 
-def _eval_line(step: int, summary: dict, offsets) -> str:
+def _eval_line(step: int, summary: dict, offsets, split: str = "eval") -> str:
     parts = [f"o{o} top1 {100 * summary[f'top1_gold_o{o}']:.1f}%/{100 * summary[f'top1_trunk_o{o}']:.1f}%"
              for o in offsets]
-    return (f"eval @ {step}: " + " ".join(parts) + f" (gold/trunk) | acceptance estimate "
-            f"{summary['acceptance_trunk']:.3f} (trunk) {summary['acceptance_gold']:.3f} (gold)")
+    drafts = [o for o in offsets if o >= 2]
+    chain = "/".join(f"{100 * summary.get(f'chain_o{o}', float('nan')):.1f}" for o in drafts)
+    return (f"{split} @ {step}: " + " ".join(parts) + f" (gold/trunk) | acceptance estimate "
+            f"{summary['acceptance_trunk']:.3f} (trunk) {summary['acceptance_gold']:.3f} (gold)"
+            f" | chain {chain}% tau_est {summary.get('tau_est', float('nan')):.3f}")
 
 
 class TrainingLoop:
@@ -110,7 +113,7 @@ class TrainingLoop:
             raise
         self.first_step = self.step
         self.result = {"status": "completed", "step": self.step, "steps_run": 0, "train": None,
-                       "eval": None, "heads": None}
+                       "eval": None, "eval_distilled": None, "heads": None}
         self.pending, self.window = [], []
         self.window_start = self.epoch_start = time.perf_counter()
 
@@ -131,18 +134,26 @@ class TrainingLoop:
         return run.start_step, self.parallel.put_state(restored), iterator
 
     def evaluate(self, at_step: int) -> None:
+        """Split 'eval' (reference text) and, with data.eval_target_file, 'eval_distilled'
+        (the trunk's own translations of the same sources)."""
         if self.eval_fn is None:
             return
-        totals = None
-        for batch in self.run_.eval_pipe.iterator():
-            batch = {k: v for k, v in batch.items() if k != "example_index"}
-            sums = self.parallel.fetch(self.eval_fn(self.state.head_params, self.trunk_params,
-                                                    self.parallel.put_batch(batch)))
-            totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-        summary = summarize_eval(totals, self.offsets)
-        self.writer.write(at_step, "eval", summary)
-        self.run_.log(_eval_line(at_step, summary, self.offsets))
-        self.result["eval"] = summary
+        run = self.run_
+        for split, pipe in (("eval", run.eval_pipe), ("eval_distilled", run.distilled_pipe)):
+            if pipe is None:
+                continue
+            cache, totals = run.eval_caches.get(split), None
+            for batch in pipe.iterator():
+                if cache is not None:
+                    batch = cache.attach(batch)
+                batch = {k: v for k, v in batch.items() if k != "example_index"}
+                sums = self.parallel.fetch(self.eval_fn(
+                    self.state.head_params, self.trunk_params, self.parallel.put_batch(batch)))
+                totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+            summary = summarize_eval(totals, self.offsets)
+            self.writer.write(at_step, split, summary)
+            run.log(_eval_line(at_step, summary, self.offsets, split))
+            self.result[split] = summary
 
     def save(self, at_step: int) -> None:
         if self.checkpoints.save(at_step, self.parallel.state_for_saving(self.state),

@@ -9,7 +9,12 @@ estimate, and the writers (TensorBoard event files + JSON lines in the workdir).
 
 Names: `loss_o2` = mean cross-entropy of offset 2; eval adds `_gold` (against the reference
 tokens) or `_trunk` (against the trunk's own argmax, what verification compares drafts with),
-`top1_*` / `top5_*` accuracies and `acceptance_trunk` / `acceptance_gold`.
+`top1_*` / `top5_*` accuracies and `acceptance_trunk` / `acceptance_gold` (per-offset accuracies
+multiplied as if independent), and at the positions where decoding drafts
+(training/draft_metrics.py) `accept_o{o}`, `chain_o{o}` and `tau_est` = 1 + sum of the chains.
+Split "eval" scores the reference text; "eval_distilled" the same sources with the trunk's own
+translations as targets (data.eval_target_file), where `tau_est` is the figure that predicts
+decoding.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from gptk_jax.training.draft_metrics import DRAFT_KEYS, summarize_drafts
 
 
 def acceptance_estimate(accuracies: Sequence[float]) -> float:
@@ -57,12 +64,14 @@ def summarize_eval(total: dict, offsets: Sequence[int]) -> dict:
     for j, o in enumerate(offsets):
         count = total["count"][j]
         for key, value in total.items():
-            if key != "count":
+            if key != "count" and key not in DRAFT_KEYS:
                 out[f"{key}_o{o}"] = _ratio(value[j], count)
     drafts = [o for o in offsets if o >= 2]
     for name in ("trunk", "gold"):
         out[f"acceptance_{name}"] = acceptance_estimate([out[f"top1_{name}_o{o}"]
                                                          for o in drafts])
+    if "draft_count" in total:      # at the positions decoding drafts: accept / chain / tau_est
+        out.update(summarize_drafts(total, offsets))
     return out
 
 

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from gptk_jax.errors import GptkError
 from gptk_jax.heads.config import HeadConfig, HeadConfigError
 
 RANDOM_TINY = "random-tiny"   # trunk_checkpoint: a tiny random trunk written into the workdir
@@ -68,7 +69,7 @@ def _section(cls, values: Mapping[str, Any], name: str):
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
-        raise ValueError(msg)
+        raise TrainingError(msg)
 
 
 def line_range(value: Any, name: str) -> tuple:
@@ -81,18 +82,6 @@ def line_range(value: Any, name: str) -> tuple:
     _check(last is None or (ok(last) and last >= first),
            f"{name}: last line must be None or an int >= first ({first}), got {last!r}")
     return (first, last)
-
-
-def select_lines(lines: list, line_range: tuple, what: str) -> list:
-    """lines[first-1:last] of a (first, last) range (line_range); a range past the end of the
-    file is an error naming `what` and its line count."""
-    if not line_range:
-        return lines
-    first, last = line_range
-    end = len(lines) if last is None else last
-    if end > len(lines) or first > len(lines):
-        raise ValueError(f"{what} has {len(lines)} lines; lines {first}-{last} were asked for")
-    return lines[first - 1:end]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

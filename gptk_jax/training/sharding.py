@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gptk_jax.errors import GptkError
 from gptk_jax.training.settings import ParallelSettings
 
 DATA_AXIS, MODEL_AXIS = "data", "model"

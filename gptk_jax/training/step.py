@@ -47,6 +47,7 @@ from gptk_jax.heads.common import trunk_final_norm, trunk_unembed, unembedding_w
 from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.model import Llama
 from gptk_jax.training.chunked_loss import chunked_cross_entropy
+from gptk_jax.training.draft_metrics import DRAFT_KEYS, draft_positions, draft_sums
 from gptk_jax.training.soft_targets import (chunked_soft_cross_entropy, soft_cross_entropy,
                                             teacher_hidden)
 from gptk_jax.training.settings import TrainingError
@@ -323,7 +324,8 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
               axis_name: Optional[str] = None) -> dict:
     """Sums per offset [J]: count, loss / top-1 / top-5 against the gold tokens and against the
     trunk's own argmax, over every position with a target (cfg.first_target_tokens_only is
-    ignored: evaluation measures what decoding needs)."""
+    ignored: evaluation measures what decoding needs); draft_count / draft_top1 / draft_chain
+    over the positions where decoding drafts (training/draft_metrics.py)."""
     hidden, hidden_normed, trunk_argmax = trunk_outputs(cfg, trunk_params, batch, True)
     gold, next_tokens = offset_targets(cfg, batch, trunk_argmax, cfg.targets)
     if cfg.targets != "gold":
@@ -332,12 +334,15 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
     target_mask = batch["target_mask"][..., np.asarray(cfg.offsets) - 1]
     index, valid = gather_index(target_mask.any(axis=-1), cfg.positions_per_row)
     mask = _at(target_mask, index) & valid[..., None]                       # [B,X,J]
+    # where decoding drafts (draft_metrics.py): every draft offset has a target, t+1 too
+    at_draft = _at(draft_positions(batch["target_mask"], cfg.offsets), index) & valid  # [B,X]
     head = make_head(cfg.head_config, cfg.trunk_config)
     feats = _features(batch, hidden, hidden_normed, next_tokens)
     targets = {"gold": _at(gold, index), "trunk": _at(trunk, index)}       # [B,X,J] each
 
-    def sums(head_logits, targets, mask):
-        """logits [...,J,V], targets / mask [...,J] -> {metric: [J] sums over the masked}."""
+    def sums(head_logits, targets, mask, at_draft):
+        """logits [...,J,V], targets / mask [...,J], at_draft [...] -> {metric: [J] sums over
+        the masked}; draft_* (draft_metrics.draft_sums) against the trunk's argmax."""
         _, top = jax.lax.top_k(head_logits, TOP_K)                          # [...,J,5]
         total = lambda x: jnp.where(mask, x, 0).reshape(-1, mask.shape[-1]).sum(0).astype(
             jnp.float32)
@@ -346,6 +351,7 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
             out[f"loss_{name}"] = total(cross_entropy(head_logits, tgt))
             out[f"top1_{name}"] = total(top[..., 0] == tgt)
             out[f"top{TOP_K}_{name}"] = total((top == tgt[..., None]).any(axis=-1))
+        out.update(draft_sums(top[..., 0], targets["trunk"], at_draft, cfg.offsets))
         return out
 
     if cfg.position_chunk > 0 and head.per_position:
@@ -355,25 +361,27 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
         feats_g = jax.tree.map(lambda x: grouped(x, groups), feats)
         chunk_targets = {n: packed(t, order, chunk) for n, t in targets.items()}
         chunk_mask = packed(mask, order, chunk)                             # [Z,Y,C,J]
+        chunk_draft = packed(at_draft, order, chunk)                        # [Z,Y,C]
         zero = {f"{metric}_{name}": jnp.zeros(mask.shape[-1:], jnp.float32)
                 for name in targets for metric in ("loss", "top1", f"top{TOP_K}")}
+        zero.update({key: jnp.zeros(mask.shape[-1:], jnp.float32) for key in DRAFT_KEYS})
 
         def one(xs):
-            idx, tgt, msk = xs
+            idx, tgt, msk, drf = xs
 
             def run(_):
                 logits = head.apply({"params": head_params}, trunk_params, feats_g,
                                     deterministic=True, gather_index=idx,
                                     method=head.train_logits)               # [Y,C,J,V]
-                return sums(logits, tgt, msk)
+                return sums(logits, tgt, msk, drf)
             return jax.lax.cond(msk.any(), run, lambda _: zero, None)
-        per_chunk = jax.lax.map(one, (flat, chunk_targets, chunk_mask))
+        per_chunk = jax.lax.map(one, (flat, chunk_targets, chunk_mask, chunk_draft))
         out = jax.tree.map(lambda x: x.sum(axis=0), per_chunk)
     else:
         head_logits = head.apply({"params": head_params}, trunk_params, feats,
                                  deterministic=True, gather_index=index,
                                  method=head.train_logits)                  # [B,X,J,V]
-        out = sums(head_logits, targets, mask)
+        out = sums(head_logits, targets, mask, at_draft)
     out["count"] = mask.sum(axis=(0, 1)).astype(jnp.float32)
     return _psum(out, axis_name)
 

@@ -75,6 +75,8 @@ class _Run:
     record: Optional[dict] = None  # WORKDIR/run.json as this start wrote it
     cache: Optional[FeatureCache] = None
     cache_seconds: float = 0.0  # spent opening / building the feature cache
+    distilled_pipe: Any = None  # validation rows with the trunk's own translations (or None)
+    eval_caches: dict = dataclasses.field(default_factory=dict)  # split -> FeatureCache
     prompt_format: Optional[dict] = None  # prompt_record of the rows (heads.json records it)
 
 
@@ -90,6 +92,7 @@ def _load(settings: RunSettings, workdir: Path, start_step: Optional[int], log) 
     prompt = prompt_record(fmt, trunk.tokenizer)
     inputs.warn_distilled_format(settings.data, prompt, log)
     train_pipe, eval_pipe = inputs.build_pipelines(settings, trunk.tokenizer, fmt)
+    distilled_pipe = inputs.build_distilled_eval(settings, trunk.tokenizer, fmt)
     try:
         parallel = Parallel(settings.parallel, settings.training.global_batch_size)
     except ParallelError as e:
@@ -106,22 +109,26 @@ def _load(settings: RunSettings, workdir: Path, start_step: Optional[int], log) 
         argmax_chunk=settings.loss.argmax_chunk, position_chunk=settings.loss.position_chunk,
         pack_groups=parallel.pack_groups)
     eval_cfg = None
-    if eval_pipe is not None:
+    eval_pipes = [p for p in (eval_pipe, distilled_pipe) if p is not None]
+    if eval_pipes:
         eval_cfg = dataclasses.replace(step_cfg, first_target_tokens_only=False,
-                                       positions_per_row=inputs.positions_per_row(
-                                           eval_pipe, offsets, False))
+                                       positions_per_row=max(inputs.positions_per_row(
+                                           p, offsets, False) for p in eval_pipes))
     log(f"trunk {trunk.path} ({trunk.config.n_layers} layers, dim {trunk.config.dim}, vocab "
         f"{trunk.config.vocab_size}); head {settings.head.kind} offsets {offsets}")
     log(f"train: {train_pipe.stats.summary()}")
     if eval_pipe is not None:
         log(f"eval: {eval_pipe.stats.summary()}")
+    if distilled_pipe is not None:
+        log(f"eval_distilled ({settings.data.eval_target_file}): "
+            f"{distilled_pipe.stats.summary()}")
     log(f"{num_steps} steps of {loop.global_batch_size} rows ({train_pipe.steps_per_epoch:.1f} "
         f"steps/epoch); {step_cfg.positions_per_row} supervised positions/row at most; "
         f"{parallel.describe()}")
     return _Run(settings=settings, workdir=workdir, trunk=trunk, train_pipe=train_pipe,
                 eval_pipe=eval_pipe, parallel=parallel, step_cfg=step_cfg, eval_cfg=eval_cfg,
                 num_steps=num_steps, tx=make_optimizer(settings.optimizer, num_steps), log=log,
-                start_step=start_step, prompt_format=prompt)
+                start_step=start_step, prompt_format=prompt, distilled_pipe=distilled_pipe)
 
 
 def _open_cache(run: _Run, progress: bool) -> None:
@@ -134,6 +141,13 @@ def _open_cache(run: _Run, progress: bool) -> None:
             root, run.trunk, run.train_pipe.rows, run.settings.head, features.dtype,
             features.build_batch_size, run.settings.loss.argmax_chunk, log=run.log,
             progress=progress and jax.process_index() == 0)
+        # the validation rows too: evaluation then runs the heads only
+        for split, pipe in (("eval", run.eval_pipe), ("eval_distilled", run.distilled_pipe)):
+            if pipe is not None:
+                run.eval_caches[split] = FeatureCache.open_or_build(
+                    root, run.trunk, pipe.rows, run.settings.head, features.dtype,
+                    features.build_batch_size, run.settings.loss.argmax_chunk, log=run.log,
+                    progress=progress and jax.process_index() == 0)
     except CacheError as e:
         raise TrainingError(f"config.features.cache_dir: {e}") from None
     run.cache_seconds = time.perf_counter() - start
@@ -186,7 +200,8 @@ def _export_heads(run: _Run, state, result: dict) -> Optional[Path]:
 def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Trains the heads of `config` (a ConfigDict, see configs/base.py) in `workdir`, resuming
     from its latest checkpoint; the config's relative paths are relative to the working directory
-    at this call. Returns {"status", "step", "steps_run", "train", "eval", "heads"}: "step" is
+    at this call. Returns {"status", "step", "steps_run", "train", "eval", "eval_distilled",
+    "heads"} ("eval_distilled": the validation on the trunk's own translations, or None): "step" is
     the heads' real step (a checkpoint past the config's step count runs no step: "steps_run"
     0)."""
     run = _start(config, prepare_workdir(workdir), progress)

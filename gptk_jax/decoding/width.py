@@ -1,0 +1,146 @@
+"""Tokens per step chosen by measured cost (`tokens_per_step="auto"`): the choice, on the device.
+
+Each loop iteration picks W in 1..W_max (W_max: the drafter's max_drafts + 1, or less) that
+maximises expected tokens per second at this batch:
+
+    E(W) = 1 + sum_{j=2..W} prod_{i=2..j} p_i        (tokens a step emits at W, bonus included)
+    W    = argmax_W E(W) / cost(W)                     (the smallest W on ties)
+
+cost(W) is the measured cost of one decode step at this batch and W, relative to W = 1
+(decoding/cost.py's `VerifyCost`: a calibration file or a short measurement at start); p_i is the
+running conditional acceptance at offset i (P(draft i accepted | drafts 2..i-1 accepted)), pooled
+over the batch's active rows: decayed counts `reached_i`, `passed_i`, updated by every step that
+verified offset i for some row (`reached <- decay * reached + rows that reached i`, same for
+`passed`); offsets a step did not verify keep their estimate. The counts start at a prior
+(`prior_weight` rows at acceptance `prior`) that decays with the evidence like any other.
+
+Each step computes the next step's W (`WidthStats.next_width`). The loop (decoding/loop.py `run`)
+is compiled once per W and runs at its W until the choice differs; the engine then runs the
+executable of the chosen W on the same state (buffers and cache slots are sized for W_max, so
+every W shares them; the state is donated, so nothing is copied). A `lax.switch` over W inside
+one loop would make the same choices but copy the whole cache at each step (XLA does not update
+a conditional's operands in place: measured on CPU, +2.5 ms a step for a 10 MB cache). Every W
+emits the trunk's own argmax, so the output is greedy decoding's whatever is chosen (exact as
+before).
+
+Probing: steps at a smaller W verify no draft beyond it, so their estimates would never move
+again. So a step runs at W_max whenever `probe_every` steps in a row ran below it (and the first
+step of a run, which has no estimate yet, is such a probe). Bound: of a run's S loop iterations,
+at most 1 + floor((S - 1) / (probe_every + 1)) are probes, i.e. forced to W_max though the
+estimate chose less. With a drafter that is never right, after the first probe
+p_2 <= q = prior * prior_weight * decay / (prior_weight * decay + 1) and falls with each probe,
+and the offsets beyond are never reached (p_j stays at the prior), so E(W) < 1 + q / (1 - prior)
+for every W (1.47 at the defaults); when every W > 1 costs at least that much more than W = 1,
+every step but the probes runs at W = 1: the run takes greedy's steps (each emits one token at
+any W) and costs greedy's plus at most that many probes at W_max (tests/test_choose_w.py). With
+W > 1 cheaper than that, a few more steps run above 1 until p_2 has decayed below the gap.
+
+Letters: B batch, W tokens per verify step (W_max the most), J = W_max - 1 offsets 2..W_max.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoWidth:
+    """`tokens_per_step="auto"`, or this for other settings (static under jit: hashable).
+
+    max_width: the largest W (None: the drafter's max_drafts + 1). probe_every: below W_max, a
+    probe step at W_max after this many steps in a row. decay: the per-step weight of the old
+    counts (0.9: about the last 10 steps' evidence). prior / prior_weight: the acceptance the
+    counts start at, worth that many row-steps. Set by the engine per call (leave them): costs,
+    the relative step cost at W = 1..W_max at this batch (from its `VerifyCost`); width, the W
+    an executable of `run` steps at (0 where none: prefill, refill)."""
+    max_width: Optional[int] = None
+    probe_every: int = 16
+    decay: float = 0.9
+    prior: float = 0.5
+    prior_weight: float = 1.0
+    costs: tuple = ()
+    width: int = 0
+
+
+@flax.struct.dataclass
+class WidthStats:
+    """Per batch (pooled over its rows), carried by DecodeState."""
+    reached: jax.Array     # [J] float32 decayed count of row-steps that verified offset j
+    passed: jax.Array      # [J] float32 ... and accepted it
+    since_full: jax.Array  # [] int32 steps in a row below W_max
+    histogram: jax.Array   # [W_max+1] int32 loop iterations run at each W (index W)
+    next_width: jax.Array  # [] int32 the W of the next step (a fixed W: W)
+
+
+def max_width(tokens_per_step) -> int:
+    """W_max: the W buffers and cache slots are sized for (a fixed W: W itself)."""
+    if isinstance(tokens_per_step, AutoWidth):
+        return tokens_per_step.max_width
+    return tokens_per_step
+
+
+def step_width(tokens_per_step) -> int:
+    """The W a step runs at: a fixed W, or an AutoWidth's `width`."""
+    if isinstance(tokens_per_step, AutoWidth):
+        return tokens_per_step.width
+    return tokens_per_step
+
+
+def _policy(tokens_per_step) -> AutoWidth:
+    return tokens_per_step if isinstance(tokens_per_step, AutoWidth) else AutoWidth()
+
+
+def init_width_stats(tokens_per_step) -> WidthStats:
+    """The prior, and the first W: W_max for auto W (a probe: nothing is measured yet)."""
+    policy, w_max = _policy(tokens_per_step), max_width(tokens_per_step)
+    weight = policy.prior_weight
+    return WidthStats(reached=jnp.full((w_max - 1,), weight, jnp.float32),
+                      passed=jnp.full((w_max - 1,), weight * policy.prior, jnp.float32),
+                      since_full=jnp.array(policy.probe_every, jnp.int32),
+                      histogram=jnp.zeros((w_max + 1,), jnp.int32),
+                      next_width=jnp.array(w_max, jnp.int32))
+
+
+def acceptance_estimate(stats: WidthStats) -> jax.Array:
+    """p_j [J], offsets 2..W_max."""
+    return stats.passed / jnp.maximum(stats.reached, 1e-12)
+
+
+def expected_tokens(p: jax.Array) -> jax.Array:
+    """p [J] -> E(W) [W_max] for W = 1..W_max (works on numpy arrays too)."""
+    reach = jnp.cumprod(p)
+    return 1.0 + jnp.concatenate([jnp.zeros((1,), reach.dtype), jnp.cumsum(reach)])
+
+
+def choose_width(policy: AutoWidth, stats: WidthStats) -> jax.Array:
+    """[] int32 W in 1..W_max: the best expected tokens per cost, W_max when probing."""
+    w_max = policy.max_width
+    score = expected_tokens(acceptance_estimate(stats)) / jnp.asarray(policy.costs, jnp.float32)
+    w = (jnp.argmax(score) + 1).astype(jnp.int32)
+    return jnp.where(stats.since_full >= policy.probe_every, w_max, w).astype(jnp.int32)
+
+
+def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax.Array,
+                       active: jax.Array) -> WidthStats:
+    """After a step at W = w: accepted [B] drafts accepted per row (before the stop / limit
+    cut), active [B] the rows that took part. Then the next step's W."""
+    policy, w_max = _policy(tokens_per_step), stats.reached.shape[0] + 1   # the buffers' W_max
+    offsets = jnp.arange(2, w_max + 1)[None, :]                                 # [1,J]
+    verified = active[:, None] & (offsets <= w)                                 # [B,J]
+    reached = (verified & (accepted[:, None] >= offsets - 2)).sum(axis=0)       # [J]
+    passed = (verified & (accepted[:, None] >= offsets - 1)).sum(axis=0)
+    seen = reached > 0
+    decay = jnp.float32(policy.decay)
+    new = WidthStats(
+        reached=jnp.where(seen, decay * stats.reached + reached, stats.reached),
+        passed=jnp.where(seen, decay * stats.passed + passed, stats.passed),
+        since_full=jnp.array(0 if w >= w_max else 1, jnp.int32) * (stats.since_full + 1),
+        histogram=stats.histogram.at[w].add(1), next_width=stats.next_width)
+    if isinstance(tokens_per_step, AutoWidth):
+        return new.replace(next_width=choose_width(policy, new))
+    return new

@@ -1,0 +1,202 @@
+"""Tokens per step chosen by measured cost (`tokens_per_step="auto"`, decoding/width.py and
+decoding/cost.py) on a tiny random trunk: the output is greedy's whatever W is chosen (heads,
+lookup; static batches and refilled slots); a drafter that is never right settles at W = 1 and
+runs greedy's steps with at most the stated number of probes at W_max; the oracle settles at
+W_max; the cost table's interpolation and file round trip; a short measured calibration."""
+
+import jax
+import numpy as np
+import pytest
+
+from gptk_jax.decoding import Decoder, DecodingError, head_drafter
+from gptk_jax.decoding.acceptance import acceptance_stats
+from gptk_jax.decoding.cost import VerifyCost, as_verify_cost
+from gptk_jax.decoding.lookup import LookupDrafter
+from gptk_jax.decoding.oracle import OracleDrafter, RepeatDrafter, oracle_variables
+from gptk_jax.decoding.width import AutoWidth, expected_tokens
+from gptk_jax.heads import HeadConfig, init_head_params, make_head
+from gptk_jax.llama.config import LlamaConfig
+from gptk_jax.llama.model import init_params, params_for_model
+
+CFG = LlamaConfig(vocab_size=23, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                  rope_theta=10000.0, max_seq_len=256)
+K = 4             # W_max: the trunk's token + 3 drafts
+MAX_NEW = 24
+PAD = 0
+BUCKET = 8
+PROMPT_LENGTHS = [3, 9, 5, 12, 1, 7, 4, 10]
+PROBE_EVERY = 4   # probes often: W changes often, so the run switches executables often
+CPU_LIKE = {1: 1.0, 2: 1.1, 3: 1.25, 4: 1.4}      # W > 1 costs a little more
+DEAR = {1: 1.0, 2: 1.5, 3: 1.75, 4: 2.0}          # W > 1 costs a lot more
+CHEAP = {w: 1.1 ** (w - 1) for w in range(1, K + 1)}  # ~1.1x per extra token
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = params_for_model(init_params(CFG, jax.random.PRNGKey(7)), CFG)
+    rs = np.random.RandomState(3)
+    prompts = []
+    for n in PROMPT_LENGTHS:     # a repeated phrase gives the lookup something to find
+        phrase = rs.randint(1, CFG.vocab_size, 3).tolist()
+        prompts.append((phrase + rs.randint(1, CFG.vocab_size, n).tolist() + phrase)[:n + 3])
+    decoder = Decoder(CFG, params, stop_ids=[], pad_id=PAD)
+    greedy = decoder.generate(prompts, MAX_NEW, bucket=BUCKET)
+    return decoder, prompts, greedy
+
+
+def _same_as_greedy(result, greedy):
+    assert result.tokens == greedy.tokens
+    assert result.stop_reasons == greedy.stop_reasons
+    assert result.num_generated == greedy.num_generated
+
+
+def _check_width_stats(result):
+    s = result.stats
+    iterations = (result.loop_iterations if hasattr(result, "loop_iterations")
+                  else result.num_steps - 1)
+    assert s["tokens_per_step_mode"] == "auto" and result.tokens_per_step == K
+    assert sum(s["chosen_w_histogram"]) == iterations
+    assert sum(s["width_histogram"]) == s["verify_steps"] == sum(s["steps_per_row"])
+    assert all(len(w) == n for w, n in zip(s["widths_per_row"], s["steps_per_row"]))
+    # every step emits >= 1 token; a step at W accepts at most W - 1 drafts
+    for acc, ws in zip(s["accepted_per_row"], s["widths_per_row"]):
+        assert all(0 <= a <= w - 1 for a, w in zip(acc, ws))
+    assert s["tokens_from_verify_steps"] == sum(n - 1 for n in result.num_generated)
+
+
+def _probe_bound(iterations):
+    """decoding/width.py: at most 1 + floor((S - 1) / (probe_every + 1)) probes in S steps."""
+    return 1 + (iterations - 1) // (PROBE_EVERY + 1)
+
+
+@pytest.mark.parametrize("name, continuous", [("lstm-heads", False), ("lookup", False),
+                                              ("lookup", True)])
+def test_auto_w_equals_greedy(setup, name, continuous):
+    decoder, prompts, greedy = setup
+    if name == "lookup":
+        drafter, variables = LookupDrafter(K - 1), LookupDrafter.variables()
+    else:
+        head_config = HeadConfig(kind="lstm", k=K)
+        head_params = init_head_params(make_head(head_config, CFG), decoder.params,
+                                       jax.random.PRNGKey(5))
+        drafter, variables = head_drafter(head_config, head_params, CFG, decoder.params)
+    auto = decoder.replace(drafter=drafter, drafter_vars=variables,
+                           tokens_per_step=AutoWidth(probe_every=PROBE_EVERY),
+                           verify_cost={1: CPU_LIKE, 8: DEAR})
+    if continuous:
+        result = auto.generate_continuous(prompts, MAX_NEW, batch_size=3, bucket=BUCKET)
+        between = VerifyCost({1: CPU_LIKE, 8: DEAR}).relative(3, K)   # B=3: interpolated
+        assert result.stats["step_cost"] == pytest.approx(list(between))
+    else:
+        result = auto.generate(prompts, MAX_NEW, bucket=BUCKET)
+        assert result.stats["step_cost"] == pytest.approx(list(DEAR.values()))
+    _same_as_greedy(result, greedy)
+    _check_width_stats(result)
+    assert result.stats["step_cost_source"] == "given"
+    assert result.stats["chosen_w_histogram"][K] >= 1          # the first step probes
+    if name == "lookup":   # the lookup is right often enough here for W to change
+        assert sum(1 for n in result.stats["chosen_w_histogram"] if n) >= 2
+
+
+def test_never_right_settles_at_one(setup):
+    """Every draft wrong (the oracle's continuation, every token shifted) and W > 1 dear: every
+    step but the probes runs at W = 1, so the run takes greedy's steps (each emits one token
+    either way) and its cost is greedy's plus at most the bound's probes at W_max."""
+    decoder, prompts, greedy = setup
+    references = oracle_variables([t for t in greedy.tokens], [len(p) for p in prompts],
+                                  len(prompts), K - 1)
+    auto = decoder.replace(drafter=OracleDrafter(K - 1, CFG.vocab_size, corrupt_prob=1.0),
+                           drafter_vars=references,
+                           tokens_per_step=AutoWidth(probe_every=PROBE_EVERY), verify_cost=DEAR)
+    result = auto.generate(prompts, MAX_NEW, bucket=BUCKET)
+    _same_as_greedy(result, greedy)
+    _check_width_stats(result)
+    steps, greedy_steps = result.num_steps - 1, greedy.num_steps - 1
+    hist = result.stats["chosen_w_histogram"]
+    probes = sum(hist[2:])
+    assert hist[2] == hist[3] == 0 and probes == hist[K]       # only probes run above W = 1
+    assert probes <= _probe_bound(steps)
+    assert steps <= greedy_steps + _probe_bound(steps)
+    cost = sum(n * DEAR[w] for w, n in enumerate(hist) if n)
+    assert cost <= greedy_steps * DEAR[1] + _probe_bound(steps) * (DEAR[K] - DEAR[1])
+    assert result.stats["offset_acceptance_estimate"]["2"] < 0.05
+    assert result.stats["per_offset_acceptance"]["2"] < 0.05
+
+
+def test_oracle_settles_at_max(setup):
+    decoder, prompts, greedy = setup
+    references = oracle_variables([t for t in greedy.tokens], [len(p) for p in prompts],
+                                  len(prompts), K - 1)
+    auto = decoder.replace(drafter=OracleDrafter(K - 1, CFG.vocab_size),
+                           drafter_vars=references,
+                           tokens_per_step=AutoWidth(probe_every=PROBE_EVERY), verify_cost=CHEAP)
+    result = auto.generate(prompts, MAX_NEW, bucket=BUCKET)
+    _same_as_greedy(result, greedy)
+    _check_width_stats(result)
+    hist = result.stats["chosen_w_histogram"]
+    assert hist[K] == sum(hist) == result.num_steps - 1          # every step at W_max
+    assert result.stats["offset_acceptance_estimate"]["2"] > 0.9
+
+
+@pytest.mark.slow  # one compile per W for the calibration, then the loop's (~10 s CPU)
+def test_measured_calibration(setup):
+    """No table given: a short calibration of this decoder's step at the batch it runs (kept
+    on the decoder, so the next call at that batch does not measure again)."""
+    decoder, prompts, greedy = setup
+    auto = decoder.replace(drafter=RepeatDrafter(K - 1), tokens_per_step="auto")
+    assert auto.width_policy.max_width == K and auto.tokens_per_step == K
+    result = auto.generate(prompts[:2], MAX_NEW, bucket=BUCKET)
+    assert result.tokens == greedy.tokens[:2]
+    assert result.stats["step_cost_source"] == "measured"
+    costs = result.stats["step_cost"]
+    assert len(costs) == K and costs[0] == 1.0 and costs == sorted(costs)
+    assert 2 in auto.measured_cost and set(auto.measured_cost.seconds[2]) == set(range(1, K + 1))
+    again = auto.generate(prompts[:2], MAX_NEW, bucket=BUCKET)
+    assert again.stats["calibration_seconds"] < result.stats["calibration_seconds"]
+
+
+def test_verify_cost_table(tmp_path):
+    cost = VerifyCost({1: {1: 2.0, 2: 2.2, 4: 3.0}, 8: {1: 10.0, 2: 14.0, 4: 22.0, 8: 40.0}},
+                      source="test")
+    assert cost.relative(1, 4) == pytest.approx([1.0, 1.1, 1.3, 1.5])   # W=3 between 2 and 4
+    assert cost.relative(1, 5) == pytest.approx([1.0, 1.1, 1.3, 1.5, 1.7])  # past 4: linear
+    assert cost.relative(8, 4) == pytest.approx([1.0, 1.4, 1.8, 2.2])
+    assert cost.relative(16, 2) == pytest.approx([1.0, 1.4])            # the nearest batch
+    assert cost.relative(4, 2) == pytest.approx([1.0, 1.1 + 0.3 * 3 / 7])  # between 1 and 8
+    noisy = VerifyCost({1: 1.0, 2: 0.9, 3: 1.2})                          # any batch
+    assert noisy.relative(5, 3) == pytest.approx([1.0, 1.0, 1.2])       # never below a smaller W
+    path = tmp_path / "cost.json"
+    cost.save(path)
+    loaded = VerifyCost.load(path)
+    assert loaded.seconds == cost.seconds and loaded.source == "test"
+    assert as_verify_cost(str(path)).seconds == cost.seconds
+    assert as_verify_cost(cost.to_dict()).seconds == cost.seconds
+    with pytest.raises(ValueError, match="W = 1"):
+        VerifyCost({8: {2: 1.0}})
+    with pytest.raises(ValueError, match="W = 1 only"):
+        VerifyCost({1: 1.0}).relative(1, 2)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a verify cost table"):
+        VerifyCost.load(tmp_path / "bad.json")
+
+
+def test_expected_tokens_and_stats_with_widths():
+    assert np.asarray(expected_tokens(np.array([1.0, 0.5, 0.0]))).tolist() == [1, 2, 2.5, 2.5]
+    # steps at W = 1, 4, 2, 4: offset 3 is reached only in the W = 4 steps that accepted 1
+    stats = acceptance_stats([0, 3, 1, 1], [1, 4, 2, 2], 3, widths=[1, 4, 2, 4])
+    assert stats["per_offset_acceptance"] == {"2": 1.0, "3": 0.5, "4": 1.0}
+    assert stats["width_histogram"] == [0, 1, 1, 0, 2]
+
+
+def test_auto_settings_are_checked(setup):
+    decoder, _, _ = setup
+    assert decoder.replace(tokens_per_step="auto").tokens_per_step == 1    # no drafter: greedy
+    with pytest.raises(DecodingError, match="max_width"):
+        decoder.replace(drafter=RepeatDrafter(K - 1), tokens_per_step=AutoWidth(max_width=K + 1))
+    with pytest.raises(DecodingError, match="probe_every"):
+        decoder.replace(drafter=RepeatDrafter(K - 1), tokens_per_step=AutoWidth(probe_every=0))
+    with pytest.raises(DecodingError, match="'auto'"):
+        decoder.replace(drafter=RepeatDrafter(K - 1), tokens_per_step="fast")
+    narrow = decoder.replace(drafter=RepeatDrafter(K - 1), tokens_per_step=AutoWidth(max_width=2))
+    assert narrow.tokens_per_step == 2
+    assert narrow.replace(stop_ids=[3]).width_policy == narrow.width_policy   # kept by replace

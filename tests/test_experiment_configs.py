@@ -1,0 +1,53 @@
+"""The experiment configs (configs/results_smollm2.py, one per family after the colon) load
+and validate as the trainer reads them, train what docs/results.md says, and share one cache."""
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptk_jax.cli import configs_module
+from gptk_jax.heads import make_head
+from gptk_jax.training.inputs import tiny_trunk_config
+from gptk_jax.training.optim import make_optimizer
+from gptk_jax.training.settings import RunSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+configs_module()
+
+
+def results_config(family):
+    return importlib.import_module("configs.results_smollm2").get_config(family)
+
+
+@pytest.mark.parametrize("family, kind, recipe", [("linear", "linear", "default"),
+                                                  ("lstm", "lstm", "conditioned"),
+                                                  ("poma", "poma", "default")])
+def test_results_configs_validate(family, kind, recipe):
+    settings = RunSettings.from_config(results_config(family))
+    assert (settings.head.kind, settings.head.recipe) == (kind, recipe)
+    assert settings.head.k == 4 and tuple(settings.head.offsets) == (2, 3, 4)
+    make_head(settings.head, tiny_trunk_config())
+    make_optimizer(settings.optimizer, 100)
+    # the trunk's own translations, the validation rows held out of training
+    assert all("distilled" in f for f in settings.data.train_target_files)
+    assert tuple(settings.data.eval_line_range) == (2701, 3000)
+    assert settings.data.shots == 2 and settings.data.space_with_target
+
+
+def test_families_share_one_feature_cache():
+    dirs = {results_config(f).features.cache_dir for f in ("linear", "lstm", "poma")}
+    assert dirs == {"runs/results/feature_cache"}
+
+
+def test_unknown_family_is_one_line_from_the_trainer(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gptk_jax.train", "--config",
+                           str(ROOT / "configs" / "results_smollm2.py") + ":gru",
+                           "--workdir", str(tmp_path / "w")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown family" in lines[0] and "gru" in lines[0], proc.stderr
