@@ -3,7 +3,8 @@ and docs/results.json. The protocol lives in configs/results_smollm2.py (trainin
 evaluation flags below (what is measured); this script only runs them in order.
 
     python bench/results.py [--families linear,lstm,poma] [--runs-dir runs/results]
-        [--max-sentences 200] [--batch-sizes 1,8] [--tokens-per-step auto|4] [--report-only]
+        [--max-sentences 200] [--batch-sizes 1,8] [--tokens-per-step 4] [--no-choose-width]
+        [--report-only]
 
 Per family, each step skipped when its output is there (training resumes from its checkpoint,
 evaluation reuses its finished runs), so a rerun after a stop continues:
@@ -56,6 +57,8 @@ def eval_command(args, family: str, first: bool) -> list[str]:
            "--lookup", "--continuous", "--output", str(run / "eval"), "--no-progress"]
     if args.tokens_per_step:
         cmd += ["--tokens-per-step", args.tokens_per_step]
+    if args.choose_width:
+        cmd.append("--choose-width")
     if args.draft_vocab_size:
         cmd += ["--draft-vocab-size", str(args.draft_vocab_size), "--draft-vocab-from",
                 str(Path(args.data_root) / DISTILLED)]
@@ -118,6 +121,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--tokens-per-step", "--k", default=None,
                    help="W of the evaluation (default: the heads' own)")
+    p.add_argument("--choose-width", action=argparse.BooleanOptionalAction, default=True,
+                   help="drafters choose W per step by measured cost (--no-choose-width: "
+                        "fixed W)")
     p.add_argument("--draft-vocab-size", type=int, default=4096,
                    help="heads draft over this many tokens of the distilled text (0: all)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")

@@ -49,7 +49,7 @@ def test_entries_names_and_numbers(tmp_path):
     assert collected["entries"][2]["train_minutes"] is None          # lookup is not trained
     assert collected["entries"][4]["recipe"] == "conditioned"
     text = markdown(collected)
-    assert "| linear | default | 1.50 | 1.10× | 0.99× | 1.02× | 0.40, 0.30, 0.20 | yes |" in text
+    assert "| linear | default | 1.50 | 1.10× | 0.99× | 1.02× | 0.40, 0.30, 0.20 | fixed / fixed | yes |" in text
     assert "Partial" not in text
     assert results_json(collected, "x")["partial"] is False
 
@@ -73,3 +73,13 @@ def test_a_run_differing_from_greedy_is_flagged(tmp_path):
                                        "mtp/b1": _run(1.5, 1.1, identical=False)})
     text = markdown(collect(tmp_path, ["linear"]))
     assert "| **no** |" in text
+
+
+def test_w_chosen_per_step_is_shown(tmp_path):
+    auto = dict(_run(1.4, 1.05), chosen_w_histogram=[0, 5, 1, 0, 2],
+                tokens_per_step_mode="auto")
+    _write_family(tmp_path, "linear", {"greedy/b1": _run(), "mtp/b1": auto,
+                                       "greedy/b8": _run(), "mtp/b8": _run(1.4, 0.99)})
+    collected = collect(tmp_path, ["linear"])
+    assert collected["entries"][0]["runs"]["b1"]["chosen_w_histogram"] == [0, 5, 1, 0, 2]
+    assert "| 5:1:0:2 / fixed |" in markdown(collected)

@@ -103,7 +103,8 @@ def _entry(drafter: str, method: str, report: dict) -> Optional[dict]:
         entry["runs"][f"b{batch}" + ("/continuous" if schedule == "continuous" else "")] = {
             key: run.get(key) for key in (
                 "tau", "speedup", "tokens_per_second", "per_offset_acceptance",
-                "tokens_per_step_histogram", "draft_ms_per_step", "identical_to_greedy")
+                "tokens_per_step_mode", "chosen_w_histogram", "step_cost",
+                "identical_to_greedy")
             if run.get(key) is not None}
     static = {b: entry["runs"].get(f"b{b}", {}) for b in (1, 8)}
     entry.update(tau_k4=(static[1] or static[8]).get("tau"),
@@ -114,6 +115,14 @@ def _entry(drafter: str, method: str, report: dict) -> Optional[dict]:
 
 def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _widths(run: Optional[dict]) -> str:
+    """'fixed' or the loop steps run at W = 1, 2, ... (auto W)."""
+    if not run:
+        return "–"
+    histogram = run.get("chosen_w_histogram")
+    return "fixed" if histogram is None else ":".join(str(n) for n in histogram[1:])
 
 
 def markdown(collected: dict, header: Sequence[str] = ()) -> str:
@@ -131,16 +140,18 @@ def markdown(collected: dict, header: Sequence[str] = ()) -> str:
               "decoder in the same process (static batches) or over continuous greedy "
               "(continuous); τ = tokens per verify step, the bonus token included.", "",
               "| drafter | recipe | τ | speedup b1 | speedup b8 | speedup b8 continuous | "
-              "per-offset acceptance (b1) | identical to greedy | train min / positions |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "per-offset acceptance (b1) | W chosen b1 / b8 (steps at W=1..) | "
+              "identical to greedy | train min / positions |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         acc = (e["runs"].get("b1") or e["runs"].get("b8") or {}).get("per_offset_acceptance")
         rates = ", ".join(_fmt(v) for v in acc.values()) if acc else "–"
         train = (f"{_fmt(e['train_minutes'], '.1f')} / {e['train_positions'] or '–'}"
                  if e["train_minutes"] or e["train_positions"] else "–")
+        chosen = " / ".join(_widths(e["runs"].get(f"b{b}")) for b in (1, 8))
         lines.append(f"| {e['drafter']} | {e['recipe'] or '–'} | {_fmt(e['tau_k4'])} | "
                      f"{_fmt(e['speedup_b1'], '.2f', '×')} | {_fmt(e['speedup_b8'], '.2f', '×')}"
-                     f" | {_fmt(e['speedup_b8_continuous'], '.2f', '×')} | {rates} | "
+                     f" | {_fmt(e['speedup_b8_continuous'], '.2f', '×')} | {rates} | {chosen} | "
                      f"{'yes' if e['identical_to_greedy'] else '**no**'} | {train} |")
     return "\n".join(lines + [""])
 

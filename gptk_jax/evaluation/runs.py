@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence, Union
 
+import numpy as np
+
 from tqdm import tqdm
 
 from gptk_jax.decoding.acceptance import acceptance_stats
@@ -56,9 +58,20 @@ def pooled(results: list) -> dict:
 
 
 def mtp_summary(results: list, k: int) -> dict:
+    """Acceptance over every verify step of the results; with W chosen per step (auto), each
+    step's W (an offset counts as reached only where it was drafted), the W histogram and the
+    step costs the choice used."""
     accepted = [a for r in results for row in r.stats["accepted_per_row"] for a in row]
     emitted = [e for r in results for row in r.stats["emitted_per_row"] for e in row]
-    return acceptance_stats(accepted, emitted, num_drafts=k - 1)
+    auto = all("widths_per_row" in r.stats for r in results) and results
+    widths = [w for r in results for row in r.stats["widths_per_row"] for w in row] \
+        if auto else None
+    stats = acceptance_stats(accepted, emitted, num_drafts=k - 1, widths=widths)
+    if auto:
+        chosen = np.sum([np.asarray(r.stats["chosen_w_histogram"]) for r in results], axis=0)
+        stats.update(tokens_per_step_mode="auto", chosen_w_histogram=chosen.tolist(),
+                     step_cost=results[-1].stats.get("step_cost"))
+    return stats
 
 
 def against_greedy(tokens: list, greedy_tokens: list) -> dict:
