@@ -3,7 +3,7 @@
     python -m gptk_jax.distill --checkpoint DIR --input PREFIX --output FILE \\
         [--max-pairs N] [--batch-size 16] [--tokens-per-step 4] [--chunk 256] \\
         [--max-new-tokens 128] [--shots 0] [--shots-prefix PREFIX] [--space-with-target] \\
-        [--bos/--no-bos] [--num-shards N --shard-index I]
+        [--bos/--no-bos] [--num-shards N --shard-index I] [--redo-damaged]
     python -m gptk_jax.distill --output FILE --num-shards N --merge [--input PREFIX]
 
 Line i of FILE is the trunk's greedy translation of line i of PREFIX.{src_lang}, so FILE can
@@ -12,7 +12,11 @@ records the prompt format, model, decoding and progress (gptk_jax/training/disti
 prompt format (--shots, --space-with-target, BOS) the heads will be trained and decoded with.
 Decoding is exact: continuous batching over --batch-size slots with prompt-lookup drafts, W
 tokens per verify step (--tokens-per-step, alias --k; 1: plain greedy; the decoder comes from
-gptk_jax.decoding.factory). Resumable: a rerun continues where it stopped.
+gptk_jax.decoding.factory). Resumable: a rerun continues where it stopped, once it has checked
+that the sources and the lines written are those FILE.json fingerprints (else refused, naming the
+first line that differs; --redo-damaged translates damaged lines again). FILE is written only if
+this command created it (an existing FILE without its record is refused, untouched), and by one
+run at a time: FILE.lock names the run holding it (a second one is refused with its PID).
 
 Scale-out: N runs of the same command with --num-shards N and --shard-index 0..N-1 (one per host,
 or one per accelerator: CUDA_VISIBLE_DEVICES=I) translate source lines I, I+N, I+2N, ... each,
@@ -44,16 +48,14 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
             shots_prefix=None, space_with_target: bool = False, bos: Optional[bool] = None,
             progress: bool = True, stop_after: Optional[int] = None,
             command: Sequence[str] = (), num_shards: int = 1,
-            shard_index: Optional[int] = None) -> dict:
+            shard_index: Optional[int] = None, redo_damaged: bool = False) -> dict:
     """Appends the translations of source lines [lines already in output, max_pairs) to
-    `output`; returns the record (FILE.json). With num_shards N > 1: only lines shard_index,
-    shard_index + N, ... into FILE.shardI-of-N (merging is the caller's:
-    `training.distill_shards.merge_shards`)."""
-    from gptk_jax.data.prompts import prompt_format, prompt_record, translation_stop_ids
+    `output`, holding its lock (FILE.lock) for the run; returns the record (FILE.json). With
+    num_shards N > 1: only lines shard_index, shard_index + N, ... into FILE.shardI-of-N
+    (merging is the caller's: `training.distill_shards.merge_shards`)."""
+    from gptk_jax.data.prompts import prompt_format
     from gptk_jax.data.wmt import read_text_lines
-    from gptk_jax.llama.checkpoint import load_converted
-    from gptk_jax.training.distill import (DistillError, DistillPlan, distill_sources,
-                                           model_fingerprint)
+    from gptk_jax.training.distill import DistillError, output_lock
     from gptk_jax.training.distill_shards import (check_shard_arguments, shard_path,
                                                   shard_sources)
 
@@ -76,10 +78,31 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
         sources = shard_sources(sources, shard_index, num_shards)
         output = shard_path(Path(output), shard_index, num_shards)
     output = Path(output)
+    if output.exists() and not output.is_file():
+        raise DistillError(f"--output {output} is not a file: choose a file path for the "
+                           f"translations")
     output.parent.mkdir(parents=True, exist_ok=True)
     fmt = prompt_format(src_lang, tgt_lang, shots, space_with_target, shots_from=shots_prefix)
-    model = load_converted(checkpoint)
+    with output_lock(output):
+        return _distill_locked(checkpoint, fmt, source_path, sources, output, shard,
+                               all_sources, bos=bos, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, tokens_per_step=tokens_per_step,
+                               chunk=chunk, command=command, progress=progress,
+                               stop_after=stop_after, redo_damaged=redo_damaged)
+
+
+def _distill_locked(checkpoint, fmt, source_path, sources, output, shard, all_sources, *, bos,
+                    max_new_tokens, batch_size, tokens_per_step, chunk, command, progress,
+                    stop_after, redo_damaged) -> dict:
+    from gptk_jax.data.prompts import prompt_record, translation_stop_ids
+    from gptk_jax.llama.checkpoint import load_converted
+    from gptk_jax.training.distill import (DistillPlan, check_resume, distill_sources,
+                                           model_fingerprint, record_path)
     import hashlib
+
+    if output.exists() and not record_path(output).is_file():   # refused before the model
+        check_resume(None, output, sources)                      # loads, nothing changed
+    model = load_converted(checkpoint)
     stops = ",".join(map(str, translation_stop_ids(model.tokenizer)))
     plan = DistillPlan(
         input=str(Path(source_path).resolve()), sources=len(sources),
@@ -92,7 +115,8 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
         shard=shard, all_sources=all_sources)
     return distill_sources(model, fmt, sources, output, plan, batch_size=batch_size,
                            tokens_per_step=tokens_per_step, chunk=chunk, bos=bos,
-                           command=command, progress=progress, stop_after=stop_after)
+                           command=command, progress=progress, stop_after=stop_after,
+                           redo_damaged=redo_damaged)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -125,6 +149,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="N runs share the work: this one translates every N-th source line")
     p.add_argument("--shard-index", type=int, default=None,
                    help="this run's shard, 0..N-1 (lines I, I+N, ... into OUTPUT.shardI-of-N)")
+    p.add_argument("--redo-damaged", action="store_true",
+                   help="translate again the chunk holding the first line of OUTPUT that "
+                        "differs from what the record says was written (and those after it)")
     p.add_argument("--merge", action="store_true",
                    help="only merge the N complete shards of OUTPUT into OUTPUT (no model)")
     args = p.parse_args(argv)
@@ -163,7 +190,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          space_with_target=args.space_with_target, bos=args.bos,
                          progress=not args.no_progress, stop_after=args.stop_after,
                          command=["python", "-m", "gptk_jax.distill", *argv],
-                         num_shards=args.num_shards, shard_index=args.shard_index)
+                         num_shards=args.num_shards, shard_index=args.shard_index,
+                         redo_damaged=args.redo_damaged)
         session = record["sessions"][-1]
         rate = session["generated_tokens"] / max(session["seconds"], 1e-9)
         written = args.output if args.num_shards == 1 else \
@@ -173,7 +201,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{record['sources']} lines in {written}")
         if args.num_shards > 1:
             if all_complete(Path(args.output), args.num_shards):
-                return _merge(args)
+                from gptk_jax.locks import LockHeld
+                try:
+                    return _merge(args)
+                except LockHeld as e:      # another shard's run is merging them right now
+                    print(f"not merged here: {e}")
+                    return 0
             waiting = [s.index for s in read_shards(Path(args.output), args.num_shards)
                        if s.record is None or s.lines_written() != s.expected(args.num_shards)]
             print(f"shards {waiting} of {args.num_shards} are not complete yet: the run that "

@@ -10,10 +10,17 @@ decoding (continuous batching + prompt-lookup drafts: the tokens of greedy decod
                   generated tokens, seconds) and one entry per session
 
 Resumable: lines are appended per chunk (flushed, fsync-ed) and the record replaced atomically
-after each chunk; a rerun drops a partial last line, checks that its settings match the record
-(a different prompt format, model, input or max new tokens is refused, naming the keys) and
-translates only the rest. Greedy decoding does not depend on the batch a prompt shares, so a
-resumed run writes the lines an uninterrupted one writes.
+after each chunk, with the chunk's fingerprints (HASH_CHARS of sha256 per source line and per
+written line, and its bytes). The record is written before FILE is created, so FILE is ours
+only when its record is there: an existing FILE without one is refused, never touched. A rerun
+checks that its settings match the record (a different prompt format, model, input or max new
+tokens is refused, naming the keys), that the sources of the recorded lines are unchanged and
+that the recorded lines are intact (either refused naming the first line that differs;
+--redo-damaged translates a damaged chunk and those after it again), cuts what follows the
+recorded lines (a run stopped inside a chunk) and translates only the rest. One writer per
+FILE: `output_lock` (FILE.lock, gptk_jax/locks.py) refuses a second run, naming the first.
+Greedy decoding does not depend on the batch a prompt shares, so a resumed run writes the lines
+an uninterrupted one writes.
 
 Shards (training/distill_shards.py): N runs on other hosts or devices, run I writing every N-th
 source's line from I into FILE.shardI-of-N (the same format; its record also names the shard),
@@ -30,7 +37,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from gptk_jax.data.prompts import PromptFormat, encode_prompts, prompt_record
 from gptk_jax.errors import GptkError
@@ -39,6 +46,7 @@ from gptk_jax.files import atomic_write_text, read_json_object
 RECORD_FORMAT = "gptk-distill-1"
 # a change in any of these makes earlier lines another distillation's: refused on resume
 IDENTITY_KEYS = ("input", "prompt_format", "model", "max_new_tokens", "stop_ids_sha256")
+HASH_CHARS = 8      # hex characters of sha256 kept per source and output line
 
 
 class DistillError(GptkError, ValueError):
@@ -47,18 +55,6 @@ class DistillError(GptkError, ValueError):
 
 def record_path(output: Path) -> Path:
     return output.with_name(output.name + ".json")
-
-
-def lines_done(output: Path) -> int:
-    """Complete lines already in `output`; a trailing partial line is cut off the file."""
-    if not output.exists():
-        return 0
-    data = output.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with open(output, "r+b") as f:
-            f.truncate(end)
-    return data[:end].count(b"\n")
 
 
 def one_line(text: str) -> str:
@@ -100,22 +96,81 @@ class DistillPlan:
         return {k: getattr(self, k) for k in keys}
 
 
-def check_resume(plan: DistillPlan, output: Path, done: int) -> dict:
-    """The record to continue (a fresh one when nothing was written); refuses a rerun whose
-    identity differs from the record, or lines without a record."""
+def lock_path(output: Path) -> Path:
+    """The lock file of one writer of `output` (gptk_jax/locks.py)."""
+    return output.with_name(output.name + ".lock")
+
+
+def output_lock(output: Path, log: Optional[Callable[[str], None]] = print):
+    """Held for a run that writes `output` (and its record): a second one is refused naming
+    the first's PID and start time."""
+    from gptk_jax.locks import exclusive_lock
+    return exclusive_lock(lock_path(Path(output)), f"--output {output}", log=log)
+
+
+def line_hashes(lines: Sequence[str]) -> str:
+    """HASH_CHARS hex characters of sha256 per line, concatenated: what a resume compares."""
+    return "".join(hashlib.sha256(line.encode("utf-8", "surrogateescape")).hexdigest()
+                   [:HASH_CHARS] for line in lines)
+
+
+def chunk_entry(first: int, sources: Sequence[str], texts: Sequence[str]) -> dict:
+    """The record of one written chunk: output lines [first, first + len(texts)), the bytes
+    they take and the fingerprints of their sources and of the lines written."""
+    return {"first": first, "lines": len(texts),
+            "bytes": len("".join(t + "\n" for t in texts).encode("utf-8", "surrogateescape")),
+            "sources": line_hashes(sources), "output": line_hashes(texts)}
+
+
+def _first_difference(recorded: str, now: str) -> Optional[int]:
+    """The index of the first line whose fingerprint differs (a missing line differs)."""
+    for j in range(0, max(len(recorded), len(now)), HASH_CHARS):
+        if recorded[j:j + HASH_CHARS] != now[j:j + HASH_CHARS]:
+            return j // HASH_CHARS
+    return None
+
+
+def _source_line(plan: DistillPlan, j: int) -> int:
+    """1-based line number in the source file of distilled line j (a shard's every N-th)."""
+    if plan.shard is None:
+        return j + 1
+    return plan.shard["index"] + j * plan.shard["count"] + 1
+
+
+def fresh_record(plan: DistillPlan) -> dict:
+    record = {"format": RECORD_FORMAT, **plan.identity(), "sources": plan.sources,
+              "lines_written": 0, "output_bytes": 0, "chunks": [],
+              "generated_tokens": 0, "seconds": 0.0, "sessions": []}
+    if plan.all_sources is not None:
+        record["all_sources"] = plan.all_sources
+    return record
+
+
+def check_resume(plan: DistillPlan, output: Path, sources: Sequence[str], *,
+                 redo_damaged: bool = False,
+                 log: Callable[[str], None] = print) -> dict:
+    """The record to continue (a fresh one when there is no output). Writes only to a file
+    this distillation's record says it wrote: refuses (changing nothing) an output without a
+    record, a record of another distillation, sources that differ from those distilled and
+    output lines that differ from those written (`redo_damaged`: cut the file back to the
+    start of the first damaged chunk and translate from there). Lines past the recorded ones
+    (a run stopped inside a chunk) are cut off."""
     path = record_path(output)
-    if not path.exists():
-        if done:
-            raise DistillError(f"{output} has {done} lines but no record {path}: it was not "
-                               f"written by this distillation (remove it or choose another "
+    if output.exists() and not output.is_file():
+        raise DistillError(f"--output {output} is not a file: choose a file path for the "
+                           f"translations")
+    if not path.is_file():
+        if output.exists():
+            raise DistillError(f"{output} exists and has no record {path}: it was not written "
+                               f"by a distillation, and distill writes only to a file it "
+                               f"created (nothing was changed; remove it or choose another "
                                f"--output)")
-        record = {"format": RECORD_FORMAT, **plan.identity(), "sources": plan.sources,
-                  "lines_written": 0,
-                  "generated_tokens": 0, "seconds": 0.0, "sessions": []}
-        if plan.all_sources is not None:
-            record["all_sources"] = plan.all_sources
-        return record
+        return fresh_record(plan)
     record = read_json_object(path, DistillError)
+    if record.get("format") != RECORD_FORMAT:
+        raise DistillError(f"{path} is not a distillation record (format "
+                           f"{record.get('format')!r}, not {RECORD_FORMAT!r}): nothing was "
+                           f"changed; remove it or choose another --output")
     identity = {"shard": None, **plan.identity()}
     differ = [k for k in identity if record.get(k) != identity[k]]
     if differ:
@@ -124,10 +179,61 @@ def check_resume(plan: DistillPlan, output: Path, done: int) -> dict:
         raise DistillError(f"{output} is another distillation ({path} differs in "
                            f"{', '.join(differ)}): {details}. Remove both files or choose "
                            f"another --output")
+    if not output.exists():
+        if record.get("lines_written"):
+            log(f"{output} is missing: distilling afresh (its record {path} is replaced)")
+        return fresh_record(plan)
+    done = int(record.get("lines_written", 0))
+    chunks = record.get("chunks", None if done else [])
+    if chunks is None or sum(c["lines"] for c in chunks) != done:
+        raise DistillError(f"{path} has no fingerprints of the {done} lines of {output} (an "
+                           f"older version wrote it): its lines cannot be checked; remove "
+                           f"both files to distill afresh")
     if done > plan.sources:
         raise DistillError(f"{output} already has {done} lines, more than the {plan.sources} "
                            f"source lines asked for")
-    record["lines_written"] = done          # a crash may fall between the lines and the record
+    for c in chunks:
+        first = c["first"]
+        j = _first_difference(c["sources"], line_hashes(sources[first:first + c["lines"]]))
+        if j is not None:
+            raise DistillError(
+                f"source line {_source_line(plan, first + j)} of {plan.input} differs from "
+                f"the one distilled into line {first + j + 1} of {output}: the sources "
+                f"changed since; distill them into another --output (nothing was changed)")
+    data = output.read_bytes()
+    offset = 0
+    for k, c in enumerate(chunks):
+        part = data[offset:offset + c["bytes"]]
+        lines = part.split(b"\n")
+        now = line_hashes([line.decode("utf-8", "surrogateescape") for line in lines[:-1]])
+        j = _first_difference(c["output"], now)
+        if j is None and not part.endswith(b"\n"):
+            j = c["lines"] - 1
+        if j is not None:
+            line = c["first"] + j + 1
+            if not redo_damaged:
+                raise DistillError(
+                    f"line {line} of {output} differs from the line this distillation wrote "
+                    f"there (its record {path}): the file is damaged; rerun with "
+                    f"--redo-damaged to translate lines {c['first'] + 1}.. again (nothing "
+                    f"was changed)")
+            log(f"line {line} of {output} is damaged: translating lines {c['first'] + 1}.. "
+                f"again")
+            with open(output, "r+b") as f:
+                f.truncate(offset)
+            record["chunks"] = chunks[:k]
+            record["lines_written"] = c["first"]
+            record["output_bytes"] = offset
+            break
+        offset += c["bytes"]
+    else:
+        if len(data) > offset:
+            log(f"{output}: dropped {len(data) - offset} bytes after the last recorded line "
+                f"(a run stopped inside a chunk)")
+            with open(output, "r+b") as f:
+                f.truncate(offset)
+        record["lines_written"] = done
+        record["output_bytes"] = offset
     record["sources"] = plan.sources         # the first N lines: N may grow on a rerun
     if plan.all_sources is not None:
         record["all_sources"] = plan.all_sources
@@ -141,14 +247,16 @@ def shot_sources(fmt: PromptFormat) -> frozenset:
 def distill_sources(model, fmt: PromptFormat, sources: Sequence[str], output: Path,
                     plan: DistillPlan, *, batch_size: int, tokens_per_step: int, chunk: int,
                     bos: Optional[bool], command: Sequence[str], progress: bool = True,
-                    stop_after: Optional[int] = None) -> dict:
+                    stop_after: Optional[int] = None, redo_damaged: bool = False,
+                    log: Callable[[str], None] = print) -> dict:
     """Translates sources[lines already in output:] chunk by chunk; returns the record.
-    `stop_after`: stop once that many lines are written this session (tests, time budgets)."""
+    `stop_after`: stop once that many lines are written this session (tests, time budgets).
+    The caller holds `output_lock(output)`; `check_resume` says what may be resumed."""
     from tqdm import tqdm
 
     tok = model.tokenizer
-    done = lines_done(output)
-    record = check_resume(plan, output, done)
+    record = check_resume(plan, output, sources, redo_damaged=redo_damaged, log=log)
+    done = record["lines_written"]
     record["decoding"] = plan.decoding
     todo = list(range(done, len(sources)))
     if stop_after is not None:
@@ -157,8 +265,8 @@ def distill_sources(model, fmt: PromptFormat, sources: Sequence[str], output: Pa
                "lines": 0, "generated_tokens": 0, "seconds": 0.0,
                "command": list(command), "decoding": plan.decoding}
     record["sessions"].append(session)
+    _save(output, record)         # before the output exists: a file without one is not ours
     if not todo:
-        _save(output, record)
         return record
     decoder = _decoder(model, tokens_per_step)
     excluded = shot_sources(fmt)
@@ -177,7 +285,9 @@ def distill_sources(model, fmt: PromptFormat, sources: Sequence[str], output: Pa
             for key, value in (("lines", len(lines)), ("generated_tokens", tokens),
                                ("seconds", seconds)):
                 session[key] += value
+            record["chunks"].append(chunk_entry(lines[0], [sources[i] for i in lines], texts))
             record["lines_written"] += len(lines)
+            record["output_bytes"] += record["chunks"][-1]["bytes"]
             record["generated_tokens"] += tokens
             record["seconds"] += seconds
             _save(output, record)
@@ -259,5 +369,6 @@ def target_lines_check(target_file: Path, source_path: str, target_lines: int,
                            f"{source_path} has {source_lines}: not its line-aligned target side")
 
 
-__all__ = ["DistillError", "DistillPlan", "check_resume", "distill_sources", "lines_done",
+__all__ = ["DistillError", "DistillPlan", "check_resume", "chunk_entry", "distill_sources",
+           "line_hashes", "lock_path", "output_lock",
            "model_fingerprint", "one_line", "read_record", "record_path", "target_lines_check"]

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gptk_jax.files import atomic_write_text, read_json_object
-from gptk_jax.training.distill import (IDENTITY_KEYS, RECORD_FORMAT, DistillError,
-                                       read_record, record_path)
+from gptk_jax.training.distill import (HASH_CHARS, IDENTITY_KEYS, RECORD_FORMAT,
+                                       DistillError, line_hashes, output_lock, read_record,
+                                       record_path)
 
 
 def check_shard_arguments(num_shards: int, shard_index: Optional[int]) -> None:
@@ -136,6 +137,30 @@ def merge_shards(output: Path, count: int, input_path: Optional[str] = None) -> 
     if count < 2:
         raise DistillError(f"--merge needs --num-shards >= 2, got {count}")
     output = Path(output)
+    with output_lock(output):
+        return _merge_locked(output, count, input_path)
+
+
+def _merged_chunk(shards: list[Shard], total: int, lines: list[str]) -> Optional[dict]:
+    """The merged FILE's one chunk: the shards' source fingerprints interleaved (None when a
+    shard's record has none)."""
+    count = len(shards)
+    hashes = []
+    for s in shards:
+        chunks = s.record.get("chunks")
+        if chunks is None:
+            return None
+        joined = "".join(c["sources"] for c in chunks)
+        hashes.append([joined[j:j + HASH_CHARS] for j in range(0, len(joined), HASH_CHARS)])
+        if len(hashes[-1]) != s.lines_written():
+            return None
+    data = "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
+    return {"first": 0, "lines": total, "bytes": len(data),
+            "sources": "".join(hashes[i % count][i // count] for i in range(total)),
+            "output": line_hashes(lines)}
+
+
+def _merge_locked(output: Path, count: int, input_path: Optional[str]) -> dict:
     shards, total = _checked(output, count)
     first = shards[0].record
     identity = {k: first[k] for k in IDENTITY_KEYS}
@@ -158,6 +183,9 @@ def merge_shards(output: Path, count: int, input_path: Optional[str] = None) -> 
                            for session in s.record["sessions"]],
               "decoding": first.get("decoding"),
               "merged_from": [s.path.name for s in shards]}
+    chunk = _merged_chunk(shards, total, lines)
+    if chunk is not None:
+        record.update(output_bytes=chunk["bytes"], chunks=[chunk] if total else [])
     # the record first: a crash between the two leaves a FILE whose line count its record
     # refuses (training's target_lines_check), never an unrecorded one
     atomic_write_text(record_path(output), json.dumps(record, indent=1) + "\n")

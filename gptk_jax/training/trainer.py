@@ -13,11 +13,14 @@
               was run: the real step, the steps this start ran, the settings and their changes
 
 Resume: the same command with the same WORKDIR continues from the latest checkpoint with the
-same losses as an uninterrupted run; metrics.jsonl keeps one row per step and split.
+same losses as an uninterrupted run; metrics.jsonl keeps one row per step and split. One run per
+WORKDIR: process 0 holds WORKDIR/train.lock (gptk_jax/locks.py) for the run; a second one is
+refused naming the first's PID and start time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,6 +46,7 @@ from gptk_jax.training.state import latest_checkpoint_step
 from gptk_jax.training.step import StepConfig
 
 HEADS_DIR = "heads"
+LOCK_FILE = "train.lock"      # held by the run writing the workdir (gptk_jax/locks.py)
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> Path:
@@ -204,14 +208,27 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     "heads"} ("eval_distilled": the validation on the trunk's own translations, or None): "step" is
     the heads' real step (a checkpoint past the config's step count runs no step: "steps_run"
     0)."""
-    run = _start(config, prepare_workdir(workdir), progress)
-    loop = TrainingLoop(run)
-    try:
-        result = loop.run()
-        if result["status"] == "completed":
-            result["heads"] = _export_heads(run, loop.state, result)
-            if result["heads"] is not None:
-                run.log(f"heads -> {result['heads']}")
-        return result
-    finally:
-        loop.close()
+    path = prepare_workdir(workdir)
+    with _workdir_lock(path):
+        run = _start(config, path, progress)
+        loop = TrainingLoop(run)
+        try:
+            result = loop.run()
+            if result["status"] == "completed":
+                result["heads"] = _export_heads(run, loop.state, result)
+                if result["heads"] is not None:
+                    run.log(f"heads -> {result['heads']}")
+            return result
+        finally:
+            loop.close()
+
+
+def _workdir_lock(workdir: Path):
+    """One run per workdir: process 0 holds WORKDIR/LOCK_FILE for the run (the other
+    processes of a multi-host run share its workdir); a second run is refused (LockHeld, a
+    GptkError: one line, exit 2) naming the first's PID and start time."""
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    from gptk_jax.locks import exclusive_lock
+    return exclusive_lock(workdir / LOCK_FILE, f"--workdir {workdir}",
+                          log=lambda msg: print(msg, flush=True))
