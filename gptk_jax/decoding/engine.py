@@ -30,8 +30,21 @@ shapes; they die with the decoder (and the decoders `replace` made from it, whic
 Bounded because every XLA:CPU executable maps its code into the process (hundreds of mappings
 each), and a process that compiles many shapes would reach the kernel's vm.max_map_count.
 
-Letters: B batch (slots), Q queued prompts, R rows refilled at once, P padded prompt length, W tokens
-per verify step (1: greedy), M max new tokens. (K is kept for kv heads.)
+Shared prefix (`shared_prefix=True`, the default): when every prompt of a static batch (of a
+continuous queue) starts with the same >= SHARED_PREFIX_MIN tokens (few-shot prompts: the
+instruction and shots), those are prefilled once at batch 1 (`loop.prefill_shared_prefix`) and
+kept on the decoder keyed by their tokens (MAX_PREFIXES, least recently used dropped; decoders
+made by `replace` share them), so the next batch with that prefix runs none of it; its cache is
+broadcast into the batch's and only each row's suffix is prefilled (loop.prefill_state). A held
+prefix that every prompt starts with is reused (batch 1 included) unless the prompts share
+SHARED_PREFIX_MIN more tokens than it; `add_shared_prefix` registers one explicitly. Tokens,
+hidden states and logits equal the whole prompts' prefill to float32 rounding, and the drafter
+consumes the whole prompt as before. The suffixes are right-padded whatever `padding` says
+(padding never changes the tokens). Results record `prompt_tokens`, `prefill_tokens` (run
+through the trunk) and `shared_prefix_tokens`.
+
+Letters: B batch (slots), Q queued prompts, R rows refilled at once, P padded prompt length,
+W tokens per verify step (1: greedy), M max new tokens. (K is kept for kv heads.)
 """
 
 from __future__ import annotations
@@ -48,14 +61,17 @@ import numpy as np
 from gptk_jax.decoding.acceptance import summarize
 from gptk_jax.decoding.cost import (VerifyCost, as_verify_cost, device_name,
                                     measure_step_seconds)
-from gptk_jax.decoding.inputs import DEFAULT_BUCKET, bucket_length, pad_prompts, stop_id_array
-from gptk_jax.decoding.loop import Drafter, NoDrafter, cache_slots, prefill_state, refill, run
+from gptk_jax.decoding.inputs import (DEFAULT_BUCKET, bucket_length, pad_prompts, pad_suffixes,
+                                     stop_id_array)
+from gptk_jax.decoding.loop import (Drafter, NoDrafter, SharedPrefix, cache_slots,
+                                    prefill_shared_prefix, prefill_state, refill, run)
 from gptk_jax.decoding.results import (ContinuousResult, GenerationResult, MTPResult,
                                        RowRecord, build_result, harvest)
 from gptk_jax.errors import GptkError
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.decoding.width import AutoWidth, acceptance_estimate, expected_tokens
 from gptk_jax.llama.model import params_for_model
+from gptk_jax.llama.prefix import common_prefix_length
 
 class DecodingError(GptkError, ValueError):
     """A request the trunk cannot decode (bad settings, no or empty prompts, token ids outside
@@ -73,6 +89,8 @@ def check_nonfinite(nonfinite: np.ndarray, prompt_of_row: Sequence[int]) -> None
 
 
 MAX_COMPILED = 32   # per decoder: 2 per static batch shape; continuous: ~2 + 1 per refill shape
+SHARED_PREFIX_MIN = 16   # fewer shared tokens: every row prefills its whole prompt
+MAX_PREFIXES = 4         # shared prefixes (batch-1 KV caches) kept per decoder
 
 
 class Executables:
@@ -158,21 +176,26 @@ class Decoder:
     `verify_cost` (a `VerifyCost`, a {batch: {W: cost}} dict or a saved table's path; None:
     measured with `calibrate` at the first call of each batch size, kept in `measured_cost`).
     `tokens_per_step` is then W_max (the buffers' width) and `width_policy` the AutoWidth.
-    max_compiled: executables kept on this decoder.
+    max_compiled: executables kept on this decoder. shared_prefix: prefill a prefix that every
+    prompt shares once and reuse it (module doc); False: every row prefills its whole prompt.
     """
 
     def __init__(self, model_config: LlamaConfig, params: dict, *, stop_ids: Iterable[int],
                  pad_id: int, drafter: Optional[Drafter] = None, drafter_vars: Any = (),
                  tokens_per_step: Union[int, str, AutoWidth, None] = None,
-                 verify_cost: Any = None, max_compiled: int = MAX_COMPILED):
+                 verify_cost: Any = None, max_compiled: int = MAX_COMPILED,
+                 shared_prefix: bool = True):
         self.config = model_config
         self.params = jax.device_put(params_for_model(params, model_config))
         self.executables = Executables(max_compiled)
         self.measured_cost = VerifyCost({}, source="Decoder.calibrate")
-        self._configure(stop_ids, pad_id, drafter, drafter_vars, tokens_per_step, verify_cost)
+        self.prefixes: collections.OrderedDict = collections.OrderedDict()  # tokens -> prefix
+        self._configure(stop_ids, pad_id, drafter, drafter_vars, tokens_per_step, verify_cost,
+                        shared_prefix)
 
     def _configure(self, stop_ids, pad_id, drafter, drafter_vars, tokens_per_step,
-                   verify_cost=None):
+                   verify_cost=None, shared_prefix=True):
+        self.shared_prefix = bool(shared_prefix)
         self.width_policy = check_width(drafter, tokens_per_step)
         if self.width_policy is not None:
             self.tokens_per_step = self.width_policy.max_width
@@ -191,14 +214,14 @@ class Decoder:
 
     def replace(self, **changes) -> "Decoder":
         """A decoder with other stop_ids / pad_id / drafter / drafter_vars / tokens_per_step /
-        verify_cost that shares this one's device params, and its executables while drafter
-        and W stay the same (other stop ids or drafter variables of the same shapes reuse
-        them). A new drafter starts with drafter_vars () and its default (fixed) W unless those
+        verify_cost / shared_prefix that shares this one's device params and held prefixes, and
+        its executables while drafter and W stay the same (other stop ids or drafter variables
+        of the same shapes reuse them). A new drafter starts with drafter_vars () and its default (fixed) W unless those
         are given too."""
         settings = dict(stop_ids=self.stop_ids, pad_id=self.pad_id, drafter=self.drafter,
                         drafter_vars=self.drafter_vars,
                         tokens_per_step=self.width_policy or self.tokens_per_step,
-                        verify_cost=self.verify_cost)
+                        verify_cost=self.verify_cost, shared_prefix=self.shared_prefix)
         unknown = sorted(set(changes) - set(settings))
         if unknown:
             raise TypeError(f"Decoder.replace: cannot change {unknown} (a new trunk needs a new "
@@ -274,6 +297,61 @@ class Decoder:
                 break
         return state, time.perf_counter() - start - compile_seconds, compile_seconds
 
+    # --- shared prefix ----------------------------------------------------------------------------
+    def add_shared_prefix(self, prefix_ids: Sequence[int]) -> SharedPrefix:
+        """Prefills `prefix_ids` (>= 1 token) once and holds it, so that later prompts starting
+        with it (batch 1 included) reuse it."""
+        prefix, _, _ = self._prefill_prefix(tuple(int(t) for t in prefix_ids))
+        return prefix
+
+    def _prefill_prefix(self, key: tuple) -> tuple[SharedPrefix, float, float]:
+        if not key:
+            raise DecodingError("a shared prefix needs at least one token")
+        if key in self.prefixes:
+            self.prefixes.move_to_end(key)
+            return self.prefixes[key], 0.0, 0.0
+        tokens = np.asarray(key, np.int32)[None]                               # [1,P]
+        prefix, seconds, compile_seconds = self._call(
+            prefill_shared_prefix, (), (self.params, tokens), statics=(self.config,))
+        self.prefixes[key] = prefix
+        while len(self.prefixes) > MAX_PREFIXES:
+            self.prefixes.popitem(last=False)
+        return prefix, seconds, compile_seconds
+
+    def _shared_prefix_for(self, prompt_ids: Sequence[Sequence[int]]
+                           ) -> tuple[Optional[SharedPrefix], int, float, float]:
+        """The prefix these prompts share -> (prefix or None, tokens run through the trunk
+        for it now (0: held already), seconds, compile seconds); see the module doc."""
+        if not self.shared_prefix:
+            return None, 0, 0.0, 0.0
+        shortest = min(len(p) for p in prompt_ids)
+        held = None
+        for key in self.prefixes:         # the longest held prefix every prompt starts with
+            n = len(key)
+            if n < shortest and (held is None or n > len(held)) and all(
+                    tuple(int(t) for t in p[:n]) == key for p in prompt_ids):
+                held = key
+        common = common_prefix_length(prompt_ids) if len(prompt_ids) > 1 else 0
+        if held is not None and common - len(held) < SHARED_PREFIX_MIN:
+            self.prefixes.move_to_end(held)
+            return self.prefixes[held], 0, 0.0, 0.0
+        if common < SHARED_PREFIX_MIN:
+            return None, 0, 0.0, 0.0
+        prefix, seconds, compile_seconds = self._prefill_prefix(
+            tuple(int(t) for t in prompt_ids[0][:common]))
+        return prefix, common, seconds, compile_seconds
+
+    def _padded(self, prompt_ids, prefix: Optional[SharedPrefix], padding: str, bucket: int,
+             batch_size: Optional[int]):
+        """-> (PromptBatch, padded prompt width: the prefix's P + the suffixes' when shared)."""
+        if prefix is None:
+            prompts = pad_prompts(prompt_ids, self.pad_id, padding=padding, bucket=bucket,
+                                  batch_size=batch_size)
+            return prompts, prompts.padded_length
+        prompts = pad_suffixes(prompt_ids, prefix.length, self.pad_id, bucket=bucket,
+                               batch_size=batch_size)
+        return prompts, prefix.length + prompts.padded_length
+
     # --- checks and executables -----------------------------------------------------------------
     def _check_request(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if max_new_tokens < 1:
@@ -314,13 +392,16 @@ class Decoder:
         batch_size pads the batch with inactive rows, so a short last batch reuses the
         executables. -> GenerationResult (greedy) / MTPResult (with a drafter)."""
         self._check_request(prompt_ids, max_new_tokens)
-        prompts = pad_prompts(prompt_ids, self.pad_id, padding=padding, bucket=bucket,
-                              batch_size=batch_size)
-        slots = cache_slots(prompts.padded_length, max_new_tokens, self.tokens_per_step)
+        prefix, prefix_run, prefix_seconds, prefix_compile = self._shared_prefix_for(prompt_ids)
+        prompts, width = self._padded(prompt_ids, prefix, padding, bucket, batch_size)
+        slots = cache_slots(width, max_new_tokens, self.tokens_per_step)
         statics, auto_info = self._loop_statics(prompts.tokens.shape[0])
         state, prefill_seconds, compile_a = self._call(
             prefill_state, (max_new_tokens, slots),
-            (self.params, self.drafter_vars, prompts, self._stops, self._pad), statics=statics)
+            (self.params, self.drafter_vars, prompts, self._stops, self._pad, prefix),
+            statics=statics)
+        prefill_seconds += prefix_seconds
+        compile_a += prefix_compile
         state, decode_seconds, compile_b = self._run(statics, state, stop_at_first=False)
         check_nonfinite(jax.device_get(state.nonfinite), range(len(prompt_ids)))
         rows = range(len(prompt_ids))
@@ -329,7 +410,8 @@ class Decoder:
                               self.tokens_per_step, num_steps=1 + int(state.step),
                               prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                               compile_seconds=compile_a + compile_b,
-                              padded_shape=tuple(prompts.tokens.shape))
+                              padded_shape=(prompts.tokens.shape[0], width),
+                              **_prefill_counts(prompt_ids, prefix, prefix_run))
         if self.width_policy is not None:
             _add_width_stats(result, harvest_widths(state, rows), state.width_stats, auto_info)
         return result
@@ -352,10 +434,12 @@ class Decoder:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DecodingError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         m, batch = max_new_tokens, batch_size
-        width = bucket_length(int(max(len(p) for p in prompt_ids)), bucket)  # widest batch
+        prefix, prefix_run, prefix_seconds, prefix_compile = self._shared_prefix_for(prompt_ids)
+        p = 0 if prefix is None else prefix.length
+        width = p + bucket_length(int(max(len(q) for q in prompt_ids)) - p, bucket)  # widest
         sizes = (m, cache_slots(width, m, self.tokens_per_step))
         shared = (self.params, self.drafter_vars)
-        clock = {"prefill": 0.0, "loop": 0.0, "compile": 0.0}
+        clock = {"prefill": prefix_seconds, "loop": 0.0, "compile": prefix_compile}
         loop_statics, auto_info = self._loop_statics(batch)
 
         def timed(fn, fn_statics, args, part):   # refill updates the state in place
@@ -373,9 +457,8 @@ class Decoder:
         widths = {}                         # prompt index -> W per step (auto W)
         # The first B prompts: one prefill, as a static batch would (filler rows start done).
         first = [queue.popleft() for _ in range(min(batch, len(queue)))]
-        prompts = pad_prompts([prompt_ids[i] for i in first], self.pad_id, padding=padding,
-                              bucket=bucket, batch_size=batch)
-        state = timed(prefill_state, sizes, shared + (prompts, self._stops, self._pad),
+        prompts, _ = self._padded([prompt_ids[i] for i in first], prefix, padding, bucket, batch)
+        state = timed(prefill_state, sizes, shared + (prompts, self._stops, self._pad, prefix),
                       "prefill")
         slot_prompt[:len(first)] = first
         prefill_calls = 1
@@ -405,11 +488,11 @@ class Decoder:
             free = [b for b in range(batch) if slot_prompt[b] < 0]
             take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
             rows_n = _pow2_at_most(len(take), batch)
-            prompts = pad_prompts([prompt_ids[i] for i in take], self.pad_id, padding=padding,
-                                  bucket=bucket, batch_size=rows_n)
+            prompts, _ = self._padded([prompt_ids[i] for i in take], prefix, padding, bucket,
+                                   rows_n)
             rows = np.array(free[:len(take)] + [batch] * (rows_n - len(take)), np.int32)
             state = timed(refill, sizes, shared + (state, prompts, rows, self._stops,
-                                                   self._pad), "prefill")
+                                                   self._pad, prefix), "prefill")
             prefill_calls += 1
             for b, i in zip(free, take):
                 slot_prompt[b] = i
@@ -421,11 +504,19 @@ class Decoder:
             prefill_seconds=clock["prefill"], decode_seconds=wall - clock["prefill"],
             compile_seconds=clock["compile"], padded_shape=(batch, width),
             loop_iterations=iterations, prefill_calls=prefill_calls, batch_size=batch,
-            loop_seconds=clock["loop"])
+            loop_seconds=clock["loop"], **_prefill_counts(prompt_ids, prefix, prefix_run))
         if self.width_policy is not None:
             _add_width_stats(result, [widths[i] for i in range(len(prompt_ids))],
                              state.width_stats, auto_info)
         return result
+
+
+def _prefill_counts(prompt_ids, prefix: Optional[SharedPrefix], prefix_run: int) -> dict:
+    """The result's prompt_tokens, prefill_tokens and shared_prefix_tokens (module doc)."""
+    total = int(sum(len(p) for p in prompt_ids))
+    p = 0 if prefix is None else prefix.length
+    return {"prompt_tokens": total, "prefill_tokens": total - p * len(prompt_ids) + prefix_run,
+            "shared_prefix_tokens": p}
 
 
 def harvest_widths(state, rows: Sequence[int]) -> list[list[int]]:

@@ -10,6 +10,10 @@ every row's next slot is P. RIGHT: pads last, positions = arange; after prefill 
 pad slot (a query never sees slots past its own, see llama/kv_cache.py). Both give the tokens a
 row gets alone.
 
+Shared prefix. `pad_suffixes` pads what follows a prefix every row shares (prefilled once,
+loop.SharedPrefix) RIGHT, at positions P.., cache lengths P + n_b: the right padding above with
+the prefix's P slots in front.
+
 Compilation. Prompt lengths are rounded up to a multiple of `bucket`, a short last batch is
 filled with inactive rows (`batch_size`), and stop-id arrays are padded with -1 to a multiple of
 STOP_IDS_MULTIPLE, so one executable serves many calls.
@@ -99,6 +103,21 @@ def pad_prompts(prompt_ids: Sequence[Sequence[int]], pad_id: int, *, padding: st
     return PromptBatch(tokens=tokens, token_mask=mask, positions=positions,
                        prompt_lengths=lengths, last_index=last_index.astype(np.int32),
                        cache_lengths=cache_lengths, active=active)
+
+
+def pad_suffixes(prompt_ids: Sequence[Sequence[int]], prefix_length: int, pad_id: int, *,
+                 bucket: int = DEFAULT_BUCKET, batch_size: Optional[int] = None) -> PromptBatch:
+    """The prompts less their first `prefix_length` tokens (each keeps >= 1), right-padded to
+    [B, bucket_length(longest suffix)]: positions, prompt lengths and cache lengths count the
+    prefix (P + ...); last_index indexes the suffix. Filler rows: one pad token after it."""
+    p = int(prefix_length)
+    if any(len(ids) <= p for ids in prompt_ids):
+        raise ValueError(f"every prompt needs at least one token after the {p}-token prefix")
+    batch = pad_prompts([list(ids)[p:] for ids in prompt_ids], pad_id, padding="right",
+                        bucket=bucket, batch_size=batch_size)
+    return batch.replace(positions=batch.positions + np.int32(p),
+                         prompt_lengths=batch.prompt_lengths + np.int32(p),
+                         cache_lengths=batch.cache_lengths + np.int32(p))
 
 
 def stop_id_array(stop_ids: Iterable[int]) -> np.ndarray:

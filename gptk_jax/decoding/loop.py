@@ -14,6 +14,12 @@ One `decode_step`, for every row at once (finished rows run along, frozen):
   4. roll back logically: `lengths = old + 1 + accepted` (rejected slots are overwritten by the
      next write and never attended before, see llama/kv_cache.py); the drafter advances over the
      accepted positions only; the bonus token is the next step's `next_token`.
+Shared prefix: `prefill_state` / `refill` may take a `SharedPrefix` (the tokens every row starts
+with, run through the trunk once at batch 1 by `prefill_shared_prefix`, llama/prefix.py's
+primitive): its keys and values are broadcast into slots 0..P-1 of every row and only each row's
+suffix is run, right-padded after it (`inputs.pad_suffixes`: positions P.., cache lengths
+P + n_b). The drafter still consumes the whole prompt: the prefix's hidden states and tokens
+(broadcast) followed by the suffix's, exactly what it reads from a right-padded whole prompt.
 A row whose verify logits hold a NaN or Inf (broken weights or inputs) is flagged
 (`nonfinite`, one `isfinite` reduction per step) and stopped; the engine raises naming it.
 Every step emits >= 1 token per active row, and the tokens are the trunk's own argmax, so the
@@ -116,18 +122,65 @@ class Prefilled:
     prompt_hidden_normed: jax.Array  # [B,P,D] at every prompt position (drafters consume it)
 
 
-def prefill(config: LlamaConfig, params: dict, prompts: PromptBatch, slots: int) -> Prefilled:
-    """One trunk call over the padded prompts into a fresh cache of `slots` slots."""
-    batch = prompts.tokens.shape[0]
+@flax.struct.dataclass
+class SharedPrefix:
+    """Prompt tokens every row starts with, run through the trunk once at batch 1."""
+    tokens: jax.Array          # [1,P] int32
+    k: tuple                   # L x [1,K,P,H]
+    v: tuple                   # L x [1,K,P,H]
+    hidden_normed: jax.Array   # [1,P,D] after the final norm (drafters consume it)
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
+
+
+def prefill_shared_prefix(config: LlamaConfig, params: dict, tokens: jax.Array) -> SharedPrefix:
+    """tokens [1,P] -> their keys, values and hidden states (positions 0..P-1, no logits)."""
+    p = tokens.shape[1]
+    positions = jnp.arange(p, dtype=jnp.int32)[None]                          # [1,P]
+    out = Llama(config).apply({"params": params}, tokens, positions,
+                              cache=KVCache.init(config, 1, p), compute_logits=False)
+    return SharedPrefix(tokens=jnp.asarray(tokens, jnp.int32), k=out.cache.k, v=out.cache.v,
+                        hidden_normed=out.hidden_normed)
+
+
+def _rows(x: jax.Array, batch: int) -> jax.Array:
+    """A batch-1 array repeated over `batch` rows."""
+    return jnp.broadcast_to(x, (batch,) + x.shape[1:])
+
+
+def prefix_cache(config: LlamaConfig, batch: int, slots: int, prefix: SharedPrefix) -> KVCache:
+    """A fresh cache [B,...,S] whose slots 0..P-1 hold the prefix in every row (lengths P)."""
     cache = KVCache.init(config, batch, slots)
+    p = prefix.length
+    put = lambda buf, x: buf.at[:, :, :p].set(_rows(x, batch).astype(buf.dtype))
+    return KVCache(k=tuple(map(put, cache.k, prefix.k)), v=tuple(map(put, cache.v, prefix.v)),
+                   valid=cache.valid.at[:, :p].set(True),
+                   lengths=jnp.full((batch,), p, jnp.int32))
+
+
+def prefill(config: LlamaConfig, params: dict, prompts: PromptBatch, slots: int,
+            prefix: SharedPrefix | None = None) -> Prefilled:
+    """One trunk call over the padded prompts into a fresh cache of `slots` slots; with a
+    prefix, over the suffixes (`inputs.pad_suffixes`) after the prefix's broadcast cache, and
+    `prompt_hidden_normed` [B,P+T,D] is the prefix's followed by the suffixes'."""
+    batch = prompts.tokens.shape[0]
+    cache = (KVCache.init(config, batch, slots) if prefix is None
+             else prefix_cache(config, batch, slots, prefix))
     out = Llama(config).apply({"params": params}, prompts.tokens, prompts.positions, cache=cache,
                               token_mask=prompts.token_mask, logits_index=prompts.last_index)
     at_last = lambda x: jnp.take_along_axis(x, prompts.last_index[:, None, None], axis=1)[:, 0]
+    prompt_hidden_normed = out.hidden_normed
+    if prefix is not None:
+        prompt_hidden_normed = jnp.concatenate(
+            [_rows(prefix.hidden_normed, batch).astype(out.hidden_normed.dtype),
+             out.hidden_normed], axis=1)
     return Prefilled(cache=out.cache.replace(lengths=jnp.asarray(prompts.cache_lengths)),
                      logits=out.logits[:, 0], hidden=at_last(out.hidden),
                      hidden_normed=at_last(out.hidden_normed),
                      next_positions=jnp.asarray(prompts.prompt_lengths, jnp.int32),
-                     prompt_hidden_normed=out.hidden_normed)
+                     prompt_hidden_normed=prompt_hidden_normed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,20 +220,26 @@ def cache_slots(padded_length: int, max_new_tokens: int,
 
 def prefill_state(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | AutoWidth,
                   max_new_tokens: int, slots: int, params: dict, drafter_vars: Any,
-                  prompts: PromptBatch, stop_ids: jax.Array, pad_id: jax.Array) -> DecodeState:
+                  prompts: PromptBatch, stop_ids: jax.Array, pad_id: jax.Array,
+                  prefix: SharedPrefix | None = None) -> DecodeState:
     """The prefill, then the first token (the trunk's argmax, exact); the drafter consumes every
     real prompt position; inactive (filler) rows start done. `slots`: cache slots (a static
     batch: `cache_slots` of its prompts; continuous batching: its shared cache's).
-    tokens_per_step: W, or an `AutoWidth` (buffers sized for its max_width)."""
+    tokens_per_step: W, or an `AutoWidth` (buffers sized for its max_width). prefix: a
+    `SharedPrefix` every row starts with; prompts then hold the suffixes (`inputs.pad_suffixes`)."""
     w, m = max_width(tokens_per_step), max_new_tokens
     batch = prompts.tokens.shape[0]
-    pre = prefill(config, params, prompts, slots)
+    pre = prefill(config, params, prompts, slots, prefix)
     active = jnp.asarray(prompts.active)
     first = jnp.where(active, greedy_pick(pre.logits), pad_id)
     nonfinite = active & ~jnp.all(jnp.isfinite(pre.logits), axis=-1)
+    tokens, mask = jnp.asarray(prompts.tokens), jnp.asarray(prompts.token_mask)
+    if prefix is not None:   # the drafter reads the whole prompt: prefix, then suffix
+        tokens = jnp.concatenate([_rows(prefix.tokens, batch), tokens], axis=1)
+        mask = jnp.concatenate([jnp.ones((batch, prefix.length), bool), mask], axis=1)
     drafter_state = drafter.init_state(drafter_vars, batch, slots)
     drafter_state = drafter.advance(drafter_vars, drafter_state, pre.prompt_hidden_normed,
-                                    prompts.token_mask & active[:, None], prompts.tokens)
+                                    mask & active[:, None], tokens)
     no_log = jnp.full((m, batch), -1, jnp.int32)
     return DecodeState(
         cache=pre.cache, tokens=jnp.full((batch, m + w), pad_id, jnp.int32).at[:, 0].set(first),
@@ -283,14 +342,14 @@ def run(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | AutoWidth,
 def refill(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | AutoWidth,
            max_new_tokens: int,
            slots: int, params: dict, drafter_vars: Any, state: DecodeState,
-           prompts: PromptBatch, rows: jax.Array, stop_ids: jax.Array, pad_id: jax.Array
-           ) -> DecodeState:
+           prompts: PromptBatch, rows: jax.Array, stop_ids: jax.Array, pad_id: jax.Array,
+           prefix: SharedPrefix | None = None) -> DecodeState:
     """Prefills prompts [R,P] and puts them in slots rows [R] of state (row index >= B: a filler
     row, dropped). Everything per row is replaced: cache row (keys, values, `valid`), output
     buffer, next token, positions, hidden states, drafter state, counters, logs; the batch's
-    pooled width statistics (auto W) go on."""
+    pooled width statistics (auto W) go on. prefix: as in `prefill_state`."""
     new = prefill_state(config, drafter, tokens_per_step, max_new_tokens, slots, params,
-                        drafter_vars, prompts, stop_ids, pad_id)
+                        drafter_vars, prompts, stop_ids, pad_id, prefix)
     put = lambda big, small: big.at[rows].set(small, mode="drop")          # batch axis 0
     put1 = lambda big, small: big.at[:, rows].set(small, mode="drop")      # batch axis 1
     cache = KVCache(k=jax.tree.map(put, state.cache.k, new.cache.k),

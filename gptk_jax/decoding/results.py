@@ -34,6 +34,17 @@ class GenerationResult:
     # greedy: τ = 1, nothing drafted) plus per-row logs
     stats: dict = dataclasses.field(default_factory=dict)
     stop_tokens: list = dataclasses.field(default_factory=list)  # stop id per row, None: length
+    # Prefill work (real tokens, padding not counted): the prompts' tokens, those run through
+    # the trunk (a shared prefix once, when not already held by the decoder, plus each row's
+    # suffix), and the shared prefix's length (0: none used).
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    shared_prefix_tokens: int = 0
+
+    @property
+    def prefill_tokens_saved(self) -> float:
+        """Share of the prompts' tokens the prefill did not run (the shared prefix's reuse)."""
+        return 1.0 - self.prefill_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     @property
     def total_generated(self) -> int:
