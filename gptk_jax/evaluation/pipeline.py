@@ -18,9 +18,11 @@ from gptk_jax.data.prompts import (PromptFormat, compare_prompt_records, encode_
                                    prompt_bos, prompt_format, prompt_record,
                                    translation_stop_ids)
 from gptk_jax.data.testsets import TestSet, load_file_pair, load_test_set, news_commentary
+from gptk_jax.decoding.engine import SHARED_PREFIX_MIN as MIN_SHARED_PREFIX
 from gptk_jax.evaluation.config import EvalConfig
 from gptk_jax.evaluation.store import (RunStore, check_output_folder, folder_fingerprint,
                                        sha256_json)
+from gptk_jax.llama.prefix import common_prefix_length
 
 
 def load_eval_set(cfg: EvalConfig) -> TestSet:
@@ -161,6 +163,9 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     stop_ids = tuple(translation_stop_ids(tok))
     decoding = Decoding(config, model.params, cfg.max_new_tokens, stop_ids, tok.pad_id,
                         cfg.bucket, heads=heads)
+    shared = common_prefix_length(prompts)    # instruction + shots: prefilled once, every batch
+    if shared >= MIN_SHARED_PREFIX:           # size (batch 1 cannot see it by itself)
+        decoding.greedy.add_shared_prefix(prompts[0][:shared])
     methods = drafting_methods(cfg, decoding, heads, k, draft_vocab)
     platform = jax.devices()[0].platform
     print(f"{trunk_name}: {len(prompts)} sentences of {test_set.name} {cfg.src_lang}->"

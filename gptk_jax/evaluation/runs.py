@@ -54,7 +54,10 @@ def pooled(results: list) -> dict:
     return {"tokens": tokens, "seconds": seconds,
             "tokens_per_second": tokens / seconds if seconds > 0 else None,
             "compile_seconds": sum(r.compile_seconds for r in results),
-            "trunk_calls": sum(r.num_steps for r in results)}
+            "trunk_calls": sum(r.num_steps for r in results),
+            "prefill_seconds": sum(r.prefill_seconds for r in results),
+            "prompt_tokens": sum(getattr(r, "prompt_tokens", 0) for r in results),
+            "prefill_tokens": sum(getattr(r, "prefill_tokens", 0) for r in results)}
 
 
 def mtp_summary(results: list, k: int) -> dict:
