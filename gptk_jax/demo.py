@@ -238,6 +238,10 @@ def train_config(model_dir: Path, steps: int, batch: int, k: int, eval_sentences
     config.loss.targets = "trunk_argmax"
     config.data.train_prefixes = (str(news_commentary(data_root)),)
     config.data.train_target_files = ()
+    config.data.train_line_ranges = ()            # (the SmolLM2 configs' distilled rows)
+    config.data.bucket_lengths = ()
+    config.data.max_len = 256
+    config.data.eval_target_file = ""
     config.data.max_train_pairs = train_pairs(steps, batch)
     config.data.shots = 0
     config.data.space_with_target = True

@@ -214,8 +214,10 @@ def _losses(workdir: Path) -> dict:
 
 
 def _cache_folder(root: Path) -> Path:
-    (folder,) = [p for p in root.iterdir() if not p.name.startswith(".")]
-    return folder
+    """The training rows' cache (the validation rows' cache sits beside it: the fewer rows)."""
+    from gptk_jax.training.features import FeatureCache
+    folders = [p for p in root.iterdir() if not p.name.startswith(".")]
+    return max(folders, key=lambda p: FeatureCache(p).meta["num_rows"])
 
 
 def test_two_processes_build_one_share_each_and_train_as_one(tmp_path, trunk_path):

@@ -64,6 +64,10 @@ def training_run(tmp_path_factory, trunk_dir):
     config = importlib.import_module("configs.linear_smollm2_wmt14").get_config()
     fields = {"trunk_checkpoint": str(trunk_dir), "head.k": K, "head.offsets": (2, 3, 4),
               "data.train_prefixes": (str(news_commentary(DATA)),),
+              # News Commentary's references, 0-shot (the SmolLM2 configs' distilled 2-shot
+              # rows and line ranges are not this test's subject)
+              "data.train_target_files": (), "data.train_line_ranges": (), "data.shots": 0,
+              "data.bucket_lengths": (), "data.eval_target_file": "",
               "data.max_train_pairs": 80, "data.eval_max_sentences": 16, "data.max_len": 160,
               "training.global_batch_size": 8, "training.num_train_steps": STEPS,
               "training.log_every_steps": 3, "training.eval_every_steps": 0,
