@@ -46,6 +46,7 @@ def test_entries_names_and_numbers(tmp_path):
             linear["speedup_b8_continuous"]) == (1.5, 1.1, 0.99, 1.02)
     assert linear["recipe"] == "default" and linear["train_minutes"] == 10.0
     assert linear["train_positions"] == 1234
+    assert linear["prompt_format"] == "2 shots"           # no prompt record in this report
     assert collected["entries"][2]["train_minutes"] is None          # lookup is not trained
     assert collected["entries"][4]["recipe"] == "conditioned"
     text = markdown(collected)

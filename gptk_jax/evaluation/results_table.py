@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from gptk_jax.data.prompts import describe_prompt_record
+
 # evaluate's run names -> drafter names in docs/results.json
 METHOD_NAMES = {"mtp": "{family}", "heads+lookup": "{family}+lookup", "lookup": "lookup",
                 "oracle": "oracle"}
@@ -90,9 +92,10 @@ def _entry(drafter: str, method: str, report: dict) -> Optional[dict]:
         by_batch[(batch, "continuous" if len(parts) > 2 else "static")] = run
     if not by_batch:
         return None
-    fmt = report.get("prompt_format") or {}
-    entry = {"drafter": drafter, "recipe": None,
-             "shots": report.get("shots"), "prompt_sha": fmt.get("shots_sha256"),
+    fmt = report.get("prompt_format")
+    entry = {"drafter": drafter, "recipe": None, "shots": report.get("shots"),
+             "prompt_format": describe_prompt_record(fmt) if fmt
+             else f"{report.get('shots')} shots",
              "split": (report.get("test_set") or {}).get("name", report.get("split")),
              "sentences": report.get("num_sentences"), "k": None,
              "identical_to_greedy": all(r.get("identical_to_greedy", False)
