@@ -16,15 +16,37 @@ tokenizer), which conversion.json records as `"allow_small_vocab": true`. `load_
 refuses such a folder unless that record is there, and then returns a `ConvertedModel` whose
 `allow_small_vocab` is True: `embedding_rows` (= config.vocab_size) is the bound every token id
 fed to the model must respect, and `check_token_ids` raises for ids at or past it (whose logits
-would be NaN); encoders of prompts for such a model should call it.
+would be NaN); encoders of prompts for such a model should call it. The padding id is always a
+row of the embedding (padded rows of a batch read it): when the tokenizer's pad id has no row,
+conversion writes the tokenizer's eos id as pad_id (else bos, else 0) into tokenizer/
+tokenizer_config.json and records both in conversion.json (`"pad_id": {"tokenizer", "chosen"}`);
+a folder converted before this is given the same choice on load, with a warning.
+
+Weights are verified on load: `save_converted` records in conversion.json a CRC-32 of every
+tensor's bytes as written (`"tensor_digests": {"algorithm": "crc32", "tensors": {"layers.
+attention.wq.kernel": "1a2b3c4d", ...}}`, named as the tensor's folder under params/), and
+`load_converted` recomputes each one as the tensor is read and raises a CheckpointError naming
+the tensor, its folder and both digests when one differs (a flipped bit, a zeroed block, a
+truncated or replaced chunk file). CRC-32 rather than sha256: it is a check against damage, not
+against an adversary (the folder's own conversion.json could be rewritten as easily as a
+tensor), it detects every burst of up to 32 flipped bits, and zlib computes it at ~4 GB/s
+against sha256's ~1.8 GB/s here, which on SmolLM2-135M is the difference between ~8 % and
+~19 % of a load (docs/benchmarks.md); the loader also accepts "sha256" records. It runs in a
+thread beside the reading of the next tensor. `load_converted(verify_digests=False)` or the
+environment variable GPTK_SKIP_WEIGHT_DIGESTS=1 skips it; a folder converted before digests
+were recorded loads with a warning saying its weights cannot be checked.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
+import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -41,6 +63,9 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 PROVENANCE_FILE = "conversion.json"
+DIGESTS_KEY = "tensor_digests"          # in conversion.json: {"algorithm", "tensors"}
+DIGEST_ALGORITHM = "crc32"
+SKIP_DIGESTS_ENV = "GPTK_SKIP_WEIGHT_DIGESTS"
 
 
 class CheckpointError(GptkError, ValueError):
@@ -98,6 +123,29 @@ def check_shapes(params: dict, config: LlamaConfig, *, source: str) -> None:
 _SAVE_CHUNK_BYTES = 16 << 20
 
 
+def tensor_name(key_path) -> str:
+    """The name of a stacked-layout tensor as its folder under params/ is named:
+    ('layers', 'attention', 'wq', 'kernel') -> 'layers.attention.wq.kernel'."""
+    return ".".join(str(getattr(k, "key", k)) for k in key_path)
+
+
+def tensor_digest(array, algorithm: str = DIGEST_ALGORITHM) -> str:
+    """The digest of an array's bytes (C order, its own dtype) as conversion.json records it."""
+    data = np.ascontiguousarray(np.asarray(array)).reshape(-1).view(np.uint8)  # bfloat16 too
+    if algorithm == "crc32":
+        return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    if algorithm == "sha256":
+        return hashlib.sha256(data).hexdigest()
+    raise CheckpointError(f"unknown tensor digest algorithm {algorithm!r} (crc32 or sha256)")
+
+
+def tensor_digests(params: dict, algorithm: str = DIGEST_ALGORITHM) -> dict:
+    """{"algorithm", "tensors": {name: digest}} of a stacked-layout tree (conversion.json's)."""
+    return {"algorithm": algorithm,
+            "tensors": {tensor_name(k): tensor_digest(v, algorithm)
+                        for k, v in jax.tree_util.tree_leaves_with_path(params)}}
+
+
 def _save_params(directory: Path, params: dict) -> None:
     """Orbax save of host arrays without extra copies (see _SAVE_CHUNK_BYTES). Synchronous: the
     arrays are read in place, so they must not change until this returns (they do not)."""
@@ -110,11 +158,13 @@ def _save_params(directory: Path, params: dict) -> None:
                                                                         save_args=save_args))
 
 
-def _restore_params(directory: Path) -> dict:
+def _restore_params(directory: Path, digests: Optional[dict] = None) -> dict:
     """The saved tree as numpy arrays, read one array at a time: a whole-tree restore reads every
     array's (compressed) bytes concurrently, holding up to the size of the checkpoint on top of the
     params (1B model: peak 6.7 GB for 4.7 GiB of params; one at a time: 5.7 GB). Whatever orbax
-    cannot read is a CheckpointError naming `directory`."""
+    cannot read is a CheckpointError naming `directory`. `digests` (conversion.json's
+    "tensor_digests"): every tensor's digest is checked, in a thread beside the reading of the
+    next one; a tensor that differs or has none recorded is a CheckpointError naming it."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: missing; a converted model keeps its weights there")
     if not any(directory.iterdir()):
@@ -130,6 +180,18 @@ def _restore_params(directory: Path) -> dict:
                               "_METADATA file is missing or damaged): not the params of a "
                               "converted model, or an incomplete copy")
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    checker = _DigestChecker(directory, digests) if digests is not None else None
+    try:
+        leaves = _restore_leaves(ckptr, directory, flat, checker)
+        if checker is not None:
+            checker.finish([tensor_name(k) for k, _ in flat])
+    finally:
+        if checker is not None:
+            checker.pool.shutdown(wait=True, cancel_futures=True)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _restore_leaves(ckptr, directory: Path, flat, checker) -> list:
     leaves = []
     for key_path, leaf_metadata in flat:
         keys = [k.key for k in key_path]
@@ -141,17 +203,59 @@ def _restore_params(directory: Path) -> dict:
             value = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
                 item=item, restore_args=restore_args, partial_restore=True))
         except Exception as e:
-            raise _unreadable(directory, e, jax.tree_util.keystr(key_path)) from None
+            raise _unreadable(directory, e, tensor_name(key_path)) from None
         for key in keys:
             value = value[key]
         leaves.append(value)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+        if checker is not None:
+            checker.submit(tensor_name(key_path), value)
+    return leaves
+
+
+class _DigestChecker:
+    """Checks tensors against conversion.json's digests in one worker thread (zlib and hashlib
+    release the GIL), so that a tensor is checked while the next one is read."""
+
+    def __init__(self, directory: Path, digests: dict):
+        self.directory = directory
+        self.algorithm = digests.get("algorithm")
+        self.recorded = digests.get("tensors")
+        if self.algorithm not in ("crc32", "sha256") or not isinstance(self.recorded, dict):
+            raise CheckpointError(f"{directory.parent / PROVENANCE_FILE}: malformed "
+                                  f"{DIGESTS_KEY!r} (expected {{\"algorithm\": \"crc32\" or "
+                                  f"\"sha256\", \"tensors\": {{name: digest}}}}); the "
+                                  "folder is damaged")
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="digests")
+        self.pending: list = []
+
+    def submit(self, name: str, value) -> None:
+        self.pending.append((name, self.pool.submit(tensor_digest, value, self.algorithm)))
+
+    def finish(self, names: list[str]) -> None:
+        for name, future in self.pending:
+            got, want = future.result(), self.recorded.get(name)
+            where = self.directory / name
+            if want is None:
+                raise CheckpointError(
+                    f"{where}: tensor {name} has no digest in "
+                    f"{self.directory.parent / PROVENANCE_FILE}: the folder was changed "
+                    "after conversion; convert the model again")
+            if got != want:
+                raise CheckpointError(
+                    f"{where}: tensor {name} differs from what was converted ({self.algorithm} "
+                    f"{got}, {PROVENANCE_FILE} records {want}): its files under {where} are "
+                    "damaged or were modified; convert the model again (or restore the "
+                    "folder from a good copy)")
+        missing = sorted(set(self.recorded) - set(names))
+        if missing:
+            raise CheckpointError(f"{self.directory}: tensors {missing} recorded in "
+                                  f"{PROVENANCE_FILE} are not in the checkpoint")
 
 
 def _unreadable(directory: Path, error: Exception, tensor: Optional[str] = None) -> CheckpointError:
     text = str(error).strip().splitlines()
     why = f"{type(error).__name__}: {text[0][:200] if text else ''}"
-    where = f" tensor {tensor}" if tensor else ""
+    where = f" tensor {tensor} (its files under {directory / tensor})" if tensor else ""
     return CheckpointError(f"{directory}:{where} cannot be read as an orbax checkpoint ({why}); "
                            "the folder is damaged or incomplete")
 
@@ -181,23 +285,51 @@ def check_output_folder(out: str | os.PathLike, overwrite: bool) -> None:
         raise CheckpointError(f"cannot write {out}: {parent or out.parent} is not writable")
 
 
-def check_finite(params: dict, *, source: str, chunk: int = 1 << 22) -> None:
-    """Raises CheckpointError naming every tensor holding NaN or infinity (read in chunks of
-    `chunk` elements: no second copy of a tensor in memory)."""
+_ROWS_SHOWN = 8
+
+
+def _bad_rows(array: np.ndarray, chunk: int) -> list[int]:
+    """Indices along axis 0 of the rows holding a non-finite value (a few rows at a time)."""
+    rows = array.reshape(array.shape[0], -1)
+    step = max(1, chunk // max(1, rows.shape[1]))
+    return [start + int(i) for start in range(0, rows.shape[0], step)
+            for i in np.flatnonzero(~np.isfinite(rows[start:start + step]).all(axis=1))]
+
+
+def _rows_what(name: str) -> str:
+    """What axis 0 of a stacked-layout tensor counts."""
+    if name.startswith("tok_embeddings."):
+        return "token ids (embedding rows)"
+    return "layers" if name.startswith("layers.") else "rows"
+
+
+def check_finite(params: dict, *, source: str, chunk: int = 1 << 22,
+                 blame: str = "the source file is corrupt or was written wrong") -> None:
+    """Raises CheckpointError naming every tensor holding NaN or infinity, with the rows along
+    its first axis that hold them (token ids of the embedding, layers of a stacked tensor); read
+    in chunks of `chunk` elements: no second copy of a tensor in memory."""
     problems = []
     for key, leaf in jax.tree_util.tree_leaves_with_path(params):
-        flat = np.asarray(leaf).reshape(-1)
+        array = np.asarray(leaf)
+        flat = array.reshape(-1)
         for start in range(0, flat.size, chunk):
             if not np.isfinite(flat[start:start + chunk]).all():
                 bad = sum(int((~np.isfinite(flat[i:i + chunk])).sum())
                           for i in range(start, flat.size, chunk))
                 first = start + int(np.argmin(np.isfinite(flat[start:start + chunk])))
-                problems.append(f"tensor {jax.tree_util.keystr(key)} has {bad} non-finite "
-                                f"value(s) (NaN or inf; first at flat index {first})")
+                name = tensor_name(key)
+                where = f"first at flat index {first}"
+                if array.ndim >= 2:
+                    rows = _bad_rows(array, chunk)
+                    shown = ", ".join(map(str, rows[:_ROWS_SHOWN]))
+                    more = f" and {len(rows) - _ROWS_SHOWN} more" if len(rows) > _ROWS_SHOWN \
+                        else ""
+                    where = f"in {_rows_what(name)} {shown}{more} of axis 0"
+                problems.append(f"tensor {name} has {bad} non-finite value(s) (NaN or inf; "
+                                f"{where})")
                 break
     if problems:
-        raise CheckpointError(f"{source}: " + "; ".join(problems) + " -- the source file is "
-                              "corrupt or was written wrong")
+        raise CheckpointError(f"{source}: " + "; ".join(problems) + f" -- {blame}")
 
 
 def save_converted(out_dir: str | os.PathLike, config: LlamaConfig, params: dict, *,
@@ -217,14 +349,59 @@ def save_converted(out_dir: str | os.PathLike, config: LlamaConfig, params: dict
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"cannot create {out.parent}: {e}") from None
+    start = time.perf_counter()
+    provenance = dict(provenance or {}, **{DIGESTS_KEY: tensor_digests(params)})
+    if log is not None:
+        log(f"computed a {DIGEST_ALGORITHM} digest of every tensor in "
+            f"{time.perf_counter() - start:.1f} s (checked on load)")
     with atomic_folder(out, log=log) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json())
         _save_params(tmp / PARAMS_DIR, params)
         if write_tokenizer is not None:
             (tmp / TOKENIZER_DIR).mkdir()
             write_tokenizer(tmp / TOKENIZER_DIR)
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance or {}, indent=2, default=str))
+            pad = _fit_pad_id(tmp / TOKENIZER_DIR, config)
+            if pad is not None:
+                provenance["pad_id"] = pad
+                provenance["warnings"] = [*provenance.get("warnings", ()), pad["why"]]
+                if log is not None:
+                    log(f"warning: {pad['why']}")
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
     return out
+
+
+def choose_pad_id(ids: dict, embedding_rows: int) -> int:
+    """A padding id with an embedding row: the tokenizer's eos id if it has one, else its bos
+    id, else 0 (padded positions are masked: any row does, as long as it exists)."""
+    for key in ("eos_id", "bos_id"):
+        value = ids.get(key)
+        if isinstance(value, int) and 0 <= value < embedding_rows:
+            return value
+    return 0
+
+
+def _pad_why(pad_id: int, chosen: int, embedding_rows: int, where: str) -> str:
+    return (f"{where}: the tokenizer's pad id {pad_id} has no embedding row (the model embeds ids "
+            f"0..{embedding_rows - 1}): padding with id {chosen} instead (padded positions are "
+            f"masked; any existing row does)")
+
+
+def _fit_pad_id(folder: Path, config: LlamaConfig) -> Optional[dict]:
+    """Rewrites tokenizer_config.json's pad_id to a row of the embedding when it has none;
+    returns the record of the choice (None: nothing changed)."""
+    from gptk_jax.tokenizers.folder import CONFIG_FILE as TOKENIZER_CONFIG
+    file = folder / TOKENIZER_CONFIG
+    if not file.is_file():
+        return None
+    fields = read_json_object(file, CheckpointError)
+    pad = fields.get("pad_id")
+    if not isinstance(pad, int) or 0 <= pad < config.vocab_size:
+        return None
+    chosen = choose_pad_id(fields, config.vocab_size)
+    fields["pad_id"] = chosen
+    file.write_text(json.dumps(fields, indent=2))
+    return {"tokenizer": pad, "chosen": chosen,
+            "why": _pad_why(pad, chosen, config.vocab_size, "conversion")}
 
 
 def load_config(path: str | os.PathLike) -> LlamaConfig:
@@ -254,7 +431,8 @@ def read_provenance(path: str | os.PathLike) -> dict:
     return read_json_object(file, CheckpointError)
 
 
-def _load_tokenizer(path: Path, config: LlamaConfig, allow_small_vocab: bool):
+def _load_tokenizer(path: Path, config: LlamaConfig, allow_small_vocab: bool,
+                    log: Callable[[str], None]):
     """The folder's tokenizer, refused if it has ids the embedding cannot hold and the folder
     was not converted with --allow-small-vocab."""
     from gptk_jax.tokenizers import TokenizerError, load_tokenizer
@@ -272,16 +450,48 @@ def _load_tokenizer(path: Path, config: LlamaConfig, allow_small_vocab: bool):
             f"{folder} has {tokenizer.vocab_size} token ids but {path / CONFIG_FILE} gives the "
             f"embedding {config.vocab_size} rows, and {PROVENANCE_FILE} does not record "
             "--allow-small-vocab: ids past the embedding would give NaN logits")
+    if not 0 <= tokenizer.pad_id < config.vocab_size:   # a folder converted before pad fitting
+        chosen = choose_pad_id({"eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id},
+                               config.vocab_size)
+        log(_pad_why(tokenizer.pad_id, chosen, config.vocab_size, str(folder)) +
+            " (convert the model again to record it)")
+        tokenizer._pad_id = chosen   # the tokenizer's own id is unusable: never fed to the model
     return tokenizer
 
 
+def _verify_digests_default() -> bool:
+    return os.environ.get(SKIP_DIGESTS_ENV, "").strip().lower() in ("", "0", "false", "no")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def load_converted(path: str | os.PathLike, *, scan_layers: Optional[bool] = None,
-                   dtype: Optional[str] = None, load_tokenizer: bool = True) -> ConvertedModel:
+                   dtype: Optional[str] = None, load_tokenizer: bool = True,
+                   verify_digests: Optional[bool] = None,
+                   log: Callable[[str], None] = _warn) -> ConvertedModel:
     """Loads config, params (as numpy/jax arrays in the model's layout) and tokenizer; a folder
-    with any part missing or malformed is a CheckpointError naming it."""
+    with any part missing or malformed is a CheckpointError naming it. `verify_digests` (default:
+    True unless GPTK_SKIP_WEIGHT_DIGESTS=1): check every tensor against conversion.json's digests
+    (a mismatch is a CheckpointError naming the tensor); a folder without digests is loaded,
+    with a warning through `log`."""
     path = Path(path).absolute()
     config = load_config(path)
-    allow_small_vocab = read_provenance(path).get("allow_small_vocab") is True
+    provenance = read_provenance(path)
+    allow_small_vocab = provenance.get("allow_small_vocab") is True
+    if verify_digests is None:
+        verify_digests = _verify_digests_default()
+    digests = None
+    if verify_digests:
+        digests = provenance.get(DIGESTS_KEY)
+        if digests is None:
+            log(f"{path / PROVENANCE_FILE} records no tensor digests (converted by an older "
+                "version): its weights cannot be checked for damage; convert it again to "
+                "record them")
+        elif not isinstance(digests, dict):
+            raise CheckpointError(f"{path / PROVENANCE_FILE}: malformed {DIGESTS_KEY!r}; the "
+                                  "folder is damaged")
     changes = {}
     if scan_layers is not None:
         changes["scan_layers"] = scan_layers
@@ -291,8 +501,13 @@ def load_converted(path: str | os.PathLike, *, scan_layers: Optional[bool] = Non
         config = config.replace(**changes) if changes else config
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    tokenizer = _load_tokenizer(path, config, allow_small_vocab) if load_tokenizer else None
-    params = _restore_params(path / PARAMS_DIR)
+    tokenizer = _load_tokenizer(path, config, allow_small_vocab, log) if load_tokenizer \
+        else None
+    params = _restore_params(path / PARAMS_DIR, digests)
     check_shapes(params, config, source=str(path / PARAMS_DIR))
+    if verify_digests and digests is None:   # unverified weights: at least all finite
+        check_finite(params, source=str(path / PARAMS_DIR),
+                     blame="the converted folder's weights are broken (not the prompts): "
+                           "convert the model again")
     return ConvertedModel(config=config, params=params_for_model(params, config),
                           tokenizer=tokenizer, path=path, allow_small_vocab=allow_small_vocab)
