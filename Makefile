@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist workers (one per core; whole files per worker so module fixtures are built once)
+TEST_WORKERS ?= auto
 
 .PHONY: demo test test-fast setup bench results clean
 
@@ -21,13 +23,13 @@ demo: $(STAMP)
 	$(PY) -m gptk_jax.demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -ra --durations=15
+	$(PY) -m pytest tests -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 results: $(STAMP)
 	$(PY) bench/results.py $(RESULTS_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -q -ra -m "not slow"
+	$(PY) -m pytest tests -q -ra -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) .cache out

@@ -97,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-cost", default=None,
                    help="with --choose-width: a step-cost table (bench/bench_verify_cost.py "
                         "--calibration-json); default: measured at start")
+    p.add_argument("--score-bins", type=int, default=8,
+                   help="with --choose-width: W reads each draft's score (heads: its softmax "
+                        "probability; lookup: found or not) in this many bins, calibrated "
+                        "against what verification accepts; 1: scores ignored (pooled "
+                        "acceptance)")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="prepend the BOS token (default: the tokenizer's own rule, add_bos, "
                         "as training does)")
@@ -139,7 +144,7 @@ def parse_args(argv=None) -> EvalConfig:
             lookup_max_ngram=a.lookup_max_ngram, draft_vocab_size=a.draft_vocab_size,
             draft_vocab_from=a.draft_vocab_from, continuous=a.continuous, bos=a.bos,
             choose_width=a.choose_width, verify_cost=a.verify_cost,
-            progress=not a.no_progress)
+            score_bins=a.score_bins, progress=not a.no_progress)
     except ValueError as e:
         p.error(str(e))
 

@@ -159,6 +159,8 @@ def check_width(drafter: Optional[Drafter], tokens_per_step: Any) -> Optional[Au
                             f" (the drafter drafts at most {drafter.max_drafts}), got {w!r}")
     if not isinstance(p.probe_every, int) or p.probe_every < 1:
         raise DecodingError(f"auto W: probe_every must be an integer >= 1, got {p.probe_every!r}")
+    if not isinstance(p.score_bins, int) or isinstance(p.score_bins, bool) or p.score_bins < 1:
+        raise DecodingError(f"auto W: score_bins must be an integer >= 1, got {p.score_bins!r}")
     if not (0 < p.decay <= 1 and 0 <= p.prior <= 1 and p.prior_weight > 0):
         raise DecodingError(f"auto W: need 0 < decay <= 1, 0 <= prior <= 1, prior_weight > 0; "
                             f"got {p.decay}, {p.prior}, {p.prior_weight}")
@@ -531,7 +533,9 @@ def _add_width_stats(result: GenerationResult, widths: Sequence[Sequence[int]], 
     where it was drafted; `width_histogram` over row-steps, `widths_per_row`), plus
     `chosen_w_histogram` (index W: loop iterations run at W), `offset_acceptance_estimate`
     (the running p_j at the end, offsets 2..W_max), `expected_tokens` (E(W) from them),
-    `step_cost` (cost(W) / cost(1) used), its source and the calibration seconds."""
+    `step_cost` (cost(W) / cost(1) used), its source and the calibration seconds;
+    `acceptance_by_score_bin` / `score_bin_weight`: the running estimate and decayed count per
+    offset and draft-score bin (decoding/width.py; unscored drafters fill the top bin only)."""
     s = result.stats
     w_max = result.tokens_per_step
     longest = max([len(a) for a in s["accepted_per_row"]] + [1])
@@ -540,11 +544,17 @@ def _add_width_stats(result: GenerationResult, widths: Sequence[Sequence[int]], 
                                                widths)):
         logs[0, :len(acc), i], logs[1, :len(emitted), i], logs[2, :len(ws), i] = acc, emitted, ws
     result.stats = summarize(logs[0], logs[1], w_max - 1, width_log=logs[2])
-    histogram, estimate = jax.device_get((width_stats.histogram,
-                                          acceptance_estimate(width_stats)))
+    histogram, estimate, passed, reached = jax.device_get((
+        width_stats.histogram, acceptance_estimate(width_stats), width_stats.passed_bins,
+        width_stats.reached_bins))
     result.stats.update(
         tokens_per_step_mode="auto", chosen_w_histogram=histogram.tolist(),
         offset_acceptance_estimate={str(j + 2): float(p) for j, p in enumerate(estimate)},
+        acceptance_by_score_bin={str(j + 2): [round(float(a / max(r, 1e-12)), 4)
+                                              for a, r in zip(passed[j], reached[j])]
+                                 for j in range(passed.shape[0])},
+        score_bin_weight={str(j + 2): [round(float(r), 2) for r in reached[j]]
+                          for j in range(reached.shape[0])},
         expected_tokens=[float(e) for e in np.asarray(expected_tokens(estimate))], **auto_info)
 
 

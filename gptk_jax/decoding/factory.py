@@ -59,7 +59,8 @@ class DecoderSpec:
     matches ('lookup', 'mtp+lookup'). draft_vocab: token ids the heads draft over (None: the
     whole vocabulary). choose_width: W is chosen every step by expected tokens per second
     (decoding/width.py), up to tokens_per_step (or the method's default), from the step costs
-    in `verify_cost` (a file of decoding/cost.py's VerifyCost; None: measured once at start)."""
+    in `verify_cost` (a file of decoding/cost.py's VerifyCost; None: measured once at start),
+    reading the drafts' scores in `score_bins` bins (1: scores ignored, pooled acceptance)."""
     method: str = "greedy"
     tokens_per_step: Optional[int] = None
     heads: Optional[str] = None
@@ -68,6 +69,7 @@ class DecoderSpec:
     draft_vocab: Optional[tuple] = None
     choose_width: bool = False      # W per step by measured cost, 1 .. tokens_per_step
     verify_cost: Optional[str] = None  # choose_width: a cost table file (None: measured)
+    score_bins: int = 8             # choose_width: bins of the drafts' scores (1: ignored)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -117,6 +119,9 @@ class DecoderSpec:
             raise DecodingError("DecoderSpec.choose_width needs a drafter (greedy is W = 1)")
         if self.verify_cost is not None and not self.choose_width:
             raise DecodingError("DecoderSpec.verify_cost is read only with choose_width")
+        if not isinstance(self.score_bins, int) or self.score_bins < 1:
+            raise DecodingError(f"DecoderSpec.score_bins must be an integer >= 1, got "
+                                f"{self.score_bins!r}")
 
     @property
     def drafts(self) -> bool:
@@ -200,7 +205,7 @@ def make_decoder(model, spec: DecoderSpec, *, stop_ids: Optional[Iterable[int]] 
     width = w
     if spec.choose_width and drafter is not None:
         from gptk_jax.decoding.width import AutoWidth
-        width = AutoWidth(max_width=w)
+        width = AutoWidth(max_width=w, score_bins=spec.score_bins)
     cost = {"verify_cost": spec.verify_cost} if spec.choose_width else {}
     if base is not None:
         changes = {}

@@ -66,6 +66,12 @@ class HeadDrafter(Drafter):
         return self._apply(variables, "draft", state, last_hidden, last_hidden_normed,
                            last_position, next_token)
 
+    def draft_scored(self, variables, state, last_hidden, last_hidden_normed, last_position,
+                     next_token):
+        """Drafts and each one's softmax probability under the head (auto W's confidence)."""
+        return self._apply(variables, "draft_scored", state, last_hidden, last_hidden_normed,
+                           last_position, next_token)
+
 
 def check_draft_vocab(draft_vocab: Sequence[int], vocab_size: int) -> tuple[int, ...]:
     """The ids as a tuple of ints, or DraftVocabError."""

@@ -121,23 +121,37 @@ class LookupDrafter(Drafter):
         return new
 
     def draft(self, variables, state, last_hidden, last_hidden_normed, last_position, next_token):
+        return self.draft_scored(variables, state, last_hidden, last_hidden_normed,
+                                 last_position, next_token)[0]
+
+    def draft_scored(self, variables, state, last_hidden, last_hidden_normed, last_position,
+                     next_token):
+        """Scores: 1 where the lookup found the draft, else the fallback's score (0 without a
+        fallback, or where the fallback scores nothing)."""
         num_drafts = self.max_drafts
         drafts, valid = lookup_drafts(state["history"], state["length"], next_token, num_drafts,
                                       self.max_ngram, self.min_ngram)          # [B,W-1]
+        found = valid.astype(jnp.float32)
         if self.fallback is None:
-            return jnp.where(valid, drafts, next_token[:, None]).astype(jnp.int32)
+            return jnp.where(valid, drafts, next_token[:, None]).astype(jnp.int32), found
+
+        def fit(x):   # the fallback's [B,<=W-1] -> [B,W-1] (fewer offsets: repeat its last)
+            x = x[:, :num_drafts]
+            if x.shape[1] < num_drafts:
+                x = jnp.concatenate([x, jnp.repeat(x[:, -1:], num_drafts - x.shape[1], 1)], 1)
+            return x
 
         def fallback_drafts(_):
-            other = self.fallback.draft(variables["fallback"], state["fallback"], last_hidden,
-                                        last_hidden_normed, last_position, next_token)
-            other = other[:, :num_drafts].astype(jnp.int32)
-            if other.shape[1] < num_drafts:   # fallback has fewer offsets: repeat its last
-                pad = jnp.repeat(other[:, -1:], num_drafts - other.shape[1], axis=1)
-                other = jnp.concatenate([other, pad], axis=1)
-            return other
+            other, scores = self.fallback.draft_scored(
+                variables["fallback"], state["fallback"], last_hidden, last_hidden_normed,
+                last_position, next_token)
+            scores = jnp.zeros(other.shape, jnp.float32) if scores is None else scores
+            return fit(other.astype(jnp.int32)), fit(scores.astype(jnp.float32))
 
         # The fallback's drafting (a vocabulary projection for heads) runs only when some row
         # needs it; its state still advances every step (in `advance`).
-        other = jax.lax.cond(jnp.all(valid), lambda _: jnp.zeros_like(drafts), fallback_drafts,
-                             None)
-        return jnp.where(valid, drafts, other).astype(jnp.int32)
+        other, other_scores = jax.lax.cond(
+            jnp.all(valid), lambda _: (jnp.zeros_like(drafts), jnp.zeros_like(found)),
+            fallback_drafts, None)
+        return (jnp.where(valid, drafts, other).astype(jnp.int32),
+                jnp.where(valid, found, other_scores))

@@ -5,15 +5,18 @@
     (continuous batching: `refill` prefills new prompts into chosen slots between runs)
 
 One `decode_step`, for every row at once (finished rows run along, frozen):
-  1. draft: the drafter proposes W-1 tokens (offsets 2..W) from the trunk's hidden state at the
-     last accepted position and the trunk's exact next token (offset 1), from its own state;
+  1. draft: the drafter's W_max-1 tokens for offsets 2..W_max (and their scores), made at the
+     end of the previous step (or by the prefill) from the trunk's hidden state at the last
+     accepted position and the trunk's exact next token (offset 1), from its own state; the
+     step verifies the first W-1 (drafting ahead lets auto W read the scores before choosing);
   2. verify: one trunk call over `[next_token, drafts]` (T=W) at the row's next W positions,
      writing cache slots `lengths .. lengths+W-1`;
   3. accept (acceptance.accept_step): the longest draft prefix equal to the trunk's argmax, plus
      the trunk's token after it (bonus); cut after a stop id or at the token limit;
   4. roll back logically: `lengths = old + 1 + accepted` (rejected slots are overwritten by the
      next write and never attended before, see llama/kv_cache.py); the drafter advances over the
-     accepted positions only; the bonus token is the next step's `next_token`.
+     accepted positions only; the bonus token is the next step's `next_token`; the drafter
+     drafts the next step's tokens.
 Shared prefix: `prefill_state` / `refill` may take a `SharedPrefix` (the tokens every row starts
 with, run through the trunk once at batch 1 by `prefill_shared_prefix`, llama/prefix.py's
 primitive): its keys and values are broadcast into slots 0..P-1 of every row and only each row's
@@ -92,6 +95,15 @@ class Drafter:
               next_token: jax.Array) -> jax.Array:
         """last_hidden(_normed) [B,D], last_position [B], next_token [B] -> [B, >=W-1] int32."""
         raise NotImplementedError
+
+    def draft_scored(self, variables: Any, state: Any, last_hidden: jax.Array,
+                     last_hidden_normed: jax.Array, last_position: jax.Array,
+                     next_token: jax.Array) -> tuple[jax.Array, Any]:
+        """(drafts as `draft`, scores [B, same] float32 in [0, 1]: how sure the drafter is of
+        each, higher = likelier accepted; or None: no scores). Auto W calibrates the scores
+        against what verification accepts (decoding/width.py), so they need only rank."""
+        return self.draft(variables, state, last_hidden, last_hidden_normed, last_position,
+                          next_token), None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +208,8 @@ class DecodeState:
     last_hidden: jax.Array       # [B,D] trunk hidden at the last cached position
     last_hidden_normed: jax.Array  # [B,D] same, after the final norm
     drafter_state: Any
+    drafts: jax.Array            # [B,W_max-1] int32 the next step's drafts (offsets 2..W_max)
+    draft_scores: Any            # [B,W_max-1] float32 their scores, or None (unscored drafter)
     num_generated: jax.Array     # [B] int32 tokens emitted per row (a stop token included)
     done: jax.Array              # [B] bool
     step: jax.Array              # [] int32 verify steps run (loop iterations)
@@ -209,6 +223,18 @@ class DecodeState:
     @property
     def max_new_tokens(self) -> int:
         return self.accepted_log.shape[0]
+
+
+def next_drafts(drafter: Drafter, drafter_vars: Any, w_max: int, drafter_state: Any,
+                last_hidden: jax.Array, last_hidden_normed: jax.Array, positions: jax.Array,
+                next_token: jax.Array) -> tuple[jax.Array, Any]:
+    """The drafts of a row's next step from its state -> ([B,W_max-1] int32, scores or None)."""
+    drafts, scores = drafter.draft_scored(drafter_vars, drafter_state, last_hidden,
+                                          last_hidden_normed, positions - 1, next_token)
+    drafts = drafts[:, :w_max - 1].astype(jnp.int32)
+    if scores is not None:
+        scores = jnp.clip(scores[:, :w_max - 1].astype(jnp.float32), 0.0, 1.0)
+    return drafts, scores
 
 
 def cache_slots(padded_length: int, max_new_tokens: int,
@@ -240,12 +266,14 @@ def prefill_state(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | 
     drafter_state = drafter.init_state(drafter_vars, batch, slots)
     drafter_state = drafter.advance(drafter_vars, drafter_state, pre.prompt_hidden_normed,
                                     mask & active[:, None], tokens)
+    drafts, scores = next_drafts(drafter, drafter_vars, w, drafter_state, pre.hidden,
+                                 pre.hidden_normed, pre.next_positions, first)
     no_log = jnp.full((m, batch), -1, jnp.int32)
     return DecodeState(
         cache=pre.cache, tokens=jnp.full((batch, m + w), pad_id, jnp.int32).at[:, 0].set(first),
         next_token=first, positions=pre.next_positions, last_hidden=pre.hidden,
-        last_hidden_normed=pre.hidden_normed, drafter_state=drafter_state,
-        num_generated=active.astype(jnp.int32),
+        last_hidden_normed=pre.hidden_normed, drafter_state=drafter_state, drafts=drafts,
+        draft_scores=scores, num_generated=active.astype(jnp.int32),
         done=~active | is_stop(first, stop_ids) | (m <= 1) | nonfinite,
         step=jnp.array(0, jnp.int32), row_steps=jnp.zeros((batch,), jnp.int32),
         accepted_log=no_log, emitted_log=no_log, width_log=no_log, nonfinite=nonfinite,
@@ -261,8 +289,9 @@ def decode_step(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | Au
     w = step_width(tokens_per_step)
     new, accepted = _step_at(config, drafter, w, state, params=params,
                              drafter_vars=drafter_vars, stop_ids=stop_ids)
-    return new.replace(width_stats=update_width_stats(tokens_per_step, state.width_stats, w,
-                                                      accepted, ~state.done))
+    return new.replace(width_stats=update_width_stats(
+        tokens_per_step, state.width_stats, w, accepted, ~state.done, state.draft_scores,
+        new.draft_scores, ~new.done))
 
 
 def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, *,
@@ -271,9 +300,7 @@ def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, 
     """The step at W = w (<= the state's buffer width) -> (state but width_stats, drafts
     accepted per row [B] before the stop / limit cut)."""
     active = ~state.done
-    drafts = drafter.draft(drafter_vars, state.drafter_state, state.last_hidden,
-                           state.last_hidden_normed, state.positions - 1, state.next_token)
-    drafts = drafts[:, :w - 1].astype(jnp.int32)                              # [B,W-1]
+    drafts = state.drafts[:, :w - 1]                                          # [B,W-1]
     verify_tokens = jnp.concatenate([state.next_token[:, None], drafts], axis=1)  # [B,W]
     verify_positions = state.positions[:, None] + jnp.arange(w, dtype=jnp.int32)  # [B,W]
     out = Llama(config).apply({"params": params}, verify_tokens, verify_positions,
@@ -305,6 +332,7 @@ def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, 
         last_hidden_normed=keep_old(take(out.hidden_normed), state.last_hidden_normed),
         drafter_state=drafter.advance(drafter_vars, state.drafter_state, out.hidden_normed, kept,
                                       verify_tokens),
+        drafts=state.drafts, draft_scores=state.draft_scores,
         num_generated=state.num_generated + acc.emitted,
         done=state.done | acc.finished | nonfinite,
         step=state.step + 1,
@@ -314,7 +342,10 @@ def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, 
         width_log=log(state.width_log, jnp.full_like(acc.accepted, w)),
         nonfinite=state.nonfinite | nonfinite,
         width_stats=state.width_stats)
-    return new, acc.accepted
+    next_d, next_scores = next_drafts(drafter, drafter_vars, state.drafts.shape[1] + 1,
+                                      new.drafter_state, new.last_hidden,
+                                      new.last_hidden_normed, new.positions, new.next_token)
+    return new.replace(drafts=next_d, draft_scores=next_scores), acc.accepted
 
 
 def run(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | AutoWidth, params: dict,
@@ -363,6 +394,8 @@ def refill(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | AutoWid
         last_hidden=put(state.last_hidden, new.last_hidden),
         last_hidden_normed=put(state.last_hidden_normed, new.last_hidden_normed),
         drafter_state=jax.tree.map(put, state.drafter_state, new.drafter_state),
+        drafts=put(state.drafts, new.drafts),
+        draft_scores=jax.tree.map(put, state.draft_scores, new.draft_scores),
         num_generated=put(state.num_generated, new.num_generated),
         done=put(state.done, new.done), row_steps=put(state.row_steps, new.row_steps),
         accepted_log=put1(state.accepted_log, new.accepted_log),

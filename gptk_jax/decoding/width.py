@@ -14,6 +14,20 @@ verified offset i for some row (`reached <- decay * reached + rows that reached 
 `passed`); offsets a step did not verify keep their estimate. The counts start at a prior
 (`prior_weight` rows at acceptance `prior`) that decays with the evidence like any other.
 
+Confidence: a drafter may score each draft (`Drafter.draft_scored`: heads give the softmax
+probability of their draft, prompt lookup 1 where it found a match and 0 where not). The
+acceptance is then also counted per (offset, score bin) (`score_bins` equal bins of [0, 1]; the
+same decayed counts and prior per bin), and the choice uses each row's own drafts: row b's
+p_i = the estimate of offset i in the bin of b's draft i, E_b(W) its expected tokens, and
+
+    W    = argmax_W sum_b E_b(W) / cost(W)        over the active rows
+
+so a step whose drafts are confident verifies more of them than one whose drafts are not (the
+acceptance-per-confidence idea of EAGLE-2's dynamic draft trees and of dynamic draft lengths,
+calibrated online here instead of trusted as is). A drafter that scores nothing puts every draft
+in the top bin: the choice is then the pooled one above, exactly. The drafts of step s+1 are
+made at the end of step s (decoding/loop.py), so their scores are known when W is chosen.
+
 Each step computes the next step's W (`WidthStats.next_width`). The loop (decoding/loop.py `run`)
 is compiled once per W and runs at its W until the choice differs; the engine then runs the
 executable of the chosen W on the same state (buffers and cache slots are sized for W_max, so
@@ -55,7 +69,8 @@ class AutoWidth:
     max_width: the largest W (None: the drafter's max_drafts + 1). probe_every: below W_max, a
     probe step at W_max after this many steps in a row. decay: the per-step weight of the old
     counts (0.9: about the last 10 steps' evidence). prior / prior_weight: the acceptance the
-    counts start at, worth that many row-steps. Set by the engine per call (leave them): costs,
+    counts start at, worth that many row-steps. score_bins: bins of the drafts' scores
+    (1: scores ignored, the pooled choice). Set by the engine per call (leave them): costs,
     the relative step cost at W = 1..W_max at this batch (from its `VerifyCost`); width, the W
     an executable of `run` steps at (0 where none: prefill, refill)."""
     max_width: Optional[int] = None
@@ -63,6 +78,7 @@ class AutoWidth:
     decay: float = 0.9
     prior: float = 0.5
     prior_weight: float = 1.0
+    score_bins: int = 8
     costs: tuple = ()
     width: int = 0
 
@@ -72,6 +88,8 @@ class WidthStats:
     """Per batch (pooled over its rows), carried by DecodeState."""
     reached: jax.Array     # [J] float32 decayed count of row-steps that verified offset j
     passed: jax.Array      # [J] float32 ... and accepted it
+    reached_bins: jax.Array  # [J,C] float32 the same per score bin of the draft at offset j
+    passed_bins: jax.Array   # [J,C] float32
     since_full: jax.Array  # [] int32 steps in a row below W_max
     histogram: jax.Array   # [W_max+1] int32 loop iterations run at each W (index W)
     next_width: jax.Array  # [] int32 the W of the next step (a fixed W: W)
@@ -98,9 +116,11 @@ def _policy(tokens_per_step) -> AutoWidth:
 def init_width_stats(tokens_per_step) -> WidthStats:
     """The prior, and the first W: W_max for auto W (a probe: nothing is measured yet)."""
     policy, w_max = _policy(tokens_per_step), max_width(tokens_per_step)
-    weight = policy.prior_weight
+    weight, bins = policy.prior_weight, (w_max - 1, policy.score_bins)
     return WidthStats(reached=jnp.full((w_max - 1,), weight, jnp.float32),
                       passed=jnp.full((w_max - 1,), weight * policy.prior, jnp.float32),
+                      reached_bins=jnp.full(bins, weight, jnp.float32),
+                      passed_bins=jnp.full(bins, weight * policy.prior, jnp.float32),
                       since_full=jnp.array(policy.probe_every, jnp.int32),
                       histogram=jnp.zeros((w_max + 1,), jnp.int32),
                       next_width=jnp.array(w_max, jnp.int32))
@@ -117,30 +137,67 @@ def expected_tokens(p: jax.Array) -> jax.Array:
     return 1.0 + jnp.concatenate([jnp.zeros((1,), reach.dtype), jnp.cumsum(reach)])
 
 
-def choose_width(policy: AutoWidth, stats: WidthStats) -> jax.Array:
-    """[] int32 W in 1..W_max: the best expected tokens per cost, W_max when probing."""
+def score_bin(scores: jax.Array, bins: int) -> jax.Array:
+    """Draft scores [..] in [0, 1] -> their bin [..] int32 in 0..bins-1 (1.0: the top bin)."""
+    return jnp.clip(jnp.floor(scores * bins), 0, bins - 1).astype(jnp.int32)
+
+
+def row_expected_tokens(stats: WidthStats, scores: jax.Array) -> jax.Array:
+    """scores [B,J] of the next drafts -> E_b(W) [B,W_max]: each row's p_i read in its drafts'
+    score bins."""
+    table = stats.passed_bins / jnp.maximum(stats.reached_bins, 1e-12)          # [J,C]
+    bins = score_bin(scores, table.shape[1])                                   # [B,J]
+    p = table[jnp.arange(table.shape[0])[None, :], bins]                       # [B,J]
+    reach = jnp.cumprod(p, axis=1)
+    return 1.0 + jnp.concatenate([jnp.zeros_like(reach[:, :1]), jnp.cumsum(reach, axis=1)], 1)
+
+
+def choose_width(policy: AutoWidth, stats: WidthStats, scores: Optional[jax.Array] = None,
+                 active: Optional[jax.Array] = None) -> jax.Array:
+    """[] int32 W in 1..W_max: the best expected tokens per cost, W_max when probing. scores
+    [B,J] (the next drafts'; None: pooled estimates) and active [B] the rows still going."""
     w_max = policy.max_width
-    score = expected_tokens(acceptance_estimate(stats)) / jnp.asarray(policy.costs, jnp.float32)
+    if scores is None:
+        expected = expected_tokens(acceptance_estimate(stats))                  # [W_max]
+    else:
+        weight = jnp.ones(scores.shape[:1], jnp.float32) if active is None else active
+        expected = (row_expected_tokens(stats, scores) * weight[:, None]).sum(axis=0)
+    score = expected / jnp.asarray(policy.costs, jnp.float32)
     w = (jnp.argmax(score) + 1).astype(jnp.int32)
     return jnp.where(stats.since_full >= policy.probe_every, w_max, w).astype(jnp.int32)
 
 
 def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax.Array,
-                       active: jax.Array) -> WidthStats:
+                       active: jax.Array, scores: Optional[jax.Array] = None,
+                       next_scores: Optional[jax.Array] = None,
+                       next_active: Optional[jax.Array] = None) -> WidthStats:
     """After a step at W = w: accepted [B] drafts accepted per row (before the stop / limit
-    cut), active [B] the rows that took part. Then the next step's W."""
+    cut), active [B] the rows that took part, scores [B,J] the verified drafts' scores (None:
+    unscored, the top bin). Then the next step's W, from next_scores [B,J] / next_active [B]
+    (the next step's drafts; None: the pooled choice)."""
     policy, w_max = _policy(tokens_per_step), stats.reached.shape[0] + 1   # the buffers' W_max
     offsets = jnp.arange(2, w_max + 1)[None, :]                                 # [1,J]
     verified = active[:, None] & (offsets <= w)                                 # [B,J]
-    reached = (verified & (accepted[:, None] >= offsets - 2)).sum(axis=0)       # [J]
-    passed = (verified & (accepted[:, None] >= offsets - 1)).sum(axis=0)
+    row_reached = verified & (accepted[:, None] >= offsets - 2)                 # [B,J]
+    row_passed = verified & (accepted[:, None] >= offsets - 1)
+    reached, passed = row_reached.sum(axis=0), row_passed.sum(axis=0)           # [J]
     seen = reached > 0
     decay = jnp.float32(policy.decay)
+    bins = stats.reached_bins.shape[1]
+    if scores is None:
+        scores = jnp.ones(row_reached.shape, jnp.float32)
+    onehot = jax.nn.one_hot(score_bin(scores, bins), bins, dtype=jnp.float32)   # [B,J,C]
+    reached_b = (row_reached[..., None] * onehot).sum(axis=0)                   # [J,C]
+    passed_b = (row_passed[..., None] * onehot).sum(axis=0)
+    seen_b = reached_b > 0
     new = WidthStats(
         reached=jnp.where(seen, decay * stats.reached + reached, stats.reached),
         passed=jnp.where(seen, decay * stats.passed + passed, stats.passed),
+        reached_bins=jnp.where(seen_b, decay * stats.reached_bins + reached_b,
+                               stats.reached_bins),
+        passed_bins=jnp.where(seen_b, decay * stats.passed_bins + passed_b, stats.passed_bins),
         since_full=jnp.array(0 if w >= w_max else 1, jnp.int32) * (stats.since_full + 1),
         histogram=stats.histogram.at[w].add(1), next_width=stats.next_width)
     if isinstance(tokens_per_step, AutoWidth):
-        return new.replace(next_width=choose_width(policy, new))
+        return new.replace(next_width=choose_width(policy, new, next_scores, next_active))
     return new

@@ -55,6 +55,7 @@ class EvalConfig:
     continuous: bool = False              # batch sizes > 1 also run with continuous batching
     choose_width: bool = False            # drafters choose W per step by measured cost
     verify_cost: Optional[str] = None     # choose_width: step-cost table file (None: measured)
+    score_bins: int = 8                   # choose_width: bins of the drafts' scores (1: ignored)
     bos: Optional[bool] = None            # prepend BOS; None: the tokenizer's rule (add_bos)
     progress: bool = True
 
@@ -81,3 +82,5 @@ class EvalConfig:
             raise EvalConfigError("--verify-cost is a table for --choose-width: give both")
         if self.verify_cost is not None and not Path(self.verify_cost).is_file():
             raise EvalConfigError(f"--verify-cost {self.verify_cost}: no such file")
+        if self.score_bins < 1:
+            raise EvalConfigError(f"--score-bins must be >= 1, got {self.score_bins}")

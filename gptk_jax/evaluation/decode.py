@@ -91,22 +91,22 @@ class Decoding:
 
 def heads_method(name: str, decoding: Decoding, heads: str, tokens_per_step: int,
                  draft_vocab: Optional[Sequence[int]] = None, choose_width: bool = False,
-                 verify_cost: Optional[str] = None) -> Method:
+                 verify_cost: Optional[str] = None, score_bins: int = 8) -> Method:
     """Trained heads (the folder `heads`, loaded as decoding.heads) drafting W-1 tokens per
     step; built now, so a W the heads cannot draft fails before anything decodes."""
     method = Method(name, tokens_per_step, DecoderSpec(
         "mtp", tokens_per_step=tokens_per_step, heads=heads, draft_vocab=draft_vocab,
-        choose_width=choose_width, verify_cost=verify_cost))
+        choose_width=choose_width, verify_cost=verify_cost, score_bins=score_bins))
     decoding.decoder(method)
     return method
 
 
 def lookup_method(name: str, tokens_per_step: int, max_ngram: int,
                   fallback: Optional[Method] = None, choose_width: bool = False,
-                  verify_cost: Optional[str] = None) -> Method:
+                  verify_cost: Optional[str] = None, score_bins: int = 8) -> Method:
     """Prompt lookup, optionally in front of heads (`fallback`, a heads_method: they draft
     where it finds nothing). choose_width: W per step by cost, up to tokens_per_step."""
-    width = {"choose_width": choose_width, "verify_cost": verify_cost}
+    width = {"choose_width": choose_width, "verify_cost": verify_cost, "score_bins": score_bins}
     if fallback is None:
         return Method(name, tokens_per_step, DecoderSpec(
             "lookup", tokens_per_step=tokens_per_step, lookup_max_ngram=max_ngram, **width))

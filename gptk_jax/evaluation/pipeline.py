@@ -78,7 +78,8 @@ def drafting_methods(cfg: EvalConfig, decoding, heads, tokens_per_step: int,
     `DecoderSpec` that decoding.factory.make_decoder builds."""
     from gptk_jax.evaluation.decode import heads_method, lookup_method
     methods = []
-    width = {"choose_width": cfg.choose_width, "verify_cost": cfg.verify_cost}
+    width = {"choose_width": cfg.choose_width, "verify_cost": cfg.verify_cost,
+             "score_bins": cfg.score_bins}
     if heads is not None:
         methods.append(heads_method("mtp", decoding, str(heads.path), tokens_per_step,
                                     draft_vocab, **width))
@@ -131,6 +132,7 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
             "dtype": model.config.dtype, "platform": device.platform,
             "device_kind": getattr(device, "device_kind", None),
             "lookup_max_ngram": cfg.lookup_max_ngram, "choose_width": cfg.choose_width,
+            "score_bins": cfg.score_bins,
             "verify_cost": sha256_json(Path(cfg.verify_cost).read_text())
             if cfg.verify_cost else None,
             "draft_vocab_sha256": sha256_json(list(map(int, draft_vocab)))

@@ -196,3 +196,15 @@ class MTPHead(nn.Module):
         draft_tokens, _ = self.draft_logits(trunk_params, state, last_hidden, last_hidden_normed,
                                             last_position, next_token)
         return draft_tokens
+
+    def draft_scored(self, trunk_params, state, last_hidden, last_hidden_normed, last_position,
+                     next_token):
+        """-> (draft_tokens [B,W-1] int32, scores [B,W-1] float32): each draft's softmax
+        probability under the head (over the draft vocabulary when decoding passes one), the
+        confidence auto W calibrates (decoding/width.py)."""
+        draft_tokens, logits = self.draft_logits(trunk_params, state, last_hidden,
+                                                 last_hidden_normed, last_position, next_token)
+        logits = logits.astype(jnp.float32)
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        scores = 1.0 / jnp.sum(jnp.exp(logits - top), axis=-1)                # [B,W-1]
+        return draft_tokens, scores

@@ -1,0 +1,120 @@
+"""Auto W with draft scores (decoding/width.py): the per-(offset, score bin) counts by hand, the
+choice read from each row's own drafts, and on a tiny random trunk a drafter whose scores say
+which drafts are right: the output is greedy's, the bins learn that high scores pass and low ones
+fail, and the run costs less than the same drafts unscored."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptk_jax.decoding import Decoder, DecodingError
+from gptk_jax.decoding.oracle import OracleDrafter, oracle_variables
+from gptk_jax.decoding.width import (AutoWidth, choose_width, init_width_stats,
+                                     row_expected_tokens, score_bin, update_width_stats)
+from gptk_jax.llama.config import LlamaConfig
+from gptk_jax.llama.model import init_params, params_for_model
+
+CFG = LlamaConfig(vocab_size=23, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                  rope_theta=10000.0, max_seq_len=256)
+K = 4
+MAX_NEW = 24
+DEAR = {1: 1.0, 2: 1.5, 3: 1.75, 4: 2.0}
+
+
+def test_score_bins_by_hand():
+    assert score_bin(jnp.array([0.0, 0.24, 0.25, 0.74, 0.99, 1.0]), 4).tolist() == \
+        [0, 0, 1, 2, 3, 3]
+    policy = AutoWidth(max_width=3, score_bins=2, prior=0.5, prior_weight=1.0, decay=0.5,
+                       costs=(1.0, 1.5, 2.0))
+    stats = init_width_stats(policy)                     # J=2 offsets x 2 bins, all 1 / 0.5
+    # One step at W=3, two rows. Row 0: drafts scored (0.9, 0.8), both accepted. Row 1: drafts
+    # scored (0.1, 0.9), the first rejected (so offset 3 is not reached for row 1).
+    accepted = jnp.array([2, 0])
+    scores = jnp.array([[0.9, 0.8], [0.1, 0.9]])
+    new = update_width_stats(policy, stats, 3, accepted, jnp.array([True, True]), scores)
+    # offset 2: bin 1 reached by row 0 (passed), bin 0 by row 1 (failed)
+    # offset 3: bin 1 reached by row 0 (passed); bin 0 not seen (keeps its prior)
+    np.testing.assert_allclose(new.reached_bins, [[0.5 + 1, 0.5 + 1], [1.0, 0.5 + 1]])
+    np.testing.assert_allclose(new.passed_bins, [[0.25 + 0, 0.25 + 1], [0.5, 0.25 + 1]])
+    np.testing.assert_allclose(new.reached, [0.5 + 2, 0.5 + 1])     # pooled, as before
+    np.testing.assert_allclose(new.passed, [0.25 + 1, 0.25 + 1])
+    # Per row expected tokens: p(offset 2, bin 1) = 1.25/1.5, p(offset 2, bin 0) = 0.25/1.5 ...
+    table = np.asarray(new.passed_bins) / np.asarray(new.reached_bins)
+    nxt = jnp.array([[0.9, 0.9], [0.1, 0.1]])
+    e = np.asarray(row_expected_tokens(new, nxt))
+    np.testing.assert_allclose(e[0], [1, 1 + table[0, 1], 1 + table[0, 1] + table[0, 1] *
+                                      table[1, 1]], rtol=1e-6)
+    np.testing.assert_allclose(e[1], [1, 1 + table[0, 0], 1 + table[0, 0] + table[0, 0] *
+                                      table[1, 0]], rtol=1e-6)
+    # The choice sums the active rows: confident row alone -> W = 3; unsure row alone -> W = 1.
+    stats = new.replace(since_full=jnp.array(0, jnp.int32))
+    assert int(choose_width(policy, stats, nxt, jnp.array([1.0, 0.0]))) == 3
+    assert int(choose_width(policy, stats, nxt, jnp.array([0.0, 1.0]))) == 1
+    # probing still forces W_max
+    probing = stats.replace(since_full=jnp.array(policy.probe_every, jnp.int32))
+    assert int(choose_width(policy, probing, nxt, jnp.array([0.0, 1.0]))) == 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredOracle(OracleDrafter):
+    """The corrupted oracle's drafts, scored 1 where a draft is the true continuation, else 0."""
+
+    def draft_scored(self, variables, state, last_hidden, last_hidden_normed, last_position,
+                     next_token):
+        drafts = self.draft(variables, state, last_hidden, last_hidden_normed, last_position,
+                            next_token)
+        clean = OracleDrafter(self.max_drafts, self.vocab_size).draft(
+            variables, state, last_hidden, last_hidden_normed, last_position, next_token)
+        return drafts, (drafts == clean).astype(jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = params_for_model(init_params(CFG, jax.random.PRNGKey(11)), CFG)
+    rs = np.random.RandomState(5)
+    prompts = [rs.randint(1, CFG.vocab_size, n).tolist() for n in (4, 9, 6, 11)]
+    decoder = Decoder(CFG, params, stop_ids=[], pad_id=0)
+    greedy = decoder.generate(prompts, MAX_NEW, bucket=8)
+    refs = oracle_variables(list(greedy.tokens), [len(p) for p in prompts], len(prompts), K - 1,
+                            seed=3)
+    return decoder, prompts, greedy, refs
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_scores_steer_width(setup, batch_size):
+    decoder, prompts, greedy, refs = setup
+    policy = AutoWidth(probe_every=8)
+    if batch_size == 1:   # the oracle's references are per row: the first prompt alone
+        prompts, greedy_tokens = prompts[:1], greedy.tokens[:1]
+        refs = oracle_variables(greedy_tokens, [len(prompts[0])], 1, K - 1, seed=3)
+    else:
+        greedy_tokens = greedy.tokens
+    runs = {}
+    for name, drafter in [("scored", ScoredOracle(K - 1, CFG.vocab_size, corrupt_prob=0.5)),
+                          ("unscored", OracleDrafter(K - 1, CFG.vocab_size, corrupt_prob=0.5))]:
+        auto = decoder.replace(drafter=drafter, drafter_vars=refs, tokens_per_step=policy,
+                               verify_cost=DEAR)
+        runs[name] = auto.generate(prompts, MAX_NEW, bucket=8)
+        assert runs[name].tokens == greedy_tokens
+    cost = lambda r: sum(n * DEAR[w] for w, n in enumerate(r.stats["chosen_w_histogram"]) if n)
+    scored, unscored = runs["scored"], runs["unscored"]
+    bins = scored.stats["acceptance_by_score_bin"]["2"]
+    weight = scored.stats["score_bin_weight"]["2"]
+    assert weight[0] > 1 and weight[-1] > 1            # both kinds of drafts were verified
+    # right drafts pass, wrong ones fail: one wrong verify moves bin 0 from its prior 0.5 to
+    # 0.45 / 1.9 = 0.24 (decay 0.9), already too low for W > 1 at these costs
+    assert bins[-1] > 0.9 and bins[0] <= 0.25
+    assert unscored.stats["score_bin_weight"]["2"][:-1] == [1.0] * 7   # top bin only: priors
+    hist = scored.stats["chosen_w_histogram"]
+    assert hist[1] > 0 and sum(hist[2:]) > 0           # the scores move W both ways
+    assert cost(scored) < cost(unscored)
+
+
+def test_score_bins_checked(setup):
+    decoder, _, _, refs = setup
+    with pytest.raises(DecodingError, match="score_bins"):
+        decoder.replace(drafter=OracleDrafter(K - 1, CFG.vocab_size), drafter_vars=refs,
+                        tokens_per_step=AutoWidth(score_bins=0))
