@@ -344,10 +344,32 @@ def read_record(output: Path) -> Optional[dict]:
     return read_json_object(path, DistillError) if path.is_file() else None
 
 
+def distillation_status(target_file: Path) -> Optional[dict]:
+    """How complete the distillation `target_file` is, as training records it (run.json
+    "distilled_targets"): {"file", "lines_written", "sources", "complete"}; None for a file
+    that is not a distillation (no record)."""
+    rec = read_record(Path(target_file))
+    if rec is None or rec.get("format") != RECORD_FORMAT:
+        return None
+    written, sources = int(rec.get("lines_written", 0)), int(rec.get("sources", 0))
+    return {"file": str(Path(target_file).resolve()), "lines_written": written,
+            "sources": sources, "complete": written >= sources}
+
+
+def incomplete_warning(target_file: Path, status: dict) -> str:
+    """The warning training prints for an incomplete distillation ("14 of 40 lines")."""
+    return (f"warning: {target_file} is an incomplete distillation: {status['lines_written']} "
+            f"of {status['sources']} lines (python -m gptk_jax.distill stopped before the end; "
+            f"rerun it to finish): training uses only the pairs of those "
+            f"{status['lines_written']} lines (recorded in the workdir's run.json)")
+
+
 def target_lines_check(target_file: Path, source_path: str, target_lines: int,
-                       source_lines: int) -> None:
+                       source_lines: int, log: Optional[Callable[[str], None]] = print) -> None:
     """A training target file must be line-aligned with its sources: as many lines, or, for a
-    distillation of the first N sources (its record says so), exactly the N it wrote."""
+    distillation of the first N sources (its record says so), exactly the N it wrote. An
+    incomplete distillation (fewer lines written than the sources it was asked for) is
+    accepted with a warning through `log`."""
     record, rec = record_path(Path(target_file)), read_record(Path(target_file))
     if rec is not None and rec.get("shard"):
         shard = rec["shard"]
@@ -359,6 +381,9 @@ def target_lines_check(target_file: Path, source_path: str, target_lines: int,
     if rec is not None:
         if rec.get("format") == RECORD_FORMAT and target_lines == rec.get("lines_written") \
                 and target_lines <= source_lines:
+            status = distillation_status(Path(target_file))
+            if status is not None and not status["complete"] and log is not None:
+                log(incomplete_warning(Path(target_file), status))
             return
         raise DistillError(
             f"{target_file} has {target_lines} lines, its record {record} says "
@@ -370,5 +395,5 @@ def target_lines_check(target_file: Path, source_path: str, target_lines: int,
 
 
 __all__ = ["DistillError", "DistillPlan", "check_resume", "chunk_entry", "distill_sources",
-           "line_hashes", "lock_path", "output_lock",
+           "distillation_status", "incomplete_warning", "line_hashes", "lock_path", "output_lock",
            "model_fingerprint", "one_line", "read_record", "record_path", "target_lines_check"]

@@ -5,6 +5,8 @@
      "inputs": {"trunk": {"config": {...}, "conversion_sha256": "..."},
                 "train_rows": {"count": 53, "sha256": "..."}},   # what the settings read
      "recorded_from_step": 0,      # > 0: the checkpoints predate the record (an older version)
+     "distilled_targets": [{"file": "/abs/d.en", "lines_written": 14, "sources": 40,
+                            "complete": false}],   # the target files from gptk_jax.distill
      "resumes": [{"step": 6, "changed": {"optimizer.learning_rate": {"old": 0.003,
                                                                      "new": 1.0}}}]}
 
@@ -41,7 +43,7 @@ ALLOW_FLAG = "training.allow_changed_resume"
 # a key listed here, or under a listed "prefix.", belongs to that class
 RECIPE = ("optimizer.", "training.num_train_steps", "training.num_epochs", "loss.targets",
           "loss.offset_weights", "loss.offset_weight_decay", "loss.first_target_tokens_only",
-          "loss.positions_per_row", "features.dtype")
+          "loss.positions_per_row", "loss.draft_vocab_size", "features.dtype")
 BOOKKEEPING = ("training.log_every_steps", "training.eval_every_steps", "training.eval_at_start",
                "training.checkpoint_every_steps", "training.max_checkpoints_to_keep",
                "data.eval_prefix", "data.eval_max_sentences", "data.eval_line_range",
@@ -92,6 +94,24 @@ def input_fingerprints(trunk_config, trunk_path: Path, rows) -> dict:
                             hashlib.sha256(conversion.read_bytes()).hexdigest()
                             if conversion.is_file() else None},
                   "train_rows": {"count": len(rows), "sha256": h.hexdigest()}})
+
+
+def distilled_targets(settings: RunSettings) -> list:
+    """The training / validation target files that are distillations, with how complete each
+    is (training/distill.py `distillation_status`: an incomplete one is warned about)."""
+    from gptk_jax.training.distill import DistillError, distillation_status
+
+    data = settings.data
+    out = []
+    for file in tuple(data.train_target_files or ()) + \
+            ((data.eval_target_file,) if data.eval_target_file else ()):
+        try:
+            status = distillation_status(Path(file))
+        except DistillError:     # an unreadable record: refused where the targets are read
+            status = None
+        if status is not None:
+            out.append(status)
+    return out
 
 
 def _describe(changes: dict) -> str:
@@ -174,7 +194,8 @@ class RunRecord:
             elif self.data is not None:
                 log(f"no checkpoint in {self.workdir}: starting afresh ({RECORD_FILE} replaced)")
             record = {"format": FORMAT, "settings": settings_dict(settings), "inputs": inputs,
-                      "recorded_from_step": step or 0, "resumes": []}
+                      "recorded_from_step": step or 0, "resumes": [],
+                      "distilled_targets": distilled_targets(settings)}
         else:
             record = dict(self.data, resumes=_merged(self.data["resumes"], step, changes))
             if changes:
