@@ -69,6 +69,9 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
         raise DistillError(f"--max-pairs must be >= 1, got {max_pairs}")
     check_shard_arguments(num_shards, shard_index)
     source_path = f"{input_prefix}.{src_lang}"
+    if Path(source_path).is_dir():
+        raise DistillError(f"--input {input_prefix}: {source_path} is a folder; --input is the "
+                           f"PREFIX of PREFIX.{src_lang}, a text file of source lines")
     sources = read_text_lines(source_path)
     if max_pairs is not None:
         sources = sources[:max_pairs]
@@ -81,7 +84,15 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
     if output.exists() and not output.is_file():
         raise DistillError(f"--output {output} is not a file: choose a file path for the "
                            f"translations")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    from gptk_jax.training.distill import record_path
+    if record_path(output).exists() and not record_path(output).is_file():
+        raise DistillError(f"{record_path(output)} is a folder, where distill keeps the record "
+                           f"of --output {output}: remove it or choose another --output")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from gptk_jax.files import os_error_text
+        raise DistillError(os_error_text(e, output, "--output")) from None
     fmt = prompt_format(src_lang, tgt_lang, shots, space_with_target, shots_from=shots_prefix)
     with output_lock(output):
         return _distill_locked(checkpoint, fmt, source_path, sources, output, shard,

@@ -27,6 +27,10 @@ class LockHeld(GptkError, RuntimeError):
     """Another live process is writing the same output / workdir."""
 
 
+class LockUnavailable(GptkError, OSError):
+    """The lock file cannot be created (a folder in its place, an unwritable folder)."""
+
+
 def _holder(text: str) -> str:
     fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
     pid, started = fields.get("pid"), fields.get("started")
@@ -43,7 +47,12 @@ def exclusive_lock(path: Path, what: str,
     thing guarded, for the messages."""
     path = Path(path)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            from gptk_jax.files import os_error_text
+            raise LockUnavailable(f"cannot lock {what}: " + os_error_text(
+                e, path, "its lock file") + " (nothing was written)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -79,4 +88,4 @@ def exclusive_lock(path: Path, what: str,
         os.close(fd)
 
 
-__all__ = ["LockHeld", "exclusive_lock"]
+__all__ = ["LockHeld", "LockUnavailable", "exclusive_lock"]

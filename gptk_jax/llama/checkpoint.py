@@ -266,18 +266,35 @@ def is_converted_model(path: str | os.PathLike) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PROVENANCE_FILE).is_file()
 
 
+MODEL_ENTRIES = (CONFIG_FILE, PARAMS_DIR, TOKENIZER_DIR, PROVENANCE_FILE)
+
+
 def check_output_folder(out: str | os.PathLike, overwrite: bool) -> None:
-    """Before any work: `out` may be replaced only if it is a converted model and `overwrite`
-    is set (anything else there is never deleted), and its parent must be writable."""
+    """Before any work: an empty folder `out` is written into (with or without `overwrite`); a
+    non-empty one may be replaced only if it is a converted model holding nothing else and
+    `overwrite` is set (anything else there is never deleted), and its parent must be
+    writable."""
     out = Path(out).absolute()
-    if out.exists():
+    if out.is_dir() and not any(out.iterdir()):
+        pass                      # an empty folder: nothing to lose, the model goes in its place
+    elif out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise CheckpointError(f"--output {out} is a file, not a folder: choose a folder "
+                                  "path for the converted model (the file was not touched)")
         if not overwrite:
-            raise CheckpointError(f"output folder {out} already exists "
-                                  "(pass --overwrite to replace it)")
-        if not out.is_dir() or not is_converted_model(out):
+            raise CheckpointError(f"output folder {out} already exists and is not empty "
+                                  "(pass --overwrite to replace a converted model there)")
+        if not is_converted_model(out):
             raise CheckpointError(f"--overwrite replaces only a converted model ({CONFIG_FILE} "
                                   f"and {PROVENANCE_FILE} present); {out} is not one: refusing "
                                   "to delete it")
+        extra = sorted(p.name for p in out.iterdir() if p.name not in MODEL_ENTRIES)
+        if extra:
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5
+                                             else "")
+            raise CheckpointError(f"--overwrite would delete {shown} in {out}, which a converted "
+                                  "model does not hold: move them out of the folder first "
+                                  "(nothing was changed)")
     parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise CheckpointError(f"cannot write {out}: {parent} is not a folder")
@@ -325,8 +342,8 @@ def check_finite(params: dict, *, source: str, chunk: int = 1 << 22,
                     more = f" and {len(rows) - _ROWS_SHOWN} more" if len(rows) > _ROWS_SHOWN \
                         else ""
                     where = f"in {_rows_what(name)} {shown}{more} of axis 0"
-                problems.append(f"tensor {name} has {bad} non-finite value(s) (NaN or inf; "
-                                f"{where})")
+                problems.append(f"tensor {jax.tree_util.keystr(key)} has {bad} non-finite "
+                                f"value(s) (NaN or inf; {where})")
                 break
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems) + f" -- {blame}")
@@ -475,7 +492,8 @@ def load_converted(path: str | os.PathLike, *, scan_layers: Optional[bool] = Non
     with any part missing or malformed is a CheckpointError naming it. `verify_digests` (default:
     True unless GPTK_SKIP_WEIGHT_DIGESTS=1): check every tensor against conversion.json's digests
     (a mismatch is a CheckpointError naming the tensor); a folder without digests is loaded,
-    with a warning through `log`."""
+    with a warning through `log`, once every weight is checked finite (a non-finite one is a
+    CheckpointError naming the tensor and rows). False skips both checks."""
     path = Path(path).absolute()
     config = load_config(path)
     provenance = read_provenance(path)

@@ -262,7 +262,7 @@ def distill_sources(model, fmt: PromptFormat, sources: Sequence[str], output: Pa
     if stop_after is not None:
         todo = todo[:stop_after]
     session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "first_line": done,
-               "lines": 0, "generated_tokens": 0, "seconds": 0.0,
+               "lines": 0, "empty_lines": 0, "generated_tokens": 0, "seconds": 0.0,
                "command": list(command), "decoding": plan.decoding}
     record["sessions"].append(session)
     _save(output, record)         # before the output exists: a file without one is not ours
@@ -285,6 +285,10 @@ def distill_sources(model, fmt: PromptFormat, sources: Sequence[str], output: Pa
             for key, value in (("lines", len(lines)), ("generated_tokens", tokens),
                                ("seconds", seconds)):
                 session[key] += value
+            empty = sum(1 for i, t in zip(lines, texts)
+                        if not t and sources[i].rstrip("\r").strip()
+                        and sources[i].rstrip("\r").strip() not in excluded)
+            session["empty_lines"] = session.get("empty_lines", 0) + empty
             record["chunks"].append(chunk_entry(lines[0], [sources[i] for i in lines], texts))
             record["lines_written"] += len(lines)
             record["output_bytes"] += record["chunks"][-1]["bytes"]
@@ -294,7 +298,19 @@ def distill_sources(model, fmt: PromptFormat, sources: Sequence[str], output: Pa
             bar.update(len(lines))
             bar.set_postfix(tok_s=f"{session['generated_tokens'] / max(session['seconds'], 1e-9):.0f}")
     bar.close()
+    if session.get("empty_lines"):
+        log(empty_lines_warning(output, session["empty_lines"], session["lines"]))
     return record
+
+
+def empty_lines_warning(output: Path, empty: int, lines: int) -> str:
+    """Translations that came out empty for non-empty sources (the trunk stopped at once: the
+    prompt format does not suit it): training skips those pairs."""
+    return (f"warning: {empty} of the {lines} lines written to {output} in this session are "
+            f"empty although their sources are not (the trunk ended the translation at once; "
+            f"training skips those pairs): check the prompt format for this model (--shots, "
+            f"--space-with-target, --bos); the count is in the record's session "
+            f"\"empty_lines\"")
 
 
 def decoder_spec(tokens_per_step: int):
