@@ -34,6 +34,15 @@ def frequent_token_ids(tokenizer, lines: Iterable[str], size: int, *, prefix: st
         line = line[:-1] if line.endswith("\r") else line
         if line.strip():
             counts.update(tokenizer.encode(prefix + line, bos=False))
+    return most_frequent(counts, size, always=always)
+
+
+def most_frequent(counts, size: int, *, always: Sequence[int] = ()) -> tuple[int, ...]:
+    """The `size` most frequent ids of `counts` ({id: count}), ties by id, `always` first
+    (counting towards size): the ranking of frequent_token_ids, for counts made elsewhere
+    (training: the training rows' target tokens, gptk_jax/training/vocab.py)."""
+    if size < 1:
+        raise DraftVocabError(f"draft vocabulary size must be >= 1, got {size}")
     ranked = sorted(counts, key=lambda i: (-counts[i], i))
     ids = list(dict.fromkeys(int(i) for i in always))
     first = set(ids)

@@ -58,10 +58,22 @@ def resolve_space_with_target(given: Optional[bool], heads_metadata: Optional[di
     return chosen
 
 
-def draft_vocabulary(cfg: EvalConfig, tokenizer, space_with_target: bool):
-    """-> (ids, the text's path) or (None, None) without cfg.draft_vocab_size."""
+def draft_vocabulary(cfg: EvalConfig, tokenizer, space_with_target: bool, heads=None):
+    """-> (ids, where they come from: the text's path or the heads' draft_vocab.json) or
+    (None, None). --draft-vocab-size (with --draft-vocab-from) decides when given; else heads
+    trained with a softmax over a draft vocabulary (loss.draft_vocab_size, heads.io) draft over
+    their own; else the whole vocabulary."""
     if not cfg.draft_vocab_size:
-        return None, None
+        ids = getattr(heads, "draft_vocab", None)
+        if ids is None:
+            return None, None
+        from gptk_jax.heads.io import VOCAB_FILE
+        path = Path(heads.path) / VOCAB_FILE
+        record = getattr(heads, "draft_vocab_record", None) or {}
+        print(f"draft vocabulary: the heads' own, {len(ids)} ids ({path}, sha256 "
+              f"{str(record.get('sha256', '?'))[:12]}; --draft-vocab-size overrides it)",
+              flush=True)
+        return tuple(ids), path
     from gptk_jax.decoding.draft_vocab import build_draft_vocab
     path = Path(cfg.draft_vocab_from or f"{news_commentary(cfg.data_root)}.{cfg.tgt_lang}")
     ids = build_draft_vocab(tokenizer, cfg.draft_vocab_size, path,
@@ -161,7 +173,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     check_prompt_record(record, heads)
     prompts = evaluation_prompts(fmt, tok, test_set, bos)
     model.check_token_ids([i for p in prompts for i in p])
-    draft_vocab, draft_vocab_path = draft_vocabulary(cfg, tok, space_with_target)
+    draft_vocab, draft_vocab_path = draft_vocabulary(cfg, tok, space_with_target, heads)
     stop_ids = tuple(translation_stop_ids(tok))
     decoding = Decoding(config, model.params, cfg.max_new_tokens, stop_ids, tok.pad_id,
                         cfg.bucket, heads=heads)
@@ -189,6 +201,11 @@ def run_evaluation(cfg: EvalConfig) -> dict:
               "draft_vocab_size": len(draft_vocab) if draft_vocab else None,
               "choose_width": cfg.choose_width, "verify_cost": cfg.verify_cost,
               "draft_vocab_from": str(draft_vocab_path) if draft_vocab else None,
+              # 'flag': --draft-vocab-size; 'heads': the heads' own (draft_vocab.json)
+              "draft_vocab_source": None if not draft_vocab else
+              ("flag" if cfg.draft_vocab_size else "heads"),
+              "draft_vocab_sha256": sha256_json(list(map(int, draft_vocab)))
+              if draft_vocab else None,
               "dtype": config.dtype, "platform": platform, "reused_runs": store.reused}
     main_method = methods[0].name if methods else "oracle"
     return build_report(header, test_set, tok, runs, outputs, cfg.batch_sizes[0], main_method)

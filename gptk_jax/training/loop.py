@@ -76,7 +76,9 @@ def _console(step: int, num_steps: int, summary: dict, offsets, seconds: float, 
     per_offset = " ".join(f"o{o} {summary[f'loss_o{o}']:.3f}/{100 * summary[f'top1_o{o}']:.1f}%"
                           for o in offsets)
     eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-    return (f"step {step}/{num_steps} | loss {summary['loss']:.4f} | {per_offset} | "
+    oov = (f" | outside draft vocab {100 * summary['oov_fraction']:.1f}%"
+           if "oov_fraction" in summary else "")
+    return (f"step {step}/{num_steps} | loss {summary['loss']:.4f} | {per_offset}{oov} | "
             f"{rate:.2f} steps/s {tokens / seconds if seconds > 0 else 0:.0f} tok/s | "
             f"ETA {eta_text}")
 
@@ -88,7 +90,9 @@ def _eval_line(step: int, summary: dict, offsets, split: str = "eval") -> str:
     chain = "/".join(f"{100 * summary.get(f'chain_o{o}', float('nan')):.1f}" for o in drafts)
     return (f"{split} @ {step}: " + " ".join(parts) + f" (gold/trunk) | acceptance estimate "
             f"{summary['acceptance_trunk']:.3f} (trunk) {summary['acceptance_gold']:.3f} (gold)"
-            f" | chain {chain}% tau_est {summary.get('tau_est', float('nan')):.3f}")
+            f" | chain {chain}% tau_est {summary.get('tau_est', float('nan')):.3f}" +
+            (f" | outside draft vocab {100 * summary['oov_fraction_trunk']:.1f}% (trunk)"
+             if "oov_fraction_trunk" in summary else ""))
 
 
 class TrainingLoop:

@@ -49,9 +49,16 @@ def summarize_train(window: Sequence[dict], offsets: Sequence[int]) -> dict:
     total = {k: np.sum([m[k] for m in window], axis=0) for k in window[0]}
     out = {"loss": float(np.mean([m["objective"] for m in window])),
            "grad_norm": float(np.mean([m["grad_norm"] for m in window]))}
+    oov = total.get("oov", np.zeros_like(total["count"]))  # targets outside the draft vocab
     for j, o in enumerate(offsets):
-        out[f"loss_o{o}"] = _ratio(total["loss_sum"][j], total["count"][j])
+        # the loss covers the targets inside the draft vocabulary; top-1 every target (a
+        # target outside it is a miss)
+        out[f"loss_o{o}"] = _ratio(total["loss_sum"][j], total["count"][j] - oov[j])
         out[f"top1_o{o}"] = _ratio(total["top1"][j], total["count"][j])
+        if "oov" in total:
+            out[f"oov_o{o}"] = _ratio(oov[j], total["count"][j])
+    if "oov" in total:
+        out["oov_fraction"] = _ratio(np.sum(oov), np.sum(total["count"]))
     out["tokens"] = float(total["tokens"])            # real tokens (identifies the batches)
     out["supervised_positions"] = float(np.sum(total["count"]))
     out["dropped_positions"] = float(total["dropped_positions"])
@@ -65,7 +72,13 @@ def summarize_eval(total: dict, offsets: Sequence[int]) -> dict:
         count = total["count"][j]
         for key, value in total.items():
             if key != "count" and key not in DRAFT_KEYS:
-                out[f"{key}_o{o}"] = _ratio(value[j], count)
+                # with a draft vocabulary the loss covers the targets inside it only
+                oov = total.get("oov_" + key[len("loss_"):]) if key.startswith("loss_") else None
+                out[f"{key}_o{o}"] = _ratio(value[j], count - (0 if oov is None else oov[j]))
+    if "oov_trunk" in total:     # fraction of targets outside the draft vocabulary
+        for name in ("trunk", "gold"):
+            out[f"oov_fraction_{name}"] = _ratio(np.sum(total[f"oov_{name}"]),
+                                                 np.sum(total["count"]))
     drafts = [o for o in offsets if o >= 2]
     for name in ("trunk", "gold"):
         out[f"acceptance_{name}"] = acceptance_estimate([out[f"top1_{name}_o{o}"]

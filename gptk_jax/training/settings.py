@@ -162,6 +162,12 @@ class LossSettings:
     argmax_chunk: int = 64                  # positions per chunk for the trunk's argmax (memory)
     position_chunk: int = 64                # linear/PoMa: pack the supervised positions and project
                                             # this many at a time, skipping padding; 0: per row
+    # The heads' softmax over the N most frequent target tokens of the training rows only
+    # (EAGLE-3 / FR-Spec; training/vocab.py): targets outside them are left out of the loss and
+    # counted (train/eval `oov_*`), and count as misses in top-1 / acceptance. The ids travel
+    # with the exported heads (draft_vocab.json). None or 0: the whole vocabulary. Hard targets
+    # only ('gold' / 'trunk_argmax').
+    draft_vocab_size: Optional[int] = None
 
     def __post_init__(self):
         _check(self.targets in TARGETS, f"targets must be one of {TARGETS}, got {self.targets!r}")
@@ -179,6 +185,15 @@ class LossSettings:
         _check(self.argmax_chunk >= 1, f"argmax_chunk must be >= 1, got {self.argmax_chunk}")
         _check(self.position_chunk >= 0,
                f"position_chunk must be >= 0 (0: no packing), got {self.position_chunk}")
+        _check(self.draft_vocab_size is None or self.draft_vocab_size >= 0,
+               f"draft_vocab_size must be >= 1, or 0 / None (the whole vocabulary), got "
+               f"{self.draft_vocab_size}")
+        if self.draft_vocab_size == 0:
+            object.__setattr__(self, "draft_vocab_size", None)
+        _check(self.draft_vocab_size is None or self.targets != "trunk_soft",
+               "draft_vocab_size (a softmax over the draft vocabulary) is for hard targets "
+               "('gold', 'trunk_argmax'); set loss.draft_vocab_size=None with "
+               "targets='trunk_soft'")
 
 
 @dataclasses.dataclass(frozen=True)

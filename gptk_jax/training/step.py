@@ -46,13 +46,14 @@ from gptk_jax.heads import HeadFeatures, make_head
 from gptk_jax.heads.common import trunk_final_norm, trunk_unembed, unembedding_weights
 from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.model import Llama
-from gptk_jax.training.chunked_loss import chunked_cross_entropy
+from gptk_jax.training.chunked_loss import _logits as project, chunked_cross_entropy
 from gptk_jax.training.draft_metrics import DRAFT_KEYS, draft_positions, draft_sums
 from gptk_jax.training.soft_targets import (chunked_soft_cross_entropy, soft_cross_entropy,
                                             teacher_hidden)
 from gptk_jax.training.settings import TrainingError
 from gptk_jax.training.state import TrainState
 from gptk_jax.training.trunk_argmax import chunked_argmax
+from gptk_jax.training.vocab import DraftVocab
 
 TOP_K = 5  # eval reports top-1 and top-5 accuracy
 
@@ -71,6 +72,15 @@ class StepConfig:
     position_chunk: int = 0         # C: >0 packs the supervised positions of per-position heads
                                     # and projects them C at a time, skipping empty chunks
     pack_groups: int = 1            # Y: rows are packed within Y groups (the data shards)
+    draft_vocab: tuple = ()         # U ids: the heads' softmax over these only (loss.
+                                    # draft_vocab_size, training/vocab.py); (): all V
+
+    @property
+    def vocab(self) -> Optional[DraftVocab]:
+        """The draft vocabulary's remap / restricted unembedding, None without one."""
+        if not self.draft_vocab:
+            return None
+        return DraftVocab(self.draft_vocab, self.trunk_config.vocab_size)
 
     @property
     def offsets(self) -> tuple:
@@ -247,11 +257,40 @@ def _psum(tree, axis_name):
 # Steps
 # --------------------------------------------------------------------------------------------
 
+def head_unembedding(cfg: StepConfig, trunk_params: dict) -> tuple[jax.Array, bool]:
+    """(w, tied): the frozen unembedding, restricted to the draft vocabulary's rows (tied:
+    [U,D]; untied: [D,U]) when cfg has one."""
+    w, tied = unembedding_weights(cfg.trunk_config, trunk_params)
+    vocab = cfg.vocab
+    return (w, tied) if vocab is None else (vocab.rows(w, tied), tied)
+
+
+def head_logits(cfg: StepConfig, head, head_params, trunk_params, feats: HeadFeatures, index,
+                deterministic: bool, rngs=None) -> jax.Array:
+    """-> [B,X,J,V] logits at index [B,X]; with a draft vocabulary [B,X,J,U] over its ids (in
+    their order): per-position heads project their hidden states onto the U rows only, the
+    others' full logits are cut to those columns."""
+    kwargs = {} if rngs is None else {"rngs": rngs}
+    vocab = cfg.vocab
+    if vocab is not None and head.per_position:
+        h = head.apply({"params": head_params}, trunk_params, feats, deterministic=deterministic,
+                       gather_index=index, method=head.train_hidden, **kwargs)
+        w, tied = head_unembedding(cfg, trunk_params)
+        return project(h, w, tied)
+    logits = head.apply({"params": head_params}, trunk_params, feats,
+                        deterministic=deterministic, gather_index=index,
+                        method=head.train_logits, **kwargs)
+    if vocab is not None:
+        logits = jnp.take(logits, jnp.asarray(vocab.ids), axis=-1)
+    return logits
+
+
 def _loss_sums(cfg: StepConfig, head, head_params, trunk_params, feats: HeadFeatures, index,
                valid, targets, mask, rng):
     """-> (loss sums [J], top-1 hits [J]) over the masked [B,X,J] entries at index [B,X]: hard
     cross-entropy against targets, or (targets 'trunk_soft') soft cross-entropy against the
-    trunk's distribution at t+o-1 (soft_targets.py); top-1 always against the hard targets."""
+    trunk's distribution at t+o-1 (soft_targets.py); top-1 always against the hard targets.
+    With a draft vocabulary, targets are its local indices and mask holds only targets in it."""
     soft = cfg.targets == "trunk_soft"
     if cfg.position_chunk > 0 and head.per_position:
         groups = cfg.pack_groups
@@ -261,21 +300,20 @@ def _loss_sums(cfg: StepConfig, head, head_params, trunk_params, feats: HeadFeat
             return head.apply({"params": head_params}, trunk_params, feats_g,
                               deterministic=False, gather_index=packed_index,
                               method=head.train_hidden, rngs={"dropout": rng})
-        return packed_sums(apply_hidden, unembedding_weights(cfg.trunk_config, trunk_params),
+        return packed_sums(apply_hidden, head_unembedding(cfg, trunk_params),
                            index, valid, targets, mask, feats.tokens.shape[1], groups,
                            cfg.position_chunk,
                            teacher=(feats_g.hidden_normed, cfg.offsets) if soft else None)
-    head_logits = head.apply({"params": head_params}, trunk_params, feats, deterministic=False,
-                             gather_index=index, method=head.train_logits,
-                             rngs={"dropout": rng})                         # [B,X,J,V]
+    logits = head_logits(cfg, head, head_params, trunk_params, feats, index, False,
+                         rngs={"dropout": rng})                             # [B,X,J,V or U]
     if soft:
         teacher = trunk_unembed(cfg.trunk_config, trunk_params,
                                 teacher_hidden(feats.hidden_normed, index, cfg.offsets))
-        nll = soft_cross_entropy(head_logits, teacher)                      # [B,X,J]
+        nll = soft_cross_entropy(logits, teacher)                           # [B,X,J]
     else:
-        nll = cross_entropy(head_logits, targets)                           # [B,X,J]
+        nll = cross_entropy(logits, targets)                                # [B,X,J]
     loss_sum = jnp.where(mask, nll, 0.0).sum(axis=(0, 1))                   # [J]
-    top1 = ((jnp.argmax(head_logits, axis=-1) == targets) & mask).sum(axis=(0, 1))
+    top1 = ((jnp.argmax(logits, axis=-1) == targets) & mask).sum(axis=(0, 1))
     return loss_sum, top1.astype(jnp.float32)
 
 
@@ -294,7 +332,14 @@ def train_step(cfg: StepConfig, tx: optax.GradientTransformation, state: TrainSt
     targets = _at(targets, index)                                           # [B,X,J]
     mask = _at(target_mask, index) & valid[..., None]                       # [B,X,J]
     counts = mask.sum(axis=(0, 1)).astype(jnp.float32)                      # [J]
-    global_counts = _psum(counts, axis_name)
+    vocab = cfg.vocab
+    if vocab is not None:    # softmax over U: targets as indices into U, those outside masked
+        targets, in_vocab = vocab.remap(targets)
+        oov = (mask & ~in_vocab).sum(axis=(0, 1)).astype(jnp.float32)      # [J]
+        mask = mask & in_vocab
+    else:
+        oov = jnp.zeros_like(counts)
+    global_counts = _psum(counts - oov, axis_name)                         # the loss's entries
     weights = np.asarray(cfg.offset_weights, np.float32)
     weights = jnp.asarray(weights / weights.sum())                          # a weighted mean
     feats = _features(batch, hidden, hidden_normed, next_tokens)
@@ -314,6 +359,8 @@ def train_step(cfg: StepConfig, tx: optax.GradientTransformation, state: TrainSt
     metrics = {"objective": objective, "loss_sum": loss_sum, "count": counts, "top1": top1,
                "tokens": batch["token_mask"].sum().astype(jnp.float32),
                "dropped_positions": (position_mask.sum() - valid.sum()).astype(jnp.float32)}
+    if vocab is not None:
+        metrics["oov"] = oov       # supervised entries whose target is outside U (no loss)
     metrics = _psum(metrics, axis_name)
     metrics["grad_norm"] = optax.global_norm(grads)      # grads are already summed
     new_state = state.replace(step=state.step + 1, head_params=head_params, opt_state=opt_state)
@@ -340,21 +387,31 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
     feats = _features(batch, hidden, hidden_normed, next_tokens)
     targets = {"gold": _at(gold, index), "trunk": _at(trunk, index)}       # [B,X,J] each
 
+    vocab = cfg.vocab
+
     def sums(head_logits, targets, mask, at_draft):
-        """logits [...,J,V], targets / mask [...,J], at_draft [...] -> {metric: [J] sums over
-        the masked}; draft_* (draft_metrics.draft_sums) against the trunk's argmax."""
+        """logits [...,J,V] (a draft vocabulary: [...,J,U]), targets / mask [...,J], at_draft
+        [...] -> {metric: [J] sums over the masked}; draft_* (draft_metrics.draft_sums) against
+        the trunk's argmax. With a draft vocabulary a target outside it is a miss for top-k and
+        the drafts, and is left out of the loss (oov_*: their count)."""
         # top-1 by argmax, top-5 by the target's rank (logits above it): one pass over V each;
         # jax.lax.top_k here made evaluation ~8x slower than a training step on CPU
         top1 = jnp.argmax(head_logits, axis=-1)                             # [...,J]
+        if vocab is not None:
+            top1 = vocab.to_global(top1)                                    # ids in U
         total = lambda x: jnp.where(mask, x, 0).reshape(-1, mask.shape[-1]).sum(0).astype(
             jnp.float32)
         out = {}
         for name, tgt in targets.items():
-            picked = jnp.take_along_axis(head_logits, tgt[..., None], axis=-1)     # [...,J,1]
+            local, in_vocab = (tgt, True) if vocab is None else vocab.remap(tgt)
+            picked = jnp.take_along_axis(head_logits, local[..., None], axis=-1)   # [...,J,1]
             rank = (head_logits > picked).sum(axis=-1)                       # [...,J]
-            out[f"loss_{name}"] = total(cross_entropy(head_logits, tgt))
+            nll = cross_entropy(head_logits, local)
+            out[f"loss_{name}"] = total(jnp.where(in_vocab, nll, 0.0))
             out[f"top1_{name}"] = total(top1 == tgt)
-            out[f"top{TOP_K}_{name}"] = total(rank < TOP_K)
+            out[f"top{TOP_K}_{name}"] = total((rank < TOP_K) & in_vocab)
+            if vocab is not None:
+                out[f"oov_{name}"] = total(~in_vocab)
         out.update(draft_sums(top1, targets["trunk"], at_draft, cfg.offsets))
         return out
 
@@ -367,25 +424,24 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
         chunk_mask = packed(mask, order, chunk)                             # [Z,Y,C,J]
         chunk_draft = packed(at_draft, order, chunk)                        # [Z,Y,C]
         zero = {f"{metric}_{name}": jnp.zeros(mask.shape[-1:], jnp.float32)
-                for name in targets for metric in ("loss", "top1", f"top{TOP_K}")}
+                for name in targets for metric in ("loss", "top1", f"top{TOP_K}") +
+                (("oov",) if vocab is not None else ())}
         zero.update({key: jnp.zeros(mask.shape[-1:], jnp.float32) for key in DRAFT_KEYS})
 
         def one(xs):
             idx, tgt, msk, drf = xs
 
             def run(_):
-                logits = head.apply({"params": head_params}, trunk_params, feats_g,
-                                    deterministic=True, gather_index=idx,
-                                    method=head.train_logits)               # [Y,C,J,V]
+                logits = head_logits(cfg, head, head_params, trunk_params, feats_g, idx,
+                                     True)                                  # [Y,C,J,V or U]
                 return sums(logits, tgt, msk, drf)
             return jax.lax.cond(msk.any(), run, lambda _: zero, None)
         per_chunk = jax.lax.map(one, (flat, chunk_targets, chunk_mask, chunk_draft))
         out = jax.tree.map(lambda x: x.sum(axis=0), per_chunk)
     else:
-        head_logits = head.apply({"params": head_params}, trunk_params, feats,
-                                 deterministic=True, gather_index=index,
-                                 method=head.train_logits)                  # [B,X,J,V]
-        out = sums(head_logits, targets, mask, at_draft)
+        logits = head_logits(cfg, head, head_params, trunk_params, feats, index,
+                             True)                                          # [B,X,J,V or U]
+        out = sums(logits, targets, mask, at_draft)
     out["count"] = mask.sum(axis=(0, 1)).astype(jnp.float32)
     return _psum(out, axis_name)
 

@@ -82,6 +82,8 @@ class _Run:
     distilled_pipe: Any = None  # validation rows with the trunk's own translations (or None)
     eval_caches: dict = dataclasses.field(default_factory=dict)  # split -> FeatureCache
     prompt_format: Optional[dict] = None  # prompt_record of the rows (heads.json records it)
+    draft_vocab: Optional[dict] = None  # loss.draft_vocab_size: {"ids", "size", "sha256",
+                                        # "source"} (exported with the heads)
 
 
 def _load(settings: RunSettings, workdir: Path, start_step: Optional[int], log) -> _Run:
@@ -105,13 +107,15 @@ def _load(settings: RunSettings, workdir: Path, start_step: Optional[int], log) 
     num_steps = loop.num_train_steps or max(
         1, int(loop.num_epochs * len(train_pipe.rows) // loop.global_batch_size))
     offsets, first_only = settings.head.offsets, settings.loss.first_target_tokens_only
+    draft_vocab = _draft_vocab(settings, train_pipe, trunk, log)
     step_cfg = StepConfig(
         trunk_config=trunk.config, head_config=settings.head, targets=settings.loss.targets,
         offset_weights=settings.offset_weights, first_target_tokens_only=first_only,
         positions_per_row=settings.loss.positions_per_row or
         inputs.positions_per_row(train_pipe, offsets, first_only),
         argmax_chunk=settings.loss.argmax_chunk, position_chunk=settings.loss.position_chunk,
-        pack_groups=parallel.pack_groups)
+        pack_groups=parallel.pack_groups,
+        draft_vocab=tuple(draft_vocab["ids"]) if draft_vocab else ())
     eval_cfg = None
     eval_pipes = [p for p in (eval_pipe, distilled_pipe) if p is not None]
     if eval_pipes:
@@ -132,7 +136,37 @@ def _load(settings: RunSettings, workdir: Path, start_step: Optional[int], log) 
     return _Run(settings=settings, workdir=workdir, trunk=trunk, train_pipe=train_pipe,
                 eval_pipe=eval_pipe, parallel=parallel, step_cfg=step_cfg, eval_cfg=eval_cfg,
                 num_steps=num_steps, tx=make_optimizer(settings.optimizer, num_steps), log=log,
-                start_step=start_step, prompt_format=prompt, distilled_pipe=distilled_pipe)
+                start_step=start_step, prompt_format=prompt, distilled_pipe=distilled_pipe,
+                draft_vocab=draft_vocab)
+
+
+def _draft_vocab(settings: RunSettings, train_pipe, trunk, log) -> Optional[dict]:
+    """loss.draft_vocab_size: the most frequent target ids of the training rows
+    (training/vocab.py), or None."""
+    size = settings.loss.draft_vocab_size
+    if not size:
+        return None
+    from gptk_jax.training.vocab import training_draft_vocab, vocab_sha256
+    start = time.perf_counter()
+    try:
+        ids = training_draft_vocab(train_pipe.rows, trunk.tokenizer, size)
+    except ValueError as e:
+        raise TrainingError(f"config.loss.draft_vocab_size: {e}") from None
+    covered = total = 0
+    in_vocab = set(ids)
+    for row in train_pipe.rows:
+        target = row.tokens[row.prompt_len:].tolist()
+        total += len(target)
+        covered += sum(t in in_vocab for t in target)
+    record = {"ids": [int(i) for i in ids], "size": len(ids), "sha256": vocab_sha256(ids),
+              "source": f"the {len(train_pipe.rows)} training rows' target tokens "
+                        "(stop ids first, then by count, ties by id)",
+              "train_target_coverage": covered / max(total, 1)}
+    log(f"draft vocabulary: the heads' softmax over {len(ids)} of {trunk.config.vocab_size} ids "
+        f"(the training rows' most frequent target tokens: {100 * record['train_target_coverage']:.2f}% "
+        f"of their {total} target tokens; sha256 {record['sha256'][:12]}; "
+        f"{time.perf_counter() - start:.1f}s)")
+    return record
 
 
 def _open_cache(run: _Run, progress: bool) -> None:
@@ -188,15 +222,16 @@ def _export_heads(run: _Run, state, result: dict) -> Optional[Path]:
             "prompt_format": run.prompt_format,   # template, shots, BOS, stop rule of the rows
             "resumes": run.record["resumes"]}     # settings changed at resumes (run.json)
     args = (run.settings.head, params, run.trunk.config, run.trunk.name)
+    vocab = run.draft_vocab
     if jax.process_count() == 1:
         from gptk_jax.heads.io import save_heads
-        return save_heads(out, *args, metadata=meta, overwrite=True)
+        return save_heads(out, *args, metadata=meta, overwrite=True, draft_vocab=vocab)
     staged = run.workdir / ".heads-export.pkl"      # written by a single-process helper
-    staged.write_bytes(pickle.dumps((out, args, meta)))
+    staged.write_bytes(pickle.dumps((out, args, meta, vocab)))
     inputs.single_process("import pickle; from pathlib import Path; from gptk_jax.heads.io "
-                          "import save_heads; out, args, meta = pickle.loads(Path("
+                          "import save_heads; out, args, meta, vocab = pickle.loads(Path("
                           f"{str(staged)!r}).read_bytes()); save_heads(out, *args, "
-                          "metadata=meta, overwrite=True)")
+                          "metadata=meta, overwrite=True, draft_vocab=vocab)")
     staged.unlink()
     return out
 
