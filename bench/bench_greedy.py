@@ -44,7 +44,21 @@ from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
 from gptk_jax.data.prompts import PromptFormat  # noqa: E402
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root  # noqa: E402
 from gptk_jax.decoding.factory import GREEDY, make_decoder  # noqa: E402
-from gptk_jax.demo import DEFAULT_MODEL_DIR, ensure_converted, load_pairs  # noqa: E402
+DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "smollm2-135m"   # `make demo` converts it
+
+
+def load_pairs(data_root: Path, num_sentences: int, num_shots: int):
+    """(newstest2014 pairs, `num_shots` few-shot pairs from newstest2013, the test set's name)."""
+    from gptk_jax.data.prompts import few_shot_from
+    from gptk_jax.data.root import sacrebleu_cache
+    from gptk_jax.data.testsets import WMT14_DIR, load_test_set
+
+    names = (("newstest2014", "newstest2013") if (data_root / WMT14_DIR).is_dir()
+             else ("wmt14/full", "wmt13"))
+    cache = sacrebleu_cache(data_root)
+    test = load_test_set(names[0], data_root, max_sentences=num_sentences, sacrebleu_cache=cache)
+    shots = load_test_set(names[1], data_root, sacrebleu_cache=cache)
+    return list(test.pairs), few_shot_from(shots.pairs, num_shots), test.name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,7 +134,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    model = load_converted(ensure_converted(args.checkpoint))
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        raise SystemExit(f"{args.checkpoint}: not a converted model; run `make demo` (or "
+                         f"python -m convert --format gguf ...) first")
+    model = load_converted(args.checkpoint)
     tok = model.tokenizer
     gguf = args.gguf or artifacts.fetch("smollm2_gguf")
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,

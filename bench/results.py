@@ -59,7 +59,7 @@ def eval_command(args, family: str, first: bool) -> list[str]:
         cmd += ["--tokens-per-step", args.tokens_per_step]
     if args.choose_width:
         cmd.append("--choose-width")
-    if args.draft_vocab_size:
+    if args.draft_vocab_size:     # default: the heads' own (loss.draft_vocab_size)
         cmd += ["--draft-vocab-size", str(args.draft_vocab_size), "--draft-vocab-from",
                 str(Path(args.data_root) / DISTILLED)]
     if first:
@@ -100,7 +100,11 @@ def write_tables(args, invocation: str) -> bool:
                "learn its own output, which is what verification accepts.", ""]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(collected, header))
+    text = markdown(collected, header)
+    notes = Path(args.notes) if args.notes else None
+    if notes is not None and notes.is_file():     # what was run, by hand: kept on every rewrite
+        text = text.rstrip("\n") + "\n\n" + notes.read_text().strip() + "\n"
+    out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(
         results_json(collected, invocation), indent=1) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}"
@@ -124,8 +128,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--choose-width", action=argparse.BooleanOptionalAction, default=True,
                    help="drafters choose W per step by measured cost (--no-choose-width: "
                         "fixed W)")
-    p.add_argument("--draft-vocab-size", type=int, default=4096,
-                   help="heads draft over this many tokens of the distilled text (0: all)")
+    p.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="heads draft over this many tokens of the distilled text (default: "
+                        "the heads' own draft vocabulary, trained with loss.draft_vocab_size)")
+    p.add_argument("--notes", default="docs/results_notes.md",
+                   help="markdown appended to the table on every rewrite (what was run, "
+                        "exactly; '' for none)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
     args = p.parse_args(argv)
     args.families = [f for f in args.families.split(",") if f]

@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from gptk_jax.errors import GptkError
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -122,3 +124,53 @@ def os_error_text(error: OSError, path, what: str) -> str:
         return f"{what} {path}: permission denied; choose a path you can write / read"
     return f"{what} {path}: {error.strerror or error}"
 
+
+class OutputFileError(GptkError, OSError):
+    """An output file that cannot be written; the message names it."""
+
+
+class JsonLines:
+    """OUT.partial, appended and flushed one line at a time; `finish` renames it to OUT. Opened
+    before the model loads, so an unwritable OUT fails first."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path, self.written, self._file = path, 0, None
+        if path is None:
+            return
+        self.partial = path.with_name(path.name + ".partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.partial, "w", encoding="utf-8")
+        except OSError as e:
+            raise OutputFileError(f"--output-json {path}: cannot write it ({e.strerror or e})") from None
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+            self.written += 1
+
+    def finish(self, records: Optional[list] = None) -> None:
+        """OUT.partial becomes OUT; with `records`, OUT is written whole from them instead
+        (atomically) and OUT.partial removed."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if records is None:
+            os.replace(self.partial, self.path)
+            return
+        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                             for r in records))
+        self.partial.unlink(missing_ok=True)
+
+    def abandon(self) -> str:
+        """After a failure: drops an empty OUT.partial; says where finished lines are kept."""
+        if self._file is None:
+            return ""
+        self._file.close()
+        self._file = None
+        if not self.written:
+            self.partial.unlink(missing_ok=True)
+            return ""
+        return f" ({self.written} finished prompts kept in {self.partial})"

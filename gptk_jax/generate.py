@@ -38,8 +38,6 @@ holds one `decoding.Decoder`, made by `decoding.factory.make_decoder` from the r
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +45,8 @@ from typing import Callable, Optional, Sequence
 
 from gptk_jax.cli import OneLineParser
 from gptk_jax.errors import CLI_ERRORS, GptkError
-from gptk_jax.files import atomic_write_text
+from gptk_jax.data.prompt_files import encode_all, read_prompt_lines
+from gptk_jax.files import JsonLines
 
 # (prompt ids, batch_size, on_row=None) -> GenerationResult-like; with --continuous, on_row(i,
 # RowRecord) is called as prompt i (of this call) finishes
@@ -152,119 +151,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--tokens-per-step (--k) must be >= 2 (the trunk's token + at least one draft "
                 f"per verify step), got {args.tokens_per_step}; leave it out for the default")
     return args
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a text file (one per line) or a .jsonl file (strings or {"prompt": ...})."""
-    return [prompt for _, prompt in read_prompt_lines(path)]
-
-
-def read_prompt_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, prompt) of each prompt in a text or .jsonl file (see read_prompts)."""
-    if not path.is_file():
-        raise UsageError(f"--input-file {path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--input-file {path}: cannot read it as UTF-8 text ({e})") from None
-    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{number}: invalid JSON ({e})") from None
-            if isinstance(item, dict):
-                item = item.get("prompt")
-            if not isinstance(item, str):
-                raise UsageError(f'{path}:{number}: expected a JSON string or an object with a '
-                                 f'"prompt" string')
-            line = item
-        prompts.append((number, line))
-    if not prompts:
-        raise UsageError(f"--input-file {path} holds no prompts (it is empty or blank)")
-    return prompts
-
-
-def encode_all(prompts: Sequence[str], model, bos: Optional[bool],
-               where: Optional[Sequence[str]] = None) -> list[list[int]]:
-    """Every prompt's ids under the one BOS rule (`encode_prompt`), each checked against the
-    model's embedding, before anything is decoded. A prompt that is not valid text (a lone
-    surrogate: a byte of --prompt that is not UTF-8, or "\\ud800" in a JSON line), encodes to no
-    tokens or holds an id past the embedding is a UsageError naming its index (and `where`)."""
-    from gptk_jax.llama.checkpoint import CheckpointError
-    from gptk_jax.tokenizers import encode_prompt
-
-    ids = []
-    for i, text in enumerate(prompts):
-        name = f"prompt {i}" + (f" ({where[i]})" if where else "")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise UsageError(f"{name}: not valid UTF-8 text ({text[e.start]!r} at character "
-                             f"{e.start}: a byte that is not UTF-8 or a lone surrogate)") from None
-        try:
-            prompt_ids = list(encode_prompt(model.tokenizer, text, bos))
-        except Exception as e:   # the tokenizer's own refusal, whatever its type
-            raise UsageError(f"{name}: cannot be encoded ({type(e).__name__}: {e})") from None
-        if not prompt_ids:
-            raise UsageError(f"{name} encodes to no tokens; give it text or pass --bos")
-        try:
-            model.check_token_ids(prompt_ids)
-        except CheckpointError as e:
-            raise UsageError(f"{name}: {e}") from None
-        ids.append(prompt_ids)
-    return ids
-
-
-class JsonLines:
-    """OUT.partial, appended and flushed one line at a time; `finish` renames it to OUT. Opened
-    before the model loads, so an unwritable OUT fails first."""
-
-    def __init__(self, path: Optional[Path]):
-        self.path, self.written, self._file = path, 0, None
-        if path is None:
-            return
-        self.partial = path.with_name(path.name + ".partial")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.partial, "w", encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"--output-json {path}: cannot write it ({e.strerror or e})") from None
-
-    def write(self, record: dict) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._file.flush()
-            self.written += 1
-
-    def finish(self, records: Optional[list] = None) -> None:
-        """OUT.partial becomes OUT; with `records`, OUT is written whole from them instead
-        (atomically) and OUT.partial removed."""
-        if self._file is None:
-            return
-        self._file.close()
-        self._file = None
-        if records is None:
-            os.replace(self.partial, self.path)
-            return
-        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                             for r in records))
-        self.partial.unlink(missing_ok=True)
-
-    def abandon(self) -> str:
-        """After a failure: drops an empty OUT.partial; says where finished lines are kept."""
-        if self._file is None:
-            return ""
-        self._file.close()
-        self._file = None
-        if not self.written:
-            self.partial.unlink(missing_ok=True)
-            return ""
-        return f" ({self.written} finished prompts kept in {self.partial})"
 
 
 def run(args: argparse.Namespace, prompts: list[str], ids: list[list[int]], model,

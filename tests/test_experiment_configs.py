@@ -51,3 +51,45 @@ def test_unknown_family_is_one_line_from_the_trainer(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown family" in lines[0] and "gru" in lines[0], proc.stderr
+
+
+def test_demo_config_validates_and_trains_on_distilled_rows():
+    """`make demo`'s heads (configs/demo_smollm2.py, what gptk_jax.demo trains): the results
+    protocol's linear heads on the trunk's own translations of newstest2013 lines 1-800, the
+    validation rows (2701-3000) held out, its cache under the workdir."""
+    from gptk_jax import demo
+
+    config = demo.train_config(ROOT / ".cache" / "models" / "smollm2-135m")
+    settings = RunSettings.from_config(config)
+    assert settings.head.kind == "linear" and settings.head.k == 4
+    assert tuple(map(tuple, settings.data.train_line_ranges)) == ((1, 800),)
+    assert len(settings.data.train_target_files) == 1
+    assert "distilled/newstest2013.2shot" in settings.data.train_target_files[0]
+    assert tuple(settings.data.eval_line_range) == (2701, 3000)
+    assert settings.loss.targets == "trunk_argmax" and settings.loss.draft_vocab_size == 2048
+    assert config.features.cache_dir is None         # WORKDIR/feature_cache
+    make_head(settings.head, tiny_trunk_config())
+    # --train-steps / --tokens-per-step reach the config
+    small = RunSettings.from_config(demo.train_config(ROOT / "m", steps=7, k=3))
+    assert small.training.num_train_steps == 7
+    assert small.head.k == 3 and tuple(small.head.offsets) == (2, 3)
+
+
+def test_base_config_lists_every_field_at_its_default():
+    """configs/base.py writes every settings field out (a reader sees them all); its values are
+    the settings dataclasses' defaults, and no field is missing or unknown."""
+    import dataclasses
+
+    from gptk_jax.training.settings import SECTIONS
+
+    config = importlib.import_module("configs.base").get_config()
+    for name, cls in SECTIONS.items():
+        section = config[name]
+        with_default = {f.name: f.default for f in dataclasses.fields(cls)
+                        if f.default is not dataclasses.MISSING}
+        paths = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        assert set(section.keys()) == set(with_default) | (paths & set(section.keys())), name
+        for key, default in with_default.items():
+            assert section[key] == default, f"configs/base.py {name}.{key}: {section[key]!r} " \
+                                            f"!= settings default {default!r}"
+    RunSettings.from_config(config)
