@@ -63,3 +63,5 @@ def test_training_warns_and_records_it(distilled, tmp_path, capsys):
     assert record["distilled_targets"] == [{"file": str(out.resolve()),
                                             "lines_written": WRITTEN, "sources": SOURCES,
                                             "complete": False}]
+    heads = json.loads((tmp_path / "run" / "heads" / "heads.json").read_text())
+    assert heads["metadata"]["distilled_targets"] == record["distilled_targets"]

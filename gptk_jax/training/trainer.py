@@ -220,7 +220,9 @@ def _export_heads(run: _Run, state, result: dict) -> Optional[Path]:
             "num_steps": run.num_steps,           # what that start's config asked for
             "config": json.loads(json.dumps(dataclasses.asdict(run.settings), default=str)),
             "prompt_format": run.prompt_format,   # template, shots, BOS, stop rule of the rows
-            "resumes": run.record["resumes"]}     # settings changed at resumes (run.json)
+            "resumes": run.record["resumes"],     # settings changed at resumes (run.json)
+            # distill's target files: lines written of lines asked for (incomplete: a warning)
+            "distilled_targets": run.record.get("distilled_targets")}
     args = (run.settings.head, params, run.trunk.config, run.trunk.name)
     vocab = run.draft_vocab
     if jax.process_count() == 1:
