@@ -58,7 +58,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from gptk_jax.decoding.acceptance import summarize
 from gptk_jax.decoding.cost import (VerifyCost, as_verify_cost, device_name,
                                     measure_step_seconds)
 from gptk_jax.decoding.inputs import (DEFAULT_BUCKET, bucket_length, pad_prompts, pad_suffixes,
@@ -69,7 +68,8 @@ from gptk_jax.decoding.results import (ContinuousResult, GenerationResult, MTPRe
                                        RowRecord, build_result, harvest)
 from gptk_jax.errors import GptkError
 from gptk_jax.llama.config import LlamaConfig
-from gptk_jax.decoding.width import AutoWidth, acceptance_estimate, expected_tokens
+from gptk_jax.decoding.executables import MAX_COMPILED, Executables
+from gptk_jax.decoding.width import AutoWidth, add_width_stats, harvest_widths
 from gptk_jax.llama.model import params_for_model
 from gptk_jax.llama.prefix import common_prefix_length
 
@@ -88,41 +88,8 @@ def check_nonfinite(nonfinite: np.ndarray, prompt_of_row: Sequence[int]) -> None
                             f"its weights or these inputs are broken; no output for them")
 
 
-MAX_COMPILED = 32   # per decoder: 2 per static batch shape; continuous: ~2 + 1 per refill shape
 SHARED_PREFIX_MIN = 16   # fewer shared tokens: every row prefills its whole prompt
 MAX_PREFIXES = 4         # shared prefixes (batch-1 KV caches) kept per decoder
-
-
-class Executables:
-    """Compiled executables, least recently used dropped first once more than `capacity`."""
-
-    def __init__(self, capacity: int = MAX_COMPILED):
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self._items: collections.OrderedDict = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def clear(self) -> None:
-        self._items.clear()
-
-    def get(self, fn: Callable, statics: tuple, args: tuple, donate: tuple = ()
-            ) -> tuple[Any, float]:
-        """(executable of fn(*statics, *args), seconds spent compiling it now)."""
-        leaves, treedef = jax.tree.flatten(args)
-        key = (fn.__module__, fn.__qualname__, statics, treedef,
-               tuple((np.shape(x), np.result_type(x).name) for x in leaves))
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key], 0.0
-        start = time.perf_counter()
-        exe = jax.jit(lambda *a: fn(*statics, *a), donate_argnums=donate).lower(*args).compile()
-        self._items[key] = exe
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-        return exe, time.perf_counter() - start
 
 
 def check_drafter(drafter: Optional[Drafter], tokens_per_step: Optional[int]) -> int:
@@ -280,21 +247,27 @@ class Decoder:
 
     def _run(self, statics: tuple, state, stop_at_first: bool):
         """`run` until every row is done (stop_at_first: some row); auto W: one executable per W,
-        run again at the chosen W each time the choice changes. -> (state, wall seconds
+        run again at the chosen W each time the choice changes (each W's executable looked up
+        once per call; one device-to-host copy per change). -> (state, wall seconds
         (compilation excluded), compile seconds)."""
         policy, start, compile_seconds = statics[2], time.perf_counter(), 0.0
+        flag = np.array(stop_at_first)
+        args = lambda s: (self.params, self.drafter_vars, s, self._stops, flag)
+        if not isinstance(policy, AutoWidth):
+            state, _, compile_seconds = self._call(run, (), args(state), donate=(2,),
+                                                   statics=statics)
+            return state, time.perf_counter() - start - compile_seconds, compile_seconds
+        exes = {}
+        width = int(jax.device_get(state.width_stats.next_width))
         while True:
-            run_statics = statics
-            if isinstance(policy, AutoWidth):
-                width = int(jax.device_get(state.width_stats.next_width))
+            if width not in exes:
                 run_statics = statics[:2] + (dataclasses.replace(policy, width=width),)
-            state, _, seconds = self._call(
-                run, (), (self.params, self.drafter_vars, state, self._stops,
-                          np.array(stop_at_first)), donate=(2,), statics=run_statics)
-            compile_seconds += seconds
-            if not isinstance(policy, AutoWidth):
-                break
-            done = jax.device_get(state.done)
+                exes[width], seconds = self.executables.get(run, run_statics, args(state),
+                                                            donate=(2,))
+                compile_seconds += seconds
+            state = exes[width](*args(state))
+            width, done = jax.device_get((state.width_stats.next_width, state.done))
+            width = int(width)
             if done.any() if stop_at_first else done.all():
                 break
         return state, time.perf_counter() - start - compile_seconds, compile_seconds
@@ -415,7 +388,7 @@ class Decoder:
                               padded_shape=(prompts.tokens.shape[0], width),
                               **_prefill_counts(prompt_ids, prefix, prefix_run))
         if self.width_policy is not None:
-            _add_width_stats(result, harvest_widths(state, rows), state.width_stats, auto_info)
+            add_width_stats(result, harvest_widths(state, rows), state.width_stats, auto_info)
         return result
 
     # --- continuous batching ----------------------------------------------------------------------
@@ -508,7 +481,7 @@ class Decoder:
             loop_iterations=iterations, prefill_calls=prefill_calls, batch_size=batch,
             loop_seconds=clock["loop"], **_prefill_counts(prompt_ids, prefix, prefix_run))
         if self.width_policy is not None:
-            _add_width_stats(result, [widths[i] for i in range(len(prompt_ids))],
+            add_width_stats(result, [widths[i] for i in range(len(prompt_ids))],
                              state.width_stats, auto_info)
         return result
 
@@ -519,43 +492,6 @@ def _prefill_counts(prompt_ids, prefix: Optional[SharedPrefix], prefix_run: int)
     p = 0 if prefix is None else prefix.length
     return {"prompt_tokens": total, "prefill_tokens": total - p * len(prompt_ids) + prefix_run,
             "shared_prefix_tokens": p}
-
-
-def harvest_widths(state, rows: Sequence[int]) -> list[list[int]]:
-    """The W of each verify step of slots `rows` (auto W; one device-to-host copy)."""
-    row_steps, width_log = jax.device_get((state.row_steps, state.width_log))
-    return [width_log[:row_steps[b], b].tolist() for b in rows]
-
-
-def _add_width_stats(result: GenerationResult, widths: Sequence[Sequence[int]], width_stats,
-                     auto_info: dict) -> None:
-    """Auto W: result.stats recomputed with each step's W (an offset counts as reached only
-    where it was drafted; `width_histogram` over row-steps, `widths_per_row`), plus
-    `chosen_w_histogram` (index W: loop iterations run at W), `offset_acceptance_estimate`
-    (the running p_j at the end, offsets 2..W_max), `expected_tokens` (E(W) from them),
-    `step_cost` (cost(W) / cost(1) used), its source and the calibration seconds;
-    `acceptance_by_score_bin` / `score_bin_weight`: the running estimate and decayed count per
-    offset and draft-score bin (decoding/width.py; unscored drafters fill the top bin only)."""
-    s = result.stats
-    w_max = result.tokens_per_step
-    longest = max([len(a) for a in s["accepted_per_row"]] + [1])
-    logs = np.full((3, longest, len(widths)), -1, np.int64)        # accepted, emitted, W
-    for i, (acc, emitted, ws) in enumerate(zip(s["accepted_per_row"], s["emitted_per_row"],
-                                               widths)):
-        logs[0, :len(acc), i], logs[1, :len(emitted), i], logs[2, :len(ws), i] = acc, emitted, ws
-    result.stats = summarize(logs[0], logs[1], w_max - 1, width_log=logs[2])
-    histogram, estimate, passed, reached = jax.device_get((
-        width_stats.histogram, acceptance_estimate(width_stats), width_stats.passed_bins,
-        width_stats.reached_bins))
-    result.stats.update(
-        tokens_per_step_mode="auto", chosen_w_histogram=histogram.tolist(),
-        offset_acceptance_estimate={str(j + 2): float(p) for j, p in enumerate(estimate)},
-        acceptance_by_score_bin={str(j + 2): [round(float(a / max(r, 1e-12)), 4)
-                                              for a, r in zip(passed[j], reached[j])]
-                                 for j in range(passed.shape[0])},
-        score_bin_weight={str(j + 2): [round(float(r), 2) for r in reached[j]]
-                          for j in range(reached.shape[0])},
-        expected_tokens=[float(e) for e in np.asarray(expected_tokens(estimate))], **auto_info)
 
 
 def _pow2_at_most(n: int, cap: int) -> int:

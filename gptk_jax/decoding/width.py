@@ -55,11 +55,14 @@ Letters: B batch, W tokens per verify step (W_max the most), J = W_max - 1 offse
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from gptk_jax.decoding.acceptance import summarize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,3 +204,42 @@ def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax
     if isinstance(tokens_per_step, AutoWidth):
         return new.replace(next_width=choose_width(policy, new, next_scores, next_active))
     return new
+
+
+# --- what a result records (engine.py) --------------------------------------------------------
+
+def harvest_widths(state, rows: Sequence[int]) -> list[list[int]]:
+    """The W of each verify step of slots `rows` (auto W; one device-to-host copy)."""
+    row_steps, width_log = jax.device_get((state.row_steps, state.width_log))
+    return [width_log[:row_steps[b], b].tolist() for b in rows]
+
+
+def add_width_stats(result: Any, widths: Sequence[Sequence[int]], width_stats,
+                     auto_info: dict) -> None:
+    """Auto W: result.stats recomputed with each step's W (an offset counts as reached only
+    where it was drafted; `width_histogram` over row-steps, `widths_per_row`), plus
+    `chosen_w_histogram` (index W: loop iterations run at W), `offset_acceptance_estimate`
+    (the running p_j at the end, offsets 2..W_max), `expected_tokens` (E(W) from them),
+    `step_cost` (cost(W) / cost(1) used), its source and the calibration seconds;
+    `acceptance_by_score_bin` / `score_bin_weight`: the running estimate and decayed count per
+    offset and draft-score bin (decoding/width.py; unscored drafters fill the top bin only)."""
+    s = result.stats
+    w_max = result.tokens_per_step
+    longest = max([len(a) for a in s["accepted_per_row"]] + [1])
+    logs = np.full((3, longest, len(widths)), -1, np.int64)        # accepted, emitted, W
+    for i, (acc, emitted, ws) in enumerate(zip(s["accepted_per_row"], s["emitted_per_row"],
+                                               widths)):
+        logs[0, :len(acc), i], logs[1, :len(emitted), i], logs[2, :len(ws), i] = acc, emitted, ws
+    result.stats = summarize(logs[0], logs[1], w_max - 1, width_log=logs[2])
+    histogram, estimate, passed, reached = jax.device_get((
+        width_stats.histogram, acceptance_estimate(width_stats), width_stats.passed_bins,
+        width_stats.reached_bins))
+    result.stats.update(
+        tokens_per_step_mode="auto", chosen_w_histogram=histogram.tolist(),
+        offset_acceptance_estimate={str(j + 2): float(p) for j, p in enumerate(estimate)},
+        acceptance_by_score_bin={str(j + 2): [round(float(a / max(r, 1e-12)), 4)
+                                              for a, r in zip(passed[j], reached[j])]
+                                 for j in range(passed.shape[0])},
+        score_bin_weight={str(j + 2): [round(float(r), 2) for r in reached[j]]
+                          for j in range(reached.shape[0])},
+        expected_tokens=[float(e) for e in np.asarray(expected_tokens(estimate))], **auto_info)

@@ -39,14 +39,11 @@ were recorded loads with a warning saying its weights cannot be checked.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import os
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -58,13 +55,13 @@ from gptk_jax.errors import GptkError
 from gptk_jax.files import atomic_folder, read_json_object
 from gptk_jax.llama.config import ConfigError, LlamaConfig
 from gptk_jax.llama.model import abstract_params, params_for_model
+from gptk_jax.llama.weight_checks import (  # noqa: F401  (tensor_digest: re-exported)
+    DIGEST_ALGORITHM, DIGESTS_KEY, PROVENANCE_FILE, DigestChecker, check_finite, tensor_digest,
+    tensor_digests, tensor_name)
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
-PROVENANCE_FILE = "conversion.json"
-DIGESTS_KEY = "tensor_digests"          # in conversion.json: {"algorithm", "tensors"}
-DIGEST_ALGORITHM = "crc32"
 SKIP_DIGESTS_ENV = "GPTK_SKIP_WEIGHT_DIGESTS"
 
 
@@ -123,29 +120,6 @@ def check_shapes(params: dict, config: LlamaConfig, *, source: str) -> None:
 _SAVE_CHUNK_BYTES = 16 << 20
 
 
-def tensor_name(key_path) -> str:
-    """The name of a stacked-layout tensor as its folder under params/ is named:
-    ('layers', 'attention', 'wq', 'kernel') -> 'layers.attention.wq.kernel'."""
-    return ".".join(str(getattr(k, "key", k)) for k in key_path)
-
-
-def tensor_digest(array, algorithm: str = DIGEST_ALGORITHM) -> str:
-    """The digest of an array's bytes (C order, its own dtype) as conversion.json records it."""
-    data = np.ascontiguousarray(np.asarray(array)).reshape(-1).view(np.uint8)  # bfloat16 too
-    if algorithm == "crc32":
-        return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
-    if algorithm == "sha256":
-        return hashlib.sha256(data).hexdigest()
-    raise CheckpointError(f"unknown tensor digest algorithm {algorithm!r} (crc32 or sha256)")
-
-
-def tensor_digests(params: dict, algorithm: str = DIGEST_ALGORITHM) -> dict:
-    """{"algorithm", "tensors": {name: digest}} of a stacked-layout tree (conversion.json's)."""
-    return {"algorithm": algorithm,
-            "tensors": {tensor_name(k): tensor_digest(v, algorithm)
-                        for k, v in jax.tree_util.tree_leaves_with_path(params)}}
-
-
 def _save_params(directory: Path, params: dict) -> None:
     """Orbax save of host arrays without extra copies (see _SAVE_CHUNK_BYTES). Synchronous: the
     arrays are read in place, so they must not change until this returns (they do not)."""
@@ -180,7 +154,7 @@ def _restore_params(directory: Path, digests: Optional[dict] = None) -> dict:
                               "_METADATA file is missing or damaged): not the params of a "
                               "converted model, or an incomplete copy")
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    checker = _DigestChecker(directory, digests) if digests is not None else None
+    checker = DigestChecker(directory, digests) if digests is not None else None
     try:
         leaves = _restore_leaves(ckptr, directory, flat, checker)
         if checker is not None:
@@ -210,46 +184,6 @@ def _restore_leaves(ckptr, directory: Path, flat, checker) -> list:
         if checker is not None:
             checker.submit(tensor_name(key_path), value)
     return leaves
-
-
-class _DigestChecker:
-    """Checks tensors against conversion.json's digests in one worker thread (zlib and hashlib
-    release the GIL), so that a tensor is checked while the next one is read."""
-
-    def __init__(self, directory: Path, digests: dict):
-        self.directory = directory
-        self.algorithm = digests.get("algorithm")
-        self.recorded = digests.get("tensors")
-        if self.algorithm not in ("crc32", "sha256") or not isinstance(self.recorded, dict):
-            raise CheckpointError(f"{directory.parent / PROVENANCE_FILE}: malformed "
-                                  f"{DIGESTS_KEY!r} (expected {{\"algorithm\": \"crc32\" or "
-                                  f"\"sha256\", \"tensors\": {{name: digest}}}}); the "
-                                  "folder is damaged")
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="digests")
-        self.pending: list = []
-
-    def submit(self, name: str, value) -> None:
-        self.pending.append((name, self.pool.submit(tensor_digest, value, self.algorithm)))
-
-    def finish(self, names: list[str]) -> None:
-        for name, future in self.pending:
-            got, want = future.result(), self.recorded.get(name)
-            where = self.directory / name
-            if want is None:
-                raise CheckpointError(
-                    f"{where}: tensor {name} has no digest in "
-                    f"{self.directory.parent / PROVENANCE_FILE}: the folder was changed "
-                    "after conversion; convert the model again")
-            if got != want:
-                raise CheckpointError(
-                    f"{where}: tensor {name} differs from what was converted ({self.algorithm} "
-                    f"{got}, {PROVENANCE_FILE} records {want}): its files under {where} are "
-                    "damaged or were modified; convert the model again (or restore the "
-                    "folder from a good copy)")
-        missing = sorted(set(self.recorded) - set(names))
-        if missing:
-            raise CheckpointError(f"{self.directory}: tensors {missing} recorded in "
-                                  f"{PROVENANCE_FILE} are not in the checkpoint")
 
 
 def _unreadable(directory: Path, error: Exception, tensor: Optional[str] = None) -> CheckpointError:
@@ -302,51 +236,6 @@ def check_output_folder(out: str | os.PathLike, overwrite: bool) -> None:
         raise CheckpointError(f"cannot write {out}: {parent or out.parent} is not writable")
 
 
-_ROWS_SHOWN = 8
-
-
-def _bad_rows(array: np.ndarray, chunk: int) -> list[int]:
-    """Indices along axis 0 of the rows holding a non-finite value (a few rows at a time)."""
-    rows = array.reshape(array.shape[0], -1)
-    step = max(1, chunk // max(1, rows.shape[1]))
-    return [start + int(i) for start in range(0, rows.shape[0], step)
-            for i in np.flatnonzero(~np.isfinite(rows[start:start + step]).all(axis=1))]
-
-
-def _rows_what(name: str) -> str:
-    """What axis 0 of a stacked-layout tensor counts."""
-    if name.startswith("tok_embeddings."):
-        return "token ids (embedding rows)"
-    return "layers" if name.startswith("layers.") else "rows"
-
-
-def check_finite(params: dict, *, source: str, chunk: int = 1 << 22,
-                 blame: str = "the source file is corrupt or was written wrong") -> None:
-    """Raises CheckpointError naming every tensor holding NaN or infinity, with the rows along
-    its first axis that hold them (token ids of the embedding, layers of a stacked tensor); read
-    in chunks of `chunk` elements: no second copy of a tensor in memory."""
-    problems = []
-    for key, leaf in jax.tree_util.tree_leaves_with_path(params):
-        array = np.asarray(leaf)
-        flat = array.reshape(-1)
-        for start in range(0, flat.size, chunk):
-            if not np.isfinite(flat[start:start + chunk]).all():
-                bad = sum(int((~np.isfinite(flat[i:i + chunk])).sum())
-                          for i in range(start, flat.size, chunk))
-                first = start + int(np.argmin(np.isfinite(flat[start:start + chunk])))
-                name = tensor_name(key)
-                where = f"first at flat index {first}"
-                if array.ndim >= 2:
-                    rows = _bad_rows(array, chunk)
-                    shown = ", ".join(map(str, rows[:_ROWS_SHOWN]))
-                    more = f" and {len(rows) - _ROWS_SHOWN} more" if len(rows) > _ROWS_SHOWN \
-                        else ""
-                    where = f"in {_rows_what(name)} {shown}{more} of axis 0"
-                problems.append(f"tensor {jax.tree_util.keystr(key)} has {bad} non-finite "
-                                f"value(s) (NaN or inf; {where})")
-                break
-    if problems:
-        raise CheckpointError(f"{source}: " + "; ".join(problems) + f" -- {blame}")
 
 
 def save_converted(out_dir: str | os.PathLike, config: LlamaConfig, params: dict, *,

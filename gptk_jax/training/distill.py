@@ -166,19 +166,7 @@ def check_resume(plan: DistillPlan, output: Path, sources: Sequence[str], *,
                                f"created (nothing was changed; remove it or choose another "
                                f"--output)")
         return fresh_record(plan)
-    record = read_json_object(path, DistillError)
-    if record.get("format") != RECORD_FORMAT:
-        raise DistillError(f"{path} is not a distillation record (format "
-                           f"{record.get('format')!r}, not {RECORD_FORMAT!r}): nothing was "
-                           f"changed; remove it or choose another --output")
-    identity = {"shard": None, **plan.identity()}
-    differ = [k for k in identity if record.get(k) != identity[k]]
-    if differ:
-        details = "; ".join(f"{k}: recorded {record.get(k)!r}, now {identity[k]!r}"
-                            for k in differ)
-        raise DistillError(f"{output} is another distillation ({path} differs in "
-                           f"{', '.join(differ)}): {details}. Remove both files or choose "
-                           f"another --output")
+    record = _same_distillation(plan, output, path)
     if not output.exists():
         if record.get("lines_written"):
             log(f"{output} is missing: distilling afresh (its record {path} is replaced)")
@@ -192,6 +180,34 @@ def check_resume(plan: DistillPlan, output: Path, sources: Sequence[str], *,
     if done > plan.sources:
         raise DistillError(f"{output} already has {done} lines, more than the {plan.sources} "
                            f"source lines asked for")
+    _check_sources(plan, output, chunks, sources)
+    _check_output(record, chunks, output, path, redo_damaged, log)
+    record["sources"] = plan.sources         # the first N lines: N may grow on a rerun
+    if plan.all_sources is not None:
+        record["all_sources"] = plan.all_sources
+    return record
+
+
+def _same_distillation(plan: DistillPlan, output: Path, path: Path) -> dict:
+    """The record at `path`, when it is this distillation's (same plan identity)."""
+    record = read_json_object(path, DistillError)
+    if record.get("format") != RECORD_FORMAT:
+        raise DistillError(f"{path} is not a distillation record (format "
+                           f"{record.get('format')!r}, not {RECORD_FORMAT!r}): nothing was "
+                           f"changed; remove it or choose another --output")
+    identity = {"shard": None, **plan.identity()}
+    differ = [k for k in identity if record.get(k) != identity[k]]
+    if differ:
+        details = "; ".join(f"{k}: recorded {record.get(k)!r}, now {identity[k]!r}"
+                            for k in differ)
+        raise DistillError(f"{output} is another distillation ({path} differs in "
+                           f"{', '.join(differ)}): {details}. Remove both files or choose "
+                           f"another --output")
+    return record
+
+
+def _check_sources(plan: DistillPlan, output: Path, chunks: list, sources: Sequence[str]):
+    """Every recorded chunk's sources are the ones given now (else DistillError)."""
     for c in chunks:
         first = c["first"]
         j = _first_difference(c["sources"], line_hashes(sources[first:first + c["lines"]]))
@@ -200,6 +216,13 @@ def check_resume(plan: DistillPlan, output: Path, sources: Sequence[str], *,
                 f"source line {_source_line(plan, first + j)} of {plan.input} differs from "
                 f"the one distilled into line {first + j + 1} of {output}: the sources "
                 f"changed since; distill them into another --output (nothing was changed)")
+
+
+def _check_output(record: dict, chunks: list, output: Path, path: Path, redo_damaged: bool,
+                  log: Callable[[str], None]) -> None:
+    """The output's lines against the recorded fingerprints: a damaged chunk is an error, or
+    (redo_damaged) cut back to its start; bytes past the last recorded line are cut off.
+    Updates record's chunks / lines_written / output_bytes."""
     data = output.read_bytes()
     offset = 0
     for k, c in enumerate(chunks):
@@ -232,12 +255,8 @@ def check_resume(plan: DistillPlan, output: Path, sources: Sequence[str], *,
                 f"(a run stopped inside a chunk)")
             with open(output, "r+b") as f:
                 f.truncate(offset)
-        record["lines_written"] = done
+        record["lines_written"] = sum(c["lines"] for c in chunks)
         record["output_bytes"] = offset
-    record["sources"] = plan.sources         # the first N lines: N may grow on a rerun
-    if plan.all_sources is not None:
-        record["all_sources"] = plan.all_sources
-    return record
 
 
 def shot_sources(fmt: PromptFormat) -> frozenset:
