@@ -13,45 +13,17 @@ import numpy as np
 import optax
 import pytest
 
-from _train_helpers import with_fields
+from _train_helpers import HAND_ALL, hand_batch, tiny_trunk, with_fields  # noqa: F401
 
-from gptk_jax.data.prompts import shift_targets
 from gptk_jax.heads import HeadConfig, make_head, shifted_next_tokens
 from gptk_jax.heads.io import VOCAB_FILE, HeadsError, load_heads, save_heads
-from gptk_jax.llama.model import Llama, init_params
+from gptk_jax.llama.model import Llama
 from gptk_jax.training import ConfigKeyError, RunSettings, train_and_evaluate
 from gptk_jax.training import step as step_lib
-from gptk_jax.training.inputs import tiny_trunk_config
 from gptk_jax.training.metrics import summarize_eval, summarize_train
 from gptk_jax.training.vocab import DraftVocab, training_draft_vocab, vocab_sha256
 
 
-@pytest.fixture(scope="module")
-def tiny_trunk():
-    config = tiny_trunk_config()
-    return config, jax.jit(lambda k: init_params(config, k, stacked=False))(jax.random.PRNGKey(1))
-
-
-def _hand_batch():
-    """Two rows, T=8. Row 0: prompt 0..2, target 3..5; row 1: prompt 0..1, target 2..3."""
-    tokens = np.array([[10, 11, 12, 20, 21, 22, 0, 0],
-                       [13, 14, 23, 24, 0, 0, 0, 0]], np.int32)
-    loss_mask = np.zeros((2, 8), bool)
-    loss_mask[0, 3:6] = True
-    loss_mask[1, 2:4] = True
-    token_mask = np.zeros((2, 8), bool)
-    token_mask[0, :6] = True
-    token_mask[1, :4] = True
-    targets, target_mask = shift_targets(tokens, loss_mask, 3)
-    return {"tokens": tokens, "positions": np.broadcast_to(np.arange(8, dtype=np.int32), (2, 8)),
-            "token_mask": token_mask, "loss_mask": loss_mask, "targets": targets,
-            "target_mask": target_mask}
-
-
-# (row, position, offset) -> target position tokens[t+o], listed by hand for _hand_batch
-HAND_ALL = [(0, 2, 1), (0, 3, 1), (0, 4, 1), (1, 1, 1), (1, 2, 1),
-            (0, 1, 2), (0, 2, 2), (0, 3, 2), (1, 0, 2), (1, 1, 2),
-            (0, 0, 3), (0, 1, 3), (0, 2, 3), (1, 0, 3)]
 # the draft vocabulary: gold targets 20, 22, 23 in it; 21, 24, 12 (t+o = 2 of row 0) outside
 VOCAB = (22, 5, 20, 100, 23, 7)
 
@@ -74,7 +46,7 @@ def test_restricted_loss_is_log_softmax_over_the_vocab_columns(tiny_trunk, kind,
     else:
         head_config = HeadConfig(kind="linear", k=3, offsets=(1, 2, 3))
     head = make_head(head_config, trunk_config)
-    batch = _hand_batch()
+    batch = hand_batch()
     out = Llama(trunk_config).apply({"params": trunk_params}, batch["tokens"], batch["positions"],
                                     token_mask=batch["token_mask"])
     feats = step_lib._features(batch, out.hidden, out.hidden_normed,
@@ -137,7 +109,7 @@ def test_drafts_outside_the_vocab_are_misses(tiny_trunk):
     targets: no draft is accepted, whatever the logits."""
     trunk_config, trunk_params = tiny_trunk
     head_config = HeadConfig(kind="linear", k=3, offsets=(2, 3))
-    batch = _hand_batch()
+    batch = hand_batch()
     out = Llama(trunk_config).apply({"params": trunk_params}, batch["tokens"], batch["positions"],
                                     token_mask=batch["token_mask"])
     argmax = set(np.asarray(jnp.argmax(out.logits, -1)).ravel().tolist())

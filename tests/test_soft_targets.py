@@ -9,13 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from _train_helpers import with_fields
+from _train_helpers import HAND_ALL, hand_batch, tiny_trunk, with_fields  # noqa: F401
 
-from gptk_jax.data.prompts import shift_targets
 from gptk_jax.heads import HeadConfig, make_head, shifted_next_tokens
-from gptk_jax.llama.model import Llama, init_params
+from gptk_jax.llama.model import Llama
 from gptk_jax.training import step as step_lib
-from gptk_jax.training.inputs import tiny_trunk_config
 from gptk_jax.training.settings import ConfigKeyError, RunSettings
 from gptk_jax.training.soft_targets import chunked_soft_cross_entropy, soft_cross_entropy
 from gptk_jax.training.chunked_loss import chunked_cross_entropy
@@ -63,32 +61,6 @@ def test_chunked_soft_equals_chunked_hard_for_one_hot_teachers():
     assert np.abs(g_soft).max() > 0 and np.all(np.asarray(g_soft)[1] == 0)
 
 
-@pytest.fixture(scope="module")
-def tiny_trunk():
-    config = tiny_trunk_config()
-    return config, jax.jit(lambda k: init_params(config, k, stacked=False))(jax.random.PRNGKey(1))
-
-
-def _hand_batch():
-    """Two rows, T=8. Row 0: prompt 0..2, target 3..5; row 1: prompt 0..1, target 2..3."""
-    tokens = np.array([[10, 11, 12, 20, 21, 22, 0, 0],
-                       [13, 14, 23, 24, 0, 0, 0, 0]], np.int32)
-    loss_mask = np.zeros((2, 8), bool)
-    loss_mask[0, 3:6] = True
-    loss_mask[1, 2:4] = True
-    token_mask = np.zeros((2, 8), bool)
-    token_mask[0, :6] = True
-    token_mask[1, :4] = True
-    targets, target_mask = shift_targets(tokens, loss_mask, 3)
-    return {"tokens": tokens, "positions": np.broadcast_to(np.arange(8, dtype=np.int32), (2, 8)),
-            "token_mask": token_mask, "loss_mask": loss_mask, "targets": targets,
-            "target_mask": target_mask}
-
-
-# (row, position, offset) with a target, listed by hand for _hand_batch
-HAND_ALL = [(0, 2, 1), (0, 3, 1), (0, 4, 1), (1, 1, 1), (1, 2, 1),
-            (0, 1, 2), (0, 2, 2), (0, 3, 2), (1, 0, 2), (1, 1, 2),
-            (0, 0, 3), (0, 1, 3), (0, 2, 3), (1, 0, 3)]
 
 
 def _log_softmax(x):
@@ -145,7 +117,7 @@ def test_soft_loss_is_against_the_trunk_distribution_at_t_plus_o_minus_1(tiny_tr
     recomputation) and the head's logits; cached: the batch carries only the field the head
     reads (PoMa, the conditioned LSTM: 'hidden'; so the teacher's hidden_normed is recomputed)."""
     trunk_config, trunk_params, head_config, head, head_params = _setup(tiny_trunk, name)
-    batch = _hand_batch()
+    batch = hand_batch()
     out = jax.jit(Llama(trunk_config).apply)({"params": trunk_params}, batch["tokens"],
                                              batch["positions"], token_mask=batch["token_mask"])
     trunk_argmax = np.asarray(jnp.argmax(out.logits, -1))
@@ -173,7 +145,7 @@ def test_soft_loss_is_against_the_trunk_distribution_at_t_plus_o_minus_1(tiny_tr
 def test_packed_soft_update_equals_the_per_row_update(tiny_trunk, name):
     """The fused chunked gradient (custom vjp) gives the update autodiff gives per row."""
     trunk_config, trunk_params, head_config, _, head_params = _setup(tiny_trunk, name)
-    batch = _hand_batch()
+    batch = hand_batch()
     new = {}
     for chunk in (0, 3):
         state, _ = _one_step(_cfg(trunk_config, head_config, chunk, 1), head_params,
@@ -190,7 +162,7 @@ def test_a_head_reading_hidden_refuses_a_cache_of_hidden_normed_only(tiny_trunk)
     # PoMa reads the state before the final norm (the conditioned LSTM no longer does)
     trunk_config, trunk_params, head_config, _, head_params = _setup(tiny_trunk, "poma")
     assert head_config.trunk_field == "hidden"
-    batch = _hand_batch()
+    batch = hand_batch()
     batch["hidden_normed"] = np.zeros((2, 8, trunk_config.dim), np.float32)
     with pytest.raises(step_lib.TrainingError, match="holds only 'hidden_normed'"):
         _one_step(_cfg(trunk_config, head_config, 4, 1), head_params, trunk_params, batch, 0.0)
