@@ -218,7 +218,7 @@ FAMILIES = [("linear", "default", {}), ("poma", "default", {}), ("poma", "seed",
 def test_one_training_step_of_every_family_and_recipe(kind, recipe, options):
     from gptk_jax.training import step as step_lib
     from gptk_jax.training.inputs import tiny_trunk_config
-    from test_soft_targets import _hand_batch
+    from _train_helpers import hand_batch as _hand_batch
     trunk_config = tiny_trunk_config()
     trunk_params = jax.jit(lambda k: init_params(trunk_config, k, stacked=False))(
         jax.random.PRNGKey(1))
