@@ -57,9 +57,13 @@ class HeadDrafter(Drafter):
         return self.head.apply(head_vars, variables["trunk"], *args, method=method)
 
     def init_state(self, variables, batch_size, capacity):
+        if self.head.state_needs_capacity:      # a KV cache of its own (eagle)
+            return self._apply(variables, "init_state", batch_size, capacity)
         return self._apply(variables, "init_state", batch_size)
 
     def advance(self, variables, state, hidden_normed, advance_mask, tokens):
+        if self.head.advance_reads_tokens:      # pairs of a feature and the next token (eagle)
+            return self._apply(variables, "advance", state, hidden_normed, advance_mask, tokens)
         return self._apply(variables, "advance", state, hidden_normed, advance_mask)
 
     def draft(self, variables, state, last_hidden, last_hidden_normed, last_position, next_token):

@@ -15,15 +15,16 @@ from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.heads.common import (HeadFeatures, MTPHead, draft_argmax, shifted_next_tokens,
                                    trunk_embed, trunk_final_norm, trunk_unembed)
 from gptk_jax.heads.config import KINDS, RECIPES, HeadConfig, HeadConfigError, seed_config
+from gptk_jax.heads.eagle import EagleHead
 from gptk_jax.heads.linear import LinearHead
 from gptk_jax.heads.lstm import LSTMHead
 from gptk_jax.heads.lstm_conditioned import ConditionedLSTMHead
 from gptk_jax.heads.poma import PomaHead
 
-_HEADS = {"lstm": LSTMHead, "poma": PomaHead, "linear": LinearHead}
+_HEADS = {"lstm": LSTMHead, "poma": PomaHead, "linear": LinearHead, "eagle": EagleHead}
 
 __all__ = ["HeadConfig", "HeadConfigError", "HeadFeatures", "MTPHead", "LSTMHead",
-           "ConditionedLSTMHead", "PomaHead",
+           "ConditionedLSTMHead", "PomaHead", "EagleHead",
            "LinearHead", "KINDS", "RECIPES", "make_head", "init_head_params", "example_features",
            "seed_config", "draft_argmax", "shifted_next_tokens", "trunk_embed", "trunk_final_norm",
            "trunk_unembed"]

@@ -138,6 +138,17 @@ class MTPHead(nn.Module):
     # on any subset of positions, e.g. packed from several rows) and are the frozen unembedding
     # of `train_hidden(...)` [B,X,J,D]; False: the LSTM reads the sequence in order.
     per_position = False
+    # Decoding state needs: the tokens of the consumed positions in `advance`, and the most
+    # positions a row can hold in `init_state` (heads with a KV cache of their own: eagle.py).
+    advance_reads_tokens = False
+    state_needs_capacity = False
+
+    @property
+    def projects_hidden(self) -> bool:
+        """True: `train_hidden(...)` [B,X,J,D] exists and the logits are its frozen unembedding,
+        so a draft-vocabulary softmax projects onto U rows only (every per-position head; eagle
+        too)."""
+        return self.per_position
 
     @property
     def _dtype(self):

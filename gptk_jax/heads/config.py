@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 
 from gptk_jax.errors import GptkError
 
-KINDS = ("lstm", "poma", "linear")
+KINDS = ("lstm", "poma", "linear", "eagle")
 RECIPES = ("default", "seed", "conditioned")
 LSTM_ONLY_RECIPES = ("conditioned",)
 SEED_POSITION_STD = 0.02   # PoMa 'seed': std of the normal position-matrix init

@@ -272,7 +272,7 @@ def head_logits(cfg: StepConfig, head, head_params, trunk_params, feats: HeadFea
     others' full logits are cut to those columns."""
     kwargs = {} if rngs is None else {"rngs": rngs}
     vocab = cfg.vocab
-    if vocab is not None and head.per_position:
+    if vocab is not None and head.projects_hidden:
         h = head.apply({"params": head_params}, trunk_params, feats, deterministic=deterministic,
                        gather_index=index, method=head.train_hidden, **kwargs)
         w, tied = head_unembedding(cfg, trunk_params)
