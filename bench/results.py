@@ -2,7 +2,7 @@
 and docs/results.json. The protocol lives in configs/results_smollm2.py (training) and in the
 evaluation flags below (what is measured); this script only runs them in order.
 
-    python bench/results.py [--families linear,lstm,poma] [--runs-dir runs/results]
+    python bench/results.py [--families linear,lstm,poma,eagle] [--runs-dir runs/results]
         [--max-sentences 200] [--batch-sizes 1,8] [--tokens-per-step 4] [--no-choose-width]
         [--report-only]
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))          # run as `python bench/results.py` from t
 
 from gptk_jax.evaluation.results_table import collect, markdown, results_json  # noqa: E402
 
-FAMILIES = ("linear", "lstm", "poma")
+FAMILIES = ("linear", "lstm", "poma", "eagle")
 CONFIG = "configs/results_smollm2.py"
 DEFAULT_CHECKPOINT = ".cache/models/smollm2-135m"
 DISTILLED = "distilled/newstest2013.2shot.smollm2.en"   # the draft vocabulary's text

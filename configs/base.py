@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # The MTP head: the fields of gptk_jax.heads.HeadConfig (see docs/design.md).
     head = config.head = ml_collections.ConfigDict()
-    head.kind = "linear"                    # 'lstm' | 'poma' | 'linear'
+    head.kind = "linear"                    # 'lstm' | 'poma' | 'linear' | 'eagle'
     head.k = 3                              # tokens per decoding step (trunk + k-1 drafts)
     head.offsets = config_dict.placeholder(tuple)  # trained offsets; None: (2, ..., k)
     head.dtype = "float32"                  # head compute dtype

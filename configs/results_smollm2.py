@@ -6,6 +6,7 @@ step. Pick the family after a colon:
     python -m gptk_jax.train --config configs/results_smollm2.py:linear --workdir runs/results/linear
     python -m gptk_jax.train --config configs/results_smollm2.py:lstm   --workdir runs/results/lstm
     python -m gptk_jax.train --config configs/results_smollm2.py:poma   --workdir runs/results/poma
+    python -m gptk_jax.train --config configs/results_smollm2.py:eagle  --workdir runs/results/eagle
 
 `bench/results.py` runs these, evaluates each on newstest2014 and writes the tables; it owns no
 training setting. Every family shares one trunk-feature cache (same rows and fields: linear and
@@ -19,6 +20,8 @@ FAMILIES = {
     "linear": linear_smollm2_wmt14,            # one projection per offset, frozen unembedding
     "lstm": lstm_conditioned_smollm2_wmt14,    # LSTM conditioned on the trunk's state
     "poma": poma_smollm2_wmt14,                # positional matrices (this project's recipe)
+    "eagle": linear_smollm2_wmt14,             # feature-level chain (heads/eagle.py); the
+                                               # linear config's data, head.kind replaced
 }
 
 
@@ -47,6 +50,8 @@ def get_config(family: str = "linear"):
         raise ValueError(f"results_smollm2.py:{family}: unknown family; choose one of "
                          f"{sorted(FAMILIES)}")
     config = FAMILIES[family].get_config()
+    if family == "eagle":
+        config.head.kind = "eagle"                # the same feature cache as linear's
     config.head.k = 4                             # W: the trunk's token + 3 drafts
     config.head.offsets = (2, 3, 4)               # every draft offset trained
     if family == "poma":

@@ -25,7 +25,8 @@ def results_config(family):
 
 @pytest.mark.parametrize("family, kind, recipe", [("linear", "linear", "default"),
                                                   ("lstm", "lstm", "conditioned"),
-                                                  ("poma", "poma", "default")])
+                                                  ("poma", "poma", "default"),
+                                                  ("eagle", "eagle", "default")])
 def test_results_configs_validate(family, kind, recipe):
     settings = RunSettings.from_config(results_config(family))
     assert (settings.head.kind, settings.head.recipe) == (kind, recipe)
@@ -39,7 +40,7 @@ def test_results_configs_validate(family, kind, recipe):
 
 
 def test_families_share_one_feature_cache():
-    dirs = {results_config(f).features.cache_dir for f in ("linear", "lstm", "poma")}
+    dirs = {results_config(f).features.cache_dir for f in ("linear", "lstm", "poma", "eagle")}
     assert dirs == {"runs/results/feature_cache"}
 
 

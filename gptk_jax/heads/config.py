@@ -55,7 +55,7 @@ def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
-    kind: str                                  # 'lstm' | 'poma' | 'linear'
+    kind: str                                  # 'lstm' | 'poma' | 'linear' | 'eagle'
     k: int = 3                                 # tokens per decoding step: 1 (trunk) + k-1 drafts
     offsets: Optional[tuple[int, ...]] = None  # trained offsets; default (2, ..., k)
     dtype: str = "float32"                     # head compute dtype
