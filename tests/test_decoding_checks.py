@@ -1,6 +1,8 @@
 """The engine refuses what it cannot decode and stops on what it must not emit (issue 15):
 prompt ids outside the vocabulary, and a trunk whose logits turn NaN/Inf (one isfinite
-reduction per step), in static batches, continuous batching and with a drafter."""
+reduction per step), in static batches, continuous batching and with a drafter. The non-finite
+error names its cause (issue 27): a pad id outside the embedding, a prompt that fails alone at
+batch 1, the tensors holding NaN (decoding/nonfinite.py)."""
 
 import dataclasses
 
@@ -86,3 +88,84 @@ def test_finite_trunk_decodes_as_before(params):
     greedy = Decoder(CFG, params, stop_ids=(), pad_id=0)
     out = greedy.generate(PROMPTS, 4)
     assert [len(t) for t in out.tokens] == [4, 4, 4]
+
+
+# --- the non-finite error names its cause (decoding/nonfinite.py) -------------------------------
+CHECK_DIGESTS = "load the model with its tensor digests verified"
+
+
+def test_a_nan_weight_read_by_a_prompt_is_named(broken):
+    """Prompt 3 holds the token whose embedding row is NaN: it fails alone at batch 1 too, so
+    the message blames the prompt's weights, names the tensor and the token id, and says how to
+    check the weights."""
+    prompts = PROMPTS + [[1, POISON, 3]]
+    greedy = Decoder(CFG, broken, stop_ids=(), pad_id=0)
+    for call in (lambda: greedy.generate(prompts, 4),
+                 lambda: greedy.generate_continuous(prompts, 4, batch_size=2)):
+        with pytest.raises(DecodingError) as e:
+            call()
+        message = str(e.value)
+        assert "prompt 3 alone (batch 1, no padding) gives non-finite logits" in message
+        assert (f"tok_embeddings.embedding (32 non-finite values, in the rows of token ids "
+                f"{POISON})") in message
+        assert f"the failing prompts hold token id {POISON}" in message
+        assert CHECK_DIGESTS in message and "padding id" not in message
+        assert "\n" not in message
+
+
+def test_a_nan_in_a_layer_weight_is_named(params):
+    """One NaN in a stacked layer weight: every prompt fails, each alone too."""
+    tree = jax.tree.map(lambda x: x, params)
+    w2 = np.array(tree["layers"]["feed_forward"]["w2"]["kernel"])
+    w2[1, 3, 5] = np.nan
+    tree["layers"]["feed_forward"]["w2"]["kernel"] = jnp.asarray(w2)
+    with pytest.raises(DecodingError) as e:
+        Decoder(CFG, tree, stop_ids=(), pad_id=0).generate(PROMPTS, 4)
+    message = str(e.value)
+    assert "cause: the weights: prompts 0, 1, 2 alone (batch 1, no padding) give non-finite " \
+           "logits" in message
+    # the decoder's per-layer layout names the layer
+    assert "layers_1.feed_forward.w2.kernel (1 non-finite value)" in message
+    assert "tok_embeddings" not in message and CHECK_DIGESTS in message
+
+
+def test_a_pad_id_outside_the_embedding_is_named(params):
+    """pad_id = vocab_size (a model converted with --allow-small-vocab by an older version):
+    the padded rows read a row that does not exist; the prompts alone decode, so the message
+    blames the padding and says what to check."""
+    decoder = Decoder(CFG, params, stop_ids=(), pad_id=CFG.vocab_size)
+    for call in (lambda: decoder.generate(PROMPTS, 4),
+                 lambda: decoder.generate_continuous(PROMPTS, 4, batch_size=2)):
+        with pytest.raises(DecodingError) as e:
+            call()
+        message = str(e.value)
+        assert "cause: the padding id 97 is outside the embedding table (rows 0..96)" in message
+        assert "alone (batch 1, no padding) give finite logits" in message
+        assert "the pad id must be < vocab_size 97" in message and "python -m convert" in message
+        assert "the weights hold" not in message
+    # what the message says: without padding the same prompts decode
+    out = decoder.generate([PROMPTS[2]], 4, bucket=1)
+    assert len(out.tokens[0]) == 4
+
+
+def test_a_pad_id_whose_row_is_nan_is_named(broken):
+    decoder = Decoder(CFG, broken, stop_ids=(), pad_id=POISON)
+    with pytest.raises(DecodingError) as e:
+        decoder.generate(PROMPTS, 4)
+    message = str(e.value)
+    assert f"cause: the padding id {POISON}'s embedding row holds non-finite values" in message
+    assert "prompts 0, 1, 2 alone (batch 1, no padding) give finite logits" in message
+    assert CHECK_DIGESTS in message
+
+
+def test_a_nan_reached_by_drafted_tokens_blames_the_weights(broken):
+    """Clean prompts, a finite prefill, then drafts of the NaN row: the weights, reached while
+    decoding."""
+    poisoned = Decoder(CFG, broken, stop_ids=(), pad_id=0, drafter=PoisonDrafter(),
+                       tokens_per_step=4)
+    with pytest.raises(DecodingError) as e:
+        poisoned.generate(PROMPTS, 6)
+    message = str(e.value)
+    assert "cause: the weights, reached while decoding" in message
+    assert f"in the rows of token ids {POISON})" in message and CHECK_DIGESTS in message
+    assert "prompts 0, 1, 2 alone give finite logits at the prompt" in message

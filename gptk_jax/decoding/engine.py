@@ -69,6 +69,7 @@ from gptk_jax.decoding.results import (ContinuousResult, GenerationResult, MTPRe
 from gptk_jax.errors import GptkError
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.decoding.executables import MAX_COMPILED, Executables
+from gptk_jax.decoding.nonfinite import check_nonfinite, explain_nonfinite  # noqa: F401
 from gptk_jax.decoding.width import AutoWidth, add_width_stats, harvest_widths
 from gptk_jax.llama.model import params_for_model
 from gptk_jax.llama.prefix import common_prefix_length
@@ -76,16 +77,7 @@ from gptk_jax.llama.prefix import common_prefix_length
 class DecodingError(GptkError, ValueError):
     """A request the trunk cannot decode (bad settings, no or empty prompts, token ids outside
     its vocabulary, too long for max_seq_len) or a trunk that gave non-finite logits; the
-    message names the prompts."""
-
-
-def check_nonfinite(nonfinite: np.ndarray, prompt_of_row: Sequence[int]) -> None:
-    """Raises DecodingError when any row's flag is set; prompt_of_row[b]: the prompt index."""
-    bad = [int(prompt_of_row[b]) for b in np.flatnonzero(nonfinite) if prompt_of_row[b] >= 0]
-    if bad:
-        raise DecodingError(f"the trunk gave non-finite logits (NaN/Inf) while decoding prompt"
-                            f"{'s' if len(bad) > 1 else ''} {', '.join(map(str, sorted(bad)))}: "
-                            f"its weights or these inputs are broken; no output for them")
+    message names the prompts (and, for non-finite logits, the cause: decoding/nonfinite.py)."""
 
 
 SHARED_PREFIX_MIN = 16   # fewer shared tokens: every row prefills its whole prompt
@@ -349,6 +341,11 @@ class Decoder:
                                 f"{drafts} exceeds the model's max_seq_len "
                                 f"{self.config.max_seq_len}")
 
+    def _explainer(self, prompt_ids) -> Callable[[list[int]], str]:
+        """The cause of non-finite logits of these prompts (decoding/nonfinite.py)."""
+        return lambda bad: explain_nonfinite(self.config, self.params, self.pad_id, prompt_ids,
+                                             bad)
+
     def _call(self, fn: Callable, extra_statics: tuple, args: tuple, donate: tuple = (),
               statics: Optional[tuple] = None) -> tuple[Any, float, float]:
         """fn's executable run on args -> (output, run seconds, compile seconds). statics:
@@ -378,7 +375,8 @@ class Decoder:
         prefill_seconds += prefix_seconds
         compile_a += prefix_compile
         state, decode_seconds, compile_b = self._run(statics, state, stop_at_first=False)
-        check_nonfinite(jax.device_get(state.nonfinite), range(len(prompt_ids)))
+        check_nonfinite(jax.device_get(state.nonfinite), range(len(prompt_ids)),
+                        self._explainer(prompt_ids))
         rows = range(len(prompt_ids))
         result = build_result(GenerationResult if self.drafter is None else MTPResult,
                               harvest(state, rows), self._stops,
@@ -443,7 +441,7 @@ class Decoder:
             clock["loop"] += seconds
             clock["compile"] += compile_seconds
             done, nonfinite = jax.device_get((state.done, state.nonfinite))
-            check_nonfinite(nonfinite, slot_prompt)
+            check_nonfinite(nonfinite, slot_prompt, self._explainer(prompt_ids))
             finished = [b for b in range(batch) if done[b] and slot_prompt[b] >= 0]
             if self.width_policy is not None and finished:
                 widths.update(zip((slot_prompt[b] for b in finished),
