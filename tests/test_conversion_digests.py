@@ -1,6 +1,8 @@
 """Converted weights are verified on load (issue 27, finding 4): conversion.json records a digest
 per written tensor, `load_converted` recomputes them and names the tensor (and its folder under
-params/) that differs; a folder from before digests loads with a warning; a flag skips it."""
+params/) that differs; a folder from before digests loads with a warning; a flag skips it. The
+digest is "sums64" (column and row sums of 64-bit words, llama/weight_checks.py); folders that
+record the previous "crc32" digests are verified as before."""
 
 import json
 import shutil
@@ -11,7 +13,8 @@ import pytest
 
 from gptk_jax.llama.checkpoint import (DIGESTS_KEY, PROVENANCE_FILE, SKIP_DIGESTS_ENV,
                                        CheckpointError, _save_params, load_converted,
-                                       tensor_digest)
+                                       tensor_digest, tensor_digests)
+from gptk_jax.llama.weight_checks import SUM_COLUMNS
 from gptk_jax.training.inputs import ensure_tiny_trunk
 
 TENSOR = "layers.attention.wq.kernel"
@@ -38,7 +41,7 @@ def _chunk_files(model, name=TENSOR):
 
 def test_conversion_records_a_digest_per_tensor(model):
     record = json.loads((model / PROVENANCE_FILE).read_text())[DIGESTS_KEY]
-    assert record["algorithm"] == "crc32"
+    assert record["algorithm"] == "sums64"
     loaded = load_converted(model, load_tokenizer=False, scan_layers=True)
     names = {".".join(k.key for k in path) for path, _ in
              jax.tree_util.tree_leaves_with_path(loaded.params)}
@@ -62,7 +65,7 @@ def test_a_modified_tensor_is_named(model, tmp_path):
         load_converted(model)
     message = str(e.value)
     assert f"tensor {TENSOR} differs" in message and str(model / "params" / TENSOR) in message
-    assert "crc32" in message and "\n" not in message
+    assert "sums64" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("damage", ["bit", "zeros", "truncated"])
@@ -126,3 +129,77 @@ def test_bfloat16_tensors_have_digests(tmp_path):
     wq = np.asarray(params["layers"]["attention"]["wq"]["kernel"])
     assert str(wq.dtype) == "bfloat16" and record[TENSOR] == tensor_digest(wq)
     load_converted(out, load_tokenizer=False)
+
+
+def _record_crc32(model):
+    """Rewrites conversion.json as a conversion before "sums64" wrote it: CRC-32 digests."""
+    params = load_converted(model, load_tokenizer=False, scan_layers=True,
+                            verify_digests=False).params
+    provenance = json.loads((model / PROVENANCE_FILE).read_text())
+    provenance[DIGESTS_KEY] = tensor_digests(params, "crc32")
+    (model / PROVENANCE_FILE).write_text(json.dumps(provenance))
+
+
+def test_a_folder_with_crc32_digests_is_still_verified(model):
+    _record_crc32(model)
+    load_converted(model)
+    path = _chunk_files(model)[0]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"tensor {TENSOR}"):
+        load_converted(model)
+
+
+def test_an_unknown_digest_algorithm_says_to_convert_again(model):
+    provenance = json.loads((model / PROVENANCE_FILE).read_text())
+    provenance[DIGESTS_KEY]["algorithm"] = "sums128"
+    (model / PROVENANCE_FILE).write_text(json.dumps(provenance))
+    with pytest.raises(CheckpointError, match="'sums128'.*convert the model again"):
+        load_converted(model)
+
+
+def _flip(data, byte, bit):
+    data = data.copy()
+    data.view(np.uint8)[byte] ^= np.uint8(1 << bit)
+    return data
+
+
+@pytest.mark.parametrize("size", [8 * SUM_COLUMNS * 5 + 8 * 7 + 3,    # full rows + words + bytes
+                                  8 * SUM_COLUMNS * 3])
+def test_sums64_detects_what_it_promises(size):
+    """The damage the "sums64" digest is sure to detect, each built on purpose: bits in any
+    position (bit 63 of a word, the tail past the last full row); two flips of one bit position
+    in opposite directions in words of one column or of one row (a single sum of either kind
+    misses them); a zeroed 4 KiB block; two rows swapped."""
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    words = data[:size // 8 * 8].view("<u8")
+    words[::3] &= ~np.uint64(1 << 63)                     # words 0, 3, ...: bit 63 clear
+    words[1::3] |= np.uint64(1 << 63)                     # words 1, 4, ...: bit 63 set
+    clean = tensor_digest(data)
+    damaged = [_flip(data, 0, 0), _flip(data, 7, 7), _flip(data, size - 1, 5),
+               _flip(data, size // 2, 3)]
+    row = 8 * SUM_COLUMNS
+    # same column, rows 0 and 1: word 0 (bit 63 clear -> set) and word 4096 (4096 % 3 == 1:
+    # set -> clear) -- the column's sum is unchanged, their rows' sums are not
+    assert SUM_COLUMNS % 3 == 1
+    damaged.append(_flip(_flip(data, 7, 7), row + 7, 7))
+    # same row, words 0 and 1 (clear -> set, set -> clear): the row's sum is unchanged
+    damaged.append(_flip(_flip(data, 7, 7), 15, 7))
+    zeroed = data.copy()
+    zeroed[4096:8192] = 0
+    damaged.append(zeroed)
+    swapped = data.copy()
+    swapped[:row], swapped[row:2 * row] = data[row:2 * row], data[:row]
+    damaged.append(swapped)
+    digests = [tensor_digest(d) for d in damaged]
+    assert clean not in digests and len(set(digests)) == len(digests)
+    assert tensor_digest(data.copy()) == clean                     # a function of the bytes
+    assert tensor_digest(data[:-1]) != clean                       # the length counts
+
+
+def test_sums64_of_arrays_of_other_dtypes():
+    values = np.arange(SUM_COLUMNS * 3, dtype=np.float32).reshape(3, -1)
+    assert tensor_digest(values) == tensor_digest(values.view(np.uint8).reshape(-1))
+    assert tensor_digest(values.T) == tensor_digest(np.ascontiguousarray(values.T))
+    assert len(tensor_digest(values)) == 64

@@ -22,16 +22,20 @@ conversion writes the tokenizer's eos id as pad_id (else bos, else 0) into token
 tokenizer_config.json and records both in conversion.json (`"pad_id": {"tokenizer", "chosen"}`);
 a folder converted before this is given the same choice on load, with a warning.
 
-Weights are verified on load: `save_converted` records in conversion.json a CRC-32 of every
-tensor's bytes as written (`"tensor_digests": {"algorithm": "crc32", "tensors": {"layers.
-attention.wq.kernel": "1a2b3c4d", ...}}`, named as the tensor's folder under params/), and
+Weights are verified on load: `save_converted` records in conversion.json a digest of every
+tensor's bytes as written (`"tensor_digests": {"algorithm": "sums64", "tensors": {"layers.
+attention.wq.kernel": "<sha256 hex>", ...}}`, named as the tensor's folder under params/), and
 `load_converted` recomputes each one as the tensor is read and raises a CheckpointError naming
 the tensor, its folder and both digests when one differs (a flipped bit, a zeroed block, a
-truncated or replaced chunk file). CRC-32 rather than sha256: it is a check against damage, not
-against an adversary (the folder's own conversion.json could be rewritten as easily as a
-tensor), it detects every burst of up to 32 flipped bits, and zlib computes it at ~4 GB/s
-against sha256's ~1.8 GB/s here, which on SmolLM2-135M is the difference between ~8 % and
-~19 % of a load (docs/benchmarks.md); the loader also accepts "sha256" records. It runs in a
+truncated or replaced chunk file). "sums64" (llama/weight_checks.py): the column and row sums
+of the tensor's 64-bit words in a 4096-column grid, hashed; certain to detect any change within
+three words (every 1-3 flipped bits) or within 4096 consecutive words (a burst up to ~32 KiB),
+and it runs at numpy's summing speed: ~0.05 s over SmolLM2-135M's 538 MB where CRC-32 (zlib),
+the previous digest, took ~0.13 s and sha256 ~0.30 s: ~1-3 % of a load's CPU time instead of
+~8-10 % (docs/benchmarks.md). It is a check against damage, not against an adversary (the
+folder's own conversion.json could be rewritten as easily as a tensor). Folders whose
+conversion.json records "crc32" (converted before "sums64") or "sha256" digests are verified
+with those; an unknown algorithm is refused with a message to convert again. It runs in a
 thread beside the reading of the next tensor. `load_converted(verify_digests=False)` or the
 environment variable GPTK_SKIP_WEIGHT_DIGESTS=1 skips it; a folder converted before digests
 were recorded loads with a warning saying its weights cannot be checked.
