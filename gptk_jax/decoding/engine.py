@@ -111,6 +111,9 @@ def check_width(drafter: Optional[Drafter], tokens_per_step: Any) -> Optional[Au
             raise DecodingError(f"tokens per step must be an integer or 'auto', got "
                                 f"{tokens_per_step!r}")
         return None
+    if drafter.branches > 1:
+        raise DecodingError("auto W chooses among chains of one drafter; a tree drafter "
+                            "(decoding/tree.py) verifies a fixed W per branch: give an integer")
     p = tokens_per_step
     w = drafter.max_drafts + 1 if p.max_width is None else p.max_width
     if not isinstance(w, int) or isinstance(w, bool) or not 2 <= w <= drafter.max_drafts + 1:

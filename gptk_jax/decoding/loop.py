@@ -79,6 +79,7 @@ class Drafter:
     so a recurrent drafter never re-reads the prefix, and a lookup drafter sees every token once.
     """
     max_drafts: int  # W-1 at most
+    branches = 1     # drafts per offset verified together (decoding/tree.py: 2)
 
     def init_state(self, variables: Any, batch_size: int, capacity: int) -> Any:
         """capacity: the most positions a row's sequence can hold (the cache's slots)."""
@@ -231,9 +232,10 @@ def next_drafts(drafter: Drafter, drafter_vars: Any, w_max: int, drafter_state: 
     """The drafts of a row's next step from its state -> ([B,W_max-1] int32, scores or None)."""
     drafts, scores = drafter.draft_scored(drafter_vars, drafter_state, last_hidden,
                                           last_hidden_normed, positions - 1, next_token)
-    drafts = drafts[:, :w_max - 1].astype(jnp.int32)
+    n = drafter.branches * (w_max - 1)     # a tree drafter: each branch's, one after another
+    drafts = drafts[:, :n].astype(jnp.int32)
     if scores is not None:
-        scores = jnp.clip(scores[:, :w_max - 1].astype(jnp.float32), 0.0, 1.0)
+        scores = jnp.clip(scores[:, :n].astype(jnp.float32), 0.0, 1.0)
     return drafts, scores
 
 
@@ -294,19 +296,42 @@ def decode_step(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | Au
         new.draft_scores, ~new.done))
 
 
+@flax.struct.dataclass
+class Verified:
+    """One verify call, seen as one chain of W tokens (a tree: its best branch per row)."""
+    drafts: jax.Array         # [B,W-1] int32 the chain's drafts
+    tokens: jax.Array         # [B,W] int32 next_token, then the drafts
+    trunk_tokens: jax.Array   # [B,W] int32 the trunk's argmax after each
+    hidden: jax.Array         # [B,W,D]
+    hidden_normed: jax.Array  # [B,W,D]
+    cache: KVCache            # the chain's keys at slots lengths .. lengths+W-1
+    nonfinite: jax.Array      # [B] bool: a NaN/Inf logit
+
+
+def verify_chain(config: LlamaConfig, w: int, state: DecodeState, params: dict) -> Verified:
+    """The trunk over next_token and the first W-1 drafts, in one call."""
+    drafts = state.drafts[:, :w - 1]                                          # [B,W-1]
+    tokens = jnp.concatenate([state.next_token[:, None], drafts], axis=1)     # [B,W]
+    positions = state.positions[:, None] + jnp.arange(w, dtype=jnp.int32)     # [B,W]
+    out = Llama(config).apply({"params": params}, tokens, positions, cache=state.cache)
+    return Verified(drafts=drafts, tokens=tokens, trunk_tokens=greedy_pick(out.logits),
+                    hidden=out.hidden, hidden_normed=out.hidden_normed, cache=out.cache,
+                    nonfinite=~jnp.all(jnp.isfinite(out.logits), axis=(1, 2)))
+
+
 def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, *,
              params: dict, drafter_vars: Any, stop_ids: jax.Array
              ) -> tuple[DecodeState, jax.Array]:
     """The step at W = w (<= the state's buffer width) -> (state but width_stats, drafts
     accepted per row [B] before the stop / limit cut)."""
     active = ~state.done
-    drafts = state.drafts[:, :w - 1]                                          # [B,W-1]
-    verify_tokens = jnp.concatenate([state.next_token[:, None], drafts], axis=1)  # [B,W]
-    verify_positions = state.positions[:, None] + jnp.arange(w, dtype=jnp.int32)  # [B,W]
-    out = Llama(config).apply({"params": params}, verify_tokens, verify_positions,
-                              cache=state.cache)
-    trunk_tokens = greedy_pick(out.logits)                                    # [B,W]
-    nonfinite = active & ~jnp.all(jnp.isfinite(out.logits), axis=(1, 2))     # [B]
+    if drafter.branches > 1:    # several drafts per offset: the best branch (decoding/tree.py)
+        from gptk_jax.decoding.tree import verify_tree
+        out = verify_tree(config, w, state, params)
+    else:
+        out = verify_chain(config, w, state, params)
+    drafts, verify_tokens, trunk_tokens = out.drafts, out.tokens, out.trunk_tokens
+    nonfinite = active & out.nonfinite                                        # [B]
     acc = accept_step(drafts, trunk_tokens, state.num_generated, active,
                       max_new_tokens=state.max_new_tokens, stop_ids=stop_ids)
 
@@ -342,7 +367,8 @@ def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, 
         width_log=log(state.width_log, jnp.full_like(acc.accepted, w)),
         nonfinite=state.nonfinite | nonfinite,
         width_stats=state.width_stats)
-    next_d, next_scores = next_drafts(drafter, drafter_vars, state.drafts.shape[1] + 1,
+    next_d, next_scores = next_drafts(drafter, drafter_vars,
+                                      state.drafts.shape[1] // drafter.branches + 1,
                                       new.drafter_state, new.last_hidden,
                                       new.last_hidden_normed, new.positions, new.next_token)
     return new.replace(drafts=next_d, draft_scores=next_scores), acc.accepted

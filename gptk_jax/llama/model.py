@@ -83,9 +83,12 @@ class Llama(nn.Module):
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens, positions, cache: Optional[KVCache] = None,
-                 token_mask=None, logits_index=None, compute_logits: bool = True) -> TrunkOutput:
+                 token_mask=None, logits_index=None, compute_logits: bool = True,
+                 tree_mask=None) -> TrunkOutput:
         """tokens, positions [B,T] int32; token_mask [B,T] bool (False: padding);
-        logits_index [B] int32: only those positions' logits ([B,1,V])."""
+        logits_index [B] int32: only those positions' logits ([B,1,V]); tree_mask [T,T] bool
+        (several drafts verified at once, decoding/tree.py): new token i sees new token j only
+        where tree_mask[i, j] (and j <= i); the cache before them as usual."""
         c = self.config
         b, t = tokens.shape
         if token_mask is None:
@@ -98,6 +101,11 @@ class Llama(nn.Module):
             ks, vs, valid, lengths = cache.k, cache.v, cache.valid, cache.lengths
         valid = write_rows(valid, token_mask, lengths)        # [B,S]
         mask = attention_mask(valid, lengths, t)              # [B,T,S]
+        if tree_mask is not None:   # new slots lengths+j: only the tree's ancestors
+            rel = jnp.arange(valid.shape[1])[None, :] - lengths[:, None]          # [B,S]
+            inside = (rel >= 0) & (rel < t)
+            allowed = jnp.asarray(tree_mask)[:, jnp.clip(rel, 0, t - 1)]          # [T,B,S]
+            mask = mask & (~inside[:, None, :] | jnp.moveaxis(allowed, 0, 1))
 
         x = self.embed(tokens)
         if c.scan_layers:   # scan carries the layers' buffers stacked: [L,B,K,S,H]
