@@ -3,7 +3,7 @@
     python -m gptk_jax.evaluate --checkpoint DIR --heads DIR --output DIR
         [--split newstest2014 | --split wmt13 | --source FILE --reference FILE]
         [--data-root DIR] [--src-lang de] [--tgt-lang en] [--max-sentences N]
-        [--batch-sizes 1,8] [--tokens-per-step W] [--max-new-tokens 128] [--lookup] [--oracle]
+        [--batch-sizes 1,8] [--tokens-per-step W] [--max-new-tokens 128] [--lookup [--tree]] [--oracle]
         [--continuous]
 
 For each batch size: greedy, then MTP with the trained heads, over the same prompts. Reported:
@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                    type=int, default=None,
                    help="tokens per verify step of the lookup runs (default: --tokens-per-step)")
     p.add_argument("--lookup-max-ngram", type=int, default=3)
+    p.add_argument("--tree", action="store_true",
+                   help="with --lookup and --heads: also verify the lookup's and the heads' "
+                        "drafts together, two branches per step (decoding/tree.py), at the "
+                        "heads' W ('heads+lookup-tree')")
     p.add_argument("--draft-vocab-size", type=int, default=None,
                    help="heads draft over the N most frequent target-side tokens only (a "
                         "cheaper projection; the output is unchanged)")
@@ -128,6 +132,9 @@ def parse_args(argv=None) -> EvalConfig:
         if value is not None and value < least:
             alias = ALIASES.get(flag)
             p.error(f"{flag}{f' ({alias})' if alias else ''} must be >= {least}, got {value}")
+    if a.tree and not (a.lookup and a.heads):
+        p.error("--tree verifies the lookup's and the heads' drafts together: give --lookup and "
+                "--heads too")
     batch_sizes = _batch_sizes(p, a.batch_sizes)
     data_root = resolve_data_root(a.data_root)
     cache = sacrebleu_cache(data_root)
@@ -141,6 +148,7 @@ def parse_args(argv=None) -> EvalConfig:
             max_new_tokens=a.max_new_tokens, shots=a.shots,
             space_with_target=a.space_with_target, bucket=a.bucket, dtype=a.dtype,
             oracle=a.oracle, lookup=a.lookup, lookup_tokens_per_step=a.lookup_tokens_per_step,
+            tree=a.tree,
             lookup_max_ngram=a.lookup_max_ngram, draft_vocab_size=a.draft_vocab_size,
             draft_vocab_from=a.draft_vocab_from, continuous=a.continuous, bos=a.bos,
             choose_width=a.choose_width, verify_cost=a.verify_cost,

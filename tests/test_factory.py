@@ -24,7 +24,7 @@ from gptk_jax.training.inputs import ensure_tiny_trunk
 
 MAX_NEW = 8
 BUCKET = 16
-KINDS = ("linear", "poma", "lstm")
+KINDS = ("linear", "poma", "lstm", "eagle")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,9 @@ CASES = {
     "lookup": (dict(method="lookup", lookup_max_ngram=2), None,
                factory.DEFAULT_LOOKUP_TOKENS_PER_STEP),
     "mtp+lookup-lstm": (dict(method="mtp+lookup", tokens_per_step=4), "lstm", 4),
+    "mtp-eagle": (dict(method="mtp"), "eagle", 3),
+    "tree-eagle": (dict(method="mtp+lookup-tree"), "eagle", 3),
+    "tree-linear-w2": (dict(method="mtp+lookup-tree", tokens_per_step=2), "linear", 2),
 }
 
 
@@ -169,13 +172,14 @@ def test_evaluate_builds_through_make_decoder(tiny, specs, tmp_path):
     assert main(["--checkpoint", str(model.path), "--heads", str(heads["poma"]), "--split",
                  "newstest2014", "--data-root", str(DATA), "--max-sentences", "1",
                  "--batch-sizes", "1", "--max-new-tokens", "2", "--lookup", "--oracle",
-                 "--lookup-tokens-per-step", "4", "--no-progress",
+                 "--lookup-tokens-per-step", "4", "--tree", "--no-progress",
                  "--output", str(tmp_path / "report")]) == 0
     folder = str(Path(heads["poma"]).absolute())
     assert specs[0] == GREEDY
     assert set(specs) == {GREEDY, DecoderSpec("mtp", tokens_per_step=3, heads=folder),
                           DecoderSpec("lookup", tokens_per_step=4),
                           DecoderSpec("mtp+lookup", tokens_per_step=4, heads=folder),
+                          DecoderSpec("mtp+lookup-tree", tokens_per_step=3, heads=folder),
                           DecoderSpec("oracle", tokens_per_step=3)}
 
 
@@ -222,6 +226,7 @@ def test_choose_width_gives_greedys_tokens(tiny, greedy, tmp_path, fields, kind)
 @pytest.mark.parametrize("fields, field", [
     (dict(method="greedy", choose_width=True), "choose_width"),
     (dict(method="lookup", verify_cost="t.json"), "verify_cost"),
+    (dict(method="mtp+lookup-tree", heads="h", choose_width=True), "choose_width"),
 ])
 def test_a_bad_width_spec_is_refused(fields, field):
     with pytest.raises(DecodingError, match=field):

@@ -17,6 +17,9 @@ Methods (`DecoderSpec.method`):
                 `lookup_max_ngram` tokens; W defaults to DEFAULT_LOOKUP_TOKENS_PER_STEP;
   'mtp+lookup'  prompt lookup, the heads drafting where it finds nothing (the heads at their
                 own W; the lookup's W as for 'lookup');
+  'mtp+lookup-tree'  prompt lookup's and the heads' drafts both verified in one call, each row
+                keeping the branch with more accepted (decoding/tree.py); W fixed, default the
+                heads' k;
   'oracle'      greedy's own continuation (decoding/oracle.py; the upper bound): W must be given
                 and the continuations are passed as `references=oracle_variables(...)`.
 
@@ -39,9 +42,9 @@ from typing import Any, Iterable, Optional
 
 from gptk_jax.decoding.engine import Decoder, DecodingError
 
-METHODS = ("greedy", "mtp", "lookup", "mtp+lookup", "oracle")
-HEADS_METHODS = ("mtp", "mtp+lookup")
-LOOKUP_METHODS = ("lookup", "mtp+lookup")
+METHODS = ("greedy", "mtp", "lookup", "mtp+lookup", "mtp+lookup-tree", "oracle")
+HEADS_METHODS = ("mtp", "mtp+lookup", "mtp+lookup-tree")
+LOOKUP_METHODS = ("lookup", "mtp+lookup", "mtp+lookup-tree")
 DEFAULT_LOOKUP_TOKENS_PER_STEP = 4
 
 
@@ -117,6 +120,9 @@ class DecoderSpec:
 
         if self.choose_width and self.method == "greedy":
             raise DecodingError("DecoderSpec.choose_width needs a drafter (greedy is W = 1)")
+        if self.choose_width and self.method == "mtp+lookup-tree":
+            raise DecodingError("DecoderSpec.choose_width: 'mtp+lookup-tree' verifies a fixed W "
+                                "per branch (auto W chooses among chains of one drafter)")
         if self.verify_cost is not None and not self.choose_width:
             raise DecodingError("DecoderSpec.verify_cost is read only with choose_width")
         if not isinstance(self.score_bins, int) or self.score_bins < 1:
@@ -180,6 +186,16 @@ def make_drafter(model, spec: DecoderSpec, *, heads=None, references=None
                                           tokens_per_step=w, draft_vocab=spec.draft_vocab)
         return drafter, variables, w
     from gptk_jax.decoding.lookup import LookupDrafter
+    if spec.method == "mtp+lookup-tree":
+        from gptk_jax.decoding.tree import TreeDrafter
+        loaded = _load_heads(model, spec, heads)
+        w = loaded.head_config.k if spec.tokens_per_step is None else spec.tokens_per_step
+        second, second_vars = head_drafter(loaded.head_config, loaded.params, config, params,
+                                           tokens_per_step=w, draft_vocab=spec.draft_vocab)
+        first = LookupDrafter(max_drafts=w - 1, max_ngram=spec.lookup_max_ngram,
+                              min_ngram=spec.lookup_min_ngram)
+        return (TreeDrafter(first=first, second=second, max_drafts=w - 1),
+                TreeDrafter.variables(LookupDrafter.variables(), second_vars), w)
     w = DEFAULT_LOOKUP_TOKENS_PER_STEP if spec.tokens_per_step is None else spec.tokens_per_step
     fallback, fallback_vars = None, None
     if spec.method == "mtp+lookup":     # the heads at their own W: the lookup cuts or pads

@@ -48,6 +48,8 @@ class EvalConfig:
     lookup: bool = False                  # also run prompt-lookup drafting: alone ("lookup")
                                           # and in front of the heads ("heads+lookup")
     lookup_tokens_per_step: Optional[int] = None  # W of the lookup runs (default: W)
+    tree: bool = False                    # with lookup and heads: also both verified as a tree
+                                          # of two branches per step ("heads+lookup-tree", W)
     lookup_max_ngram: int = 3
     draft_vocab_size: Optional[int] = None  # heads draft over the N most frequent target tokens
     draft_vocab_from: Optional[str] = None  # of this text file (default: News Commentary's

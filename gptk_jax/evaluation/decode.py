@@ -115,6 +115,16 @@ def lookup_method(name: str, tokens_per_step: int, max_ngram: int,
         lookup_max_ngram=max_ngram, draft_vocab=fallback.spec.draft_vocab, **width))
 
 
+def tree_method(name: str, decoding: Decoding, heads: Method, max_ngram: int) -> Method:
+    """Prompt lookup and the heads (a heads_method) as the two branches of one verify call per
+    step (decoding/tree.py), at the heads' W (fixed)."""
+    method = Method(name, heads.tokens_per_step, DecoderSpec(
+        "mtp+lookup-tree", tokens_per_step=heads.tokens_per_step, heads=heads.spec.heads,
+        lookup_max_ngram=max_ngram, draft_vocab=heads.spec.draft_vocab))
+    decoding.decoder(method)
+    return method
+
+
 def oracle_method(decoding: Decoding, tokens_per_step: int, prompts: Sequence[Sequence[int]],
                   continuations: Sequence[Sequence[int]], batch_size: int) -> Method:
     """The oracle for one batch: drafts `continuations` (per row, what greedy will emit), padded

@@ -88,7 +88,7 @@ def drafting_methods(cfg: EvalConfig, decoding, heads, tokens_per_step: int,
     """'mtp' (the heads, W = tokens_per_step), 'lookup' and 'heads+lookup' (W =
     cfg.lookup_tokens_per_step, default the same W), as cfg asks (the oracle is apart); each a
     `DecoderSpec` that decoding.factory.make_decoder builds."""
-    from gptk_jax.evaluation.decode import heads_method, lookup_method
+    from gptk_jax.evaluation.decode import heads_method, lookup_method, tree_method
     methods = []
     width = {"choose_width": cfg.choose_width, "verify_cost": cfg.verify_cost,
              "score_bins": cfg.score_bins}
@@ -101,6 +101,9 @@ def drafting_methods(cfg: EvalConfig, decoding, heads, tokens_per_step: int,
         if heads is not None:
             methods.append(lookup_method("heads+lookup", lookup_w, cfg.lookup_max_ngram,
                                          fallback=methods[0], **width))
+        if heads is not None and cfg.tree:     # fixed W: auto W does not choose for a tree
+            methods.append(tree_method("heads+lookup-tree", decoding, methods[0],
+                                       cfg.lookup_max_ngram))
     return methods
 
 

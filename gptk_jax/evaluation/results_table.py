@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 from gptk_jax.data.prompts import describe_prompt_record
 
 # evaluate's run names -> drafter names in docs/results.json
-METHOD_NAMES = {"mtp": "{family}", "heads+lookup": "{family}+lookup", "lookup": "lookup",
+METHOD_NAMES = {"mtp": "{family}", "heads+lookup": "{family}+lookup",
+                "heads+lookup-tree": "{family}+lookup-tree", "lookup": "lookup",
                 "oracle": "oracle"}
 
 
