@@ -162,3 +162,26 @@ def test_training_learns_the_trunks_continuations_at_every_offset(decoder, promp
     acc = lambda m: np.asarray(m["top1_trunk"]) / np.asarray(m["count"])
     assert np.isfinite(float(metrics["objective"]))
     assert np.all(acc(after) > acc(before) + 0.2), (acc(before), acc(after))
+
+
+def test_eagle_drafts_past_its_trained_k(decoder, prompts, stop_ids, greedy, eagle, params):
+    """Its chain steps share one layer: a k=4 drafter runs at W=6, its first 3 drafts those of
+    W=4, and decoding stays greedy's."""
+    from gptk_jax.decoding import head_drafter
+    _, hp = eagle
+    d4, v4 = head_drafter(EAGLE, hp, CFG, params)
+    d6, v6 = head_drafter(EAGLE, hp, CFG, params, tokens_per_step=6)
+    assert d6.max_drafts == 5
+    call = lambda d, v, s, *a: d.draft(v, s, *a)
+    hidden = _trunk(params, np.asarray([prompts[0]], np.int32))
+    tokens = jnp.asarray([prompts[0]], jnp.int32)
+    drafts = []
+    for d, v in ((d4, v4), (d6, v6)):
+        state = d.init_state(v, 1, 64)
+        state = d.advance(v, state, hidden, jnp.ones(tokens.shape, bool), tokens)
+        drafts.append(np.asarray(call(d, v, state, hidden[:, -1], hidden[:, -1],
+                                      jnp.array([tokens.shape[1] - 1]), jnp.array([5]))))
+    assert drafts[0].shape == (1, 3) and drafts[1].shape == (1, 5)
+    np.testing.assert_array_equal(drafts[1][:, :3], drafts[0])
+    mtp = decoder.replace(stop_ids=stop_ids, drafter=d6, drafter_vars=v6, tokens_per_step=6)
+    _assert_same_as_greedy(mtp.generate(prompts, MAX_NEW, bucket=BUCKET), greedy[8, "left"])

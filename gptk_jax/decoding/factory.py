@@ -200,7 +200,9 @@ def make_drafter(model, spec: DecoderSpec, *, heads=None, references=None
     fallback, fallback_vars = None, None
     if spec.method == "mtp+lookup":     # the heads at their own W: the lookup cuts or pads
         loaded = _load_heads(model, spec, heads)
+        longer = loaded.head_config.kind == "eagle"     # its chain drafts any W (heads.py)
         fallback, fallback_vars = head_drafter(loaded.head_config, loaded.params, config, params,
+                                               tokens_per_step=w if longer else None,
                                                draft_vocab=spec.draft_vocab)
     drafter = LookupDrafter(max_drafts=w - 1, max_ngram=spec.lookup_max_ngram,
                             min_ngram=spec.lookup_min_ngram, fallback=fallback)

@@ -106,11 +106,14 @@ def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaC
                  trunk_params: Any, tokens_per_step: Optional[int] = None,
                  draft_vocab: Optional[Sequence[int]] = None) -> tuple[HeadDrafter, dict]:
     """-> (HeadDrafter, drafter_vars) for the decoding loop; W (tokens_per_step) defaults to
-    head_config.k and may not exceed it. draft_vocab: drafts are the argmax over these ids only
+    head_config.k and may not exceed it (eagle may: its chain steps share one layer). draft_vocab: drafts are the argmax over these ids only
     (None: the whole vocabulary)."""
     from gptk_jax.heads.io import HeadsError
 
     w = head_config.k if tokens_per_step is None else tokens_per_step
+    if w > head_config.k and head_config.kind == "eagle":
+        # one layer for every chain step, no per-offset params: it drafts further than trained
+        head_config = head_config.replace(k=w, offsets=tuple(range(2, w + 1)))
     if w > head_config.k:
         raise HeadsError(f"K={w} tokens per step needs drafts for offsets 2..{w}, but these "
                          f"heads were trained for offsets {head_config.offsets} (K <= "
