@@ -42,6 +42,12 @@ TUNED = {
     "lstm": {"optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 100,
              "training.num_train_steps": 600, "training.eval_every_steps": 0,
              "training.checkpoint_every_steps": 100},
+    # no sweep (one run, session 11): lr 2e-3, 3,000 steps (3.7 epochs), 1.4 steps/s alone here
+    # (0.6-0.8 beside the test suite: 69 min). Validation tau_est 1.639 at step 1500 (chain
+    # 37.1/17.2/9.6%), 1.855 at 3000 (44.4/24.8/16.4%; linear's 5,000 steps: 1.577).
+    "eagle": {"optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 100,
+              "training.num_train_steps": 3000, "training.eval_every_steps": 1500,
+              "training.checkpoint_every_steps": 250},
 }
 
 
