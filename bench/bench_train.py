@@ -92,7 +92,7 @@ def compare_build(args, tmp: Path) -> dict:
     import numpy as np
 
     from gptk_jax.training import inputs
-    from gptk_jax.training.features import FeatureCache
+    from gptk_jax.features.cache import FeatureCache
     from gptk_jax.training.settings import RunSettings
 
     config = load_config(args.config)

@@ -39,7 +39,7 @@ from gptk_jax.heads.common import trunk_params_for_heads  # noqa: E402
 from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
 from gptk_jax.llama.model import Llama  # noqa: E402
 from gptk_jax.training.draft_metrics import draft_sums, summarize_drafts  # noqa: E402
-from gptk_jax.training.features import trunk_fn  # noqa: E402
+from gptk_jax.features.cache import trunk_fn  # noqa: E402
 
 WMT = ROOT.parent / "shared/data/wmt14-de-en"
 
@@ -61,7 +61,7 @@ def build_rows(model, distilled: Path, sources_prefix: str, n: int, shots: int,
 
 def trunk_features(model, rows, bucket: int = 64):
     """-> per row (hidden [T,D], hidden_normed [T,D], argmax [T]) as numpy float32/int32, from
-    the feature cache's trunk pass (training/features.py)."""
+    the feature cache's trunk pass (features/cache.py)."""
     run = trunk_fn(model.config, argmax_chunk=256)
 
     def forward(tokens, mask):

@@ -8,7 +8,7 @@
 
 Line i of FILE is the trunk's greedy translation of line i of PREFIX.{src_lang}, so FILE can
 replace PREFIX.{tgt_lang} in a training config (`config.data.train_target_files`); FILE.json
-records the prompt format, model, decoding and progress (gptk_jax/training/distill.py). Use the
+records the prompt format, model, decoding and progress (gptk_jax/distillation/). Use the
 prompt format (--shots, --space-with-target, BOS) the heads will be trained and decoded with.
 Decoding is exact: continuous batching over --batch-size slots with prompt-lookup drafts, W
 tokens per verify step (--tokens-per-step, alias --k; 1: plain greedy; the decoder comes from
@@ -24,7 +24,7 @@ into FILE.shardI-of-N with its own record FILE.shardI-of-N.json, and each resume
 run that finds all N shards complete merges them into FILE and FILE.json, the file and record a
 one-process run writes (its record adds the shards' sessions and "merged_from"); --merge does it
 by hand and names a shard that is missing or incomplete, with its line counts
-(gptk_jax/training/distill_shards.py). --num-shards 1 is the one-process run.
+(gptk_jax/distillation/shards.py). --num-shards 1 is the one-process run.
 Errors: one line on stderr, exit code 2.
 """
 
@@ -52,11 +52,11 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
     """Appends the translations of source lines [lines already in output, max_pairs) to
     `output`, holding its lock (FILE.lock) for the run; returns the record (FILE.json). With
     num_shards N > 1: only lines shard_index, shard_index + N, ... into FILE.shardI-of-N
-    (merging is the caller's: `training.distill_shards.merge_shards`)."""
+    (merging is the caller's: `distillation.shards.merge_shards`)."""
     from gptk_jax.data.prompts import prompt_format
     from gptk_jax.data.wmt import read_text_lines
-    from gptk_jax.training.distill import DistillError, output_lock
-    from gptk_jax.training.distill_shards import (check_shard_arguments, shard_path,
+    from gptk_jax.distillation.record import DistillError, output_lock
+    from gptk_jax.distillation.shards import (check_shard_arguments, shard_path,
                                                   shard_sources)
 
     for name, value, low in (("--batch-size", batch_size, 1),
@@ -84,7 +84,7 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
     if output.exists() and not output.is_file():
         raise DistillError(f"--output {output} is not a file: choose a file path for the "
                            f"translations")
-    from gptk_jax.training.distill import record_path
+    from gptk_jax.distillation.record import record_path
     if record_path(output).exists() and not record_path(output).is_file():
         raise DistillError(f"{record_path(output)} is a folder, where distill keeps the record "
                            f"of --output {output}: remove it or choose another --output")
@@ -107,8 +107,9 @@ def _distill_locked(checkpoint, fmt, source_path, sources, output, shard, all_so
                     stop_after, redo_damaged) -> dict:
     from gptk_jax.data.prompts import prompt_record, translation_stop_ids
     from gptk_jax.llama.checkpoint import load_converted
-    from gptk_jax.training.distill import (DistillPlan, check_resume, distill_sources,
-                                           model_fingerprint, record_path)
+    from gptk_jax.distillation.generate import distill_sources
+    from gptk_jax.distillation.record import (DistillPlan, check_resume, model_fingerprint,
+                                              record_path)
     import hashlib
 
     if output.exists() and not record_path(output).is_file():   # refused before the model
@@ -176,7 +177,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _merge(args) -> int:
-    from gptk_jax.training.distill_shards import merge_shards
+    from gptk_jax.distillation.shards import merge_shards
     input_path = None if args.input is None else f"{args.input}.{args.src_lang}"
     record = merge_shards(Path(args.output), args.num_shards, input_path)
     print(f"merged {args.num_shards} shards into {args.output}: {record['lines_written']} "
@@ -187,7 +188,7 @@ def _merge(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from gptk_jax.training.distill_shards import all_complete, read_shards, shard_path
+    from gptk_jax.distillation.shards import all_complete, read_shards, shard_path
     try:
         if args.merge:
             return _merge(args)

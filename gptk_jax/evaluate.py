@@ -73,6 +73,17 @@ def _parser() -> argparse.ArgumentParser:
                         "read from heads.json; without heads: off)")
     p.add_argument("--bucket", type=int, default=32)
     p.add_argument("--dtype", default=None)
+    _drafter_arguments(p)
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend the BOS token (default: the tokenizer's own rule, add_bos, "
+                        "as training does)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--output", required=True, help="report folder")
+    return p
+
+
+def _drafter_arguments(p: argparse.ArgumentParser) -> None:
+    """Which drafters run beside the heads, and how W is chosen."""
     p.add_argument("--oracle", action="store_true", help="also run the oracle drafter")
     p.add_argument("--lookup", action="store_true",
                    help="also run prompt-lookup drafting (decoding/lookup.py): alone, and in "
@@ -106,12 +117,6 @@ def _parser() -> argparse.ArgumentParser:
                         "probability; lookup: found or not) in this many bins, calibrated "
                         "against what verification accepts; 1: scores ignored (pooled "
                         "acceptance)")
-    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="prepend the BOS token (default: the tokenizer's own rule, add_bos, "
-                        "as training does)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--output", required=True, help="report folder")
-    return p
 
 
 def parse_args(argv=None) -> EvalConfig:

@@ -161,6 +161,11 @@ def run(args: argparse.Namespace, prompts: list[str], ids: list[list[int]], mode
     without the run's timing, known only at the end: the returned records have it)."""
     from tqdm import tqdm
 
+    from gptk_jax.decoding.records import batch_records, row_record
+
+    how = {"decoding": args.decoding, "batch_size": args.batch_size,
+           "continuous": args.continuous}
+
     def show(record):
         if not args.quiet:
             print(f"=== [{record['index']}] {record['prompt']}\n{record['text']}", file=out,
@@ -170,81 +175,26 @@ def run(args: argparse.Namespace, prompts: list[str], ids: list[list[int]], mode
         stop_set = set(model.tokenizer.stop_ids)
 
         def on_row(i, row):
-            record = row_record(args, i, prompts, ids, model.tokenizer, row, stop_set)
+            record = row_record(i, prompts, ids, model.tokenizer, row, stop_set,
+                                decoding=args.decoding, batch_size=args.batch_size)
             on_record(record)
             show(record)
 
         rows = list(range(len(prompts)))
         result = decode(ids, args.batch_size, on_row=on_row)
-        return batch_records(args, 0, rows, prompts, ids, model.tokenizer, result)
+        return batch_records(0, rows, prompts, ids, model.tokenizer, result, **how)
     records = []
     batches = [list(range(i, min(i + args.batch_size, len(prompts))))
                for i in range(0, len(prompts), args.batch_size)]
     for batch_index, rows in enumerate(tqdm(batches, desc=args.decoding, unit="batch",
                                             file=sys.stderr, disable=len(batches) < 2)):
         result = decode([ids[i] for i in rows], args.batch_size)
-        for record in batch_records(args, batch_index, rows, prompts, ids, model.tokenizer,
-                                    result):
+        for record in batch_records(batch_index, rows, prompts, ids, model.tokenizer, result,
+                                    **how):
             records.append(record)
             on_record(record)
             show(record)
     return records
-
-
-def _record(args, i: int, prompts: list[str], ids: list[list[int]], tok, tokens: list,
-            stop_reason: str, num_generated: int, more: dict) -> dict:
-    return {"index": i, "prompt": prompts[i], "prompt_tokens": len(ids[i]),
-            "generated_ids": tokens, "text": tok.decode(tokens), "stop_reason": stop_reason,
-            "num_generated": num_generated, "decoding": args.decoding, **more}
-
-
-def row_record(args, i: int, prompts: list[str], ids: list[list[int]], tok, row,
-               stop_set: set) -> dict:
-    """The record of prompt i from its RowRecord as its row finishes (continuous batching):
-    the fields of `batch_records` but the run's timing."""
-    from gptk_jax.decoding.results import split_stop
-
-    tokens, reason, _ = split_stop(row.tokens, stop_set)
-    more = {} if args.decoding == "greedy" else {
-        "verify_steps": len(row.accepted), "accepted_per_step": list(row.accepted),
-        "emitted_per_step": list(row.emitted)}
-    return _record(args, i, prompts, ids, tok, tokens, reason, len(row.tokens),
-                   {**more, "batch": 0, "batch_size": args.batch_size})
-
-
-def batch_records(args: argparse.Namespace, batch_index: int, rows: list[int],
-                  prompts: list[str], ids: list[list[int]], tok, result) -> list[dict]:
-    """One JSON record per row of a finished batch."""
-    seconds = result.prefill_seconds + result.decode_seconds
-    batch_tokens = int(sum(result.num_generated))
-    timing = {"batch": batch_index,
-              "batch_size": args.batch_size if args.continuous else len(rows),
-              "prefill_s": round(result.prefill_seconds, 6),
-              "decode_s": round(result.decode_seconds, 6),
-              "compile_s": round(result.compile_seconds, 6),
-              "tokens_per_s": round(batch_tokens / seconds, 3) if seconds > 0 else None}
-    # decoders may add per-row fields (mtp: verify steps, accepted drafts per step)
-    extra = result.row_records() if hasattr(result, "row_records") and \
-        args.decoding != "greedy" else None
-    records = []
-    for j, i in enumerate(rows):
-        more = {k: v for k, v in extra[j].items()
-                if k not in ("tokens", "stop_reason", "num_generated")} if extra else {}
-        records.append(_record(args, i, prompts, ids, tok, result.tokens[j],
-                               result.stop_reasons[j], result.num_generated[j],
-                               {**more, **timing}))
-    return records
-
-
-def summarize(records: list[dict]) -> str:
-    batches = {r["batch"]: r for r in records}.values()
-    tokens = sum(r["num_generated"] for r in records)
-    seconds = sum(b["prefill_s"] + b["decode_s"] for b in batches)
-    compile_s = sum(b["compile_s"] for b in batches)
-    rate = f"{tokens / seconds:.1f}" if seconds > 0 else "n/a"
-    return (f"{len(records)} prompts, {tokens} tokens in {seconds:.2f}s ({rate} tokens/s; "
-            f"prefill {sum(b['prefill_s'] for b in batches):.2f}s, "
-            f"decode {sum(b['decode_s'] for b in batches):.2f}s; compile {compile_s:.1f}s apart)")
 
 
 def load_prompts(args: argparse.Namespace) -> tuple[list[str], Optional[list[str]]]:
@@ -280,6 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if output is not None:
             output.abandon()
         raise
+    from gptk_jax.decoding.records import summarize
     print(summarize(records), file=sys.stderr)
     return 0
 

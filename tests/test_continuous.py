@@ -125,7 +125,7 @@ def test_refilled_slots_start_fresh(setup, batch):
 def test_bad_arguments_are_refused(setup):
     decoder, prompts, stop_ids, _, _ = setup
     params = decoder.params
-    with pytest.raises(ValueError, match="without a drafter K must be 1"):
+    with pytest.raises(ValueError, match="without a drafter W must be 1"):
         continuous_generate(CFG, params, prompts, MAX_NEW, stop_ids, PAD, batch_size=2,
                             tokens_per_step=4)
     with pytest.raises(ValueError, match="supports at most 3"):

@@ -1,4 +1,4 @@
-"""Self-distillation (gptk_jax.distill, gptk_jax/training/distill.py) on the random tiny trunk:
+"""Self-distillation (gptk_jax.distill, gptk_jax/distillation/) on the random tiny trunk:
 resume equals an uninterrupted run, the record refuses another distillation, few-shot sources
 are left out, training refuses a target file that is not line-aligned, one error style."""
 

@@ -1,5 +1,5 @@
 """Self-distillation in shards (gptk_jax.distill --num-shards/--shard-index/--merge,
-gptk_jax/training/distill_shards.py) on the random tiny trunk: each shard translates only its
+gptk_jax/distillation/shards.py) on the random tiny trunk: each shard translates only its
 own source lines, and the merge is the one-process file line for line; a missing, incomplete
 or foreign shard is refused by name and counts."""
 

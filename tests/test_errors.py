@@ -53,7 +53,7 @@ def test_project_errors_keep_their_builtin_bases():
     from convert.common import ConversionError
     from gptk_jax.llama.config import ConfigError
     from gptk_jax.training import TrainingError
-    from gptk_jax.training.feature_shares import CacheError
+    from gptk_jax.features.shares import CacheError
 
     for cls in (ConversionError, ConfigError, TrainingError):
         assert issubclass(cls, (GptkError, ValueError)) and issubclass(cls, ValueError)

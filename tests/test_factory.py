@@ -248,3 +248,27 @@ def test_evaluate_choose_width(tiny, specs, tmp_path):
     assert drafting and all(s.choose_width and s.verify_cost == str(table) for s in drafting)
     report = json.loads((out / "report.json").read_text())
     assert report["all_identical_to_greedy"]
+
+
+def test_evaluation_keeps_one_drafting_loop_compiled_at_a_time(tiny, greedy):
+    """evaluation/decode.py `Decoding`: running another method's loop releases the executables
+    of the loop that ran before (one evaluation process compiling every method at every W and
+    batch size ran out of code memory); that loop compiles again when it runs again, and every
+    run still gives greedy's tokens."""
+    from gptk_jax.evaluation.decode import Decoding, Method
+
+    model, heads, prompts = tiny
+    _, reference = greedy
+    tok = model.tokenizer
+    decoding = Decoding(model.config, model.params, MAX_NEW, tuple(tok.stop_ids), tok.pad_id,
+                        BUCKET)
+    lookup = Method("lookup", 3, DecoderSpec("lookup", tokens_per_step=3))
+    lookup2 = Method("lookup2", 2, DecoderSpec("lookup", tokens_per_step=2))
+    _same(decoding.batch(lookup, prompts, len(prompts)), reference)
+    first = decoding.decoder(lookup)
+    assert len(first.executables) > 0
+    _same(decoding.batch(lookup2, prompts, len(prompts)), reference)
+    assert len(first.executables) == 0 and len(decoding.decoder(lookup2).executables) > 0
+    again = decoding.batch(lookup, prompts, len(prompts))
+    _same(again, reference)
+    assert again.compile_seconds > 0 and len(decoding.decoder(lookup2).executables) == 0

@@ -1,4 +1,4 @@
-"""The trunk-feature cache built in length buckets (training/features.py, data/pipeline.py
+"""The trunk-feature cache built in length buckets (features/cache.py, data/pipeline.py
 `length_sorted_batches`): the same values as the build in input order and as the trunk run on
 each row alone, with fewer tokens through the trunk (hand-counted)."""
 
@@ -14,7 +14,7 @@ from gptk_jax.data.pipeline import length_sorted_batches
 from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.checkpoint import load_converted
 from gptk_jax.llama.model import Llama
-from gptk_jax.training.features import FeatureCache, build_groups
+from gptk_jax.features.cache import FeatureCache, build_groups
 from gptk_jax.training.inputs import Trunk, ensure_tiny_trunk
 
 # 12 rows, 4 per trunk call. Sorted: 3 5 6 8 | 9 12 35 38 | 40 66 70 90 -> T 64, 64, 128

@@ -1,4 +1,4 @@
-"""The trunk-feature cache runs the prefix every row shares once (training/features.py,
+"""The trunk-feature cache runs the prefix every row shares once (features/cache.py,
 llama/prefix.py): its values equal the trunk run on each whole row alone, and the trunk runs on
 fewer tokens (hand-counted)."""
 
@@ -13,7 +13,7 @@ import pytest
 from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.checkpoint import load_converted
 from gptk_jax.llama.model import Llama
-from gptk_jax.training.features import FeatureCache
+from gptk_jax.features.cache import FeatureCache
 from gptk_jax.training.inputs import Trunk, ensure_tiny_trunk
 
 # 8 rows: a 40-token prefix shared by all, then 4 prompt tokens of their own and targets;

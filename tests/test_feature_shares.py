@@ -1,4 +1,4 @@
-"""The trunk-feature cache in shares (training/features.py, training/feature_shares.py): shares
+"""The trunk-feature cache in shares (features/cache.py, features/shares.py): shares
 built apart are the one-process cache split in row ranges, value for value; a job of two
 jax.distributed processes on localhost builds one share each and trains with the losses of one
 process; a share missing after the others finished is built where it is missing; a local
@@ -47,7 +47,7 @@ def load_trunk(path: Path):
 
 def build(root: Path, trunk, rows, log=lambda msg: None):
     from gptk_jax.heads.config import HeadConfig
-    from gptk_jax.training.features import FeatureCache
+    from gptk_jax.features.cache import FeatureCache
     return FeatureCache.open_or_build(root, trunk, rows, HeadConfig(kind="linear", k=3),
                                       "float32", BUILD_BATCH, argmax_chunk=16, log=log,
                                       progress=False)
@@ -89,7 +89,7 @@ def one_process(tmp_path_factory, trunk):
 
 def test_shares_built_apart_are_the_one_process_cache(tmp_path, trunk, one_process):
     from gptk_jax.heads.config import HeadConfig
-    from gptk_jax.training.features import (FeatureCache, build_share, cached_fields,
+    from gptk_jax.features.cache import (FeatureCache, build_share, cached_fields,
                                             row_spans, write_meta)
     rows, head = make_rows(), HeadConfig(kind="linear", k=3)
     assert one_process.meta["shares"] == 1
@@ -124,7 +124,7 @@ def test_shares_built_apart_are_the_one_process_cache(tmp_path, trunk, one_proce
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     # a share gone from a complete cache is an error naming it
     (folder / "shares" / "1-of-3" / "share.json").unlink()
-    from gptk_jax.training.feature_shares import CacheError
+    from gptk_jax.features.shares import CacheError
     with pytest.raises(CacheError, match=r"1-of-3/share.json is missing.* all 3 shares"):
         FeatureCache(folder)
 
@@ -134,7 +134,7 @@ def _as_process(monkeypatch, index: int, count: int):
     the collectives are the identity (no barrier to wait at) and the wait for other shares is
     zero, so the job's own fallback path runs."""
     import jax
-    from gptk_jax.training import features
+    from gptk_jax.features import cache as features
     monkeypatch.setattr(jax, "process_index", lambda: index)
     monkeypatch.setattr(jax, "process_count", lambda: count)
     monkeypatch.setattr(features, "all_processes", lambda flag: bool(flag))
@@ -154,7 +154,7 @@ def test_a_missing_share_is_built_where_it_is_missing(tmp_path, trunk, one_proce
 
 def test_a_restart_keeps_complete_shares(tmp_path, trunk, one_process, monkeypatch):
     from gptk_jax.heads.config import HeadConfig
-    from gptk_jax.training.features import build_share, cached_fields, row_spans
+    from gptk_jax.features.cache import build_share, cached_fields, row_spans
     rows, head, logged = make_rows(), HeadConfig(kind="linear", k=3), []
     folder = tmp_path / one_process.folder.name
     args = (folder, trunk, rows, row_spans(rows, head), cached_fields(head), "float32",
@@ -173,7 +173,7 @@ def test_a_restart_keeps_complete_shares(tmp_path, trunk, one_process, monkeypat
 
 def test_a_build_over_two_local_devices_stores_the_same_values(tmp_path, trunk_path,
                                                                one_process):
-    from gptk_jax.training.features import FeatureCache
+    from gptk_jax.features.cache import FeatureCache
     proc = subprocess.run([sys.executable, __file__, str(trunk_path), str(tmp_path)], cwd=ROOT,
                           timeout=300, capture_output=True, text=True,
                           env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
@@ -215,14 +215,14 @@ def _losses(workdir: Path) -> dict:
 
 def _cache_folder(root: Path) -> Path:
     """The training rows' cache (the validation rows' cache sits beside it: the fewer rows)."""
-    from gptk_jax.training.features import FeatureCache
+    from gptk_jax.features.cache import FeatureCache
     folders = [p for p in root.iterdir() if not p.name.startswith(".")]
     return max(folders, key=lambda p: FeatureCache(p).meta["num_rows"])
 
 
 def test_two_processes_build_one_share_each_and_train_as_one(tmp_path, trunk_path):
     from gptk_jax.training import train_and_evaluate
-    from gptk_jax.training.features import FeatureCache
+    from gptk_jax.features.cache import FeatureCache
     from _train_helpers import with_fields
     from configs import tiny
     fields = dict(FIELDS, trunk_checkpoint=str(trunk_path))

@@ -33,7 +33,7 @@ def distilled(tmp_path_factory):
 
 
 def test_target_check_warns_with_the_line_counts(distilled):
-    from gptk_jax.training.distill import distillation_status, target_lines_check
+    from gptk_jax.distillation.record import distillation_status, target_lines_check
     prefix, out = distilled
     logged = []
     target_lines_check(out, f"{prefix}.de", WRITTEN, SOURCES, log=logged.append)

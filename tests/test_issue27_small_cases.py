@@ -78,7 +78,7 @@ def _args(root, trunk, output, input_prefix=None):
 
 
 def test_distill_warns_about_empty_translations(data, tmp_path, capsys, monkeypatch):
-    from gptk_jax.training import distill as distill_module
+    from gptk_jax.distillation import generate as distill_module
     real = distill_module._translate
 
     def some_empty(decoder, tok, fmt, chunk, *rest):      # the trunk stops at once for two
@@ -97,7 +97,7 @@ def test_distill_warns_about_empty_translations(data, tmp_path, capsys, monkeypa
 
 
 def test_distill_without_empty_translations_does_not_warn(data, tmp_path, capsys, monkeypatch):
-    from gptk_jax.training import distill as distill_module
+    from gptk_jax.distillation import generate as distill_module
     monkeypatch.setattr(distill_module, "_translate",
                         lambda decoder, tok, fmt, chunk, *rest: (
                             ["x" if s.strip() else "" for s in chunk], len(chunk)))

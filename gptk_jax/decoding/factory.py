@@ -5,7 +5,7 @@
     result = decoder.generate(prompt_ids, max_new_tokens, batch_size=8)
 
 Every caller builds its decoders here: `python -m gptk_jax.generate`, the evaluation
-(gptk_jax/evaluation/decode.py), the demo, self-distillation (gptk_jax/training/distill.py) and
+(gptk_jax/evaluation/decode.py), the demo, self-distillation (gptk_jax/distillation/) and
 the benchmarks (bench/).
 
 Methods (`DecoderSpec.method`):

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from gptk_jax.decoding.engine import DecodingError
+from gptk_jax.decoding.checks import DecodingError
 from gptk_jax.decoding.loop import Drafter
 
 

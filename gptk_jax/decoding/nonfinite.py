@@ -44,7 +44,7 @@ def check_nonfinite(nonfinite: np.ndarray, prompt_of_row: Sequence[int],
                     explain: Optional[Callable[[list[int]], str]] = None) -> None:
     """Raises DecodingError when any row's flag is set; prompt_of_row[b]: the prompt index (-1:
     no prompt). explain(bad prompt indices) -> the cause and what to check (one line)."""
-    from gptk_jax.decoding.engine import DecodingError   # engine.py imports this module
+    from gptk_jax.decoding.checks import DecodingError
     bad = sorted(int(prompt_of_row[b]) for b in np.flatnonzero(nonfinite)
                  if prompt_of_row[b] >= 0)
     if bad:

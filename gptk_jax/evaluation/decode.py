@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
+import jax
+
 from gptk_jax.decoding import factory
 from gptk_jax.decoding.engine import Decoder
 from gptk_jax.decoding.factory import GREEDY as GREEDY_SPEC
@@ -64,6 +66,7 @@ class Decoding:
     def decoder(self, method: Method) -> Decoder:
         if not method.drafts:
             return self.greedy
+        self._release_other_loops(method.spec)
         known = self._by_method.get(id(method))
         if known is not None and known[0] is method:
             return known[1]
@@ -75,6 +78,21 @@ class Decoding:
             self._by_loop[method.spec] = decoder
         self._by_method[id(method)] = (method, decoder)
         return decoder
+
+    def _release_other_loops(self, spec) -> None:
+        """Keeps one drafting loop's executables alive at a time (and greedy's): every XLA:CPU
+        executable maps its code into the process, and one evaluation of many methods, W and
+        batch sizes ran out of room for more (`LLVM ERROR: Unable to allocate section memory`).
+        Methods run one after another, so a released loop recompiles only when it runs again,
+        at a batch size whose shapes it has not compiled anyway. jax's own jit caches (the
+        calibration's prefill) go too."""
+        released = 0
+        for other, decoder in self._by_loop.items():
+            if other != spec and len(decoder.executables):
+                released += len(decoder.executables)
+                decoder.executables.clear()
+        if released:
+            jax.clear_caches()
 
     def batch(self, method: Method, prompts: Sequence[Sequence[int]], batch_size: int):
         """One static batch (padded to `batch_size` rows) -> GenerationResult / MTPResult."""

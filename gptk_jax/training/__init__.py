@@ -4,9 +4,11 @@
     train_and_evaluate(config, workdir)       # config: a ConfigDict from configs/*.py
 
 Files: settings (ConfigDict -> frozen dataclasses), inputs (trunk + data pipelines), step (loss,
-train_step, eval_step), optim (optax), state (TrainState + checkpoints), sharding (mesh / pmap),
-features (trunk-feature cache), trunk_argmax (the trunk's chunked argmax targets), metrics (host
-summaries + writers), trainer (the loop).
+train_step, eval_step), chunked_loss / soft_targets / vocab (the losses and the draft
+vocabulary), draft_metrics (validation on held-out distilled rows), optim (optax), state
+(TrainState + checkpoints), sharding (mesh / pmap), metrics (host summaries + writers),
+run_record (resume refuses a changed run), loop + trainer (the loop). The trunk-feature cache is
+gptk_jax/features/, the distilled targets come from gptk_jax/distillation/.
 """
 
 from gptk_jax.training.metrics import acceptance_estimate, read_metrics

@@ -122,7 +122,7 @@ def _pairs_with_target_file(prefix: str, src_lang: str, target_file: Path,
     trunk's own translations of the first N sources from `python -m gptk_jax.distill` (its
     record FILE.json says N; a partial file without one is refused). `line_range` (first, last):
     only those 1-based lines of both (a range past the target file's lines is refused)."""
-    from gptk_jax.training.distill import DistillError, target_lines_check
+    from gptk_jax.distillation.record import DistillError, target_lines_check
 
     sources = read_text_lines(f"{prefix}.{src_lang}")
     targets = read_text_lines(target_file)
@@ -180,7 +180,7 @@ def warn_distilled_format(data: DataSettings, used: dict, log) -> None:
     """Warns when a target file from `gptk_jax.distill` was made with another prompt format
     than the rows are built with (the heads would learn output of prompts they never see)."""
     from gptk_jax.data.prompts import compare_prompt_records
-    from gptk_jax.training.distill import DistillError, read_record
+    from gptk_jax.distillation.record import DistillError, read_record
 
     for target_file in tuple(data.train_target_files or ()) + \
             ((data.eval_target_file,) if data.eval_target_file else ()):

@@ -98,8 +98,8 @@ def input_fingerprints(trunk_config, trunk_path: Path, rows) -> dict:
 
 def distilled_targets(settings: RunSettings) -> list:
     """The training / validation target files that are distillations, with how complete each
-    is (training/distill.py `distillation_status`: an incomplete one is warned about)."""
-    from gptk_jax.training.distill import DistillError, distillation_status
+    is (distillation/record.py `distillation_status`: an incomplete one is warned about)."""
+    from gptk_jax.distillation.record import DistillError, distillation_status
 
     data = settings.data
     out = []

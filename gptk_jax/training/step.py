@@ -52,7 +52,7 @@ from gptk_jax.training.soft_targets import (chunked_soft_cross_entropy, soft_cro
                                             teacher_hidden)
 from gptk_jax.training.settings import TrainingError
 from gptk_jax.training.state import TrainState
-from gptk_jax.training.trunk_argmax import chunked_argmax
+from gptk_jax.features.trunk_argmax import chunked_argmax
 from gptk_jax.training.vocab import DraftVocab
 
 TOP_K = 5  # eval reports top-1 and top-5 accuracy
@@ -108,7 +108,7 @@ def trunk_outputs(cfg: StepConfig, trunk_params: dict, batch: dict, need_argmax:
                 f"head {cfg.head_config.kind!r} recipe {cfg.head_config.recipe!r} reads the "
                 "trunk's hidden state before the final norm ('hidden'), but the feature cache "
                 "holds only 'hidden_normed': cache 'hidden' for it "
-                "(training/features.py cached_fields should follow HeadConfig.trunk_field) or "
+                "(features/cache.py cached_fields should follow HeadConfig.trunk_field) or "
                 "set features.cache=False")
         hidden = batch.get("hidden", batch.get("hidden_normed"))
         hidden_normed = batch.get("hidden_normed")

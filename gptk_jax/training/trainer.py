@@ -35,8 +35,8 @@ from gptk_jax.data.prompts import prompt_record
 from gptk_jax.heads import make_head
 from gptk_jax.heads.config import HeadConfigError
 from gptk_jax.training import inputs
-from gptk_jax.training.feature_shares import CacheError
-from gptk_jax.training.features import FeatureCache
+from gptk_jax.features.shares import CacheError
+from gptk_jax.features.cache import FeatureCache
 from gptk_jax.training.loop import TrainingLoop
 from gptk_jax.training.optim import make_optimizer
 from gptk_jax.training.run_record import RunRecord, input_fingerprints
@@ -174,7 +174,7 @@ def _open_cache(run: _Run, progress: bool) -> None:
     if not features.cache:
         return
     root = Path(features.cache_dir) if features.cache_dir else run.workdir / "feature_cache"
-    try:       # every process: each builds its share of the rows (training/feature_shares.py)
+    try:       # every process: each builds its share of the rows (features/shares.py)
         run.cache = FeatureCache.open_or_build(
             root, run.trunk, run.train_pipe.rows, run.settings.head, features.dtype,
             features.build_batch_size, run.settings.loss.argmax_chunk, log=run.log,

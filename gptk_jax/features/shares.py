@@ -1,4 +1,4 @@
-"""The trunk-feature cache in shares (training/features.py): with N processes, process i runs
+"""The trunk-feature cache in shares (features/cache.py): with N processes, process i runs
 the frozen trunk over share i of the rows only; every process then reads every share, so the
 cache folder must be on storage all processes see (a process that does not see a share after
 the others finished builds that share itself: correct, but no faster than one process).

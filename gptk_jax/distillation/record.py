@@ -1,6 +1,6 @@
-"""Self-distillation: the trunk's own greedy translations of the training sources, the target
-side heads train on (what verification will accept), made fast with the product's own exact
-decoding (continuous batching + prompt-lookup drafts: the tokens of greedy decoding, sooner).
+"""Self-distillation's output file and its record (the generation is generate.py): the trunk's
+own greedy translations of the training sources, the target side heads train on (what
+verification will accept), made with the product's own exact decoding.
 
     FILE          line i = the trunk's translation of source line i (first output line,
                   stripped); empty for empty sources and for the few-shot pairs' own sources
@@ -22,7 +22,7 @@ FILE: `output_lock` (FILE.lock, gptk_jax/locks.py) refuses a second run, naming 
 Greedy decoding does not depend on the batch a prompt shares, so a resumed run writes the lines
 an uninterrupted one writes.
 
-Shards (training/distill_shards.py): N runs on other hosts or devices, run I writing every N-th
+Shards (distillation/shards.py): N runs on other hosts or devices, run I writing every N-th
 source's line from I into FILE.shardI-of-N (the same format; its record also names the shard),
 merged into the FILE a one-process run writes.
 
@@ -34,12 +34,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from gptk_jax.data.prompts import PromptFormat, encode_prompts, prompt_record
 from gptk_jax.errors import GptkError
 from gptk_jax.files import atomic_write_text, read_json_object
 
@@ -87,7 +84,7 @@ class DistillPlan:
     decoding: dict                   # batch size, drafter, "k" (W), chunk (free to change on
                                      # resume)
     shard: Optional[dict] = None     # {"index": I, "count": N}: every N-th source from I only
-                                     # (training/distill_shards.py); None: every source
+                                     # (distillation/shards.py); None: every source
     all_sources: Optional[int] = None  # a shard's: the S source lines all N shards share
 
     def identity(self) -> dict:
@@ -259,117 +256,7 @@ def _check_output(record: dict, chunks: list, output: Path, path: Path, redo_dam
         record["output_bytes"] = offset
 
 
-def shot_sources(fmt: PromptFormat) -> frozenset:
-    return frozenset(s.src.strip() for s in fmt.shots)
-
-
-def distill_sources(model, fmt: PromptFormat, sources: Sequence[str], output: Path,
-                    plan: DistillPlan, *, batch_size: int, tokens_per_step: int, chunk: int,
-                    bos: Optional[bool], command: Sequence[str], progress: bool = True,
-                    stop_after: Optional[int] = None, redo_damaged: bool = False,
-                    log: Callable[[str], None] = print) -> dict:
-    """Translates sources[lines already in output:] chunk by chunk; returns the record.
-    `stop_after`: stop once that many lines are written this session (tests, time budgets).
-    The caller holds `output_lock(output)`; `check_resume` says what may be resumed."""
-    from tqdm import tqdm
-
-    tok = model.tokenizer
-    record = check_resume(plan, output, sources, redo_damaged=redo_damaged, log=log)
-    done = record["lines_written"]
-    record["decoding"] = plan.decoding
-    todo = list(range(done, len(sources)))
-    if stop_after is not None:
-        todo = todo[:stop_after]
-    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "first_line": done,
-               "lines": 0, "empty_lines": 0, "generated_tokens": 0, "seconds": 0.0,
-               "command": list(command), "decoding": plan.decoding}
-    record["sessions"].append(session)
-    _save(output, record)         # before the output exists: a file without one is not ours
-    if not todo:
-        return record
-    decoder = _decoder(model, tokens_per_step)
-    excluded = shot_sources(fmt)
-    bar = tqdm(total=len(sources), initial=done, desc="distill", unit="line",
-               disable=not progress, smoothing=0.1)
-    with open(output, "a", encoding="utf-8") as out:
-        for first in range(0, len(todo), chunk):
-            lines = todo[first:first + chunk]
-            start = time.perf_counter()
-            texts, tokens = _translate(decoder, tok, fmt, [sources[i] for i in lines],
-                                       excluded, batch_size, plan.max_new_tokens, bos)
-            seconds = time.perf_counter() - start
-            out.write("".join(t + "\n" for t in texts))
-            out.flush()
-            os.fsync(out.fileno())
-            for key, value in (("lines", len(lines)), ("generated_tokens", tokens),
-                               ("seconds", seconds)):
-                session[key] += value
-            empty = sum(1 for i, t in zip(lines, texts)
-                        if not t and sources[i].rstrip("\r").strip()
-                        and sources[i].rstrip("\r").strip() not in excluded)
-            session["empty_lines"] = session.get("empty_lines", 0) + empty
-            record["chunks"].append(chunk_entry(lines[0], [sources[i] for i in lines], texts))
-            record["lines_written"] += len(lines)
-            record["output_bytes"] += record["chunks"][-1]["bytes"]
-            record["generated_tokens"] += tokens
-            record["seconds"] += seconds
-            _save(output, record)
-            bar.update(len(lines))
-            bar.set_postfix(tok_s=f"{session['generated_tokens'] / max(session['seconds'], 1e-9):.0f}")
-    bar.close()
-    if session.get("empty_lines"):
-        log(empty_lines_warning(output, session["empty_lines"], session["lines"]))
-    return record
-
-
-def empty_lines_warning(output: Path, empty: int, lines: int) -> str:
-    """Translations that came out empty for non-empty sources (the trunk stopped at once: the
-    prompt format does not suit it): training skips those pairs."""
-    return (f"warning: {empty} of the {lines} lines written to {output} in this session are "
-            f"empty although their sources are not (the trunk ended the translation at once; "
-            f"training skips those pairs): check the prompt format for this model (--shots, "
-            f"--space-with-target, --bos); the count is in the record's session "
-            f"\"empty_lines\"")
-
-
-def decoder_spec(tokens_per_step: int):
-    """Greedy (W = 1), else prompt-lookup drafts, W tokens per verify step."""
-    from gptk_jax.decoding.factory import GREEDY, DecoderSpec
-    if tokens_per_step <= 1:
-        return GREEDY
-    return DecoderSpec("lookup", tokens_per_step=tokens_per_step)
-
-
-def _decoder(model, tokens_per_step: int):
-    from gptk_jax.data.prompts import translation_stop_ids
-    from gptk_jax.decoding import factory
-
-    return factory.make_decoder(model, decoder_spec(tokens_per_step),
-                                stop_ids=translation_stop_ids(model.tokenizer))
-
-
-def _translate(decoder, tok, fmt: PromptFormat, chunk: Sequence[str], excluded: frozenset,
-               batch_size: int, max_new_tokens: int, bos: Optional[bool]
-               ) -> tuple[list[str], int]:
-    """One chunk of sources -> (one line per source, tokens generated)."""
-    clean = [s.rstrip("\r").strip() for s in chunk]
-    texts = [""] * len(clean)
-    real = [i for i, s in enumerate(clean) if s and s not in excluded]
-    if not real:
-        return texts, 0
-    prompts = encode_prompts(fmt, tok, [clean[i] for i in real], bos=bos)
-    if len(real) <= batch_size:
-        result = decoder.generate(prompts, max_new_tokens, batch_size=batch_size)
-    else:
-        result = decoder.generate_continuous(prompts, max_new_tokens, batch_size=batch_size)
-    generated = 0
-    for i, ids in zip(real, result.tokens):
-        texts[i] = one_line(tok.decode(list(ids)))
-        generated += len(ids)
-    return texts, generated
-
-
-def _save(output: Path, record: dict) -> None:
+def save_record(output: Path, record: dict) -> None:
     atomic_write_text(record_path(output), json.dumps(record, indent=1) + "\n")
 
 
@@ -429,6 +316,6 @@ def target_lines_check(target_file: Path, source_path: str, target_lines: int,
                            f"{source_path} has {source_lines}: not its line-aligned target side")
 
 
-__all__ = ["DistillError", "DistillPlan", "check_resume", "chunk_entry", "distill_sources",
-           "distillation_status", "incomplete_warning", "line_hashes", "lock_path", "output_lock",
-           "model_fingerprint", "one_line", "read_record", "record_path", "target_lines_check"]
+__all__ = ["DistillError", "DistillPlan", "check_resume", "chunk_entry", "distillation_status",
+           "incomplete_warning", "line_hashes", "lock_path", "output_lock", "model_fingerprint",
+           "one_line", "read_record", "record_path", "save_record", "target_lines_check"]

@@ -1,6 +1,6 @@
 """Self-distillation in shards: N independent runs (hosts, or one per device) each translate
 every N-th source line, and a merge interleaves their files into the line-aligned FILE a
-one-process run writes (training/distill.py).
+one-process run writes (distillation/record.py, generate.py).
 
     FILE.shardI-of-N        line j = the translation of source line I + j*N (of the first S)
     FILE.shardI-of-N.json   its record (the one-process format) plus "shard": {"index": I,
@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gptk_jax.files import atomic_write_text, read_json_object
-from gptk_jax.training.distill import (HASH_CHARS, IDENTITY_KEYS, RECORD_FORMAT,
-                                       DistillError, line_hashes, output_lock, read_record,
-                                       record_path)
+from gptk_jax.distillation.record import (HASH_CHARS, IDENTITY_KEYS, RECORD_FORMAT,
+                                          DistillError, line_hashes, output_lock, read_record,
+                                          record_path)
 
 
 def check_shard_arguments(num_shards: int, shard_index: Optional[int]) -> None:

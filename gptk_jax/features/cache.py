@@ -8,7 +8,7 @@ memory-mapped, so every epoch after the build runs only the heads.
                                              (what batches carry as `example_index`)
     CACHE_DIR/<fingerprint>/shares/<i>-of-<N>/<field>.bin   flat [P_i,D] (hidden, hidden_normed)
                                              or [P_i] (trunk_argmax): share i's positions of the
-                                             flat layout (training/feature_shares.py)
+                                             flat layout (features/shares.py)
 
 Shares: a job of N processes (jax.distributed) splits the rows into N contiguous shares; process
 i runs the trunk over share i only (its batches split over its local devices, data parallel),
@@ -61,11 +61,11 @@ from gptk_jax.data.pipeline import length_sorted_batches
 from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.model import Llama
 from gptk_jax.llama.prefix import broadcast_cache, common_prefix_length, prefill_prefix
-from gptk_jax.training.feature_shares import (
+from gptk_jax.features.shares import (
     SHARE_RECORD, SHARE_WAIT_SECONDS, CacheError, ConcatenatedRows, all_processes, building,
     built_by, log_on_every_process, positions_of, read_share_records, remove_other_counts,
     replace_atomically, share_complete, share_folder, share_rows, wait_for_shares)
-from gptk_jax.training.step import chunked_argmax
+from gptk_jax.features.trunk_argmax import chunked_argmax
 
 FORMAT = 2                    # 2: field files in shares/<i>-of-<N>/ (1: in the folder itself)
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}

@@ -1,0 +1,64 @@
+"""What a decoding request must satisfy before anything compiles: the drafter against W (tokens
+per verify step, fixed or chosen by cost), and the one error every decoding refusal raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from gptk_jax.decoding.loop import Drafter
+from gptk_jax.decoding.width import AutoWidth
+from gptk_jax.errors import GptkError
+
+
+class DecodingError(GptkError, ValueError):
+    """A request the trunk cannot decode (bad settings, no or empty prompts, token ids outside
+    its vocabulary, too long for max_seq_len) or a trunk that gave non-finite logits; the
+    message names the prompts (and, for non-finite logits, the cause: decoding/nonfinite.py)."""
+
+
+
+def check_drafter(drafter: Optional[Drafter], tokens_per_step: Optional[int]) -> int:
+    """W for this drafter: 1 without one (greedy); with one 2 .. max_drafts + 1 (default the
+    most it supports)."""
+    if drafter is None:
+        if tokens_per_step not in (None, 1):
+            raise DecodingError(f"without a drafter W must be 1 (greedy), got {tokens_per_step}")
+        return 1
+    w = drafter.max_drafts + 1 if tokens_per_step is None else tokens_per_step
+    if not isinstance(w, int) or isinstance(w, bool) or w < 2:
+        raise DecodingError(f"tokens per step W must be an integer >= 2 (1 trunk token + W-1 "
+                            f"drafts), got {w!r}")
+    if w - 1 > drafter.max_drafts:
+        raise DecodingError(f"W={w} needs {w - 1} drafts per step but the drafter supports at "
+                            f"most {drafter.max_drafts} (W <= {drafter.max_drafts + 1})")
+    return w
+
+
+def check_width(drafter: Optional[Drafter], tokens_per_step: Any) -> Optional[AutoWidth]:
+    """The AutoWidth (max_width resolved) when W is chosen by cost ("auto" or an AutoWidth)
+    and there is a drafter; None otherwise (a fixed W, or greedy)."""
+    if isinstance(tokens_per_step, str) and tokens_per_step == "auto":
+        tokens_per_step = AutoWidth()
+    if not isinstance(tokens_per_step, AutoWidth) or drafter is None:
+        if isinstance(tokens_per_step, str):
+            raise DecodingError(f"tokens per step must be an integer or 'auto', got "
+                                f"{tokens_per_step!r}")
+        return None
+    if drafter.branches > 1:
+        raise DecodingError("auto W chooses among chains of one drafter; a tree drafter "
+                            "(decoding/tree.py) verifies a fixed W per branch: give an integer")
+    p = tokens_per_step
+    w = drafter.max_drafts + 1 if p.max_width is None else p.max_width
+    if not isinstance(w, int) or isinstance(w, bool) or not 2 <= w <= drafter.max_drafts + 1:
+        raise DecodingError(f"auto W: max_width must be an integer in 2..{drafter.max_drafts + 1}"
+                            f" (the drafter drafts at most {drafter.max_drafts}), got {w!r}")
+    if not isinstance(p.probe_every, int) or p.probe_every < 1:
+        raise DecodingError(f"auto W: probe_every must be an integer >= 1, got {p.probe_every!r}")
+    if not isinstance(p.score_bins, int) or isinstance(p.score_bins, bool) or p.score_bins < 1:
+        raise DecodingError(f"auto W: score_bins must be an integer >= 1, got {p.score_bins!r}")
+    if not (0 < p.decay <= 1 and 0 <= p.prior <= 1 and p.prior_weight > 0):
+        raise DecodingError(f"auto W: need 0 < decay <= 1, 0 <= prior <= 1, prior_weight > 0; "
+                            f"got {p.decay}, {p.prior}, {p.prior_weight}")
+    return dataclasses.replace(p, max_width=w, costs=(), width=0)
