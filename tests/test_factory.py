@@ -125,7 +125,7 @@ def test_a_bad_spec_is_refused_naming_its_field(fields, field):
 
 def test_what_make_decoder_refuses(tiny):
     model, heads, _ = tiny
-    with pytest.raises(HeadsError, match="K=4"):    # heads trained for W <= 3
+    with pytest.raises(HeadsError, match="W=4"):    # heads trained for W <= 3
         make_decoder(model, DecoderSpec("mtp", tokens_per_step=4, heads=heads["linear"]))
     with pytest.raises(DecodingError, match="references"):
         make_decoder(model, DecoderSpec("oracle", tokens_per_step=3))

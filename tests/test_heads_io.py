@@ -76,7 +76,7 @@ def test_existing_folder_is_not_overwritten_silently(saved, head_params):
 
 
 def test_k_beyond_the_heads_is_refused(head_params, trunk_params):
-    with pytest.raises(HeadsError, match="K=4 .* offsets \\(2, 3\\)"):
+    with pytest.raises(HeadsError, match="W=4 .* offsets \\(2, 3\\)"):
         head_drafter(HEAD, head_params, CFG, trunk_params, tokens_per_step=4)
     drafter, _ = head_drafter(HEAD, head_params, CFG, trunk_params, tokens_per_step=2)
     assert drafter.max_drafts == 2

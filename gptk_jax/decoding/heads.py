@@ -115,8 +115,8 @@ def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaC
         # one layer for every chain step, no per-offset params: it drafts further than trained
         head_config = head_config.replace(k=w, offsets=tuple(range(2, w + 1)))
     if w > head_config.k:
-        raise HeadsError(f"K={w} tokens per step needs drafts for offsets 2..{w}, but these "
-                         f"heads were trained for offsets {head_config.offsets} (K <= "
+        raise HeadsError(f"W={w} tokens per step needs drafts for offsets 2..{w}, but these "
+                         f"heads were trained for offsets {head_config.offsets} (W <= "
                          f"{head_config.k})")
     drafter = HeadDrafter(head=make_head(head_config, trunk_config), max_drafts=head_config.k - 1)
     vocab = None if draft_vocab is None else draft_vocabulary(trunk_config, trunk_params,

@@ -186,7 +186,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     methods = drafting_methods(cfg, decoding, heads, k, draft_vocab)
     platform = jax.devices()[0].platform
     print(f"{trunk_name}: {len(prompts)} sentences of {test_set.name} {cfg.src_lang}->"
-          f"{cfg.tgt_lang}, K={k}, {'BOS' if bos else 'no BOS'}, {len(stop_ids)} stop ids, "
+          f"{cfg.tgt_lang}, W={k}, {'BOS' if bos else 'no BOS'}, {len(stop_ids)} stop ids, "
           f"{platform}, dtype {config.dtype}", flush=True)
     store = RunStore(cfg.output, run_settings(cfg, model, prompts, stop_ids, draft_vocab, record))
 

@@ -2,7 +2,7 @@
 acceptance.png / translations.jsonl.
 
 `build_report` turns the runs and outputs of gptk_jax.evaluation.runs into one dict: the header
-(checkpoint, heads, what was evaluated: `split` and `test_set`, K, prompt, dtype, platform),
+(checkpoint, heads, what was evaluated: `split` and `test_set`, W, prompt, dtype, platform),
 `quality` (BLEU / chrF per run, sacreBLEU signatures), `runs`, the exactness flags and
 `translations` (kept out of report.json, written one line per sentence).
 """
@@ -76,9 +76,9 @@ def _run_row(name: str, run: dict, q: dict) -> str:
 def markdown(report: dict) -> str:
     test_set = report["test_set"]
     lines = [f"# Greedy vs MTP: {Path(report['checkpoint']).name} on {test_set['name']} "
-             f"({report['num_sentences']} sentences, K={report['k']}, {report['platform']}, "
+             f"({report['num_sentences']} sentences, W={report['k']}, {report['platform']}, "
              f"{report['dtype']})", "", describe_test_set(test_set), "",
-             "| run | K | BLEU | chrF | tokens/s | speedup | over static greedy | τ | "
+             "| run | W | BLEU | chrF | tokens/s | speedup | over static greedy | τ | "
              "accepted histogram | identical (rows differing) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_run_row(name, run, report["quality"][name]) for name, run in report["runs"].items()]

@@ -138,7 +138,7 @@ def _static_greedy(decoding: Decoding, prompts: list, batch: int, progress: bool
 def static_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int,
                 oracle_k: Optional[int], progress: bool,
                 store: Optional[RunStore] = None) -> tuple[dict, dict]:
-    """Greedy, each drafting method, then the oracle (K = oracle_k; None: no oracle)."""
+    """Greedy, each drafting method, then the oracle (W = oracle_k; None: no oracle)."""
     store = store or RunStore(None, {})
     greedy, greedy_output, greedy_reused = _static_greedy(decoding, prompts, batch, progress,
                                                           store)
