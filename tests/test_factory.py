@@ -272,3 +272,24 @@ def test_evaluation_keeps_one_drafting_loop_compiled_at_a_time(tiny, greedy):
     again = decoding.batch(lookup, prompts, len(prompts))
     _same(again, reference)
     assert again.compile_seconds > 0 and len(decoding.decoder(lookup2).executables) == 0
+
+
+def test_heads_draft_over_their_own_draft_vocabulary_by_default(tiny, greedy, tmp_path):
+    """Heads exported with a draft vocabulary (draft_vocab.json) draft over those ids wherever
+    make_decoder builds them (generate, the demo, evaluate), unless the spec names others; the
+    output is greedy's either way."""
+    model, heads, prompts = tiny
+    _, reference = greedy
+    config = HeadConfig(kind="linear", k=3)
+    params = init_head_params(make_head(config, model.config), model.params,
+                              jax.random.PRNGKey(7))
+    own = [1, 5, 9, 33, 64, 100, 120]
+    folder = save_heads(tmp_path / "heads-vocab", config, params, model.config, "trunk",
+                        draft_vocab={"ids": own})
+    default = make_decoder(model, DecoderSpec("mtp", heads=str(folder)))
+    assert np.asarray(default.drafter_vars["draft_vocab"]["ids"]).tolist() == own
+    _same(default.generate(prompts, MAX_NEW, bucket=BUCKET), reference)
+    named = make_decoder(model, DecoderSpec("mtp", heads=str(folder), draft_vocab=(2, 3, 4)))
+    assert np.asarray(named.drafter_vars["draft_vocab"]["ids"]).tolist() == [2, 3, 4]
+    plain = make_decoder(model, DecoderSpec("mtp", heads=str(heads["linear"])))
+    assert "draft_vocab" not in plain.drafter_vars

@@ -12,7 +12,7 @@ Methods (`DecoderSpec.method`):
   'greedy'      no drafter, W = 1;
   'mtp'         trained heads (`heads`, a folder of gptk_jax.heads.io) draft W-1 tokens
                 (decoding/heads.py); W defaults to, and may not exceed, the heads' own k;
-                `draft_vocab`: they draft over those ids only;
+                `draft_vocab`: they draft over those ids only (default: the heads' own);
   'lookup'      prompt lookup (decoding/lookup.py): n-grams of `lookup_min_ngram` ..
                 `lookup_max_ngram` tokens; W defaults to DEFAULT_LOOKUP_TOKENS_PER_STEP;
   'mtp+lookup'  prompt lookup, the heads drafting where it finds nothing (the heads at their
@@ -60,7 +60,8 @@ class DecoderSpec:
     (None: the method's default; 'greedy': None or 1). heads: the heads folder ('mtp',
     'mtp+lookup'). lookup_max_ngram / lookup_min_ngram: the n-gram sizes prompt lookup
     matches ('lookup', 'mtp+lookup'). draft_vocab: token ids the heads draft over (None: the
-    whole vocabulary). choose_width: W is chosen every step by expected tokens per second
+    heads' own draft vocabulary when they were trained with one, else the whole vocabulary).
+    choose_width: W is chosen every step by expected tokens per second
     (decoding/width.py), up to tokens_per_step (or the method's default), from the step costs
     in `verify_cost` (a file of decoding/cost.py's VerifyCost; None: measured once at start),
     reading the drafts' scores in `score_bins` bins (1: scores ignored, pooled acceptance)."""
@@ -163,6 +164,13 @@ def _load_heads(model, spec: DecoderSpec, heads):
     return load_heads(spec.heads, model.config, _trunk_name(model))   # refuses another trunk's
 
 
+def _draft_vocab(spec: DecoderSpec, loaded) -> Optional[tuple]:
+    """The ids the heads draft over: the spec's, else the heads' own (heads trained with a
+    softmax over a draft vocabulary export it, heads.io draft_vocab.json), else None (the
+    whole vocabulary). Drafts only: the output is greedy's whatever this is."""
+    return spec.draft_vocab if spec.draft_vocab is not None else loaded.draft_vocab
+
+
 def make_drafter(model, spec: DecoderSpec, *, heads=None, references=None
                  ) -> tuple[Any, Any, int]:
     """(drafter or None, its variables, W) for `spec` on `model`'s trunk."""
@@ -183,7 +191,8 @@ def make_drafter(model, spec: DecoderSpec, *, heads=None, references=None
         loaded = _load_heads(model, spec, heads)
         w = loaded.head_config.k if spec.tokens_per_step is None else spec.tokens_per_step
         drafter, variables = head_drafter(loaded.head_config, loaded.params, config, params,
-                                          tokens_per_step=w, draft_vocab=spec.draft_vocab)
+                                          tokens_per_step=w,
+                                          draft_vocab=_draft_vocab(spec, loaded))
         return drafter, variables, w
     from gptk_jax.decoding.lookup import LookupDrafter
     if spec.method == "mtp+lookup-tree":
@@ -191,7 +200,8 @@ def make_drafter(model, spec: DecoderSpec, *, heads=None, references=None
         loaded = _load_heads(model, spec, heads)
         w = loaded.head_config.k if spec.tokens_per_step is None else spec.tokens_per_step
         second, second_vars = head_drafter(loaded.head_config, loaded.params, config, params,
-                                           tokens_per_step=w, draft_vocab=spec.draft_vocab)
+                                           tokens_per_step=w,
+                                           draft_vocab=_draft_vocab(spec, loaded))
         first = LookupDrafter(max_drafts=w - 1, max_ngram=spec.lookup_max_ngram,
                               min_ngram=spec.lookup_min_ngram)
         return (TreeDrafter(first=first, second=second, max_drafts=w - 1),
@@ -203,7 +213,7 @@ def make_drafter(model, spec: DecoderSpec, *, heads=None, references=None
         longer = loaded.head_config.kind == "eagle"     # its chain drafts any W (heads.py)
         fallback, fallback_vars = head_drafter(loaded.head_config, loaded.params, config, params,
                                                tokens_per_step=w if longer else None,
-                                               draft_vocab=spec.draft_vocab)
+                                               draft_vocab=_draft_vocab(spec, loaded))
     drafter = LookupDrafter(max_drafts=w - 1, max_ngram=spec.lookup_max_ngram,
                             min_ngram=spec.lookup_min_ngram, fallback=fallback)
     return drafter, LookupDrafter.variables(fallback_vars), w
