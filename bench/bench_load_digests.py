@@ -3,14 +3,15 @@
     python bench/bench_load_digests.py --model /tmp/smollm2 [--reps 7] [--output-json F]
 
 `--model`: a folder converted by this version (`python -m convert`); its conversion.json records
-"sums64" digests. The script makes a sibling folder (MODEL-crc32: symlinks to the same config,
-params and tokenizer, and a conversion.json recording CRC-32 digests of the same tensors, as a
-folder converted before "sums64" does), warms the page cache, then times `load_converted` `--reps`
-times each way, the three ways in rotating order within every rep:
+"xxh3_128" digests. The script makes a sibling folder (MODEL-BEFORE: symlinks to the same config,
+params and tokenizer, and a conversion.json recording `--before` digests of the same tensors, as
+a folder converted by an earlier version does; default "sums64", the previous digest), warms the
+page cache, then times `load_converted` `--reps` times each way, the three ways in rotating
+order within every rep:
 
-    off     load_converted(verify_digests=False)
-    crc32   the sibling folder, verified (the previous digest format: "before")
-    sums64  the folder itself, verified ("after")
+    off       load_converted(verify_digests=False)
+    BEFORE    the sibling folder, verified (the earlier digest: "before")
+    xxh3_128  the folder itself, verified ("after")
 
 and prints the median wall time of each, each verified load's cost relative to `off` (median over
 reps of (verified - off) / off, pairs taken from the same rep), the same for the process's CPU
@@ -35,12 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gptk_jax.llama.checkpoint import (DIGESTS_KEY, PROVENANCE_FILE,  # noqa: E402
                                        load_converted, tensor_digest, tensor_digests)
+from gptk_jax.llama.weight_checks import DIGEST_ALGORITHM  # noqa: E402
 from gptk_jax.llama.model import abstract_params  # noqa: E402,F401  (import cost out of runs)
 
 
-def crc32_sibling(model: Path) -> Path:
-    """MODEL-crc32: the same files, conversion.json recording CRC-32 digests."""
-    sibling = model.with_name(model.name + "-crc32")
+def older_sibling(model: Path, algorithm: str) -> Path:
+    """MODEL-ALGORITHM: the same files, conversion.json recording that algorithm's digests."""
+    sibling = model.with_name(f"{model.name}-{algorithm}")
     sibling.mkdir(exist_ok=True)
     for name in ("config.json", "params", "tokenizer"):
         link = sibling / name
@@ -49,7 +51,7 @@ def crc32_sibling(model: Path) -> Path:
     provenance = json.loads((model / PROVENANCE_FILE).read_text())
     params = load_converted(model, verify_digests=False, load_tokenizer=False,
                             scan_layers=True).params
-    provenance[DIGESTS_KEY] = tensor_digests(params, "crc32")
+    provenance[DIGESTS_KEY] = tensor_digests(params, algorithm)
     (sibling / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1))
     return sibling
 
@@ -58,15 +60,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--before", default="sums64", choices=("sums64", "crc32", "sha256"))
     p.add_argument("--output-json", type=Path)
     args = p.parse_args(argv)
     model = args.model.absolute()
     recorded = json.loads((model / PROVENANCE_FILE).read_text()).get(DIGESTS_KEY, {})
-    if recorded.get("algorithm") != "sums64":
+    if recorded.get("algorithm") != DIGEST_ALGORITHM:
         p.error(f"{model}: conversion.json records {recorded.get('algorithm')!r} digests; "
-                "convert the model again with this version (sums64)")
-    ways = {"off": (model, False), "crc32": (crc32_sibling(model), True),
-            "sums64": (model, True)}
+                f"convert the model again with this version ({DIGEST_ALGORITHM})")
+    ways = {"off": (model, False), args.before: (older_sibling(model, args.before), True),
+            DIGEST_ALGORITHM: (model, True)}
     for folder, verify in ways.values():         # warm: page cache, imports, the checks pass
         load_converted(folder, verify_digests=verify)
     seconds = {name: [] for name in ways}
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
         load_converted(model, verify_digests=False, load_tokenizer=False,
                        scan_layers=True).params)]
     alone = {}
-    for algorithm in ("crc32", "sums64", "sha256"):
+    for algorithm in ("crc32", "sums64", "xxh3_128", "sha256"):
         best = float("inf")
         for _ in range(3):
             start = time.perf_counter()
@@ -97,12 +100,12 @@ def main(argv=None) -> int:
               "load_seconds": seconds,
               "median_seconds": {k: statistics.median(v) for k, v in seconds.items()},
               "median_cost": {k: statistics.median((a - b) / b for a, b in zip(seconds[k], off))
-                              for k in ("crc32", "sums64")},
+                              for k in names[1:]},
               "cpu_seconds": cpu,
               "median_cpu_seconds": {k: statistics.median(v) for k, v in cpu.items()},
               "median_cpu_cost": {k: statistics.median((a - b) / b for a, b in
                                                        zip(cpu[k], cpu["off"]))
-                                  for k in ("crc32", "sums64")},
+                                  for k in names[1:]},
               "digest_alone_seconds": alone,
               "loadavg": os.getloadavg()}
     med = result["median_seconds"]

@@ -1,8 +1,8 @@
 """Converted weights are verified on load (issue 27, finding 4): conversion.json records a digest
 per written tensor, `load_converted` recomputes them and names the tensor (and its folder under
 params/) that differs; a folder from before digests loads with a warning; a flag skips it. The
-digest is "sums64" (column and row sums of 64-bit words, llama/weight_checks.py); folders that
-record the previous "crc32" digests are verified as before."""
+digest is "xxh3_128" (xxHash's XXH3, llama/weight_checks.py); folders that record the earlier
+"sums64" or "crc32" digests are verified as before."""
 
 import json
 import shutil
@@ -41,7 +41,7 @@ def _chunk_files(model, name=TENSOR):
 
 def test_conversion_records_a_digest_per_tensor(model):
     record = json.loads((model / PROVENANCE_FILE).read_text())[DIGESTS_KEY]
-    assert record["algorithm"] == "sums64"
+    assert record["algorithm"] == "xxh3_128"
     loaded = load_converted(model, load_tokenizer=False, scan_layers=True)
     names = {".".join(k.key for k in path) for path, _ in
              jax.tree_util.tree_leaves_with_path(loaded.params)}
@@ -65,7 +65,7 @@ def test_a_modified_tensor_is_named(model, tmp_path):
         load_converted(model)
     message = str(e.value)
     assert f"tensor {TENSOR} differs" in message and str(model / "params" / TENSOR) in message
-    assert "sums64" in message and "\n" not in message
+    assert "xxh3_128" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("damage", ["bit", "zeros", "truncated"])
@@ -131,17 +131,18 @@ def test_bfloat16_tensors_have_digests(tmp_path):
     load_converted(out, load_tokenizer=False)
 
 
-def _record_crc32(model):
-    """Rewrites conversion.json as a conversion before "sums64" wrote it: CRC-32 digests."""
+def _record_older(model, algorithm):
+    """Rewrites conversion.json as an earlier version wrote it: "sums64" or CRC-32 digests."""
     params = load_converted(model, load_tokenizer=False, scan_layers=True,
                             verify_digests=False).params
     provenance = json.loads((model / PROVENANCE_FILE).read_text())
-    provenance[DIGESTS_KEY] = tensor_digests(params, "crc32")
+    provenance[DIGESTS_KEY] = tensor_digests(params, algorithm)
     (model / PROVENANCE_FILE).write_text(json.dumps(provenance))
 
 
-def test_a_folder_with_crc32_digests_is_still_verified(model):
-    _record_crc32(model)
+@pytest.mark.parametrize("algorithm", ["sums64", "crc32"])
+def test_a_folder_with_earlier_digests_is_still_verified(model, algorithm):
+    _record_older(model, algorithm)
     load_converted(model)
     path = _chunk_files(model)[0]
     data = bytearray(path.read_bytes())
@@ -176,7 +177,7 @@ def test_sums64_detects_what_it_promises(size):
     words = data[:size // 8 * 8].view("<u8")
     words[::3] &= ~np.uint64(1 << 63)                     # words 0, 3, ...: bit 63 clear
     words[1::3] |= np.uint64(1 << 63)                     # words 1, 4, ...: bit 63 set
-    clean = tensor_digest(data)
+    clean = tensor_digest(data, "sums64")
     damaged = [_flip(data, 0, 0), _flip(data, 7, 7), _flip(data, size - 1, 5),
                _flip(data, size // 2, 3)]
     row = 8 * SUM_COLUMNS
@@ -192,14 +193,29 @@ def test_sums64_detects_what_it_promises(size):
     swapped = data.copy()
     swapped[:row], swapped[row:2 * row] = data[row:2 * row], data[:row]
     damaged.append(swapped)
-    digests = [tensor_digest(d) for d in damaged]
+    digests = [tensor_digest(d, "sums64") for d in damaged]
     assert clean not in digests and len(set(digests)) == len(digests)
-    assert tensor_digest(data.copy()) == clean                     # a function of the bytes
-    assert tensor_digest(data[:-1]) != clean                       # the length counts
+    assert tensor_digest(data.copy(), "sums64") == clean           # a function of the bytes
+    assert tensor_digest(data[:-1], "sums64") != clean             # the length counts
 
 
-def test_sums64_of_arrays_of_other_dtypes():
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sums64"])
+def test_digests_of_arrays_of_other_dtypes(algorithm):
     values = np.arange(SUM_COLUMNS * 3, dtype=np.float32).reshape(3, -1)
-    assert tensor_digest(values) == tensor_digest(values.view(np.uint8).reshape(-1))
-    assert tensor_digest(values.T) == tensor_digest(np.ascontiguousarray(values.T))
-    assert len(tensor_digest(values)) == 64
+    digest = tensor_digest(values, algorithm)
+    assert digest == tensor_digest(values.view(np.uint8).reshape(-1), algorithm)
+    assert tensor_digest(values.T, algorithm) == tensor_digest(np.ascontiguousarray(values.T),
+                                                               algorithm)
+    assert len(digest) == {"xxh3_128": 32, "sums64": 64}[algorithm]
+
+
+def test_xxh3_128_is_xxhash_s_own():
+    """The default digest is the xxhash package's XXH3-128 of the bytes (checked against its
+    streaming interface, fed in two parts), not a digest of our own."""
+    import xxhash
+    data = np.random.default_rng(1).integers(0, 256, 100_003, dtype=np.uint8)
+    stream = xxhash.xxh3_128()
+    stream.update(data[:50_000].tobytes())
+    stream.update(data[50_000:].tobytes())
+    assert tensor_digest(data) == stream.hexdigest()
+    assert tensor_digest(_flip(data, 12_345, 6)) != stream.hexdigest()

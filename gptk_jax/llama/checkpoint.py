@@ -23,18 +23,16 @@ tokenizer_config.json and records both in conversion.json (`"pad_id": {"tokenize
 a folder converted before this is given the same choice on load, with a warning.
 
 Weights are verified on load: `save_converted` records in conversion.json a digest of every
-tensor's bytes as written (`"tensor_digests": {"algorithm": "sums64", "tensors": {"layers.
-attention.wq.kernel": "<sha256 hex>", ...}}`, named as the tensor's folder under params/), and
+tensor's bytes as written (`"tensor_digests": {"algorithm": "xxh3_128", "tensors": {"layers.
+attention.wq.kernel": "<hex>", ...}}`, named as the tensor's folder under params/), and
 `load_converted` recomputes each one as the tensor is read and raises a CheckpointError naming
 the tensor, its folder and both digests when one differs (a flipped bit, a zeroed block, a
-truncated or replaced chunk file). "sums64" (llama/weight_checks.py): the column and row sums
-of the tensor's 64-bit words in a 4096-column grid, hashed; certain to detect any change within
-three words (every 1-3 flipped bits) or within 4096 consecutive words (a burst up to ~32 KiB),
-and it runs at numpy's summing speed: ~0.05 s over SmolLM2-135M's 538 MB where CRC-32 (zlib),
-the previous digest, took ~0.13 s and sha256 ~0.30 s: ~1-3 % of a load's CPU time instead of
-~8-10 % (docs/benchmarks.md). It is a check against damage, not against an adversary (the
-folder's own conversion.json could be rewritten as easily as a tensor). Folders whose
-conversion.json records "crc32" (converted before "sums64") or "sha256" digests are verified
+truncated or replaced chunk file). "xxh3_128" (llama/weight_checks.py) is xxHash's 128-bit XXH3
+from the `xxhash` package: ~0.016 s over SmolLM2-135M's 538 MB, where "sums64" (column and row
+sums of 64-bit words, the digest before it) took ~0.045 s, CRC-32 ~0.13 s and sha256 ~0.30 s
+(docs/benchmarks.md). It is a check against damage, not against an adversary (the folder's own
+conversion.json could be rewritten as easily as a tensor). Folders whose conversion.json
+records "sums64", "crc32" or "sha256" digests (converted by earlier versions) are verified
 with those; an unknown algorithm is refused with a message to convert again. It runs in a
 thread beside the reading of the next tensor. `load_converted(verify_digests=False)` or the
 environment variable GPTK_SKIP_WEIGHT_DIGESTS=1 skips it; a folder converted before digests
