@@ -287,7 +287,10 @@ def print_validation(metrics_path: Path) -> None:
               + (f", all drafts up to it right {100 * chain:5.1f}%" if chain is not None
                  else ""))
     if "tau_est" in last:
-        print(f"  estimated tokens per verify step at W = {max(offsets)}: {last['tau_est']:.3f}")
+        print(f"  estimated tokens per verify step at W = {max(offsets)}: {last['tau_est']:.3f} "
+              f"over every position"
+              + (f", {last['tau_walked']:.3f} where decoding verifies (each step's span "
+                 f"skipped)" if "tau_walked" in last else ""))
 
 
 def mtp_part(args, model, model_dir: Path) -> int:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from gptk_jax.data.prompts import shift_targets
-from gptk_jax.training.draft_metrics import (draft_positions, draft_sums,
-                                             summarize_drafts)
+from gptk_jax.training.draft_metrics import (chain_lengths, draft_positions, draft_sums,
+                                             summarize_drafts, walk)
 from gptk_jax.training.metrics import summarize_eval
 
 OFFSETS = (2, 3, 4)     # K = 4: three drafts
@@ -60,6 +60,42 @@ def test_hand_count():
     assert summary["chain_o3"] == pytest.approx(1 / 3)
     assert summary["chain_o4"] == 0.0
     assert summary["tau_est"] == pytest.approx(1 + 2 / 3 + 1 / 3 + 0)   # = 2.0
+
+
+def test_walked_tau_by_hand():
+    """Row 0 of the tiny case keeps 2, 0, 1 drafts at t = 1, 2, 3: decoding verifies at t = 1
+    (3 tokens) and its span covers t = 2, 3; row 1 has no draft position: 1 step, 3 tokens."""
+    predictions, targets, target_mask = tiny_case()
+    sums = draft_sums(predictions, targets, draft_positions(target_mask, OFFSETS), OFFSETS)
+    np.testing.assert_array_equal(sums["walk_steps"], [1, 1, 1])
+    np.testing.assert_array_equal(sums["walk_tokens"], [3, 3, 3])
+    assert summarize_drafts(sums, OFFSETS)["tau_walked"] == 3.0
+
+
+# one sequence of 9 entries: kept drafts where a step would keep them; the last 2 are not draft
+# positions (a row's end). Steps at n = 0 (keeps 1: passes n=1), 2 (0), 3 (0), 4 (3: passes
+# 5, 6, 7): 4 steps, 2 + 1 + 1 + 4 = 8 tokens, and nothing still covered at the end.
+KEPT = np.array([[1, 2, 0, 0, 3, 1, 0, 2, 2]])
+POSITIONS = np.array([[True] * 7 + [False] * 2])
+
+
+def test_walk_by_hand_whole_and_split():
+    steps, tokens, skip = walk(KEPT, POSITIONS)
+    assert (steps.tolist(), tokens.tolist(), skip.tolist()) == ([4], [8], [0])
+    first = walk(KEPT[:, :5], POSITIONS[:, :5])               # split after n = 4: 3 still
+    assert (first[0].tolist(), first[1].tolist(), first[2].tolist()) == ([4], [8], [3])
+    rest = walk(KEPT[:, 5:], POSITIONS[:, 5:], first[2])      # covered, so no step in the rest
+    assert (rest[0].tolist(), rest[1].tolist()) == ([0], [0])
+    jitted = jax.jit(walk)(jnp.asarray(KEPT), jnp.asarray(POSITIONS),
+                           jnp.zeros((1,), jnp.int32))
+    assert [int(x[0]) for x in jitted] == [4, 8, 0]
+
+
+def test_chain_lengths_count_hits_in_a_row_from_offset_two():
+    hit = np.array([[True, True, False], [False, True, True], [True, False, True],
+                    [True, True, True]])
+    assert chain_lengths(hit, OFFSETS).tolist() == [2, 0, 1, 3]
+    assert chain_lengths(hit, (4, 2, 3)).tolist() == [1, 2, 0, 3]   # columns o4, o2, o3
 
 
 def test_jit_and_batches_add_up():

@@ -42,6 +42,7 @@ SENTENCES = 50
 MAX_NEW = 12
 B1_SENTENCES = 16   # at batch 1 every drafter (and greedy) runs on the first 16 sentences
 STEPS = 20
+BUCKET = 128   # every prompt (20-124 tokens) in one bucket: one compilation per drafter
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +123,9 @@ def decoder(setting):
 @pytest.fixture(scope="module")
 def greedy(setting, decoder):
     prompts = setting[2]
-    return {1: [decoder.generate(chunk, MAX_NEW, batch_size=1)
+    return {1: [decoder.generate(chunk, MAX_NEW, batch_size=1, bucket=BUCKET)
                 for chunk in _batches(prompts[:B1_SENTENCES], 1)],
-            8: [decoder.generate(chunk, MAX_NEW, batch_size=8)
+            8: [decoder.generate(chunk, MAX_NEW, batch_size=8, bucket=BUCKET)
                 for chunk in _batches(prompts, 8)]}
 
 
@@ -177,7 +178,7 @@ def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, decode
         for chunk, reference, (drafter, variables) in chunks:
             # the same drafter with this chunk's variables: the executables are reused
             mtp = mtp.replace(drafter=drafter, drafter_vars=variables, tokens_per_step=K)
-            got = mtp.generate(chunk, MAX_NEW, batch_size=batch)
+            got = mtp.generate(chunk, MAX_NEW, batch_size=batch, bucket=BUCKET)
             assert got.tokens == reference.tokens, (name, batch)
             assert got.stop_reasons == reference.stop_reasons, (name, batch)
             rows = got.stats
@@ -206,7 +207,7 @@ def test_continuous_batching_equals_greedy_on_the_real_trunk(setting, decoder, g
     lookup = decoder.replace(drafter=LookupDrafter(K - 1, fallback=heads),
                              drafter_vars=LookupDrafter.variables(head_vars),
                              tokens_per_step=K)
-    got = lookup.generate_continuous(prompts, MAX_NEW, batch_size=8)
+    got = lookup.generate_continuous(prompts, MAX_NEW, batch_size=8, bucket=BUCKET)
     assert got.tokens == [t for r in greedy[8] for t in r.tokens]
     assert got.stop_reasons == [s for r in greedy[8] for s in r.stop_reasons]
     assert got.prefill_calls > 1     # slots were refilled

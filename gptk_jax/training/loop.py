@@ -90,7 +90,8 @@ def _eval_line(step: int, summary: dict, offsets, split: str = "eval") -> str:
     chain = "/".join(f"{100 * summary.get(f'chain_o{o}', float('nan')):.1f}" for o in drafts)
     return (f"{split} @ {step}: " + " ".join(parts) + f" (gold/trunk) | acceptance estimate "
             f"{summary['acceptance_trunk']:.3f} (trunk) {summary['acceptance_gold']:.3f} (gold)"
-            f" | chain {chain}% tau_est {summary.get('tau_est', float('nan')):.3f}" +
+            f" | chain {chain}% tau_est {summary.get('tau_est', float('nan')):.3f}"
+            f" tau_walked {summary.get('tau_walked', float('nan')):.3f}" +
             (f" | outside draft vocab {100 * summary['oov_fraction_trunk']:.1f}% (trunk)"
              if "oov_fraction_trunk" in summary else ""))
 

@@ -389,10 +389,10 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
 
     vocab = cfg.vocab
 
-    def sums(head_logits, targets, mask, at_draft):
+    def sums(head_logits, targets, mask, at_draft, skip=None):
         """logits [...,J,V] (a draft vocabulary: [...,J,U]), targets / mask [...,J], at_draft
-        [...] -> {metric: [J] sums over the masked}; draft_* (draft_metrics.draft_sums) against
-        the trunk's argmax. With a draft vocabulary a target outside it is a miss for top-k and
+        [...] -> ({metric: [J] sums over the masked}, the walk's carry); draft_* and walk_*
+        (draft_metrics.draft_sums, walking the last position axis) against the trunk's argmax. With a draft vocabulary a target outside it is a miss for top-k and
         the drafts, and is left out of the loss (oov_*: their count)."""
         # top-1 by argmax, top-5 by the target's rank (logits above it): one pass over V each;
         # jax.lax.top_k here made evaluation ~8x slower than a training step on CPU
@@ -412,8 +412,10 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
             out[f"top{TOP_K}_{name}"] = total((rank < TOP_K) & in_vocab)
             if vocab is not None:
                 out[f"oov_{name}"] = total(~in_vocab)
-        out.update(draft_sums(top1, targets["trunk"], at_draft, cfg.offsets))
-        return out
+        drafts, skip = draft_sums(top1, targets["trunk"], at_draft, cfg.offsets, skip,
+                                  return_skip=True)
+        out.update(drafts)
+        return out, skip
 
     if cfg.position_chunk > 0 and head.per_position:
         # packed as in train_step; no gradient here, so a plain map over chunks skips the empty
@@ -428,20 +430,22 @@ def eval_step(cfg: StepConfig, head_params: Any, trunk_params: dict, batch: dict
                 (("oov",) if vocab is not None else ())}
         zero.update({key: jnp.zeros(mask.shape[-1:], jnp.float32) for key in DRAFT_KEYS})
 
-        def one(xs):
-            idx, tgt, msk, drf = xs
+        def one(skip, xs):     # skip [Y]: the walk's carry from the chunk before (a row's
+            idx, tgt, msk, drf = xs   # entries continue there, draft_metrics.walk)
 
-            def run(_):
+            def run(skip):
                 logits = head_logits(cfg, head, head_params, trunk_params, feats_g, idx,
                                      True)                                  # [Y,C,J,V or U]
-                return sums(logits, tgt, msk, drf)
-            return jax.lax.cond(msk.any(), run, lambda _: zero, None)
-        per_chunk = jax.lax.map(one, (flat, chunk_targets, chunk_mask, chunk_draft))
+                return sums(logits, tgt, msk, drf, skip)
+            out, skip = jax.lax.cond(msk.any(), run, lambda skip: (zero, skip), skip)
+            return skip, out
+        _, per_chunk = jax.lax.scan(one, jnp.zeros((groups,), jnp.int32),
+                                    (flat, chunk_targets, chunk_mask, chunk_draft))
         out = jax.tree.map(lambda x: x.sum(axis=0), per_chunk)
     else:
         logits = head_logits(cfg, head, head_params, trunk_params, feats, index,
                              True)                                          # [B,X,J,V or U]
-        out = sums(logits, targets, mask, at_draft)
+        out, _ = sums(logits, targets, mask, at_draft)
     out["count"] = mask.sum(axis=(0, 1)).astype(jnp.float32)
     return _psum(out, axis_name)
 
