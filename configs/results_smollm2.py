@@ -45,6 +45,8 @@ TUNED = {
     # no sweep (one run, session 11): lr 2e-3, 3,000 steps (3.7 epochs), 1.4 steps/s alone here
     # (0.6-0.8 beside the test suite: 69 min). Validation tau_est 1.639 at step 1500 (chain
     # 37.1/17.2/9.6%), 1.855 at 3000 (44.4/24.8/16.4%; linear's 5,000 steps: 1.577).
+    # Session 12: resumed to 4,500 steps (runs/eagle/r2.sh, cosine re-spread): tau_est 1.909,
+    # tau_walked 1.703 (decoding the same rows at W = 4: tau 1.63).
     "eagle": {"optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 100,
               "training.num_train_steps": 3000, "training.eval_every_steps": 1500,
               "training.checkpoint_every_steps": 250},
