@@ -18,7 +18,6 @@ class DecodingError(GptkError, ValueError):
     message names the prompts (and, for non-finite logits, the cause: decoding/nonfinite.py)."""
 
 
-
 def check_drafter(drafter: Optional[Drafter], tokens_per_step: Optional[int]) -> int:
     """W for this drafter: 1 without one (greedy); with one 2 .. max_drafts + 1 (default the
     most it supports)."""

@@ -113,15 +113,13 @@ def draft_sums(predictions, targets, positions, offsets: Sequence[int], skip=Non
     pos = xp.reshape(xp.asarray(positions), (-1,))
     hit = xp.reshape(xp.asarray(predictions) == xp.asarray(targets), (-1, j)) & pos[:, None]
     count = xp.sum(pos).astype(xp.float32)
-    top1 = [xp.zeros((), xp.float32)] * j
-    chain = [xp.zeros((), xp.float32)] * j
-    running = pos
-    for column in draft_columns(offsets):
-        running = running & hit[:, column]
-        top1[column] = xp.sum(hit[:, column]).astype(xp.float32)
-        chain[column] = xp.sum(running).astype(xp.float32)
     n = xp.asarray(positions).shape[-1] if xp.asarray(positions).ndim else 1
     kept = chain_lengths(xp.reshape(hit, (-1, n, j)), offsets)               # [R,N]
+    top1 = [xp.zeros((), xp.float32)] * j
+    chain = [xp.zeros((), xp.float32)] * j
+    for rank, column in enumerate(draft_columns(offsets)):   # chain: this draft and every
+        top1[column] = xp.sum(hit[:, column]).astype(xp.float32)   # earlier one kept
+        chain[column] = xp.sum(kept > rank).astype(xp.float32)
     steps, tokens, skip = walk(kept, xp.reshape(pos, (-1, n)), skip)
     out = {"draft_count": xp.full((j,), count, xp.float32),
            "draft_top1": xp.stack(top1), "draft_chain": xp.stack(chain),
