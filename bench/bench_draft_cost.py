@@ -5,7 +5,7 @@ step is the trunk's verify and the bookkeeping alone). Greedy (W = 1, no drafter
 
     python bench/bench_draft_cost.py --heads runs/results2/eagle/heads \\
         [--checkpoint .cache/models/smollm2-135m] [--batch-sizes 1,8] [--context 96] \\
-        [--output-json bench/results/draft_cost.json]
+        [--matmul xla,few_rows] [--output-json bench/results/draft_cost.json]
 
 Each figure is the best of `--reps` rounds over every W of 8 steps each (a burst of noise hits
 every W alike); the drafter uses the heads' own draft vocabulary as evaluation does. Compare
@@ -39,12 +39,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--context", type=int, default=96, help="prompt tokens before the steps")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--matmul", default="xla,few_rows",
+                   help="the trunk's products, each measured in turn: xla, few_rows "
+                        "(gptk_jax/kernels/few_rows.py)")
     p.add_argument("--output-json", default=None)
     return p.parse_args(argv)
 
 
-def step_ms(decoder, batch: int, widths, context: int, reps: int) -> dict[int, float]:
-    seconds = measure_step_seconds(decoder.config, decoder.drafter, decoder.params,
+def step_ms(decoder, batch: int, widths, context: int, reps: int, matmul: str
+            ) -> dict[int, float]:
+    seconds = measure_step_seconds(decoder.config.replace(matmul=matmul), decoder.drafter,
+                                   decoder.params,
                                    decoder.drafter_vars, batch, widths, context=context,
                                    reps=reps)
     return {w: 1e3 * s for w, s in seconds.items()}
@@ -68,24 +73,32 @@ def main(argv=None) -> int:
                                  .tolist() for _ in range(b)], [args.context] * b, b, w_max - 1)
         oracle = make_decoder(model, DecoderSpec("oracle", tokens_per_step=w_max), base=greedy,
                               references=refs)
-        base = step_ms(greedy, b, [1], args.context, args.reps)[1]
-        verify = step_ms(oracle, b, widths, args.context, args.reps)
-        drafting = step_ms(heads, b, widths, args.context, args.reps)
-        for w in widths:
-            rows.append({"batch": b, "W": w, "greedy_ms": base, "oracle_ms": verify[w],
-                         "heads_ms": drafting[w], "drafting_ms": drafting[w] - verify[w],
-                         "heads_over_greedy": drafting[w] / base,
-                         "oracle_over_greedy": verify[w] / base})
+        first = None
+        for matmul in args.matmul.split(","):
+            base = step_ms(greedy, b, [1], args.context, args.reps, matmul)[1]
+            first = first or base
+            verify = step_ms(oracle, b, widths, args.context, args.reps, matmul)
+            drafting = step_ms(heads, b, widths, args.context, args.reps, matmul)
+            for w in widths:
+                rows.append({"batch": b, "matmul": matmul, "W": w, "greedy_ms": base,
+                             "oracle_ms": verify[w], "heads_ms": drafting[w],
+                             "drafting_ms": drafting[w] - verify[w],
+                             "heads_over_greedy": drafting[w] / base,
+                             "oracle_over_greedy": verify[w] / base,
+                             "heads_over_first_greedy": drafting[w] / first})
     vocab = len(loaded.draft_vocab) if loaded.draft_vocab else model.config.vocab_size
     print(f"{args.heads}: {loaded.head_config.kind} heads drafting over {vocab} ids, "
           f"{device_name()}, context {args.context}")
-    print("| batch | W | greedy ms | oracle step ms (x greedy) | heads step ms (x greedy) | "
-          "drafting ms |")
-    print("|---|---|---|---|---|---|")
+    first = args.matmul.split(",")[0]
+    print(f"x greedy: this matmul's greedy step; x {first} greedy: the first --matmul's")
+    print(f"| batch | matmul | W | greedy ms | oracle step ms (x greedy) | heads step ms "
+          f"(x greedy) | drafting ms | heads x {first} greedy |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['W']} | {r['greedy_ms']:.1f} | {r['oracle_ms']:.1f} "
-              f"({r['oracle_over_greedy']:.2f}x) | {r['heads_ms']:.1f} "
-              f"({r['heads_over_greedy']:.2f}x) | {r['drafting_ms']:.1f} |")
+        print(f"| {r['batch']} | {r['matmul']} | {r['W']} | {r['greedy_ms']:.1f} | "
+              f"{r['oracle_ms']:.1f} ({r['oracle_over_greedy']:.2f}x) | {r['heads_ms']:.1f} "
+              f"({r['heads_over_greedy']:.2f}x) | {r['drafting_ms']:.1f} | "
+              f"{r['heads_over_first_greedy']:.2f}x |")
     if args.output_json:
         out = Path(args.output_json)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,17 @@ from gptk_jax.llama.model import params_for_model
 from gptk_jax.llama.prefix import common_prefix_length
 
 
+def resolve_matmul(matmul: str) -> str:
+    """"auto" -> "few_rows" where the kernels are available (CPU, built), else "xla"."""
+    if matmul == "auto":
+        from gptk_jax.kernels import few_rows
+        return "few_rows" if few_rows.available() else "xla"
+    if matmul not in ("xla", "few_rows"):
+        raise DecodingError(f"Decoder matmul must be 'auto', 'xla' or 'few_rows', got "
+                            f"{matmul!r}")
+    return matmul
+
+
 SHARED_PREFIX_MIN = 16   # fewer shared tokens: every row prefills its whole prompt
 MAX_PREFIXES = 4         # shared prefixes (batch-1 KV caches) kept per decoder
 
@@ -93,14 +104,18 @@ class Decoder:
     `tokens_per_step` is then W_max (the buffers' width) and `width_policy` the AutoWidth.
     max_compiled: executables kept on this decoder. shared_prefix: prefill a prefix that every
     prompt shares once and reuse it (module doc); False: every row prefills its whole prompt.
+    matmul: how the trunk's products run ("auto": the few-row kernels of
+    gptk_jax/kernels/few_rows.py where they build, on CPU; "xla"; "few_rows"): a decode or
+    verify step multiplies only B x W rows, which XLA:CPU runs slowly from 2 rows on. Every
+    setting decodes exactly (each is checked token-identical to greedy in the tests).
     """
 
     def __init__(self, model_config: LlamaConfig, params: dict, *, stop_ids: Iterable[int],
                  pad_id: int, drafter: Optional[Drafter] = None, drafter_vars: Any = (),
                  tokens_per_step: Union[int, str, AutoWidth, None] = None,
                  verify_cost: Any = None, max_compiled: int = MAX_COMPILED,
-                 shared_prefix: bool = True):
-        self.config = model_config
+                 shared_prefix: bool = True, matmul: str = "auto"):
+        self.config = model_config.replace(matmul=resolve_matmul(matmul))
         self.params = jax.device_put(params_for_model(params, model_config))
         self.executables = Executables(max_compiled)
         self.measured_cost = VerifyCost({}, source="Decoder.calibrate")

@@ -136,6 +136,8 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
                  record: dict) -> dict:
     """Everything that decides a run's tokens and timing (store.RunStore's "same settings")."""
     import jax
+
+    from gptk_jax.decoding.engine import resolve_matmul
     device = jax.devices()[0]
     heads = None
     if cfg.heads:
@@ -146,6 +148,7 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
             "max_new_tokens": cfg.max_new_tokens, "bucket": cfg.bucket,
             "dtype": model.config.dtype, "platform": device.platform,
             "device_kind": getattr(device, "device_kind", None),
+            "matmul": resolve_matmul("auto"),      # few-row kernels or XLA's (GPTK_FEW_ROWS)
             "lookup_max_ngram": cfg.lookup_max_ngram, "choose_width": cfg.choose_width,
             "score_bins": cfg.score_bins,
             "verify_cost": sha256_json(Path(cfg.verify_cost).read_text())

@@ -6,6 +6,8 @@ H head dim.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,7 @@ class Attention(nn.Module):
     head_dim: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dot_general: Callable = jax.lax.dot_general   # of the projections (kernels/few_rows.py)
 
     @nn.compact
     def __call__(self, x, positions, inv_freq, mask, cache_k, cache_v, write_start):
@@ -39,7 +42,8 @@ class Attention(nn.Module):
         Returns (out [B,T,D], cache_k, cache_v) with the T new keys/values written.
         """
         dense = lambda feats, name: nn.DenseGeneral(
-            feats, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+            feats, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+            dot_general=self.dot_general)
         q = dense((self.n_heads, self.head_dim), "wq")(x)       # [B,T,N,H]
         k = dense((self.n_kv_heads, self.head_dim), "wk")(x)    # [B,T,K,H]
         v = dense((self.n_kv_heads, self.head_dim), "wv")(x)    # [B,T,K,H]
@@ -70,5 +74,6 @@ class Attention(nn.Module):
         attended = attended.reshape(b, kv, groups, t, hd).transpose(0, 3, 1, 2, 4)
         attended = attended.reshape(b, t, self.n_heads, hd)           # [B,T,N,H]
         out = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name="wo")(attended)
+                              param_dtype=self.param_dtype, name="wo",
+                              dot_general=self.dot_general)(attended)
         return out, cache_k, cache_v

@@ -77,6 +77,10 @@ class LlamaConfig:
     scan_layers: bool = False     # nn.scan over layers (same params either way)
     dtype: str = "float32"        # activation / compute dtype
     param_dtype: str = "float32"
+    # How products run, not what the trunk is (never written by to_dict, so it changes no file
+    # or fingerprint): "xla", or "few_rows" (products of <= 8 rows by gptk_jax/kernels/few_rows.py
+    # on CPU; decoders set it, decoding/engine.py).
+    matmul: str = "xla"
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
@@ -109,6 +113,8 @@ class LlamaConfig:
                 raise ConfigError(f"rope_scaling {dict(self.rope_scaling)!r}: {e}") from None
         elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"rope_scaling must be null or an object, got {self.rope_scaling!r}")
+        if self.matmul not in ("xla", "few_rows"):
+            raise ConfigError(f"matmul must be 'xla' or 'few_rows', got {self.matmul!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name} must be float32, bfloat16 or float16, "
@@ -123,7 +129,9 @@ class LlamaConfig:
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d.pop("matmul")        # a run-time setting (see the field)
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,11 +27,13 @@ class MLP(nn.Module):
     ffn_dim: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dot_general: Callable = jax.lax.dot_general   # kernels/few_rows.py
 
     @nn.compact
     def __call__(self, x):  # x [B,T,D] -> [B,T,D]
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype,
-                                         param_dtype=self.param_dtype, name=name)
+                                         param_dtype=self.param_dtype, name=name,
+                                         dot_general=self.dot_general)
         gate = dense(self.ffn_dim, "w1")(x)
         up = dense(self.ffn_dim, "w3")(x)
         return dense(x.shape[-1], "w2")(nn.silu(gate) * up)

@@ -16,6 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gptk_jax.kernels.few_rows import dot_general_for, unembed
 from gptk_jax.llama.attention import Attention, attention_mask
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.llama.kv_cache import KVCache, write_rows
@@ -41,12 +42,13 @@ class Block(nn.Module):
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="attention_norm")(x)
-        attn, k, v = Attention(c.n_heads, c.n_kv_heads, c.head_dim, dtype, pdtype,
+        dot = dot_general_for(c.matmul)
+        attn, k, v = Attention(c.n_heads, c.n_kv_heads, c.head_dim, dtype, pdtype, dot,
                                name="attention")(h, positions, inv_freq, mask, *layer_cache,
                                                  write_start)
         x = x + attn
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="ffn_norm")(x)
-        x = x + MLP(c.ffn_dim, dtype, pdtype, name="feed_forward")(h)
+        x = x + MLP(c.ffn_dim, dtype, pdtype, dot, name="feed_forward")(h)
         return x, (k, v)
 
 
@@ -67,7 +69,8 @@ class Llama(nn.Module):
             self.layers = [Block(c) for _ in range(c.n_layers)]
         self.norm = RMSNorm(c.norm_eps, dtype, pdtype)
         if not c.tie_embeddings:
-            self.output = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype)
+            self.output = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
+                                   dot_general=dot_general_for(c.matmul))
 
     def embed(self, tokens):  # [B,T] -> [B,T,D]
         return self.tok_embeddings(tokens)
@@ -76,7 +79,10 @@ class Llama(nn.Module):
         return self.norm(hidden)
 
     def unembed(self, hidden_normed):  # [B,T,D] -> [B,T,V] float32
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.config.matmul == "few_rows":
+            embedding = self.tok_embeddings.embedding.astype(hidden_normed.dtype)
+            logits = unembed(hidden_normed, embedding)
+        elif self.config.tie_embeddings:
             logits = self.tok_embeddings.attend(hidden_normed)
         else:
             logits = self.output(hidden_normed)
