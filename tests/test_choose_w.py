@@ -4,6 +4,8 @@ lookup; static batches and refilled slots); a drafter that is never right settle
 runs greedy's steps with at most the stated number of probes at W_max; the oracle settles at
 W_max; the cost table's interpolation and file round trip; a short measured calibration."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -121,6 +123,41 @@ def test_never_right_settles_at_one(setup):
     assert cost <= greedy_steps * DEAR[1] + _probe_bound(steps) * (DEAR[K] - DEAR[1])
     assert result.stats["offset_acceptance_estimate"]["2"] < 0.05
     assert result.stats["per_offset_acceptance"]["2"] < 0.05
+
+
+DRAFT_CALLS = []
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingOracle(OracleDrafter):
+    """The oracle, counting on the host each time its drafts are made (once per batch call)."""
+
+    def draft_scored(self, variables, state, hidden, hidden_normed, positions, next_token):
+        jax.debug.callback(lambda: DRAFT_CALLS.append(1))
+        return super().draft_scored(variables, state, hidden, hidden_normed, positions,
+                                    next_token)
+
+
+def test_no_drafting_while_nothing_could_be_verified(setup):
+    """After a step at W = 1 the next drafts are made only if some step could verify them (a
+    probe next, or E(W) from the best score bin worth its cost): a never-right drafter drafts
+    at the prefill, at the probes and at the steps just before them, not at the other steps;
+    the output is still greedy's."""
+    decoder, prompts, greedy = setup
+    references = oracle_variables([t for t in greedy.tokens], [len(p) for p in prompts],
+                                  len(prompts), K - 1)
+    auto = decoder.replace(drafter=CountingOracle(K - 1, CFG.vocab_size, corrupt_prob=1.0),
+                           drafter_vars=references,
+                           tokens_per_step=AutoWidth(probe_every=PROBE_EVERY), verify_cost=DEAR)
+    DRAFT_CALLS.clear()
+    result = auto.generate(prompts, MAX_NEW, bucket=BUCKET)
+    jax.effects_barrier()
+    _same_as_greedy(result, greedy)
+    hist = result.stats["chosen_w_histogram"]
+    steps, probes = sum(hist), hist[K]
+    assert hist[1] >= 2 * probes                       # mostly W = 1, as above
+    assert len(DRAFT_CALLS) <= 1 + 2 * probes          # prefill; each probe and the step before
+    assert len(DRAFT_CALLS) < steps / 2
 
 
 def test_oracle_settles_at_max(setup):

@@ -51,7 +51,7 @@ D width, V vocab. K is kept for kv heads (llama/kv_cache.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import flax.struct
 import jax
@@ -60,7 +60,7 @@ import jax.numpy as jnp
 from gptk_jax.decoding.acceptance import accept_step
 from gptk_jax.decoding.inputs import PromptBatch, is_stop
 from gptk_jax.decoding.width import (AutoWidth, WidthStats, init_width_stats, max_width,
-                                     step_width, update_width_stats)
+                                     drafts_may_be_verified, step_width, update_width_stats)
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.llama.kv_cache import KVCache, write_rows
 from gptk_jax.llama.model import Llama
@@ -289,8 +289,11 @@ def decode_step(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | Au
     the pooled width statistics and the next step's W (auto W: chosen, decoding/width.py).
     tokens_per_step: a fixed W, or an `AutoWidth` whose `width` is the W this step runs at."""
     w = step_width(tokens_per_step)
+    draft = None       # auto W at W = 1: draft only if the next step may verify drafts
+    if isinstance(tokens_per_step, AutoWidth) and w == 1 and tokens_per_step.costs:
+        draft = drafts_may_be_verified(tokens_per_step, state.width_stats)
     new, accepted = _step_at(config, drafter, w, state, params=params,
-                             drafter_vars=drafter_vars, stop_ids=stop_ids)
+                             drafter_vars=drafter_vars, stop_ids=stop_ids, draft=draft)
     return new.replace(width_stats=update_width_stats(
         tokens_per_step, state.width_stats, w, accepted, ~state.done, state.draft_scores,
         new.draft_scores, ~new.done))
@@ -320,10 +323,12 @@ def verify_chain(config: LlamaConfig, w: int, state: DecodeState, params: dict) 
 
 
 def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, *,
-             params: dict, drafter_vars: Any, stop_ids: jax.Array
-             ) -> tuple[DecodeState, jax.Array]:
+             params: dict, drafter_vars: Any, stop_ids: jax.Array,
+             draft: Optional[jax.Array] = None) -> tuple[DecodeState, jax.Array]:
     """The step at W = w (<= the state's buffer width) -> (state but width_stats, drafts
-    accepted per row [B] before the stop / limit cut)."""
+    accepted per row [B] before the stop / limit cut). draft: [] bool, make the next step's
+    drafts (None: always); where False the old drafts stay, unread (the next step runs at
+    W = 1: width.drafts_may_be_verified), and the drafter's work is skipped."""
     active = ~state.done
     if drafter.branches > 1:    # several drafts per offset: the best branch (decoding/tree.py)
         from gptk_jax.decoding.tree import verify_tree
@@ -367,10 +372,15 @@ def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, 
         width_log=log(state.width_log, jnp.full_like(acc.accepted, w)),
         nonfinite=state.nonfinite | nonfinite,
         width_stats=state.width_stats)
-    next_d, next_scores = next_drafts(drafter, drafter_vars,
-                                      state.drafts.shape[1] // drafter.branches + 1,
-                                      new.drafter_state, new.last_hidden,
-                                      new.last_hidden_normed, new.positions, new.next_token)
+    make = lambda: next_drafts(drafter, drafter_vars,
+                               state.drafts.shape[1] // drafter.branches + 1,
+                               new.drafter_state, new.last_hidden,
+                               new.last_hidden_normed, new.positions, new.next_token)
+    if draft is None:
+        next_d, next_scores = make()
+    else:
+        next_d, next_scores = jax.lax.cond(draft, make,
+                                           lambda: (state.drafts, state.draft_scores))
     return new.replace(drafts=next_d, draft_scores=next_scores), acc.accepted
 
 

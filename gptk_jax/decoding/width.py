@@ -49,6 +49,14 @@ every step but the probes runs at W = 1: the run takes greedy's steps (each emit
 any W) and costs greedy's plus at most that many probes at W_max (tests/test_choose_w.py). With
 W > 1 cheaper than that, a few more steps run above 1 until p_2 has decayed below the gap.
 
+Drafting only where it may be verified: the drafts of step s+1 are made at the end of step s,
+and making them costs the drafter's work every step (eagle: 15-20 % of a greedy step here). After
+a step at W = 1 the loop drafts only if `drafts_may_be_verified`: the next step is a probe, or
+E(W) from the best score bin of each offset (an upper bound on every row's E_b(W), whatever the
+new drafts' scores) is worth its cost for some W > 1. Otherwise the choice after the step is
+W = 1 whatever the drafts would be, so they are not made (the old ones stay, unread). A drafter
+that is seldom right then costs greedy's steps plus the probes and the step before each.
+
 Letters: B batch, W tokens per verify step (W_max the most), J = W_max - 1 offsets 2..W_max.
 """
 
@@ -168,6 +176,18 @@ def choose_width(policy: AutoWidth, stats: WidthStats, scores: Optional[jax.Arra
     score = expected / jnp.asarray(policy.costs, jnp.float32)
     w = (jnp.argmax(score) + 1).astype(jnp.int32)
     return jnp.where(stats.since_full >= policy.probe_every, w_max, w).astype(jnp.int32)
+
+
+def drafts_may_be_verified(policy: AutoWidth, stats: WidthStats) -> jax.Array:
+    """[] bool, before a step at W = 1: may the step after it verify drafts? False only when no
+    drafts' scores could make it: E(W) from the best score bin of every offset (an upper bound
+    on every row's E_b(W)) is worth at most its cost for every W > 1, and the next step is no
+    probe. (A step at W = 1 verifies no offset, so the counts it reads are the ones the choice
+    after it reads.) The loop then skips drafting after that step (decoding/loop.py)."""
+    best = jnp.max(stats.passed_bins / jnp.maximum(stats.reached_bins, 1e-12), axis=1)   # [J]
+    bound = expected_tokens(jnp.maximum(best, acceptance_estimate(stats)))       # [W_max]
+    worth = bound[1:] / jnp.asarray(policy.costs[1:], jnp.float32) > 1.0 / policy.costs[0]
+    return jnp.any(worth) | (stats.since_full + 1 >= policy.probe_every)
 
 
 def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax.Array,

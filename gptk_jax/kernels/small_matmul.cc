@@ -59,6 +59,13 @@ static void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, F body) {
   while (shared->done.load(std::memory_order_acquire) < chunks) __builtin_ia32_pause();
 }
 
+// Chunks to split a product over: 2 per thread, but none smaller than 64K weights (256 KB):
+// handing a small product to another thread costs more than it saves.
+static int64_t work_parts(ffi::ThreadPool& pool, int64_t weights) {
+  const int64_t most = 2 * std::max<int64_t>(pool.num_threads(), 1);
+  return std::max<int64_t>(1, std::min<int64_t>(most, weights / 65536));
+}
+
 // nn, columns [c0, c1) (a multiple of 16 wide) for all M rows, k-outer: the tile of each weight
 // row is read contiguously (prefetch-friendly), 8 weight rows at a time, and used for every
 // activation row at once; the M x tile partial sums stay in L1.
@@ -107,7 +114,7 @@ static void nn(ffi::ThreadPool& pool, const float* x, const float* w, float* y, 
                int64_t K, int64_t N) {
   // tiles: at least 2 per thread, at most 1024 columns and M x tile partial sums <= 32 KB (L1)
   const int64_t vec = N / 16 * 16;
-  const int64_t parts = 2 * std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t parts = work_parts(pool, K * N);
   int64_t tile = (vec / parts + 15) / 16 * 16;
   int64_t most = 8192 / (M > 0 ? M : 1) / 16 * 16;
   most = most < 16 ? 16 : (most > 1024 ? 1024 : most);
@@ -157,7 +164,7 @@ static void nt_row(const float* x, const float* w, float* y, int64_t K, int64_t 
 
 static void nt(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M,
                int64_t K, int64_t N) {
-  const int64_t parts = 4 * std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t parts = 2 * work_parts(pool, K * N);
   const int64_t span = (N + parts - 1) / parts;
   parallel_chunks(pool, (N + span - 1) / span, [=](int64_t part) {
     const int64_t end = std::min<int64_t>(N, (part + 1) * span);
