@@ -3,11 +3,18 @@ shape of SmolLM2-135M, at M = 1..16 rows (a decode step at batch B and W tokens 
 
     python bench/bench_few_rows.py [--rows 1,2,3,4,8,16] [--copies 30]
         [--output-json bench/results/few_rows.json]
+    python bench/bench_few_rows.py --steps [--checkpoint .cache/models/smollm2-135m]
+        [--batch-sizes 1,8] [--reps 7] [--output-json bench/results/few_rows_steps.json]
 
 Each shape is a chain of `--copies` different matrices (30 layers' worth, beyond the caches), so
 every call streams its weights from memory as a decode step does; the tied unembedding
 (x @ E.T, E [49152, 576]) runs 4 times. Median of 15 calls, both implementations in one
 process; GB/s is weight bytes over time. Compare within one run only.
+
+`--steps`: the converted model's greedy decode step (8 steps in one jitted loop, context 96,
+decoding/loop.py `decode_step`) at each batch size, with XLA's products, with the kernels, and
+with the kernels from 2 rows on (1 row: XLA's matrix-vector product); the variants alternate
+round by round (a burst of noise hits them alike), best round each.
 """
 
 from __future__ import annotations
@@ -50,8 +57,58 @@ def chain(product, weights):
     return jax.jit(f)
 
 
+VARIANTS = (("xla", "xla", 1), ("kernels", "few_rows", 1), ("kernels from 2 rows", "few_rows", 2))
+
+
+def step_variants(args) -> list[dict]:
+    """The greedy decode step per VARIANTS at each batch size (module doc)."""
+    from gptk_jax.decoding.inputs import pad_prompts, stop_id_array
+    from gptk_jax.decoding.loop import NoDrafter, cache_slots, decode_step, prefill_state
+    from gptk_jax.llama.checkpoint import load_converted
+    from gptk_jax.llama.model import params_for_model
+
+    model = load_converted(args.checkpoint)
+    params = jax.device_put(params_for_model(model.params, model.config))
+    steps, rows = 8, []
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        rng = np.random.RandomState(0)
+        prompts = pad_prompts([rng.randint(1, model.config.vocab_size, 96).tolist()
+                               for _ in range(batch)], 0, bucket=1)
+        slots = cache_slots(prompts.padded_length, steps + 2, 1)
+        stops, pad = stop_id_array([]), np.int32(0)
+        exes, start = {}, None
+        for name, matmul, least in VARIANTS:
+            config = model.config.replace(matmul=matmul)
+            few_rows.MIN_ROWS = least        # read while tracing: fixed into this executable
+            start = jax.jit(prefill_state, static_argnums=(0, 1, 2, 3, 4))(
+                config, NoDrafter(), 1, steps + 2, slots, params, (), prompts, stops, pad)
+
+            def loop(params, state, config=config):
+                step = lambda _, s: decode_step(config, NoDrafter(), 1, params, (), s, stops)
+                return jax.lax.fori_loop(0, steps, step, state)
+            exes[name] = jax.jit(loop).lower(params, start).compile()
+            jax.block_until_ready(exes[name](params, start))
+        few_rows.MIN_ROWS = 2
+        best = {name: float("inf") for name in exes}
+        for _ in range(args.reps):
+            for name, exe in exes.items():
+                begin = time.perf_counter()
+                jax.block_until_ready(exe(params, start))
+                best[name] = min(best[name], time.perf_counter() - begin)
+        for name in exes:
+            rows.append({"batch": batch, "variant": name, "step_ms": 1e3 * best[name] / steps,
+                         "over_xla": best[name] / best["xla"]})
+            print(f"batch {batch}: {name:20s} {1e3 * best[name] / steps:6.2f} ms/step "
+                  f"({best[name] / best['xla']:.3f}x XLA)", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", action="store_true", help="whole greedy decode steps (module doc)")
+    p.add_argument("--checkpoint", default=str(ROOT / ".cache" / "models" / "smollm2-135m"))
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--reps", type=int, default=7)
     p.add_argument("--rows", default="1,2,3,4,8,16")
     p.add_argument("--copies", type=int, default=30)
     p.add_argument("--output-json", default=None)
@@ -59,6 +116,13 @@ def main(argv=None) -> int:
     if not few_rows.available():
         print("the few-row kernels are not available here (see the warning above)")
         return 1
+    if args.steps:
+        rows = step_variants(args)
+        if args.output_json:
+            out = Path(args.output_json)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"device": device_name(), "steps": rows}, indent=1) + "\n")
+        return 0
     rng = np.random.default_rng(0)
     rows = []
     for name, k, n, transposed in SHAPES:

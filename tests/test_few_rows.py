@@ -93,14 +93,15 @@ def test_gradients_through_the_kernels():
 def test_trunk_with_the_kernels_matches_xla(tied):
     cfg = LlamaConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=136,
                       tie_embeddings=tied)
-    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 300, (2, 4)), jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 300, (3, 4)), jnp.int32)
     params = Llama(cfg).init(jax.random.PRNGKey(0), tokens, tokens)["params"]
     fast = cfg.replace(matmul="few_rows")
-    for b, t in ((1, 1), (1, 4), (2, 3), (2, 4)):
+    for b, t in ((1, 1), (1, 4), (2, 3), (2, 4), (3, 3)):
         tok, pos = tokens[:b, :t], jnp.broadcast_to(jnp.arange(t), (b, t))
         want = Llama(cfg).apply({"params": params}, tok, pos)
         apply = jax.jit(lambda p, a, q: Llama(fast).apply({"params": p}, a, q))
-        assert ("gptk_few_rows" in apply.lower(params, tok, pos).as_text()) == (b * t <= 8)
+        used = "gptk_few_rows" in apply.lower(params, tok, pos).as_text()
+        assert used == (few_rows.MIN_ROWS <= b * t <= few_rows.MAX_ROWS)
         got = apply(params, tok, pos)
         np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got.hidden, want.hidden, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,9 @@ one's.
 verify, accept, the drafter's advance) at each W on a dummy batch of `context`-token prompts, in
 a jitted `fori_loop` (no dispatch between steps), best of `reps` rounds over every W; so
 drafting is counted, which a trunk-only timing (bench/bench_verify_cost.py) leaves out. One
-compile per W: a few seconds each on CPU for a 135M trunk.
+compile per W: a few seconds each on CPU for a 135M trunk. `Decoder.calibrate` times W = 1
+without the drafter (greedy's step): under auto W a step at W = 1 drafts only where the next
+step may verify drafts (decoding/width.py).
 
 Letters: B batch, W tokens per verify step.
 """

@@ -170,13 +170,21 @@ class Decoder:
     def calibrate(self, batch_sizes: Iterable[int], *, context: int = 64, steps: int = 8,
                   reps: int = 5) -> VerifyCost:
         """Measures this decoder's step (draft + verify + accept) at each batch size and W =
-        1..tokens_per_step (decoding/cost.py `measure_step_seconds`; one compile per W) ->
-        a VerifyCost, also merged into `measured_cost`. Save it with `.save(path)` and pass it
-        as `verify_cost` to skip the measurement next time."""
-        seconds = {int(b): measure_step_seconds(
-            self.config, self.drafter, self.params, self.drafter_vars, int(b),
-            range(1, self.tokens_per_step + 1), context=context, steps=steps, reps=reps)
-            for b in batch_sizes}
+        2..tokens_per_step, and greedy's step (no drafting) as W = 1: under auto W a step at
+        W = 1 drafts only where the next step may verify drafts (decoding/width.py), so W = 1
+        is the step without drafting that the others are weighed against
+        (decoding/cost.py `measure_step_seconds`; one compile per W) -> a VerifyCost, also
+        merged into `measured_cost`. Save it with `.save(path)` and pass it as `verify_cost`
+        to skip the measurement next time."""
+        def measure(b: int) -> dict:
+            widths = range(2, self.tokens_per_step + 1)
+            costs = measure_step_seconds(self.config, self.drafter, self.params,
+                                         self.drafter_vars, b, widths, context=context,
+                                         steps=steps, reps=reps) if len(widths) else {}
+            costs.update(measure_step_seconds(self.config, None, self.params, (), b, [1],
+                                              context=context, steps=steps, reps=reps))
+            return costs
+        seconds = {int(b): measure(int(b)) for b in batch_sizes}
         table = VerifyCost(seconds, source="Decoder.calibrate", context=context,
                            device=device_name())
         self.measured_cost = self.measured_cost.merged(table)

@@ -11,7 +11,8 @@ batch 1. The kernels read each weight once and use it for every row.
 
 Used only where it applies: the CPU backend, float32 operands, no batch dimensions, the
 lhs contracting its trailing dims and the rhs its leading ones (a Dense / DenseGeneral call),
-and at most MAX_ROWS rows (more rows go to XLA, whose general product is then the faster).
+and MIN_ROWS..MAX_ROWS rows (2..8: one row goes to XLA's matrix-vector product, which is
+already at the bandwidth; more rows to XLA's general product, which is then the faster).
 Anything else, or a kernel that cannot be built, is `jax.lax.dot_general` as before. The
 products are differentiable (a custom JVP in XLA products), so training code that happens to
 meet a few-row product still works.
@@ -39,6 +40,8 @@ import jax
 import jax.numpy as jnp
 
 MAX_ROWS = 8          # rows at most (more: XLA's product)
+MIN_ROWS = 2          # rows at least (1 row: XLA's matrix-vector product, 5 % faster here:
+                      # bench/bench_few_rows.py --steps)
 SOURCE = Path(__file__).with_name("small_matmul.cc")
 TARGETS = {"nn": "GptkSmallMatmulNN", "nt": "GptkSmallMatmulNT"}
 MATMULS = ("xla", "few_rows")
@@ -158,8 +161,8 @@ def _matmul_nt_jvp(primals, tangents):
 
 
 def _applies(lhs, rhs, rows: int) -> bool:
-    return (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32 and 1 <= rows <= MAX_ROWS
-            and available())
+    return (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+            and max(MIN_ROWS, 1) <= rows <= MAX_ROWS and available())
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
@@ -195,5 +198,5 @@ def dot_general_for(matmul: str):
     return dot_general if matmul == "few_rows" else jax.lax.dot_general
 
 
-__all__ = ["MATMULS", "MAX_ROWS", "KernelBuildError", "available", "build", "dot_general",
-           "dot_general_for", "matmul_nn", "matmul_nt", "unembed"]
+__all__ = ["MATMULS", "MAX_ROWS", "MIN_ROWS", "KernelBuildError", "available", "build",
+           "dot_general", "dot_general_for", "matmul_nn", "matmul_nt", "unembed"]
