@@ -188,6 +188,9 @@ def test_measured_calibration(setup):
     costs = result.stats["step_cost"]
     assert len(costs) == K and costs[0] == 1.0 and costs == sorted(costs)
     assert 2 in auto.measured_cost and set(auto.measured_cost.seconds[2]) == set(range(1, K + 1))
+    assert auto.measured_cost.greedy[2] > 0                   # greedy's step, the gate's yardstick
+    assert result.stats["greedy_step_cost"] == pytest.approx(auto.measured_cost.greedy[2] /
+                                                           auto.measured_cost.seconds[2][1])
     again = auto.generate(prompts[:2], MAX_NEW, bucket=BUCKET)
     assert again.stats["calibration_seconds"] < result.stats["calibration_seconds"]
 
@@ -215,6 +218,16 @@ def test_verify_cost_table(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a verify cost table"):
         VerifyCost.load(tmp_path / "bad.json")
+    # greedy's step (no drafting) beside the drafting steps: the gate's yardstick
+    assert cost.greedy_relative(8) == 1.0                                 # none: W = 1's
+    both = VerifyCost(cost.seconds, greedy={1: 1.6, 8: 9.0}, source="test")
+    assert both.greedy_relative(1) == pytest.approx(0.8)
+    assert both.greedy_relative(6) == pytest.approx(0.9)                  # the nearest batch
+    both.save(path)
+    assert VerifyCost.load(path).greedy == {1: 1.6, 8: 9.0}
+    assert both.merged(VerifyCost({8: {1: 5.0, 2: 6.0}})).greedy == {1: 1.6}
+    with pytest.raises(ValueError, match="greedy's step at batch 2"):
+        VerifyCost(cost.seconds, greedy={2: 1.0})
 
 
 def test_expected_tokens_and_stats_with_widths():

@@ -16,9 +16,10 @@ one's.
 verify, accept, the drafter's advance) at each W on a dummy batch of `context`-token prompts, in
 a jitted `fori_loop` (no dispatch between steps), best of `reps` rounds over every W; so
 drafting is counted, which a trunk-only timing (bench/bench_verify_cost.py) leaves out. One
-compile per W: a few seconds each on CPU for a 135M trunk. `Decoder.calibrate` times W = 1
-without the drafter (greedy's step): under auto W a step at W = 1 drafts only where the next
-step may verify drafts (decoding/width.py).
+compile per W: a few seconds each on CPU for a 135M trunk. `greedy[batch]` (optional) is
+greedy's step, without drafting: under auto W a step at W = 1 drafts only where some step may
+verify the drafts (decoding/width.py), and that gate weighs W > 1 against greedy's step;
+`Decoder.calibrate` measures it too.
 
 Letters: B batch, W tokens per verify step.
 """
@@ -47,7 +48,7 @@ class VerifyCost:
     {W: cost} for every batch. W = 1 must be among each batch's."""
 
     def __init__(self, seconds: Mapping, *, source: str = "", context: Optional[int] = None,
-                 device: Optional[str] = None):
+                 device: Optional[str] = None, greedy: Optional[Mapping] = None):
         if seconds and all(isinstance(v, (int, float)) for v in seconds.values()):
             seconds = {1: seconds}                     # one table for every batch
         table = {}
@@ -63,6 +64,11 @@ class VerifyCost:
                 raise ValueError(f"VerifyCost: costs must be finite and > 0, got {row}")
             table[batch] = dict(sorted(row.items()))
         self.seconds: dict[int, dict[int, float]] = dict(sorted(table.items()))
+        self.greedy: dict[int, float] = {int(b): float(c) for b, c in dict(greedy or {}).items()}
+        for b, c in self.greedy.items():
+            if b not in self.seconds or not (np.isfinite(c) and c > 0):
+                raise ValueError(f"VerifyCost: greedy's step at batch {b} must be > 0 and the "
+                                 f"batch in the table, got {c}")
         self.source, self.context, self.device = source, context, device
 
     def __repr__(self) -> str:
@@ -76,9 +82,10 @@ class VerifyCost:
 
     def merged(self, other: "VerifyCost") -> "VerifyCost":
         """Both tables; other's rows win where both have a batch."""
+        greedy = {b: c for b, c in self.greedy.items() if b not in other.seconds}
         return VerifyCost({**self.seconds, **other.seconds}, source=other.source or self.source,
                           context=other.context or self.context,
-                          device=other.device or self.device)
+                          device=other.device or self.device, greedy={**greedy, **other.greedy})
 
     # --- the ratios the choice uses ------------------------------------------------------------
     def _row_relative(self, batch: int, w_max: int) -> np.ndarray:
@@ -111,19 +118,27 @@ class VerifyCost:
             rel = (1 - t) * self._row_relative(lo, w_max) + t * self._row_relative(hi, w_max)
         return tuple(float(x) for x in rel)
 
+    def greedy_relative(self, batch: int) -> float:
+        """greedy's step / cost(W = 1) at the nearest measured batch that has it (1.0: none)."""
+        if not self.greedy:
+            return 1.0
+        near = min(self.greedy, key=lambda b: (abs(b - batch), b))
+        return float(self.greedy[near] / self.seconds[near][1])
+
     # --- on disk -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": FORMAT, "what": "seconds of one decode step, by batch size and W",
                 "source": self.source, "context": self.context, "device": self.device,
                 "seconds": {str(b): {str(w): c for w, c in row.items()}
-                            for b, row in self.seconds.items()}}
+                            for b, row in self.seconds.items()},
+                "greedy_seconds": {str(b): c for b, c in self.greedy.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "VerifyCost":
         if data.get("format") != FORMAT or "seconds" not in data:
             raise ValueError(f"not a verify cost table (format {FORMAT!r} with 'seconds')")
         return cls(data["seconds"], source=data.get("source", ""), context=data.get("context"),
-                   device=data.get("device"))
+                   device=data.get("device"), greedy=data.get("greedy_seconds"))
 
     def save(self, path: Union[str, Path]) -> None:
         path = Path(path)

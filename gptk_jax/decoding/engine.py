@@ -170,30 +170,28 @@ class Decoder:
     def calibrate(self, batch_sizes: Iterable[int], *, context: int = 64, steps: int = 8,
                   reps: int = 5) -> VerifyCost:
         """Measures this decoder's step (draft + verify + accept) at each batch size and W =
-        2..tokens_per_step, and greedy's step (no drafting) as W = 1: under auto W a step at
-        W = 1 drafts only where the next step may verify drafts (decoding/width.py), so W = 1
-        is the step without drafting that the others are weighed against
+        1..tokens_per_step, and greedy's step (no drafting; `VerifyCost.greedy`: under auto W
+        a step at W = 1 drafts only where the next step may verify drafts, decoding/width.py)
         (decoding/cost.py `measure_step_seconds`; one compile per W) -> a VerifyCost, also
         merged into `measured_cost`. Save it with `.save(path)` and pass it as `verify_cost`
         to skip the measurement next time."""
-        def measure(b: int) -> dict:
-            widths = range(2, self.tokens_per_step + 1)
-            costs = measure_step_seconds(self.config, self.drafter, self.params,
-                                         self.drafter_vars, b, widths, context=context,
-                                         steps=steps, reps=reps) if len(widths) else {}
-            costs.update(measure_step_seconds(self.config, None, self.params, (), b, [1],
-                                              context=context, steps=steps, reps=reps))
-            return costs
-        seconds = {int(b): measure(int(b)) for b in batch_sizes}
-        table = VerifyCost(seconds, source="Decoder.calibrate", context=context,
+        seconds, greedy = {}, {}
+        for b in (int(b) for b in batch_sizes):
+            seconds[b] = measure_step_seconds(
+                self.config, self.drafter, self.params, self.drafter_vars, b,
+                range(1, self.tokens_per_step + 1), context=context, steps=steps, reps=reps)
+            greedy[b] = measure_step_seconds(self.config, None, self.params, (), b, [1],
+                                             context=context, steps=steps, reps=reps)[1]
+        table = VerifyCost(seconds, greedy=greedy, source="Decoder.calibrate", context=context,
                            device=device_name())
         self.measured_cost = self.measured_cost.merged(table)
         return table
 
-    def step_costs(self, batch_size: int) -> tuple[tuple[float, ...], str, float]:
+    def step_costs(self, batch_size: int) -> tuple[tuple[float, ...], str, float, float]:
         """(cost(W) / cost(1) for W = 1..W_max at this batch, where they come from, seconds
-        spent measuring now): `verify_cost` when given, else `measured_cost`, measured first
-        at a batch size it lacks."""
+        spent measuring now, greedy's step / cost(1) (1.0 where the table has none)):
+        `verify_cost` when given, else `measured_cost`, measured first at a batch size it
+        lacks."""
         start = time.perf_counter()
         if self.verify_cost is not None:
             table, source = self.verify_cost, self.verify_cost.source or "given"
@@ -202,15 +200,16 @@ class Decoder:
                 self.calibrate([batch_size])
             table, source = self.measured_cost, "measured"
         return (table.relative(batch_size, self.tokens_per_step), source,
-                time.perf_counter() - start)
+                time.perf_counter() - start, table.greedy_relative(batch_size))
 
     def _loop_statics(self, batch_size: int) -> tuple[tuple, dict]:
         """The statics of this batch's executables and, for auto W, what the result records."""
         if self.width_policy is None:
             return self._statics, {}
-        costs, source, seconds = self.step_costs(batch_size)
-        policy = dataclasses.replace(self.width_policy, costs=costs)
+        costs, source, seconds, greedy = self.step_costs(batch_size)
+        policy = dataclasses.replace(self.width_policy, costs=costs, greedy_cost=greedy)
         return self._statics[:2] + (policy,), {"step_cost": list(costs),
+                                               "greedy_step_cost": greedy,
                                                "step_cost_source": source,
                                                "calibration_seconds": seconds}
 

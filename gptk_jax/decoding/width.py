@@ -55,7 +55,10 @@ a step at W = 1 the loop drafts only if `drafts_may_be_verified`: the next step 
 E(W) from the best score bin of each offset (an upper bound on every row's E_b(W), whatever the
 new drafts' scores) is worth its cost for some W > 1. Otherwise the choice after the step is
 W = 1 whatever the drafts would be, so they are not made (the old ones stay, unread). A drafter
-that is seldom right then costs greedy's steps plus the probes and the step before each.
+that is seldom right then costs greedy's steps plus the probes and the step before each. The
+gate weighs W > 1 (drafting included) against greedy's step (`greedy_cost`, `VerifyCost.greedy`,
+measured by `Decoder.calibrate`); the choice among W once drafts are made uses the costs with
+drafting for every W, W = 1 included, since drafting goes on while the gate says so.
 
 Letters: B batch, W tokens per verify step (W_max the most), J = W_max - 1 offsets 2..W_max.
 """
@@ -82,8 +85,9 @@ class AutoWidth:
     counts (0.9: about the last 10 steps' evidence). prior / prior_weight: the acceptance the
     counts start at, worth that many row-steps. score_bins: bins of the drafts' scores
     (1: scores ignored, the pooled choice). Set by the engine per call (leave them): costs,
-    the relative step cost at W = 1..W_max at this batch (from its `VerifyCost`); width, the W
-    an executable of `run` steps at (0 where none: prefill, refill)."""
+    the relative step cost at W = 1..W_max at this batch (from its `VerifyCost`; drafting
+    included); greedy_cost, greedy's step (no drafting) on the same scale; width, the W an
+    executable of `run` steps at (0 where none: prefill, refill)."""
     max_width: Optional[int] = None
     probe_every: int = 16
     decay: float = 0.9
@@ -91,6 +95,7 @@ class AutoWidth:
     prior_weight: float = 1.0
     score_bins: int = 8
     costs: tuple = ()
+    greedy_cost: float = 1.0
     width: int = 0
 
 
@@ -179,14 +184,17 @@ def choose_width(policy: AutoWidth, stats: WidthStats, scores: Optional[jax.Arra
 
 
 def drafts_may_be_verified(policy: AutoWidth, stats: WidthStats) -> jax.Array:
-    """[] bool, before a step at W = 1: may the step after it verify drafts? False only when no
-    drafts' scores could make it: E(W) from the best score bin of every offset (an upper bound
-    on every row's E_b(W)) is worth at most its cost for every W > 1, and the next step is no
-    probe. (A step at W = 1 verifies no offset, so the counts it reads are the ones the choice
-    after it reads.) The loop then skips drafting after that step (decoding/loop.py)."""
+    """[] bool, before a step at W = 1: should the drafts of the step after it be made? No
+    when drafting cannot pay whatever the drafts' scores: E(W) from the best score bin of every
+    offset (an upper bound on every row's E_b(W)) per cost(W) (drafting included) is at most
+    greedy's 1 / greedy_cost for every W > 1, and the next step is no probe. (A step at W = 1
+    verifies no offset, so the counts it reads are the ones the choice after it reads.) The
+    loop then skips drafting after that step (decoding/loop.py), and the step after it runs at
+    W = 1 at greedy's cost."""
     best = jnp.max(stats.passed_bins / jnp.maximum(stats.reached_bins, 1e-12), axis=1)   # [J]
     bound = expected_tokens(jnp.maximum(best, acceptance_estimate(stats)))       # [W_max]
-    worth = bound[1:] / jnp.asarray(policy.costs[1:], jnp.float32) > 1.0 / policy.costs[0]
+    greedy = policy.greedy_cost if policy.greedy_cost > 0 else policy.costs[0]
+    worth = bound[1:] / jnp.asarray(policy.costs[1:], jnp.float32) > 1.0 / greedy
     return jnp.any(worth) | (stats.since_full + 1 >= policy.probe_every)
 
 

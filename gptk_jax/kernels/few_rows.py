@@ -39,6 +39,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from gptk_jax.errors import GptkError
+
 MAX_ROWS = 8          # rows at most (more: XLA's product)
 MIN_ROWS = 2          # rows at least (1 row: XLA's matrix-vector product, 5 % faster here:
                       # bench/bench_few_rows.py --steps)
@@ -47,8 +49,8 @@ TARGETS = {"nn": "GptkSmallMatmulNN", "nt": "GptkSmallMatmulNT"}
 MATMULS = ("xla", "few_rows")
 
 
-class KernelBuildError(RuntimeError):
-    pass
+class KernelBuildError(GptkError, RuntimeError):
+    """The few-row kernels' library could not be built (the command and its output)."""
 
 
 def _cpu_flags() -> str:
