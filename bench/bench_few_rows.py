@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from gptk_jax.decoding.cost import device_name  # noqa: E402
 from gptk_jax.kernels import few_rows  # noqa: E402
+from gptk_jax.files import atomic_write_text  # noqa: E402
 
 # (name, K, N, transposed): SmolLM2-135M's products (D 576, F 1536, kv 3 x 64, V 49152)
 SHAPES = [("wq, wo", 576, 576, False), ("wk, wv", 576, 192, False),
@@ -103,6 +104,13 @@ def step_variants(args) -> list[dict]:
     return rows
 
 
+def write_json(path, report: dict) -> None:
+    """The report as JSON at path (None: nothing), written atomically."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(path), json.dumps(report, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", action="store_true", help="whole greedy decode steps (module doc)")
@@ -118,10 +126,7 @@ def main(argv=None) -> int:
         return 1
     if args.steps:
         rows = step_variants(args)
-        if args.output_json:
-            out = Path(args.output_json)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"device": device_name(), "steps": rows}, indent=1) + "\n")
+        write_json(args.output_json, {"device": device_name(), "steps": rows})
         return 0
     rng = np.random.default_rng(0)
     rows = []
@@ -152,11 +157,8 @@ def main(argv=None) -> int:
         print(f"| {r['weights']} ({r['K']}x{r['N']}, x{r['copies']}) | {r['rows']} | "
               f"{r['xla_ms']:.2f} ({r['xla_gb_s']:.1f}) | {r['kernel_ms']:.2f} "
               f"({r['kernel_gb_s']:.1f}) | {r['xla_over_kernel']:.2f}x |")
-    if args.output_json:
-        out = Path(args.output_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"device": device_name(), "max_rows": few_rows.MAX_ROWS,
-                                   "rows": rows}, indent=1) + "\n")
+    write_json(args.output_json, {"device": device_name(), "max_rows": few_rows.MAX_ROWS,
+                                  "rows": rows})
     return 0
 
 

@@ -7,6 +7,7 @@ W_max; the cost table's interpolation and file round trip; a short measured cali
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -100,16 +101,25 @@ def test_auto_w_equals_greedy(setup, name, continuous):
         assert sum(1 for n in result.stats["chosen_w_histogram"] if n) >= 2
 
 
+def _never_right(decoder, prompts, greedy, kind):
+    """The decoder with auto W, costs DEAR (greedy's step 0.8 of a drafting W = 1 step: the
+    drafting costs) and a drafter of `kind` (an OracleDrafter) whose every draft is wrong (the
+    oracle's continuation, every token shifted)."""
+    references = oracle_variables([t for t in greedy.tokens], [len(p) for p in prompts],
+                                  len(prompts), K - 1)
+    return decoder.replace(drafter=kind(K - 1, CFG.vocab_size, corrupt_prob=1.0),
+                           drafter_vars=references,
+                           tokens_per_step=AutoWidth(probe_every=PROBE_EVERY,
+                                                     idle_probe_every=PROBE_EVERY),
+                           verify_cost=VerifyCost(DEAR, greedy={1: 0.8 * DEAR[1]}))
+
+
 def test_never_right_settles_at_one(setup):
     """Every draft wrong (the oracle's continuation, every token shifted) and W > 1 dear: every
     step but the probes runs at W = 1, so the run takes greedy's steps (each emits one token
     either way) and its cost is greedy's plus at most the bound's probes at W_max."""
     decoder, prompts, greedy = setup
-    references = oracle_variables([t for t in greedy.tokens], [len(p) for p in prompts],
-                                  len(prompts), K - 1)
-    auto = decoder.replace(drafter=OracleDrafter(K - 1, CFG.vocab_size, corrupt_prob=1.0),
-                           drafter_vars=references,
-                           tokens_per_step=AutoWidth(probe_every=PROBE_EVERY), verify_cost=DEAR)
+    auto = _never_right(decoder, prompts, greedy, OracleDrafter)
     result = auto.generate(prompts, MAX_NEW, bucket=BUCKET)
     _same_as_greedy(result, greedy)
     _check_width_stats(result)
@@ -140,15 +150,11 @@ class CountingOracle(OracleDrafter):
 
 def test_no_drafting_while_nothing_could_be_verified(setup):
     """After a step at W = 1 the next drafts are made only if some step could verify them (a
-    probe next, or E(W) from the best score bin worth its cost): a never-right drafter drafts
+    probe next, or drafting pays: decoding/width.py `drafting_pays`): a never-right drafter drafts
     at the prefill, at the probes and at the steps just before them, not at the other steps;
     the output is still greedy's."""
     decoder, prompts, greedy = setup
-    references = oracle_variables([t for t in greedy.tokens], [len(p) for p in prompts],
-                                  len(prompts), K - 1)
-    auto = decoder.replace(drafter=CountingOracle(K - 1, CFG.vocab_size, corrupt_prob=1.0),
-                           drafter_vars=references,
-                           tokens_per_step=AutoWidth(probe_every=PROBE_EVERY), verify_cost=DEAR)
+    auto = _never_right(decoder, prompts, greedy, CountingOracle)
     DRAFT_CALLS.clear()
     result = auto.generate(prompts, MAX_NEW, bucket=BUCKET)
     jax.effects_barrier()
@@ -158,6 +164,50 @@ def test_no_drafting_while_nothing_could_be_verified(setup):
     assert hist[1] >= 2 * probes                       # mostly W = 1, as above
     assert len(DRAFT_CALLS) <= 1 + 2 * probes          # prefill; each probe and the step before
     assert len(DRAFT_CALLS) < steps / 2
+
+
+def test_estimates_carry_to_the_next_batch(setup):
+    """A decoder's next static batch at the same batch size starts from the last one's
+    statistics (Decoder.width_memory, width.resume_width_stats): after a never-right drafter's
+    first batch the second does not open with a probe at W_max; the output is still greedy's."""
+    decoder, prompts, greedy = setup
+    auto = _never_right(decoder, prompts, greedy, OracleDrafter)
+    first = auto.generate(prompts, MAX_NEW, bucket=BUCKET)
+    n = len(prompts)
+    assert [w[0] for w in first.stats["widths_per_row"]] == [K] * n        # a probe first
+    assert n in auto.width_memory
+    # (no probe due at the start: the cadence carries on too, and could fall on that step)
+    auto.width_memory[n] = auto.width_memory[n].replace(since_full=jnp.array(0, jnp.int32))
+    second = auto.generate(prompts, MAX_NEW, bucket=BUCKET)
+    assert second.tokens == first.tokens == greedy.tokens
+    assert [w[0] for w in second.stats["widths_per_row"]] == [1] * n       # carried on
+    assert sum(second.stats["chosen_w_histogram"]) == second.num_steps - 1
+    assert not auto.replace(verify_cost=DEAR).width_memory               # a new decoder: none
+
+
+def test_drafter_rests_while_drafting_does_not_pay(setup):
+    """While drafting does not pay at a batch size (decoding/width.py drafter_rests), the next
+    idle_batches static batches of it run greedy's loop: the drafter drafts nothing (counted),
+    every step is at W = 1, the result says the drafter rested; the batch after them runs with
+    it again and probes first. Every output is greedy's."""
+    decoder, prompts, greedy = setup
+    auto = _never_right(decoder, prompts, greedy, CountingOracle)
+    auto = auto.replace(tokens_per_step=dataclasses.replace(auto.width_policy, idle_batches=2))
+    results, calls = [], []
+    for _ in range(4):
+        DRAFT_CALLS.clear()
+        results.append(auto.generate(prompts, MAX_NEW, bucket=BUCKET))
+        jax.effects_barrier()
+        calls.append(len(DRAFT_CALLS))
+    for r in results:
+        _same_as_greedy(r, greedy)
+        _check_width_stats(r)
+    assert [r.stats["drafter_rested"] for r in results] == [False, True, True, False]
+    assert calls[0] > 0 and calls[1] == calls[2] == 0 and calls[3] > 0
+    for r in results[1:3]:
+        assert r.stats["chosen_w_histogram"][2:] == [0] * (K - 1)
+        assert all(w == 1 for ws in r.stats["widths_per_row"] for w in ws)
+    assert [w[0] for w in results[3].stats["widths_per_row"]] == [K] * len(prompts)  # a probe
 
 
 def test_oracle_settles_at_max(setup):

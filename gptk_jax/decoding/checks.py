@@ -55,9 +55,19 @@ def check_width(drafter: Optional[Drafter], tokens_per_step: Any) -> Optional[Au
                             f" (the drafter drafts at most {drafter.max_drafts}), got {w!r}")
     if not isinstance(p.probe_every, int) or p.probe_every < 1:
         raise DecodingError(f"auto W: probe_every must be an integer >= 1, got {p.probe_every!r}")
+    if not isinstance(p.idle_batches, int) or p.idle_batches < 0:
+        raise DecodingError(f"auto W: idle_batches must be an integer >= 0, got "
+                            f"{p.idle_batches!r}")
+    if not isinstance(p.idle_probe_every, int) or p.idle_probe_every < p.probe_every:
+        raise DecodingError(f"auto W: idle_probe_every must be an integer >= probe_every "
+                            f"({p.probe_every}), got {p.idle_probe_every!r}")
     if not isinstance(p.score_bins, int) or isinstance(p.score_bins, bool) or p.score_bins < 1:
         raise DecodingError(f"auto W: score_bins must be an integer >= 1, got {p.score_bins!r}")
-    if not (0 < p.decay <= 1 and 0 <= p.prior <= 1 and p.prior_weight > 0):
-        raise DecodingError(f"auto W: need 0 < decay <= 1, 0 <= prior <= 1, prior_weight > 0; "
-                            f"got {p.decay}, {p.prior}, {p.prior_weight}")
+    if not 0 <= p.close_margin < 1:
+        raise DecodingError(f"auto W: close_margin must be in [0, 1), got {p.close_margin!r}")
+    if not (0 < p.decay <= 1 and 0 < p.gate_decay <= 1 and 0 <= p.prior <= 1
+            and p.prior_weight > 0):
+        raise DecodingError(f"auto W: need 0 < decay <= 1, 0 < gate_decay <= 1, 0 <= prior <= 1, "
+                            f"prior_weight > 0; got {p.decay}, {p.gate_decay}, {p.prior}, "
+                            f"{p.prior_weight}")
     return dataclasses.replace(p, max_width=w, costs=(), width=0)

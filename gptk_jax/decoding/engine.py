@@ -68,10 +68,11 @@ from gptk_jax.decoding.loop import (Drafter, NoDrafter, SharedPrefix, cache_slot
                                     prefill_shared_prefix, prefill_state, refill, run)
 from gptk_jax.decoding.results import (ContinuousResult, GenerationResult, MTPResult,
                                        RowRecord, build_result, harvest)
-from gptk_jax.llama.config import LlamaConfig
+from gptk_jax.llama.config import MATMULS, LlamaConfig
 from gptk_jax.decoding.executables import MAX_COMPILED, Executables
 from gptk_jax.decoding.nonfinite import check_nonfinite, explain_nonfinite  # noqa: F401
-from gptk_jax.decoding.width import AutoWidth, add_width_stats, harvest_widths
+from gptk_jax.decoding.width import (AutoWidth, add_width_stats, after_rest, drafter_rests,
+                                     harvest_widths, rested_stats, resume_width_stats)
 from gptk_jax.llama.model import params_for_model
 from gptk_jax.llama.prefix import common_prefix_length
 
@@ -81,9 +82,9 @@ def resolve_matmul(matmul: str) -> str:
     if matmul == "auto":
         from gptk_jax.kernels import few_rows
         return "few_rows" if few_rows.available() else "xla"
-    if matmul not in ("xla", "few_rows"):
-        raise DecodingError(f"Decoder matmul must be 'auto', 'xla' or 'few_rows', got "
-                            f"{matmul!r}")
+    if matmul not in MATMULS:
+        raise DecodingError(f"Decoder matmul must be {' or '.join(map(repr, ('auto',) + MATMULS))}"
+                            f", got {matmul!r}")
     return matmul
 
 
@@ -102,6 +103,8 @@ class Decoder:
     `verify_cost` (a `VerifyCost`, a {batch: {W: cost}} dict or a saved table's path; None:
     measured with `calibrate` at the first call of each batch size, kept in `measured_cost`).
     `tokens_per_step` is then W_max (the buffers' width) and `width_policy` the AutoWidth.
+    Auto W: the statistics of the last static batch at each batch size are kept
+    (`width_memory`) and the next batch of that size starts from them (decoding/width.py).
     max_compiled: executables kept on this decoder. shared_prefix: prefill a prefix that every
     prompt shares once and reuse it (module doc); False: every row prefills its whole prompt.
     matmul: how the trunk's products run ("auto": the few-row kernels of
@@ -135,6 +138,8 @@ class Decoder:
         self.verify_cost = as_verify_cost(verify_cost)
         self.drafter = drafter
         self.drafter_vars = jax.device_put(drafter_vars)
+        self.width_memory = {}   # auto W: batch size -> the last static batch's WidthStats
+        self._rested = {}        # ... -> static batches run since without the drafter
         self.stop_ids = tuple(sorted({int(i) for i in stop_ids}))
         self.pad_id = int(pad_id)
         self._stops = stop_id_array(self.stop_ids)
@@ -343,14 +348,22 @@ class Decoder:
         prefix, prefix_run, prefix_seconds, prefix_compile = self._shared_prefix_for(prompt_ids)
         prompts, width = self._padded(prompt_ids, prefix, padding, bucket, batch_size)
         slots = cache_slots(width, max_new_tokens, self.tokens_per_step)
-        statics, auto_info = self._loop_statics(prompts.tokens.shape[0])
+        batch = prompts.tokens.shape[0]
+        statics, auto_info = self._loop_statics(batch)
+        rest, memory = self._drafter_rests(batch, statics)
+        run_statics = (self.config, NoDrafter(), 1) if rest else statics
         state, prefill_seconds, compile_a = self._call(
             prefill_state, (max_new_tokens, slots),
             (self.params, self.drafter_vars, prompts, self._stops, self._pad, prefix),
-            statics=statics)
+            statics=run_statics)
         prefill_seconds += prefix_seconds
         compile_a += prefix_compile
-        state, decode_seconds, compile_b = self._run(statics, state, stop_at_first=False)
+        if memory is not None and not rest:      # auto W: carry the last batch's estimates on
+            state = state.replace(width_stats=resume_width_stats(
+                statics[2], memory, state.width_stats, state.draft_scores, ~state.done))
+        state, decode_seconds, compile_b = self._run(run_statics, state, stop_at_first=False)
+        if self.width_policy is not None and not rest:
+            self.width_memory[batch] = state.width_stats
         check_nonfinite(jax.device_get(state.nonfinite), range(len(prompt_ids)),
                         self._explainer(prompt_ids))
         rows = range(len(prompt_ids))
@@ -362,8 +375,20 @@ class Decoder:
                               padded_shape=(prompts.tokens.shape[0], width),
                               **_prefill_counts(prompt_ids, prefix, prefix_run))
         if self.width_policy is not None:
-            add_width_stats(result, harvest_widths(state, rows), state.width_stats, auto_info)
+            add_width_stats(result, harvest_widths(state, rows),
+                            rested_stats(memory, state.step) if rest else state.width_stats,
+                            dict(auto_info, drafter_rested=rest))
         return result
+
+    def _drafter_rests(self, batch: int, statics: tuple):
+        """Auto W, before a static batch -> (greedy's loop, the drafter resting? the kept
+        statistics, None where none are: width.drafter_rests)."""
+        memory, rested = self.width_memory.get(batch), self._rested.get(batch, 0)
+        if self.width_policy is None or memory is None:
+            return False, None
+        rest = drafter_rests(statics[2], memory, rested)
+        self._rested[batch] = rested + 1 if rest else 0
+        return rest, memory if rest else after_rest(statics[2], memory, rested)
 
     # --- continuous batching ----------------------------------------------------------------------
     def generate_continuous(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,

@@ -296,7 +296,7 @@ def decode_step(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | Au
                              drafter_vars=drafter_vars, stop_ids=stop_ids, draft=draft)
     return new.replace(width_stats=update_width_stats(
         tokens_per_step, state.width_stats, w, accepted, ~state.done, state.draft_scores,
-        new.draft_scores, ~new.done))
+        new.draft_scores, ~new.done, drafted=draft))
 
 
 @flax.struct.dataclass

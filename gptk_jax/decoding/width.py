@@ -49,16 +49,40 @@ every step but the probes runs at W = 1: the run takes greedy's steps (each emit
 any W) and costs greedy's plus at most that many probes at W_max (tests/test_choose_w.py). With
 W > 1 cheaper than that, a few more steps run above 1 until p_2 has decayed below the gap.
 
-Drafting only where it may be verified: the drafts of step s+1 are made at the end of step s,
-and making them costs the drafter's work every step (eagle: 15-20 % of a greedy step here). After
-a step at W = 1 the loop drafts only if `drafts_may_be_verified`: the next step is a probe, or
-E(W) from the best score bin of each offset (an upper bound on every row's E_b(W), whatever the
-new drafts' scores) is worth its cost for some W > 1. Otherwise the choice after the step is
-W = 1 whatever the drafts would be, so they are not made (the old ones stay, unread). A drafter
-that is seldom right then costs greedy's steps plus the probes and the step before each. The
-gate weighs W > 1 (drafting included) against greedy's step (`greedy_cost`, `VerifyCost.greedy`,
-measured by `Decoder.calibrate`); the choice among W once drafts are made uses the costs with
+Drafting only where it pays: the drafts of step s+1 are made at the end of step s, and making
+them costs the drafter's work every step (eagle: 15-25 % of a greedy step here). After a step at
+W = 1 the loop drafts only if `drafts_may_be_verified`: the next step is a probe, or drafting
+pays (`drafting_pays`), measured, not modelled: every step whose drafts were made adds what
+drafting and then choosing W brought: `gate_value` += the tokens the choice W* emitted per
+active row, `gate_cost` += cost(W*) / greedy_cost (the step's cost in greedy steps), both
+decayed by `gate_decay` (about the last 50 such steps), and drafting pays while
+gate_value > gate_cost, i.e. while it beats greedy's one token per greedy step (`gate_open`,
+with a hysteresis band: an open gate closes only below (1 - close_margin) x gate_cost, since
+near break-even, as eagle at batch 1, the value is noisy and a closed gate learns only at
+probes). At a probe W*
+is the choice the scores made (`WidthStats.choice`) and its tokens are known since the probe
+verified every offset (min(accepted, W* - 1) + 1 per row), so the evidence is the rule's own
+value even while it is switched off. This counts what a model of E(W) misses: at batch 8 W is
+shared by the rows, so a best-score-bin bound (the first version of this gate) stayed open
+while eagle ran W = 2 at 1.6 greedy steps for 1.3 tokens a row (0.81x), and a pooled estimate
+shuts out informative scores. While drafting does not pay the choice is W = 1 whatever the
+drafts would be, so they are not made (the old ones stay, unread; a step after one whose drafts
+were not made always runs at W = 1), and the next probe waits `idle_probe_every` steps instead
+of `probe_every`: such a drafter costs greedy's steps plus a probe (and the drafting before it)
+every `idle_probe_every` steps. The choice among W once drafts are made uses the costs with
 drafting for every W, W = 1 included, since drafting goes on while the gate says so.
+
+From batch to batch: a decoder keeps the statistics of its last static batch at each batch size
+(`Decoder.width_memory`) and the next batch of that size starts from them
+(`resume_width_stats`: the estimates, the gate's value and cost and the probe cadence; its own W
+histogram; its first W chosen from its prefill's drafts, not a probe). Batch 1 decodes one
+sentence of ~40 steps a call: learning the acceptance and the gate's value from the prior each
+time cost a probe per sentence, and a few early misses shut drafting off for the rest of it.
+While drafting does not pay at that batch size, up to `idle_batches` batches in a row run
+greedy's own loop (`drafter_rests`): a step at W = 1 under the gate still advances the drafter's
+state (eagle: its layer over each new position, ~5 % of a batch-8 step here) and the probes cost
+more, so a drafter that does not pay cost 0.94x at batch 8; the batch after them runs with the
+drafter and probes first, to measure again.
 
 Letters: B batch, W tokens per verify step (W_max the most), J = W_max - 1 offsets 2..W_max.
 """
@@ -66,6 +90,7 @@ Letters: B batch, W tokens per verify step (W_max the most), J = W_max - 1 offse
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.struct
@@ -81,8 +106,14 @@ class AutoWidth:
     """`tokens_per_step="auto"`, or this for other settings (static under jit: hashable).
 
     max_width: the largest W (None: the drafter's max_drafts + 1). probe_every: below W_max, a
-    probe step at W_max after this many steps in a row. decay: the per-step weight of the old
-    counts (0.9: about the last 10 steps' evidence). prior / prior_weight: the acceptance the
+    probe step at W_max after this many steps in a row (idle_probe_every: the same while
+    drafting does not pay, see `drafting_pays`). decay: the per-step weight of the old counts
+    (0.9: about the last 10 steps' evidence); gate_decay: the same for the drafting gate's
+    measured value and cost (per step whose drafts were made); close_margin: the gate closes
+    when the value falls below (1 - close_margin) x the cost and opens again above it (a
+    hysteresis band: near break-even the measured value is noisy). idle_batches: while drafting
+    does not pay at a batch size, that many static batches of it in a row run greedy's loop,
+    the drafter resting (`drafter_rests`), before one runs with it again and probes. prior / prior_weight: the acceptance the
     counts start at, worth that many row-steps. score_bins: bins of the drafts' scores
     (1: scores ignored, the pooled choice). Set by the engine per call (leave them): costs,
     the relative step cost at W = 1..W_max at this batch (from its `VerifyCost`; drafting
@@ -90,7 +121,11 @@ class AutoWidth:
     executable of `run` steps at (0 where none: prefill, refill)."""
     max_width: Optional[int] = None
     probe_every: int = 16
+    idle_probe_every: int = 64
+    idle_batches: int = 7
     decay: float = 0.9
+    gate_decay: float = 0.98
+    close_margin: float = 0.1
     prior: float = 0.5
     prior_weight: float = 1.0
     score_bins: int = 8
@@ -106,6 +141,11 @@ class WidthStats:
     passed: jax.Array      # [J] float32 ... and accepted it
     reached_bins: jax.Array  # [J,C] float32 the same per score bin of the draft at offset j
     passed_bins: jax.Array   # [J,C] float32
+    gate_value: jax.Array    # [] float32 decayed tokens per row the choice emitted (drafted steps)
+    gate_cost: jax.Array     # [] float32 decayed cost of those steps in greedy steps
+    choice: jax.Array        # [] int32 the choice for the next step before a probe forced W_max
+    drafted: jax.Array       # [] bool the next step's drafts were made
+    gate_open: jax.Array     # [] bool drafting pays (the gate, with its hysteresis)
     since_full: jax.Array  # [] int32 steps in a row below W_max
     histogram: jax.Array   # [W_max+1] int32 loop iterations run at each W (index W)
     next_width: jax.Array  # [] int32 the W of the next step (a fixed W: W)
@@ -130,13 +170,24 @@ def _policy(tokens_per_step) -> AutoWidth:
 
 
 def init_width_stats(tokens_per_step) -> WidthStats:
-    """The prior, and the first W: W_max for auto W (a probe: nothing is measured yet)."""
+    """The prior, and the first W: W_max for auto W (a probe: nothing is measured yet). The
+    drafting gate starts from what the choice at the prior acceptance would bring at the
+    policy's costs (prior_weight steps of it)."""
     policy, w_max = _policy(tokens_per_step), max_width(tokens_per_step)
     weight, bins = policy.prior_weight, (w_max - 1, policy.score_bins)
+    choice, value, cost = w_max, 1.0, 1.0      # the gate's prior: the choice at the prior
+    if policy.costs:                           # acceptance, its tokens and cost in greedy steps
+        expected = 1.0 + np.concatenate([[0.0], np.cumsum(policy.prior ** np.arange(1, w_max))])
+        choice = int(np.argmax(expected / np.asarray(policy.costs))) + 1
+        value, cost = float(expected[choice - 1]), policy.costs[choice - 1] / policy.greedy_cost
     return WidthStats(reached=jnp.full((w_max - 1,), weight, jnp.float32),
                       passed=jnp.full((w_max - 1,), weight * policy.prior, jnp.float32),
                       reached_bins=jnp.full(bins, weight, jnp.float32),
                       passed_bins=jnp.full(bins, weight * policy.prior, jnp.float32),
+                      gate_value=jnp.array(weight * value, jnp.float32),
+                      gate_cost=jnp.array(weight * cost, jnp.float32),
+                      choice=jnp.array(choice, jnp.int32), drafted=jnp.array(True),
+                      gate_open=jnp.array(value >= (1 - policy.close_margin) * cost),
                       since_full=jnp.array(policy.probe_every, jnp.int32),
                       histogram=jnp.zeros((w_max + 1,), jnp.int32),
                       next_width=jnp.array(w_max, jnp.int32))
@@ -169,9 +220,11 @@ def row_expected_tokens(stats: WidthStats, scores: jax.Array) -> jax.Array:
 
 
 def choose_width(policy: AutoWidth, stats: WidthStats, scores: Optional[jax.Array] = None,
-                 active: Optional[jax.Array] = None) -> jax.Array:
-    """[] int32 W in 1..W_max: the best expected tokens per cost, W_max when probing. scores
-    [B,J] (the next drafts'; None: pooled estimates) and active [B] the rows still going."""
+                 active: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """-> (W, W*) [] int32 in 1..W_max: W* the best expected tokens per cost, W the step's: W*
+    while drafting pays (`drafting_pays`), else 1; W_max when probing; 1 where the next drafts
+    were not made (`stats.drafted`). W* is what the gate's evidence counts. scores [B,J] (the next drafts'; None: pooled estimates)
+    and active [B] the rows still going."""
     w_max = policy.max_width
     if scores is None:
         expected = expected_tokens(acceptance_estimate(stats))                  # [W_max]
@@ -179,33 +232,89 @@ def choose_width(policy: AutoWidth, stats: WidthStats, scores: Optional[jax.Arra
         weight = jnp.ones(scores.shape[:1], jnp.float32) if active is None else active
         expected = (row_expected_tokens(stats, scores) * weight[:, None]).sum(axis=0)
     score = expected / jnp.asarray(policy.costs, jnp.float32)
-    w = (jnp.argmax(score) + 1).astype(jnp.int32)
-    return jnp.where(stats.since_full >= policy.probe_every, w_max, w).astype(jnp.int32)
+    best = (jnp.argmax(score) + 1).astype(jnp.int32)
+    w = jnp.where(drafting_pays(policy, stats), best, 1)
+    w = jnp.where(stats.since_full >= probe_interval(policy, stats), w_max, w)
+    return jnp.where(stats.drafted, w, 1).astype(jnp.int32), best
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def resume_width_stats(policy: AutoWidth, previous: WidthStats, fresh: WidthStats,
+                       scores: jax.Array, active: jax.Array) -> WidthStats:
+    """The statistics a new batch starts from when the decoder ran one at this batch size
+    before (`Decoder.width_memory`): the previous batch's estimates, drafting gate and probe
+    cadence, with its own W histogram (fresh's, empty) and its first W chosen from its prefill's
+    drafts (scores [B,J], active [B]) instead of a probe. At batch 1 a sentence of ~40 steps
+    is too short to learn the acceptance or the gate's value from the prior each time."""
+    stats = previous.replace(histogram=fresh.histogram, drafted=jnp.array(True))
+    width, choice = choose_width(policy, stats, scores, active)
+    return stats.replace(next_width=width, choice=choice)
+
+
+def drafter_rests(policy: AutoWidth, memory: WidthStats, rested: int) -> bool:
+    """Host side, before a static batch whose decoder kept `memory` (the last batch's
+    statistics at this size; `rested` batches since ran without the drafter): run this one with
+    greedy's loop (no drafting, no drafter state to advance: greedy's cost exactly)? Yes while
+    drafting does not pay and fewer than idle_batches rested in a row; the batch after them
+    runs with the drafter and probes first, to measure again."""
+    return rested < policy.idle_batches and not bool(drafting_pays(policy, memory))
+
+
+def after_rest(policy: AutoWidth, memory: WidthStats, rested: int) -> WidthStats:
+    """The statistics a batch with the drafter starts from after `rested` batches without it:
+    a probe first (the gate has had no evidence since)."""
+    if not rested:
+        return memory
+    return memory.replace(since_full=jnp.maximum(memory.since_full, policy.idle_probe_every))
+
+
+def rested_stats(memory: WidthStats, iterations) -> WidthStats:
+    """What a batch run without the drafter reports: the kept statistics, every one of its
+    `iterations` loop iterations at W = 1."""
+    return memory.replace(histogram=jnp.zeros_like(memory.histogram).at[1].set(iterations))
+
+
+def drafting_pays(policy: AutoWidth, stats: WidthStats) -> jax.Array:
+    """[] bool: did drafting and choosing W beat greedy's step, by the measured, decayed tokens
+    per row and cost in greedy steps of the steps whose drafts were made (module doc)? The
+    gate's state (`gate_open`, moved by `update_width_stats`). Costs unset (a fixed W): yes."""
+    if not policy.costs:
+        return jnp.array(True)
+    return stats.gate_open
+
+
+def _gate_moves(policy: AutoWidth, was_open: jax.Array, value: jax.Array,
+                cost: jax.Array) -> jax.Array:
+    """The gate after new evidence: open closes below (1 - close_margin) x cost, closed opens
+    above cost."""
+    return jnp.where(was_open, value >= (1 - policy.close_margin) * cost, value > cost)
+
+
+def probe_interval(policy: AutoWidth, stats: WidthStats) -> jax.Array:
+    """[] int32: the steps in a row below W_max after which the next step probes at W_max
+    (probe_every, or idle_probe_every while drafting does not pay)."""
+    return jnp.where(drafting_pays(policy, stats), policy.probe_every,
+                     policy.idle_probe_every).astype(jnp.int32)
 
 
 def drafts_may_be_verified(policy: AutoWidth, stats: WidthStats) -> jax.Array:
-    """[] bool, before a step at W = 1: should the drafts of the step after it be made? No
-    when drafting cannot pay whatever the drafts' scores: E(W) from the best score bin of every
-    offset (an upper bound on every row's E_b(W)) per cost(W) (drafting included) is at most
-    greedy's 1 / greedy_cost for every W > 1, and the next step is no probe. (A step at W = 1
-    verifies no offset, so the counts it reads are the ones the choice after it reads.) The
-    loop then skips drafting after that step (decoding/loop.py), and the step after it runs at
-    W = 1 at greedy's cost."""
-    best = jnp.max(stats.passed_bins / jnp.maximum(stats.reached_bins, 1e-12), axis=1)   # [J]
-    bound = expected_tokens(jnp.maximum(best, acceptance_estimate(stats)))       # [W_max]
-    greedy = policy.greedy_cost if policy.greedy_cost > 0 else policy.costs[0]
-    worth = bound[1:] / jnp.asarray(policy.costs[1:], jnp.float32) > 1.0 / greedy
-    return jnp.any(worth) | (stats.since_full + 1 >= policy.probe_every)
+    """[] bool, before a step at W = 1: should the drafts of the step after it be made? Yes
+    when drafting pays (`drafting_pays`) or the next step is a probe. Where no, the loop skips
+    drafting after that step (decoding/loop.py) and the step after it runs at W = 1 at greedy's
+    cost (`choose_width` reads `drafted`)."""
+    return drafting_pays(policy, stats) | (stats.since_full + 1 >= probe_interval(policy, stats))
 
 
 def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax.Array,
                        active: jax.Array, scores: Optional[jax.Array] = None,
                        next_scores: Optional[jax.Array] = None,
-                       next_active: Optional[jax.Array] = None) -> WidthStats:
+                       next_active: Optional[jax.Array] = None,
+                       drafted: Optional[jax.Array] = None) -> WidthStats:
     """After a step at W = w: accepted [B] drafts accepted per row (before the stop / limit
     cut), active [B] the rows that took part, scores [B,J] the verified drafts' scores (None:
     unscored, the top bin). Then the next step's W, from next_scores [B,J] / next_active [B]
-    (the next step's drafts; None: the pooled choice)."""
+    (the next step's drafts; None: the pooled choice) and drafted [] bool (were they made?
+    None: yes)."""
     policy, w_max = _policy(tokens_per_step), stats.reached.shape[0] + 1   # the buffers' W_max
     offsets = jnp.arange(2, w_max + 1)[None, :]                                 # [1,J]
     verified = active[:, None] & (offsets <= w)                                 # [B,J]
@@ -213,7 +322,7 @@ def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax
     row_passed = verified & (accepted[:, None] >= offsets - 1)
     reached, passed = row_reached.sum(axis=0), row_passed.sum(axis=0)           # [J]
     seen = reached > 0
-    decay = jnp.float32(policy.decay)
+    decay, gate_decay = jnp.float32(policy.decay), jnp.float32(policy.gate_decay)
     bins = stats.reached_bins.shape[1]
     if scores is None:
         scores = jnp.ones(row_reached.shape, jnp.float32)
@@ -221,16 +330,35 @@ def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax
     reached_b = (row_reached[..., None] * onehot).sum(axis=0)                   # [J,C]
     passed_b = (row_passed[..., None] * onehot).sum(axis=0)
     seen_b = reached_b > 0
+    # the drafting gate's evidence: what this step's choice W* emitted per row, at what cost in
+    # greedy steps (a probe ran W_max >= W*, so min(accepted, W* - 1) + 1 is known per row; a
+    # step below W*, drafting switched off, or whose drafts were not made tells nothing)
+    rows = active.sum()
+    if isinstance(tokens_per_step, AutoWidth) and policy.costs:
+        chosen = stats.choice
+        emitted = jnp.where(active, jnp.minimum(accepted, chosen - 1) + 1, 0).sum()
+        cost = (jnp.asarray(policy.costs, jnp.float32)[chosen - 1]
+                / jnp.float32(policy.greedy_cost))
+        counted = stats.drafted & (rows > 0) & (chosen <= w)
+        gate_value = jnp.where(counted, gate_decay * stats.gate_value
+                               + emitted / jnp.maximum(rows, 1), stats.gate_value)
+        gate_cost = jnp.where(counted, gate_decay * stats.gate_cost + cost, stats.gate_cost)
+    else:
+        gate_value, gate_cost = stats.gate_value, stats.gate_cost
     new = WidthStats(
         reached=jnp.where(seen, decay * stats.reached + reached, stats.reached),
         passed=jnp.where(seen, decay * stats.passed + passed, stats.passed),
         reached_bins=jnp.where(seen_b, decay * stats.reached_bins + reached_b,
                                stats.reached_bins),
         passed_bins=jnp.where(seen_b, decay * stats.passed_bins + passed_b, stats.passed_bins),
+        gate_value=gate_value, gate_cost=gate_cost, choice=stats.choice,
+        drafted=jnp.array(True) if drafted is None else drafted,
+        gate_open=_gate_moves(policy, stats.gate_open, gate_value, gate_cost),
         since_full=jnp.array(0 if w >= w_max else 1, jnp.int32) * (stats.since_full + 1),
         histogram=stats.histogram.at[w].add(1), next_width=stats.next_width)
     if isinstance(tokens_per_step, AutoWidth):
-        return new.replace(next_width=choose_width(policy, new, next_scores, next_active))
+        width, choice = choose_width(policy, new, next_scores, next_active)
+        return new.replace(next_width=width, choice=choice)
     return new
 
 

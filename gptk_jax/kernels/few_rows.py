@@ -46,7 +46,6 @@ MIN_ROWS = 2          # rows at least (1 row: XLA's matrix-vector product, 5 % f
                       # bench/bench_few_rows.py --steps)
 SOURCE = Path(__file__).with_name("small_matmul.cc")
 TARGETS = {"nn": "GptkSmallMatmulNN", "nt": "GptkSmallMatmulNT"}
-MATMULS = ("xla", "few_rows")
 
 
 class KernelBuildError(GptkError, RuntimeError):
@@ -200,5 +199,5 @@ def dot_general_for(matmul: str):
     return dot_general if matmul == "few_rows" else jax.lax.dot_general
 
 
-__all__ = ["MATMULS", "MAX_ROWS", "MIN_ROWS", "KernelBuildError", "available", "build",
+__all__ = ["MAX_ROWS", "MIN_ROWS", "KernelBuildError", "available", "build",
            "dot_general", "dot_general_for", "matmul_nn", "matmul_nt", "unembed"]

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional
 
 from gptk_jax.errors import GptkError
 
+MATMULS = ("xla", "few_rows")   # LlamaConfig.matmul: XLA's products, or gptk_jax/kernels/few_rows.py
+
 # Meta's reference code (llama-models, llama3/model.py `apply_scaling`) hard-codes these for every
 # Llama 3.x checkpoint whose params.json says use_scaled_rope; HF configs of Llama 3.2 1B/3B say
 # factor 32 instead. The factor is an explicit field so either can be reproduced.
@@ -113,8 +115,9 @@ class LlamaConfig:
                 raise ConfigError(f"rope_scaling {dict(self.rope_scaling)!r}: {e}") from None
         elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"rope_scaling must be null or an object, got {self.rope_scaling!r}")
-        if self.matmul not in ("xla", "few_rows"):
-            raise ConfigError(f"matmul must be 'xla' or 'few_rows', got {self.matmul!r}")
+        if self.matmul not in MATMULS:
+            raise ConfigError(f"matmul must be {' or '.join(map(repr, MATMULS))}, got "
+                              f"{self.matmul!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name} must be float32, bfloat16 or float16, "
