@@ -386,7 +386,7 @@ class Decoder:
         memory, rested = self.width_memory.get(batch), self._rested.get(batch, 0)
         if self.width_policy is None or memory is None:
             return False, None
-        rest = drafter_rests(statics[2], memory, rested)
+        rest = drafter_rests(statics[2], memory, rested, batch)
         self._rested[batch] = rested + 1 if rest else 0
         return rest, memory if rest else after_rest(statics[2], memory, rested)
 

@@ -291,7 +291,7 @@ def decode_step(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | Au
     w = step_width(tokens_per_step)
     draft = None       # auto W at W = 1: draft only if the next step may verify drafts
     if isinstance(tokens_per_step, AutoWidth) and w == 1 and tokens_per_step.costs:
-        draft = drafts_may_be_verified(tokens_per_step, state.width_stats)
+        draft = drafts_may_be_verified(tokens_per_step, state.width_stats, ~state.done)
     new, accepted = _step_at(config, drafter, w, state, params=params,
                              drafter_vars=drafter_vars, stop_ids=stop_ids, draft=draft)
     return new.replace(width_stats=update_width_stats(

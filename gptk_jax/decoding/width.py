@@ -59,7 +59,11 @@ decayed by `gate_decay` (about the last 50 such steps), and drafting pays while
 gate_value > gate_cost, i.e. while it beats greedy's one token per greedy step (`gate_open`,
 with a hysteresis band: an open gate closes only below (1 - close_margin) x gate_cost, since
 near break-even, as eagle at batch 1, the value is noisy and a closed gate learns only at
-probes). At a probe W*
+probes). With one row going (batch 1, or a batch's last row) the gate also opens where E(W)
+from each offset's best score bin beats greedy's step (the first version of this gate): W then
+follows that row's own drafts, so the choice itself spends little on unlikely ones, while the
+measured value carries the cost model's error, here as large as batch 1's margin (eagle at a
+fixed W = 4 measured 1.08x; the measured gate alone shut it off: 1.01-1.04x). At a probe W*
 is the choice the scores made (`WidthStats.choice`) and its tokens are known since the probe
 verified every offset (min(accepted, W* - 1) + 1 per row), so the evidence is the rule's own
 value even while it is switched off. This counts what a model of E(W) misses: at batch 8 W is
@@ -233,8 +237,9 @@ def choose_width(policy: AutoWidth, stats: WidthStats, scores: Optional[jax.Arra
         expected = (row_expected_tokens(stats, scores) * weight[:, None]).sum(axis=0)
     score = expected / jnp.asarray(policy.costs, jnp.float32)
     best = (jnp.argmax(score) + 1).astype(jnp.int32)
-    w = jnp.where(drafting_pays(policy, stats), best, 1)
-    w = jnp.where(stats.since_full >= probe_interval(policy, stats), w_max, w)
+    rows = None if active is None else jnp.sum(active)
+    w = jnp.where(drafting_pays(policy, stats, rows), best, 1)
+    w = jnp.where(stats.since_full >= probe_interval(policy, stats, rows), w_max, w)
     return jnp.where(stats.drafted, w, 1).astype(jnp.int32), best
 
 
@@ -251,13 +256,13 @@ def resume_width_stats(policy: AutoWidth, previous: WidthStats, fresh: WidthStat
     return stats.replace(next_width=width, choice=choice)
 
 
-def drafter_rests(policy: AutoWidth, memory: WidthStats, rested: int) -> bool:
+def drafter_rests(policy: AutoWidth, memory: WidthStats, rested: int, batch: int) -> bool:
     """Host side, before a static batch whose decoder kept `memory` (the last batch's
     statistics at this size; `rested` batches since ran without the drafter): run this one with
     greedy's loop (no drafting, no drafter state to advance: greedy's cost exactly)? Yes while
     drafting does not pay and fewer than idle_batches rested in a row; the batch after them
     runs with the drafter and probes first, to measure again."""
-    return rested < policy.idle_batches and not bool(drafting_pays(policy, memory))
+    return rested < policy.idle_batches and not bool(drafting_pays(policy, memory, batch))
 
 
 def after_rest(policy: AutoWidth, memory: WidthStats, rested: int) -> WidthStats:
@@ -274,13 +279,20 @@ def rested_stats(memory: WidthStats, iterations) -> WidthStats:
     return memory.replace(histogram=jnp.zeros_like(memory.histogram).at[1].set(iterations))
 
 
-def drafting_pays(policy: AutoWidth, stats: WidthStats) -> jax.Array:
+def drafting_pays(policy: AutoWidth, stats: WidthStats, rows=None) -> jax.Array:
     """[] bool: did drafting and choosing W beat greedy's step, by the measured, decayed tokens
-    per row and cost in greedy steps of the steps whose drafts were made (module doc)? The
-    gate's state (`gate_open`, moved by `update_width_stats`). Costs unset (a fixed W): yes."""
+    per row and cost in greedy steps of the steps whose drafts were made (module doc; the
+    gate's state `gate_open`, moved by `update_width_stats`)? With one row going (`rows` [] the
+    active rows' count), also yes where E(W) from each offset's best score bin beats greedy's
+    step for some W > 1. Costs unset (a fixed W): yes."""
     if not policy.costs:
         return jnp.array(True)
-    return stats.gate_open
+    if rows is None:
+        return stats.gate_open
+    best = jnp.max(stats.passed_bins / jnp.maximum(stats.reached_bins, 1e-12), axis=1)   # [J]
+    bound = expected_tokens(jnp.maximum(best, acceptance_estimate(stats)))       # [W_max]
+    worth = bound[1:] * policy.greedy_cost / jnp.asarray(policy.costs[1:], jnp.float32) > 1.0
+    return stats.gate_open | ((rows <= 1) & jnp.any(worth))
 
 
 def _gate_moves(policy: AutoWidth, was_open: jax.Array, value: jax.Array,
@@ -290,19 +302,23 @@ def _gate_moves(policy: AutoWidth, was_open: jax.Array, value: jax.Array,
     return jnp.where(was_open, value >= (1 - policy.close_margin) * cost, value > cost)
 
 
-def probe_interval(policy: AutoWidth, stats: WidthStats) -> jax.Array:
+def probe_interval(policy: AutoWidth, stats: WidthStats, rows=None) -> jax.Array:
     """[] int32: the steps in a row below W_max after which the next step probes at W_max
     (probe_every, or idle_probe_every while drafting does not pay)."""
-    return jnp.where(drafting_pays(policy, stats), policy.probe_every,
+    return jnp.where(drafting_pays(policy, stats, rows), policy.probe_every,
                      policy.idle_probe_every).astype(jnp.int32)
 
 
-def drafts_may_be_verified(policy: AutoWidth, stats: WidthStats) -> jax.Array:
+def drafts_may_be_verified(policy: AutoWidth, stats: WidthStats,
+                           active: Optional[jax.Array] = None) -> jax.Array:
     """[] bool, before a step at W = 1: should the drafts of the step after it be made? Yes
-    when drafting pays (`drafting_pays`) or the next step is a probe. Where no, the loop skips
+    when drafting pays (`drafting_pays`, active [B] the rows going) or the next step is a
+    probe. Where no, the loop skips
     drafting after that step (decoding/loop.py) and the step after it runs at W = 1 at greedy's
     cost (`choose_width` reads `drafted`)."""
-    return drafting_pays(policy, stats) | (stats.since_full + 1 >= probe_interval(policy, stats))
+    rows = None if active is None else jnp.sum(active)
+    return (drafting_pays(policy, stats, rows)
+            | (stats.since_full + 1 >= probe_interval(policy, stats, rows)))
 
 
 def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax.Array,

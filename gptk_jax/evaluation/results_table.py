@@ -107,7 +107,7 @@ def _entry(drafter: str, method: str, report: dict) -> Optional[dict]:
         entry["runs"][f"b{batch}" + ("/continuous" if schedule == "continuous" else "")] = {
             key: run.get(key) for key in (
                 "tau", "speedup", "tokens_per_second", "per_offset_acceptance",
-                "tokens_per_step_mode", "chosen_w_histogram", "step_cost",
+                "tokens_per_step_mode", "chosen_w_histogram", "step_cost", "rested_batches",
                 "identical_to_greedy")
             if run.get(key) is not None}
     static = {b: entry["runs"].get(f"b{b}", {}) for b in (1, 8)}

@@ -73,7 +73,8 @@ def mtp_summary(results: list, k: int) -> dict:
     if auto:
         chosen = np.sum([np.asarray(r.stats["chosen_w_histogram"]) for r in results], axis=0)
         stats.update(tokens_per_step_mode="auto", chosen_w_histogram=chosen.tolist(),
-                     step_cost=results[-1].stats.get("step_cost"))
+                     step_cost=results[-1].stats.get("step_cost"),
+                     rested_batches=sum(bool(r.stats.get("drafter_rested")) for r in results))
     return stats
 
 
