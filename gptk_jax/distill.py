@@ -48,9 +48,11 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
             shots_prefix=None, space_with_target: bool = False, bos: Optional[bool] = None,
             progress: bool = True, stop_after: Optional[int] = None,
             command: Sequence[str] = (), num_shards: int = 1,
-            shard_index: Optional[int] = None, redo_damaged: bool = False) -> dict:
+            shard_index: Optional[int] = None, redo_damaged: bool = False,
+            verify_weights: bool = True) -> dict:
     """Appends the translations of source lines [lines already in output, max_pairs) to
-    `output`, holding its lock (FILE.lock) for the run; returns the record (FILE.json). With
+    `output`, holding its lock (FILE.lock) for the run; returns the record (FILE.json).
+    `verify_weights` False: the checkpoint's per-tensor digests are not checked. With
     num_shards N > 1: only lines shard_index, shard_index + N, ... into FILE.shardI-of-N
     (merging is the caller's: `distillation.shards.merge_shards`)."""
     from gptk_jax.data.prompts import prompt_format
@@ -99,14 +101,16 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
                                all_sources, bos=bos, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, tokens_per_step=tokens_per_step,
                                chunk=chunk, command=command, progress=progress,
-                               stop_after=stop_after, redo_damaged=redo_damaged)
+                               stop_after=stop_after, redo_damaged=redo_damaged,
+                               verify_weights=verify_weights)
 
 
 def _distill_locked(checkpoint, fmt, source_path, sources, output, shard, all_sources, *, bos,
                     max_new_tokens, batch_size, tokens_per_step, chunk, command, progress,
-                    stop_after, redo_damaged) -> dict:
+                    stop_after, redo_damaged, verify_weights=True) -> dict:
     from gptk_jax.data.prompts import prompt_record, translation_stop_ids
     from gptk_jax.llama.checkpoint import load_converted
+    from gptk_jax.llama.weight_checks import verify_digests_arg
     from gptk_jax.distillation.generate import distill_sources
     from gptk_jax.distillation.record import (DistillPlan, check_resume, model_fingerprint,
                                               record_path)
@@ -114,7 +118,7 @@ def _distill_locked(checkpoint, fmt, source_path, sources, output, shard, all_so
 
     if output.exists() and not record_path(output).is_file():   # refused before the model
         check_resume(None, output, sources)                      # loads, nothing changed
-    model = load_converted(checkpoint)
+    model = load_converted(checkpoint, verify_digests=verify_digests_arg(verify_weights))
     stops = ",".join(map(str, translation_stop_ids(model.tokenizer)))
     plan = DistillPlan(
         input=str(Path(source_path).resolve()), sources=len(sources),
@@ -166,6 +170,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "differs from what the record says was written (and those after it)")
     p.add_argument("--merge", action="store_true",
                    help="only merge the N complete shards of OUTPUT into OUTPUT (no model)")
+    from gptk_jax.llama.weight_checks import add_verify_weights_argument
+    add_verify_weights_argument(p)
     args = p.parse_args(argv)
     if args.merge and args.shard_index is not None:
         p.error("--merge merges every shard: drop --shard-index")
@@ -203,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          progress=not args.no_progress, stop_after=args.stop_after,
                          command=["python", "-m", "gptk_jax.distill", *argv],
                          num_shards=args.num_shards, shard_index=args.shard_index,
-                         redo_damaged=args.redo_damaged)
+                         redo_damaged=args.redo_damaged, verify_weights=args.verify_weights)
         session = record["sessions"][-1]
         rate = session["generated_tokens"] / max(session["seconds"], 1e-9)
         written = args.output if args.num_shards == 1 else \

@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                         "as training does)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--output", required=True, help="report folder")
+    from gptk_jax.llama.weight_checks import add_verify_weights_argument
+    add_verify_weights_argument(p)
     return p
 
 
@@ -157,7 +159,8 @@ def parse_args(argv=None) -> EvalConfig:
             lookup_max_ngram=a.lookup_max_ngram, draft_vocab_size=a.draft_vocab_size,
             draft_vocab_from=a.draft_vocab_from, continuous=a.continuous, bos=a.bos,
             choose_width=a.choose_width, verify_cost=a.verify_cost,
-            score_bins=a.score_bins, progress=not a.no_progress)
+            score_bins=a.score_bins, progress=not a.no_progress,
+            verify_weights=a.verify_weights)
     except ValueError as e:
         p.error(str(e))
 

@@ -125,6 +125,32 @@ def os_error_text(error: OSError, path, what: str) -> str:
     return f"{what} {path}: {error.strerror or error}"
 
 
+def os_error_reason(error: OSError, path, *, folder: bool = False) -> str:
+    """What is wrong with `path` after `error`, and what to do, for the tail of a message that
+    already names it ("workdir X is not writable: <reason>"); never a raw errno text. `folder`:
+    `path` should be a folder (else a file)."""
+    import errno as errno_codes
+    path = Path(path)
+    if error.errno in (errno_codes.ENOTDIR, errno_codes.EEXIST, errno_codes.EISDIR):
+        if folder and path.exists() and not path.is_dir():
+            return "it is a file, where a folder is needed: give a folder path"
+        if not folder and path.is_dir():
+            return "it is a folder, where a file is needed: remove it or choose another path"
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return (f"{blocker} is a file, not a folder: choose a path whose folders are "
+                    f"folders")
+    if error.errno == errno_codes.ENOENT:
+        return "no such file or folder"
+    if error.errno in (errno_codes.EACCES, errno_codes.EPERM):
+        return "permission denied: choose a path you can write"
+    if error.errno == errno_codes.EROFS:
+        return "on a read-only file system: choose a path you can write"
+    if error.errno == errno_codes.ENOSPC:
+        return "no space left on its device: free some or choose another path"
+    return error.strerror or str(error)
+
+
 class OutputFileError(GptkError, OSError):
     """An output file that cannot be written; the message names it."""
 
@@ -138,11 +164,19 @@ class JsonLines:
         if path is None:
             return
         self.partial = path.with_name(path.name + ".partial")
+        if path.is_dir():   # open() would write OUT.partial beside it; finish() then fails
+            raise OutputFileError(f"--output-json {path}: cannot write it: it is a folder, where "
+                                  "a file is needed: remove it or choose another path")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputFileError(f"--output-json {path}: cannot write it: "
+                                  f"{os_error_reason(e, path)}") from None
+        try:
             self._file = open(self.partial, "w", encoding="utf-8")
         except OSError as e:
-            raise OutputFileError(f"--output-json {path}: cannot write it ({e.strerror or e})") from None
+            raise OutputFileError(f"--output-json {path}: cannot write {self.partial}: "
+                                  f"{os_error_reason(e, self.partial)}") from None
 
     def write(self, record: dict) -> None:
         if self._file is not None:

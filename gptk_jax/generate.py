@@ -141,6 +141,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="prepend the BOS token (default: the tokenizer's own rule, add_bos)")
     p.add_argument("--quiet", action="store_true", help="no per-prompt text on stdout")
+    from gptk_jax.llama.weight_checks import add_verify_weights_argument
+    add_verify_weights_argument(p)
     args = p.parse_args(argv)
     for name, value, least in (("--max-new-tokens", args.max_new_tokens, 1),
                                ("--batch-size", args.batch_size, 1), ("--bucket", args.bucket, 1),
@@ -208,13 +210,15 @@ def load_prompts(args: argparse.Namespace) -> tuple[list[str], Optional[list[str
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     from gptk_jax.llama.checkpoint import load_converted
+    from gptk_jax.llama.weight_checks import verify_digests_arg
 
     output = None
     try:
         prompts, where = load_prompts(args)
         output = JsonLines(args.output_json)
         start = time.perf_counter()
-        model = load_converted(args.checkpoint, dtype=args.dtype)
+        model = load_converted(args.checkpoint, dtype=args.dtype,
+                               verify_digests=verify_digests_arg(args.verify_weights))
         print(f"loaded {model.path} in {time.perf_counter() - start:.1f}s "
               f"({model.config.n_layers} layers, dim {model.config.dim}, "
               f"compute {model.config.dtype})", file=sys.stderr)

@@ -287,11 +287,16 @@ def incomplete_warning(target_file: Path, status: dict) -> str:
 
 
 def target_lines_check(target_file: Path, source_path: str, target_lines: int,
-                       source_lines: int, log: Optional[Callable[[str], None]] = print) -> None:
+                       source_lines: int, log: Optional[Callable[[str], None]] = print, *,
+                       sources: Optional[Sequence[str]] = None,
+                       targets: Optional[Sequence[str]] = None) -> None:
     """A training target file must be line-aligned with its sources: as many lines, or, for a
     distillation of the first N sources (its record says so), exactly the N it wrote. An
     incomplete distillation (fewer lines written than the sources it was asked for) is
-    accepted with a warning through `log`."""
+    accepted with a warning through `log`. Given the lines themselves (`sources`, `targets`:
+    the files' lines as read), a distillation's are checked against its record's
+    fingerprints too (`target_content_check`): a source edited, inserted or removed since, or
+    a target line changed, is refused naming the first line that differs."""
     record, rec = record_path(Path(target_file)), read_record(Path(target_file))
     if rec is not None and rec.get("shard"):
         shard = rec["shard"]
@@ -306,6 +311,8 @@ def target_lines_check(target_file: Path, source_path: str, target_lines: int,
             status = distillation_status(Path(target_file))
             if status is not None and not status["complete"] and log is not None:
                 log(incomplete_warning(Path(target_file), status))
+            if sources is not None and targets is not None:
+                target_content_check(target_file, source_path, sources, targets, rec, log=log)
             return
         raise DistillError(
             f"{target_file} has {target_lines} lines, its record {record} says "
@@ -316,6 +323,45 @@ def target_lines_check(target_file: Path, source_path: str, target_lines: int,
                            f"{source_path} has {source_lines}: not its line-aligned target side")
 
 
+def target_content_check(target_file: Path, source_path: str, sources: Sequence[str],
+                         targets: Sequence[str], rec: dict,
+                         log: Optional[Callable[[str], None]] = print) -> None:
+    """The distillation `target_file` (its record `rec`, not a shard's) against the lines it
+    is paired with now: each recorded chunk's source fingerprints against the same lines of
+    `sources` (the source file's lines as read) and its output fingerprints against the
+    same lines of `targets`. The first line that differs (a source line edited, inserted or
+    removed since distilling; a target line edited) is refused, one line naming the file and
+    the line. One sha256 per line read, no file read again. A record without fingerprints
+    (an older distill) cannot be checked: said through `log`."""
+    record = record_path(Path(target_file))
+    chunks = rec.get("chunks")
+    done = int(rec.get("lines_written", 0))
+    if chunks is None or sum(int(c.get("lines", 0)) for c in chunks) != done or any(
+            "sources" not in c or "output" not in c for c in chunks):
+        if log is not None and done:
+            log(f"warning: {record} has no fingerprints of the lines of {target_file} (an "
+                f"older distill wrote it): their alignment with {source_path} is not checked")
+        return
+    for c in sorted(chunks, key=lambda c: c["first"]):
+        first, n = int(c["first"]), int(c["lines"])
+        j_src = _first_difference(c["sources"], line_hashes(sources[first:first + n]))
+        j_out = _first_difference(c["output"], line_hashes(targets[first:first + n]))
+        if j_src is not None and (j_out is None or j_src <= j_out):
+            line = first + j_src + 1
+            raise DistillError(
+                f"line {line} of {source_path} differs from the source line distilled into "
+                f"line {line} of {target_file} (its record {record}): the sources changed "
+                f"since distilling, so the pairs are not aligned; restore {source_path} or "
+                f"re-run python -m gptk_jax.distill into a new --output")
+        if j_out is not None:
+            line = first + j_out + 1
+            raise DistillError(
+                f"line {line} of {target_file} differs from the line distill wrote there (its "
+                f"record {record}): the file was edited or damaged; restore it, or re-run "
+                f"python -m gptk_jax.distill on it with --redo-damaged")
+
+
 __all__ = ["DistillError", "DistillPlan", "check_resume", "chunk_entry", "distillation_status",
            "incomplete_warning", "line_hashes", "lock_path", "output_lock", "model_fingerprint",
-           "one_line", "read_record", "record_path", "save_record", "target_lines_check"]
+           "one_line", "read_record", "record_path", "save_record", "target_content_check",
+           "target_lines_check"]

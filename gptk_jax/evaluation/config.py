@@ -60,6 +60,7 @@ class EvalConfig:
     score_bins: int = 8                   # choose_width: bins of the drafts' scores (1: ignored)
     bos: Optional[bool] = None            # prepend BOS; None: the tokenizer's rule (add_bos)
     progress: bool = True
+    verify_weights: bool = True           # check the converted tensors' digests on load
 
     def __post_init__(self):
         if (self.source is None) != (self.reference is None):

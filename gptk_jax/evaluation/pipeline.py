@@ -168,7 +168,8 @@ def run_evaluation(cfg: EvalConfig) -> dict:
 
     check_output_folder(cfg.output)
     test_set = load_eval_set(cfg)
-    model = load_converted(cfg.checkpoint, dtype=cfg.dtype)
+    model = load_converted(cfg.checkpoint, dtype=cfg.dtype,
+                           verify_digests=None if cfg.verify_weights else False)
     config, tok = model.config, model.tokenizer
     trunk_name = Path(cfg.checkpoint).name
     heads = load_heads(cfg.heads, config, trunk_name) if cfg.heads else None

@@ -41,17 +41,21 @@ def check_output_folder(out) -> None:
     nothing: it probes the nearest existing folder with a temporary file."""
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--output {out}: exists and is not a folder")
+        raise OutputError(f"--output {out}: exists and is not a folder: give a folder path "
+                          "for the report")
     probe = out
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise OutputError(f"--output {out}: cannot be created ({probe} is not a folder)")
+        raise OutputError(f"--output {out}: cannot be created ({probe} is not a folder): "
+                          "choose a path whose folders are folders")
     try:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
-        raise OutputError(f"--output {out}: {probe} is not writable ({e.strerror or e})") from None
+        from gptk_jax.files import os_error_reason
+        raise OutputError(f"--output {out}: {probe} is not writable: "
+                          f"{os_error_reason(e, probe, folder=True)}") from None
 
 
 def sha256_json(value) -> str:

@@ -34,8 +34,9 @@ sums of 64-bit words, the digest before it) took ~0.045 s, CRC-32 ~0.13 s and sh
 conversion.json could be rewritten as easily as a tensor). Folders whose conversion.json
 records "sums64", "crc32" or "sha256" digests (converted by earlier versions) are verified
 with those; an unknown algorithm is refused with a message to convert again. It runs in a
-thread beside the reading of the next tensor. `load_converted(verify_digests=False)` or the
-environment variable GPTK_SKIP_WEIGHT_DIGESTS=1 skips it; a folder converted before digests
+thread beside the reading of the next tensor. `load_converted(verify_digests=False)`, the CLIs'
+`--no-verify-weights` (generate, evaluate, distill) or the environment variable
+GPTK_SKIP_WEIGHT_DIGESTS=1 skips it; a folder converted before digests
 were recorded loads with a warning saying its weights cannot be checked.
 """
 
@@ -256,7 +257,9 @@ def save_converted(out_dir: str | os.PathLike, config: LlamaConfig, params: dict
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create {out.parent}: {e}") from None
+        from gptk_jax.files import os_error_reason
+        raise CheckpointError(f"cannot create {out.parent}: "
+                              f"{os_error_reason(e, out.parent, folder=True)}") from None
     start = time.perf_counter()
     provenance = dict(provenance or {}, **{DIGESTS_KEY: tensor_digests(params)})
     if log is not None:

@@ -37,6 +37,26 @@ PROVENANCE_FILE = "conversion.json"
 DIGESTS_KEY = "tensor_digests"          # in conversion.json: {"algorithm", "tensors"}
 
 
+VERIFY_WEIGHTS_HELP = (
+    "skip the per-tensor digest check of the converted weights (each tensor read is hashed and "
+    "compared with the digest conversion.json records; a damaged tensor is refused, named). It "
+    "costs ~0.02 s of CPU over SmolLM2-135M's 538 MB, about 2 %% of a load (docs/benchmarks.md); "
+    "skipped, damaged weights load unnoticed. Same as GPTK_SKIP_WEIGHT_DIGESTS=1")
+
+
+def add_verify_weights_argument(parser) -> None:
+    """`--no-verify-weights` (args.verify_weights False; default True) for a CLI that loads a
+    converted model: pass `verify_digests=verify_digests_arg(args.verify_weights)` on."""
+    parser.add_argument("--no-verify-weights", dest="verify_weights", action="store_false",
+                        help=VERIFY_WEIGHTS_HELP)
+
+
+def verify_digests_arg(verify_weights: bool):
+    """load_converted's `verify_digests` for a CLI's --no-verify-weights: False when given,
+    else None (load_converted's default: verify unless GPTK_SKIP_WEIGHT_DIGESTS=1)."""
+    return None if verify_weights else False
+
+
 def _error(message: str) -> Exception:
     """llama/checkpoint.py's CheckpointError (imported late: checkpoint.py imports this)."""
     from gptk_jax.llama.checkpoint import CheckpointError

@@ -121,13 +121,16 @@ def _pairs_with_target_file(prefix: str, src_lang: str, target_file: Path,
     """Sources from PREFIX.src paired line by line with `target_file`: as many lines, or the
     trunk's own translations of the first N sources from `python -m gptk_jax.distill` (its
     record FILE.json says N; a partial file without one is refused). `line_range` (first, last):
-    only those 1-based lines of both (a range past the target file's lines is refused)."""
+    only those 1-based lines of both (a range past the target file's lines is refused). A
+    distillation whose sources or lines changed since it was written (its record's
+    fingerprints differ) is refused naming the first line that differs."""
     from gptk_jax.distillation.record import DistillError, target_lines_check
 
     sources = read_text_lines(f"{prefix}.{src_lang}")
     targets = read_text_lines(target_file)
-    try:
-        target_lines_check(target_file, f"{prefix}.{src_lang}", len(targets), len(sources))
+    try:                  # a distillation's lines are checked against its record's fingerprints
+        target_lines_check(target_file, f"{prefix}.{src_lang}", len(targets), len(sources),
+                           sources=sources, targets=targets)
     except DistillError as e:
         raise DataError(str(e)) from None
     sources = lines_in_range(sources, line_range, f"{prefix}.{src_lang}")
@@ -140,6 +143,16 @@ def _pairs_with_target_file(prefix: str, src_lang: str, target_file: Path,
             if max_pairs is not None and len(pairs) >= max_pairs:
                 break
     return pairs
+
+
+def _error_text(error: Exception, path, what: str) -> str:
+    """An error reading `what` in one line: an OSError names its file and says what to do
+    (files.os_error_text, not a raw "[Errno 21] Is a directory"); any other, its text."""
+    from gptk_jax.errors import GptkError
+    if isinstance(error, OSError) and not isinstance(error, GptkError):
+        from gptk_jax.files import os_error_text
+        return os_error_text(error, error.filename or path, f"{what} file")
+    return str(error)
 
 
 def read_train_pairs(data: DataSettings) -> list[Pair]:
@@ -160,7 +173,8 @@ def read_train_pairs(data: DataSettings) -> list[Pair]:
                 pairs += read_parallel_text(prefix, data.src_lang, data.tgt_lang,
                                             max_pairs=left, line_range=lines).pairs
         except (OSError, DataError) as e:
-            raise TrainingError(f"config.data.train_prefixes: cannot read {prefix}: {e}") from None
+            raise TrainingError(f"config.data.train_prefixes: cannot read {prefix}: "
+                                f"{_error_text(e, prefix, 'training text')}") from None
     return pairs
 
 
@@ -171,7 +185,8 @@ def prompt_format(data: DataSettings) -> PromptFormat:
             pool = read_parallel_text(data.shots_prefix, data.src_lang, data.tgt_lang).pairs
             shots = few_shot_from(pool, data.shots)
         except (OSError, DataError, ValueError) as e:
-            raise TrainingError(f"config.data.shots_prefix: {e}") from None
+            said = _error_text(e, data.shots_prefix, "few-shot text")
+            raise TrainingError(f"config.data.shots_prefix: {said}") from None
     return PromptFormat.for_languages(data.src_lang, data.tgt_lang, shots=shots,
                                       space_with_target=data.space_with_target)
 
@@ -219,7 +234,8 @@ def build_pipelines(settings: RunSettings, tokenizer, fmt: PromptFormat,
                 global_batch_size=batch, shuffle=False, num_epochs=1, drop_remainder=False,
                 **common))
         except (OSError, ValueError, DataError) as e:
-            raise TrainingError(f"evaluation set {prefix}: {e}") from None
+            raise TrainingError(f"evaluation set {prefix}: "
+                                f"{_error_text(e, prefix, 'evaluation text')}") from None
     return train, evaluation
 
 
@@ -240,8 +256,9 @@ def build_distilled_eval(settings: RunSettings, tokenizer,
             drop_remainder=False, max_len=data.max_len, max_offset=settings.max_offset,
             truncate=data.truncate, bucket_lengths=data.bucket_lengths))
     except (OSError, ValueError, DataError) as e:
+        said = _error_text(e, data.eval_target_file, "evaluation text")
         raise TrainingError(f"config.data.eval_target_file {data.eval_target_file} (sources "
-                            f"{data.eval_prefix}.{data.src_lang}): {e}") from None
+                            f"{data.eval_prefix}.{data.src_lang}): {said}") from None
 
 
 def positions_per_row(pipe: TranslationPipeline, offsets: tuple, first_target_tokens_only: bool,

@@ -57,7 +57,9 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise TrainingError(f"workdir {path} is not writable: {e}") from None
+        from gptk_jax.files import os_error_reason
+        raise TrainingError(f"workdir {path} is not writable: "
+                            f"{os_error_reason(e, path, folder=True)}") from None
     return path
 
 
