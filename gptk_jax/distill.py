@@ -51,13 +51,12 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
             shard_index: Optional[int] = None, redo_damaged: bool = False,
             verify_weights: bool = True) -> dict:
     """Appends the translations of source lines [lines already in output, max_pairs) to
-    `output`, holding its lock (FILE.lock) for the run; returns the record (FILE.json).
-    `verify_weights` False: the checkpoint's per-tensor digests are not checked. With
-    num_shards N > 1: only lines shard_index, shard_index + N, ... into FILE.shardI-of-N
-    (merging is the caller's: `distillation.shards.merge_shards`)."""
+    `output`, holding its lock (FILE.lock) for the run; returns the record (FILE.json); with
+    verify_weights False the checkpoint's tensor digests are not checked. num_shards N > 1:
+    only lines shard_index, shard_index + N, ... into FILE.shardI-of-N (merged by the caller)."""
     from gptk_jax.data.prompts import prompt_format
     from gptk_jax.data.wmt import read_text_lines
-    from gptk_jax.distillation.record import DistillError, output_lock
+    from gptk_jax.distillation.record import DistillError, output_lock, record_path
     from gptk_jax.distillation.shards import (check_shard_arguments, shard_path,
                                                   shard_sources)
 
@@ -84,9 +83,7 @@ def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] =
         output = shard_path(Path(output), shard_index, num_shards)
     output = Path(output)
     if output.exists() and not output.is_file():
-        raise DistillError(f"--output {output} is not a file: choose a file path for the "
-                           f"translations")
-    from gptk_jax.distillation.record import record_path
+        raise DistillError(f"--output {output} is not a file: choose a file for the translations")
     if record_path(output).exists() and not record_path(output).is_file():
         raise DistillError(f"{record_path(output)} is a folder, where distill keeps the record "
                            f"of --output {output}: remove it or choose another --output")

@@ -226,27 +226,26 @@ def _pair(tmp_path):
     return tmp_path / "src"
 
 
-def test_distill_flag_reaches_the_load(damaged, tmp_path, monkeypatch, capsys):
-    from gptk_jax.distill import main
-    monkeypatch.delenv(SKIP_DIGESTS_ENV, raising=False)
-    prefix = _pair(tmp_path)
-    argv = ["--checkpoint", damaged, "--input", prefix, "--output", tmp_path / "d.txt",
+def _distill_argv(damaged, prefix, tmp_path):
+    return ["--checkpoint", damaged, "--input", prefix, "--output", tmp_path / "d.txt",
             "--max-new-tokens", 2, "--no-progress"]
-    assert call(main, argv) == 2
-    assert f"tensor {TENSOR} differs" in error_line(capsys.readouterr().err)
-    seen = []
-    _spy_load(monkeypatch, seen)
-    assert call(main, [*argv, "--no-verify-weights"]) == 2
-    assert seen == [(False, None)]
 
 
-def test_evaluate_flag_reaches_the_load(damaged, tmp_path, monkeypatch, capsys):
-    from gptk_jax.evaluate import main
-    monkeypatch.delenv(SKIP_DIGESTS_ENV, raising=False)
-    prefix = _pair(tmp_path)
-    argv = ["--checkpoint", damaged, "--source", f"{prefix}.de", "--reference",
+def _evaluate_argv(damaged, prefix, tmp_path):
+    return ["--checkpoint", damaged, "--source", f"{prefix}.de", "--reference",
             f"{prefix}.en", "--output", tmp_path / "report", "--max-new-tokens", 2,
             "--batch-sizes", 1, "--lookup", "--tokens-per-step", 2, "--no-progress"]
+
+
+@pytest.mark.parametrize("cli, make_argv", [("gptk_jax.distill", _distill_argv),
+                                            ("gptk_jax.evaluate", _evaluate_argv)])
+def test_the_flag_reaches_the_load(cli, make_argv, damaged, tmp_path, monkeypatch, capsys):
+    """distill and evaluate refuse the damaged tensor, and pass --no-verify-weights on to
+    load_converted(verify_digests=False)."""
+    import importlib
+    main = importlib.import_module(cli).main
+    monkeypatch.delenv(SKIP_DIGESTS_ENV, raising=False)
+    argv = make_argv(damaged, _pair(tmp_path), tmp_path)
     assert call(main, argv) == 2
     assert f"tensor {TENSOR} differs" in error_line(capsys.readouterr().err)
     seen = []

@@ -192,26 +192,26 @@ class Decoder:
         self.measured_cost = self.measured_cost.merged(table)
         return table
 
-    def step_costs(self, batch_size: int) -> tuple[tuple[float, ...], str, float, float]:
+    def step_costs(self, batch_size: int, context: int = 64) -> tuple:
         """(cost(W) / cost(1) for W = 1..W_max at this batch, where they come from, seconds
         spent measuring now, greedy's step / cost(1) (1.0 where the table has none)):
         `verify_cost` when given, else `measured_cost`, measured first at a batch size it
-        lacks."""
+        lacks, at `context` cached positions (the first batch's prompt width)."""
         start = time.perf_counter()
         if self.verify_cost is not None:
             table, source = self.verify_cost, self.verify_cost.source or "given"
         else:
             if batch_size not in self.measured_cost:
-                self.calibrate([batch_size])
+                self.calibrate([batch_size], context=context)
             table, source = self.measured_cost, "measured"
         return (table.relative(batch_size, self.tokens_per_step), source,
                 time.perf_counter() - start, table.greedy_relative(batch_size))
 
-    def _loop_statics(self, batch_size: int) -> tuple[tuple, dict]:
+    def _loop_statics(self, batch_size: int, context: int = 64) -> tuple[tuple, dict]:
         """The statics of this batch's executables and, for auto W, what the result records."""
         if self.width_policy is None:
             return self._statics, {}
-        costs, source, seconds, greedy = self.step_costs(batch_size)
+        costs, source, seconds, greedy = self.step_costs(batch_size, context)
         policy = dataclasses.replace(self.width_policy, costs=costs, greedy_cost=greedy)
         return self._statics[:2] + (policy,), {"step_cost": list(costs),
                                                "greedy_step_cost": greedy,
@@ -349,7 +349,7 @@ class Decoder:
         prompts, width = self._padded(prompt_ids, prefix, padding, bucket, batch_size)
         slots = cache_slots(width, max_new_tokens, self.tokens_per_step)
         batch = prompts.tokens.shape[0]
-        statics, auto_info = self._loop_statics(batch)
+        statics, auto_info = self._loop_statics(batch, width)
         rest, memory = self._drafter_rests(batch, statics)
         run_statics = (self.config, NoDrafter(), 1) if rest else statics
         state, prefill_seconds, compile_a = self._call(
@@ -414,7 +414,7 @@ class Decoder:
         sizes = (m, cache_slots(width, m, self.tokens_per_step))
         shared = (self.params, self.drafter_vars)
         clock = {"prefill": prefix_seconds, "loop": 0.0, "compile": prefix_compile}
-        loop_statics, auto_info = self._loop_statics(batch)
+        loop_statics, auto_info = self._loop_statics(batch, width)
 
         def timed(fn, fn_statics, args, part):   # refill updates the state in place
             out, seconds, compile_seconds = self._call(

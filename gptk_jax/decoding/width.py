@@ -82,11 +82,13 @@ From batch to batch: a decoder keeps the statistics of its last static batch at 
 histogram; its first W chosen from its prefill's drafts, not a probe). Batch 1 decodes one
 sentence of ~40 steps a call: learning the acceptance and the gate's value from the prior each
 time cost a probe per sentence, and a few early misses shut drafting off for the rest of it.
-While drafting does not pay at that batch size, up to `idle_batches` batches in a row run
+While drafting does not pay at that batch size, up to `idle_batches` (24) batches in a row run
 greedy's own loop (`drafter_rests`): a step at W = 1 under the gate still advances the drafter's
 state (eagle: its layer over each new position, ~5 % of a batch-8 step here) and the probes cost
 more, so a drafter that does not pay cost 0.94x at batch 8; the batch after them runs with the
-drafter and probes first, to measure again.
+drafter and probes first, to measure again. (A batch with the drafter costs more than greedy's
+even with the gate closed: eagle at batch 8 spent ~30 % more per W = 1 step in a short probe
+here; with 7 batches between re-measures eagle still ran 0.94x, so they are 24 apart.)
 
 Letters: B batch, W tokens per verify step (W_max the most), J = W_max - 1 offsets 2..W_max.
 """
@@ -117,16 +119,17 @@ class AutoWidth:
     when the value falls below (1 - close_margin) x the cost and opens again above it (a
     hysteresis band: near break-even the measured value is noisy). idle_batches: while drafting
     does not pay at a batch size, that many static batches of it in a row run greedy's loop,
-    the drafter resting (`drafter_rests`), before one runs with it again and probes. prior / prior_weight: the acceptance the
-    counts start at, worth that many row-steps. score_bins: bins of the drafts' scores
-    (1: scores ignored, the pooled choice). Set by the engine per call (leave them): costs,
-    the relative step cost at W = 1..W_max at this batch (from its `VerifyCost`; drafting
-    included); greedy_cost, greedy's step (no drafting) on the same scale; width, the W an
-    executable of `run` steps at (0 where none: prefill, refill)."""
+    the drafter resting (`drafter_rests`), before one runs with it again and probes.
+    prior / prior_weight: the acceptance the counts start at, worth that many row-steps.
+    score_bins: bins of the drafts' scores (1: scores ignored, the pooled choice). Set by the
+    engine per call (leave them): costs, the relative step cost at W = 1..W_max at this batch
+    (from its `VerifyCost`; drafting included); greedy_cost, greedy's step (no drafting) on
+    the same scale; width, the W an executable of `run` steps at (0 where none: prefill,
+    refill)."""
     max_width: Optional[int] = None
     probe_every: int = 16
     idle_probe_every: int = 64
-    idle_batches: int = 7
+    idle_batches: int = 24
     decay: float = 0.9
     gate_decay: float = 0.98
     close_margin: float = 0.1
@@ -227,8 +230,8 @@ def choose_width(policy: AutoWidth, stats: WidthStats, scores: Optional[jax.Arra
                  active: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """-> (W, W*) [] int32 in 1..W_max: W* the best expected tokens per cost, W the step's: W*
     while drafting pays (`drafting_pays`), else 1; W_max when probing; 1 where the next drafts
-    were not made (`stats.drafted`). W* is what the gate's evidence counts. scores [B,J] (the next drafts'; None: pooled estimates)
-    and active [B] the rows still going."""
+    were not made (`stats.drafted`). W* is what the gate's evidence counts. scores [B,J] (the
+    next drafts'; None: pooled estimates) and active [B] the rows still going."""
     w_max = policy.max_width
     if scores is None:
         expected = expected_tokens(acceptance_estimate(stats))                  # [W_max]
