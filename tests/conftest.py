@@ -11,6 +11,19 @@ sys.path.insert(0, str(ROOT))
 DATA = Path(os.environ.get("GPTK_DATA", ROOT.parent / "shared" / "data"))
 WMT = DATA / "wmt14-de-en"
 
+# XLA's persistent compilation cache for the test run: the suite compiles the same small
+# programs again and again (each module drops jax's in-memory executables, below; CLI tests
+# start fresh processes; two xdist workers), and on this CPU compiling is most of a decoding
+# test's time. An executable read back from the cache is the one XLA compiled for the same
+# program, options and jax version (they are the cache key), so no result changes.
+# GPTK_TEST_XLA_CACHE= (empty) turns it off; set here, before jax is imported, so that the
+# workers and every subprocess a test starts inherit it (a test may pass its own folder).
+XLA_CACHE = os.environ.get("GPTK_TEST_XLA_CACHE", str(ROOT / ".cache" / "xla-tests"))
+if XLA_CACHE:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 
 def read_lines(path: Path) -> list[str]:
     """WMT files: split on '\\n' only (never splitlines), strip a trailing '\\r'."""
