@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +21,26 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
+def use_compilation_cache() -> str | None:
+    """Turns on XLA's persistent compilation cache for this process and returns its folder:
+    `GPTK_XLA_CACHE`, default GPTK_CACHE/xla (`GPTK_XLA_CACHE=` empty: off; a
+    JAX_COMPILATION_CACHE_DIR already set wins). A decoder's executables take 20-100 s to
+    compile on a 2-core CPU and are the same from one run to the next; XLA keys each entry by
+    the program, the compile options and jax's version, so a reused one is the one it would
+    compile. Programs that compile in under a second are not written (jax's default)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    folder = os.environ.get("GPTK_XLA_CACHE")
+    if folder is None:
+        from gptk_jax.artifacts import CACHE_DIR
+        folder = str(CACHE_DIR / "xla")
+    if not folder:
+        return None
+    import jax
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder
 
 
 def configs_module(name: str = "") -> ModuleType:

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from gptk_jax.cli import configs_module
+from gptk_jax.cli import configs_module, use_compilation_cache
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root
 from gptk_jax.data.testsets import news_commentary
 from gptk_jax.errors import CLI_ERRORS, GptkError
@@ -152,6 +152,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status: 0 done, 1 MTP output differed from greedy, 2 an error (one line on stderr)."""
     args = parse_args(argv)
+    use_compilation_cache()
     try:
         model_dir = ensure_converted(args.model_dir)
         started = time.perf_counter()          # the one-time conversion above is set-up

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from gptk_jax.cli import OneLineParser
+from gptk_jax.cli import OneLineParser, use_compilation_cache
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root
 from gptk_jax.data.testsets import news_commentary
 from gptk_jax.errors import CLI_ERRORS
@@ -191,6 +191,7 @@ def _merge(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    use_compilation_cache()
     from gptk_jax.distillation.shards import all_complete, read_shards, shard_path
     try:
         if args.merge:

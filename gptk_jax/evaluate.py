@@ -39,7 +39,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gptk_jax.cli import OneLineParser
+from gptk_jax.cli import OneLineParser, use_compilation_cache
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root, sacrebleu_cache
 from gptk_jax.errors import CLI_ERRORS
 from gptk_jax.evaluation import EvalConfig, markdown, run_evaluation, write_reports
@@ -204,6 +204,7 @@ def check_inputs(cfg: EvalConfig) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    use_compilation_cache()
     try:
         check_inputs(cfg)
         report = run_evaluation(cfg)

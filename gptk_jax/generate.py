@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from gptk_jax.cli import OneLineParser
+from gptk_jax.cli import OneLineParser, use_compilation_cache
 from gptk_jax.errors import CLI_ERRORS, GptkError
 from gptk_jax.data.prompt_files import encode_all, read_prompt_lines
 from gptk_jax.files import JsonLines
@@ -209,6 +209,7 @@ def load_prompts(args: argparse.Namespace) -> tuple[list[str], Optional[list[str
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    use_compilation_cache()
     from gptk_jax.llama.checkpoint import load_converted
     from gptk_jax.llama.weight_checks import verify_digests_arg
 

@@ -24,7 +24,7 @@ from typing import NoReturn
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptk_jax.cli import configs_module
+from gptk_jax.cli import configs_module, use_compilation_cache
 from gptk_jax.errors import CLI_ERRORS
 
 configs_module()                         # configs/*.py import `configs.base`, from any folder
@@ -130,6 +130,7 @@ def main(argv) -> int:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]} (flags only; --helpshort lists them)")
     config = _loaded_config()
+    use_compilation_cache()
     _start_distributed()
     from gptk_jax.training import train_and_evaluate
     try:

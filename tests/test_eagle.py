@@ -185,3 +185,36 @@ def test_eagle_drafts_past_its_trained_k(decoder, prompts, stop_ids, greedy, eag
     np.testing.assert_array_equal(drafts[1][:, :3], drafts[0])
     mtp = decoder.replace(stop_ids=stop_ids, drafter=d6, drafter_vars=v6, tokens_per_step=6)
     _assert_same_as_greedy(mtp.generate(prompts, MAX_NEW, bucket=BUCKET), greedy[8, "left"])
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_a_cache_sized_by_max_new_tokens_drops_no_pair(decoder, prompts, stop_ids, greedy,
+                                                       eagle, params, continuous):
+    """The drafter's cache holds k + max_new_tokens entries, not the trunk cache's slots
+    (EagleHead.init_state): decoding with it accepts exactly the drafts of decoding with a
+    cache of every slot, row by row and step by step (a dropped pair would change the chain's
+    attention, and with these far-from-init params its drafts)."""
+    import dataclasses
+
+    from gptk_jax.decoding import head_drafter
+    from gptk_jax.decoding.heads import HeadDrafter
+
+    @dataclasses.dataclass(frozen=True)
+    class EverySlot(HeadDrafter):
+        def init_state(self, variables, batch_size, capacity, max_new_tokens=None):
+            return super().init_state(variables, batch_size, capacity)
+
+    _, hp = eagle
+    drafter, variables = head_drafter(EAGLE, hp, CFG, params)
+    state = drafter.init_state(variables, 2, 200, max_new_tokens=MAX_NEW)
+    assert state["k"].shape[1] == K + MAX_NEW
+    runs = []
+    for d in (drafter, EverySlot(head=drafter.head, max_drafts=drafter.max_drafts)):
+        mtp = decoder.replace(stop_ids=stop_ids, drafter=d, drafter_vars=variables,
+                              tokens_per_step=K)
+        runs.append(mtp.generate_continuous(prompts, MAX_NEW, batch_size=3, bucket=BUCKET)
+                    if continuous else mtp.generate(prompts, MAX_NEW, bucket=BUCKET))
+    bounded, every = runs
+    _assert_same_as_greedy(bounded, greedy[8, "left"])
+    assert bounded.stats["accepted_per_row"] == every.stats["accepted_per_row"]
+    assert sum(map(sum, every.stats["accepted_per_row"])) > 0

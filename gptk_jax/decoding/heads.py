@@ -56,9 +56,9 @@ class HeadDrafter(Drafter):
             head_vars[DRAFT_VOCAB_COLLECTION] = variables["draft_vocab"]
         return self.head.apply(head_vars, variables["trunk"], *args, method=method)
 
-    def init_state(self, variables, batch_size, capacity):
+    def init_state(self, variables, batch_size, capacity, max_new_tokens=None):
         if self.head.state_needs_capacity:      # a KV cache of its own (eagle)
-            return self._apply(variables, "init_state", batch_size, capacity)
+            return self._apply(variables, "init_state", batch_size, capacity, max_new_tokens)
         return self._apply(variables, "init_state", batch_size)
 
     def advance(self, variables, state, hidden_normed, advance_mask, tokens):
@@ -104,10 +104,12 @@ def draft_vocabulary(trunk_config: LlamaConfig, trunk_params: dict,
 
 def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaConfig,
                  trunk_params: Any, tokens_per_step: Optional[int] = None,
-                 draft_vocab: Optional[Sequence[int]] = None) -> tuple[HeadDrafter, dict]:
+                 draft_vocab: Optional[Sequence[int]] = None, matmul: str = "auto"
+                 ) -> tuple[HeadDrafter, dict]:
     """-> (HeadDrafter, drafter_vars) for the decoding loop; W (tokens_per_step) defaults to
-    head_config.k and may not exceed it (eagle may: its chain steps share one layer). draft_vocab: drafts are the argmax over these ids only
-    (None: the whole vocabulary)."""
+    head_config.k and may not exceed it (eagle may: its chain steps share one layer).
+    draft_vocab: drafts are the argmax over these ids only (None: the whole vocabulary).
+    matmul: the head's products, as a Decoder's (engine.resolve_matmul)."""
     from gptk_jax.heads.io import HeadsError
 
     w = head_config.k if tokens_per_step is None else tokens_per_step
@@ -118,6 +120,10 @@ def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaC
         raise HeadsError(f"W={w} tokens per step needs drafts for offsets 2..{w}, but these "
                          f"heads were trained for offsets {head_config.offsets} (W <= "
                          f"{head_config.k})")
+    from gptk_jax.decoding.engine import resolve_matmul
+    # the head's products as the trunk's in a decoder: few-row kernels for 2..8 rows (eagle's
+    # layer and the draft-vocabulary projection at batch 2-8; a decoder's matmul, engine.py)
+    trunk_config = trunk_config.replace(matmul=resolve_matmul(matmul))
     drafter = HeadDrafter(head=make_head(head_config, trunk_config), max_drafts=head_config.k - 1)
     vocab = None if draft_vocab is None else draft_vocabulary(trunk_config, trunk_params,
                                                               draft_vocab)

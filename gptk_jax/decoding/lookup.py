@@ -104,12 +104,12 @@ class LookupDrafter(Drafter):
     def variables(fallback_vars: Any = None) -> dict:
         return {} if fallback_vars is None else {"fallback": fallback_vars}
 
-    def init_state(self, variables, batch_size, capacity):
+    def init_state(self, variables, batch_size, capacity, max_new_tokens=None):
         state = {"history": jnp.zeros((batch_size, capacity), jnp.int32),
                  "length": jnp.zeros((batch_size,), jnp.int32)}
         if self.fallback is not None:
             state["fallback"] = self.fallback.init_state(variables["fallback"], batch_size,
-                                                         capacity)
+                                                         capacity, max_new_tokens)
         return state
 
     def advance(self, variables, state, hidden_normed, advance_mask, tokens):

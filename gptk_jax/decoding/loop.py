@@ -81,8 +81,11 @@ class Drafter:
     max_drafts: int  # W-1 at most
     branches = 1     # drafts per offset verified together (decoding/tree.py: 2)
 
-    def init_state(self, variables: Any, batch_size: int, capacity: int) -> Any:
-        """capacity: the most positions a row's sequence can hold (the cache's slots)."""
+    def init_state(self, variables: Any, batch_size: int, capacity: int,
+                   max_new_tokens: Optional[int] = None) -> Any:
+        """capacity: the most positions a row's sequence can hold (the cache's slots);
+        max_new_tokens: the most tokens a row emits (a drafter that keeps only its last
+        prompt positions, eagle, sizes its own cache by it; None: unknown)."""
         return ()
 
     def advance(self, variables: Any, state: Any, hidden_normed: jax.Array,
@@ -265,7 +268,7 @@ def prefill_state(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | 
     if prefix is not None:   # the drafter reads the whole prompt: prefix, then suffix
         tokens = jnp.concatenate([_rows(prefix.tokens, batch), tokens], axis=1)
         mask = jnp.concatenate([jnp.ones((batch, prefix.length), bool), mask], axis=1)
-    drafter_state = drafter.init_state(drafter_vars, batch, slots)
+    drafter_state = drafter.init_state(drafter_vars, batch, slots, max_new_tokens=m)
     drafter_state = drafter.advance(drafter_vars, drafter_state, pre.prompt_hidden_normed,
                                     mask & active[:, None], tokens)
     drafts, scores = next_drafts(drafter, drafter_vars, w, drafter_state, pre.hidden,

@@ -36,7 +36,7 @@ class OracleDrafter(Drafter):
     vocab_size: int
     corrupt_prob: float = 0.0
 
-    def init_state(self, variables, batch_size, capacity):
+    def init_state(self, variables, batch_size, capacity, max_new_tokens=None):
         return jnp.zeros((batch_size,), jnp.int32)
 
     def advance(self, variables, state, hidden_normed, advance_mask, tokens):

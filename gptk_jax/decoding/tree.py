@@ -101,9 +101,10 @@ class TreeDrafter(Drafter):
     def variables(first_vars: Any, second_vars: Any) -> dict:
         return {"first": first_vars, "second": second_vars}
 
-    def init_state(self, variables, batch_size, capacity):
-        return (self.first.init_state(variables["first"], batch_size, capacity),
-                self.second.init_state(variables["second"], batch_size, capacity))
+    def init_state(self, variables, batch_size, capacity, max_new_tokens=None):
+        return (self.first.init_state(variables["first"], batch_size, capacity, max_new_tokens),
+                self.second.init_state(variables["second"], batch_size, capacity,
+                                       max_new_tokens))
 
     def advance(self, variables, state, hidden_normed, advance_mask, tokens):
         return (self.first.advance(variables["first"], state[0], hidden_normed, advance_mask,

@@ -185,7 +185,11 @@ class MTPHead(nn.Module):
             logits = self._unembed(trunk_params, hidden_normed)
             return self._argmax(logits), logits
         rows = jax.lax.stop_gradient(rows)
-        logits = jnp.einsum("...d,vd->...v", hidden_normed.astype(rows.dtype), rows)
+        if self.trunk_config.matmul == "few_rows":     # 2..8 rows: kernels/few_rows.py
+            from gptk_jax.kernels.few_rows import unembed
+            logits = unembed(hidden_normed.astype(rows.dtype), rows)
+        else:
+            logits = jnp.einsum("...d,vd->...v", hidden_normed.astype(rows.dtype), rows)
         logits = logits.astype(jnp.float32)
         ids = jnp.asarray(self._draft_vocab("ids"), jnp.int32)
         return ids[jnp.argmax(logits, axis=-1)], logits

@@ -49,6 +49,7 @@ import numpy as np
 
 from gptk_jax.heads.common import MTPHead, gather_positions
 from gptk_jax.heads.config import HeadConfigError
+from gptk_jax.kernels.few_rows import dot_general_for
 from gptk_jax.llama.layers import MLP, RMSNorm
 from gptk_jax.llama.rope import apply_rope, inverse_frequencies
 
@@ -94,15 +95,16 @@ class EagleHead(MTPHead):
                                   f"{tuple(range(2, c.k + 1))}, got {c.offsets}")
         d, n, h = t.dim, t.n_heads, t.head_dim
         dt, pdt = self._dtype, self._param_dtype
+        dot = dot_general_for(t.matmul)   # a decoder's trunk config: the few-row kernels
         dense = lambda features, name, std=0.02: nn.Dense(
             features, use_bias=False, dtype=dt, param_dtype=pdt, name=name,
-            kernel_init=nn.initializers.normal(std))
+            kernel_init=nn.initializers.normal(std), dot_general=dot)
         self.fc = dense(d, "fc")                       # [2D,D]
         self.wq, self.wk, self.wv = dense(n * h, "wq"), dense(n * h, "wk"), dense(n * h, "wv")
         self.wo = dense(d, "wo", 0.02 / np.sqrt(2.0))  # [N*H,D]
         self.attn_norm = RMSNorm(t.norm_eps, dt, pdt)
         self.mlp_norm = RMSNorm(t.norm_eps, dt, pdt)
-        self.mlp = MLP(t.ffn_dim, dt, pdt)
+        self.mlp = MLP(t.ffn_dim, dt, pdt, dot)
         self.out_scale = _TrunkScale(pdt)
         self.inv_freq = inverse_frequencies(h, t.rope_theta, t.rope_scaling)
 
@@ -181,9 +183,18 @@ class EagleHead(MTPHead):
                                                              gather_index))
 
     # --- decoding ------------------------------------------------------------------------------
-    def init_state(self, trunk_params, batch: int, capacity: int = 0):
-        """Empty cache of `capacity` entries (a row consumes at most its sequence's positions)."""
+    def init_state(self, trunk_params, batch: int, capacity: int = 0,
+                   max_new_tokens: int | None = None):
+        """Empty cache of `capacity` entries (a row consumes at most its sequence's positions),
+        or fewer where max_new_tokens bounds them: the first `advance` keeps k prompt positions
+        (k - 1 pairs and the pending feature) and the row's later positions are the tokens it
+        emits but the last (< max_new_tokens), so k + max_new_tokens entries hold every pair.
+        Each draft step's attention reads every entry, filled or not: at batch 8 and the
+        ~350-slot cache of a 2-shot newstest prompt, drafting cost 13 ms a step where 80
+        entries cost 8 (runs/s15/prof_eagle.py)."""
         t = self.trunk_config
+        if max_new_tokens is not None:
+            capacity = min(capacity, self.head_config.k + max_new_tokens)
         shape = (batch, max(capacity, 1), t.n_heads, t.head_dim)
         return {"k": jnp.zeros(shape, self._dtype), "v": jnp.zeros(shape, self._dtype),
                 "length": jnp.zeros((batch,), jnp.int32),
