@@ -107,6 +107,10 @@ def _drafter_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--continuous", action="store_true",
                    help="batch sizes > 1 also run with continuous batching (slots refilled as "
                         "rows finish): greedy and each drafter but the oracle")
+    p.add_argument("--interleave", action="store_true",
+                   help="static batches in turns: greedy's batch, then each drafter's on the "
+                        "same prompts, then the next batch (a machine whose speed drifts "
+                        "slows every method alike; the oracle still runs after)")
     p.add_argument("--choose-width", action="store_true",
                    help="the drafters (not the oracle) choose W per step, 1 .. --tokens-per-step,"
                         " by expected tokens per second from measured step costs "
@@ -158,7 +162,7 @@ def parse_args(argv=None) -> EvalConfig:
             tree=a.tree,
             lookup_max_ngram=a.lookup_max_ngram, draft_vocab_size=a.draft_vocab_size,
             draft_vocab_from=a.draft_vocab_from, continuous=a.continuous, bos=a.bos,
-            choose_width=a.choose_width, verify_cost=a.verify_cost,
+            choose_width=a.choose_width, verify_cost=a.verify_cost, interleave=a.interleave,
             score_bins=a.score_bins, progress=not a.no_progress,
             verify_weights=a.verify_weights)
     except ValueError as e:

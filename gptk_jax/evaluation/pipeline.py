@@ -150,6 +150,7 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
             "device_kind": getattr(device, "device_kind", None),
             "matmul": resolve_matmul("auto"),      # few-row kernels or XLA's (GPTK_FEW_ROWS)
             "lookup_max_ngram": cfg.lookup_max_ngram, "choose_width": cfg.choose_width,
+            "interleave": cfg.interleave,
             "score_bins": cfg.score_bins,
             "verify_cost": sha256_json(Path(cfg.verify_cost).read_text())
             if cfg.verify_cost else None,
@@ -198,7 +199,8 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     for batch in cfg.batch_sizes:
         batch_runs, batch_outputs = decode_batch_size(
             decoding, methods, prompts, batch, oracle_k=k if cfg.oracle else None,
-            continuous=cfg.continuous, progress=cfg.progress, store=store)
+            continuous=cfg.continuous, interleave=cfg.interleave, progress=cfg.progress,
+            store=store)
         runs.update(batch_runs)
         outputs.update(batch_outputs)
 

@@ -6,6 +6,10 @@ drafter again through B continuously refilled slots. It returns run records (rep
 `runs`) and `Output`s (tokens per prompt, per-row step records), both keyed
 `<method>/b<B>` or `<method>/b<B>/continuous`. Decoding itself goes through `decode.Decoding`.
 
+With `interleave`, the static runs go batch by batch instead: greedy's batch, then each
+drafter's on the same prompts, then the next batch, so that a machine whose speed drifts over
+minutes (other jobs, clocks) slows greedy and the drafters alike; their sums are the same runs.
+
 Each run is saved to the `store.RunStore` as soon as it finishes, and a run the store already
 holds under the same settings is reused instead of decoded again. A run that is compared with
 another (a drafter's speedup and exactness against greedy of its batch size and schedule) is
@@ -45,6 +49,19 @@ def decode_chunks(decoding: Decoding, method: Union[Method, Sequence[Method]], p
     return [decoding.batch(m, c, batch) for m, c in tqdm(list(zip(methods, chunks)), desc=desc,
                                                         disable=not progress, unit="batch",
                                                         leave=False)]
+
+
+def decode_interleaved(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int,
+                       progress: bool) -> tuple[list, list]:
+    """Consecutive static batches, each decoded by greedy and then by every method in turn ->
+    (greedy's results, per method its results), one per batch."""
+    greedy, by_method = [], [[] for _ in methods]
+    for chunk in tqdm(_chunks(prompts, batch), desc=f"interleaved b={batch}",
+                      disable=not progress, unit="batch", leave=False):
+        greedy.append(decoding.batch(GREEDY, chunk, batch))
+        for results, method in zip(by_method, methods):
+            results.append(decoding.batch(method, chunk, batch))
+    return greedy, by_method
 
 
 def pooled(results: list) -> dict:
@@ -136,11 +153,39 @@ def _static_greedy(decoding: Decoding, prompts: list, batch: int, progress: bool
     return (*_keep(store, key, 1, run, Output([t for r in results for t in r.tokens])), False)
 
 
+def _interleaved_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int,
+                      progress: bool, store: RunStore) -> tuple[dict, dict, list]:
+    """Greedy and every method batch by batch -> (runs, outputs, stop tokens per batch of the
+    last method), each run saved."""
+    greedy_results, by_method = decode_interleaved(decoding, methods, prompts, batch, progress)
+    greedy = {"method": "greedy", "batch_size": batch, **pooled(greedy_results),
+              "interleaved": True}
+    key = f"greedy/b{batch}"
+    runs, outputs = {}, {}
+    runs[key], outputs[key] = _keep(store, key, 1, greedy, Output(
+        [t for r in greedy_results for t in r.tokens]))
+    for method, results in zip(methods, by_method):
+        key, w = f"{method.name}/b{batch}", method.tokens_per_step
+        run, output = _drafting_run(method.name, w, batch, results, greedy,
+                                    outputs[f"greedy/b{batch}"].tokens)
+        runs[key], outputs[key] = _keep(store, key, w, dict(run, interleaved=True), output,
+                                        [s for r in results for s in r.stop_tokens])
+    return runs, outputs, [r.stop_tokens for r in by_method[-1]]
+
+
 def static_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int,
                 oracle_k: Optional[int], progress: bool,
-                store: Optional[RunStore] = None) -> tuple[dict, dict]:
-    """Greedy, each drafting method, then the oracle (W = oracle_k; None: no oracle)."""
+                store: Optional[RunStore] = None, interleave: bool = False
+                ) -> tuple[dict, dict]:
+    """Greedy, each drafting method (interleave: batch by batch, unless greedy's run is
+    reused), then the oracle (W = oracle_k; None: no oracle)."""
     store = store or RunStore(None, {})
+    if interleave and methods and _reuse(store, f"greedy/b{batch}", 1) is None:
+        runs, outputs, known_stop_tokens = _interleaved_runs(decoding, methods, prompts, batch,
+                                                             progress, store)
+        _oracle_run(decoding, prompts, batch, oracle_k, progress, store, runs, outputs,
+                    known_stop_tokens, greedy_reused=False)
+        return runs, outputs
     greedy, greedy_output, greedy_reused = _static_greedy(decoding, prompts, batch, progress,
                                                           store)
     greedy_tokens = greedy_output.tokens
@@ -159,18 +204,28 @@ def static_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, ba
         runs[key], outputs[key] = _keep(store, key, w, *_drafting_run(
             method.name, w, batch, results, greedy, greedy_tokens),
             [s for r in results for s in r.stop_tokens])
-    if oracle_k is not None:
-        key = f"oracle/b{batch}"
-        found = _reuse(store, key, oracle_k, greedy_reused)
-        if found is not None:
-            runs[key], outputs[key], _ = found
-        else:
-            oracles = oracle_methods(decoding, oracle_k, prompts, batch, greedy_tokens,
-                                     known_stop_tokens)
-            results = decode_chunks(decoding, oracles, prompts, batch, progress)
-            runs[key], outputs[key] = _keep(store, key, oracle_k, *_drafting_run(
-                "oracle", oracle_k, batch, results, greedy, greedy_tokens))
+    _oracle_run(decoding, prompts, batch, oracle_k, progress, store, runs, outputs,
+                known_stop_tokens, greedy_reused)
     return runs, outputs
+
+
+def _oracle_run(decoding: Decoding, prompts: list, batch: int, oracle_k: Optional[int],
+                progress: bool, store: RunStore, runs: dict, outputs: dict,
+                known_stop_tokens: Optional[list], greedy_reused: bool) -> None:
+    """oracle/b<batch> into runs and outputs (None oracle_k: nothing), after greedy's run."""
+    if oracle_k is None:
+        return
+    key = f"oracle/b{batch}"
+    found = _reuse(store, key, oracle_k, greedy_reused)
+    if found is not None:
+        runs[key], outputs[key], _ = found
+        return
+    greedy, greedy_tokens = runs[f"greedy/b{batch}"], outputs[f"greedy/b{batch}"].tokens
+    oracles = oracle_methods(decoding, oracle_k, prompts, batch, greedy_tokens,
+                             known_stop_tokens)
+    results = decode_chunks(decoding, oracles, prompts, batch, progress)
+    runs[key], outputs[key] = _keep(store, key, oracle_k, *_drafting_run(
+        "oracle", oracle_k, batch, results, greedy, greedy_tokens))
 
 
 def _continuous_run(decoding: Decoding, method: Method, prompts: list, batch: int,
@@ -218,10 +273,11 @@ def continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list
 
 def decode_batch_size(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int, *,
                       oracle_k: Optional[int] = None, continuous: bool = False,
-                      progress: bool = True, store: Optional[RunStore] = None
-                      ) -> tuple[dict, dict]:
+                      interleave: bool = False, progress: bool = True,
+                      store: Optional[RunStore] = None) -> tuple[dict, dict]:
     """Every run of batch size `batch` -> (run records, outputs), in report order."""
-    runs, outputs = static_runs(decoding, methods, prompts, batch, oracle_k, progress, store)
+    runs, outputs = static_runs(decoding, methods, prompts, batch, oracle_k, progress, store,
+                                interleave)
     if continuous and batch > 1:
         more_runs, more_outputs = continuous_runs(
             decoding, methods, prompts, batch, runs[f"greedy/b{batch}"],

@@ -1,0 +1,81 @@
+"""`evaluate --interleave` (evaluation/runs.py): the static runs go batch by batch (greedy's
+batch, then each drafter's on the same prompts) and give the same run records as one method
+after another, only marked `interleaved`; the oracle still runs after them; a greedy run that is
+already stored is reused and the drafters then run one after another, as without the flag.
+A stand-in Decoding returns fixed results, so only the orchestration is under test."""
+
+import pytest
+
+from gptk_jax.decoding.factory import DecoderSpec
+from gptk_jax.decoding.results import MTPResult
+from gptk_jax.evaluation.decode import GREEDY, Method
+from gptk_jax.evaluation.runs import static_runs
+from gptk_jax.evaluation.store import RunStore
+
+PROMPTS = [[5, i] for i in range(5)]          # 5 prompts, batches of 2: 3 batches
+LOOKUP = Method("lookup", 3, DecoderSpec("lookup", tokens_per_step=3))
+
+
+class FakeDecoding:
+    """Each batch's result depends on the method and the prompts only (not on the order)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def batch(self, method, prompts, batch_size):
+        self.calls.append((method.name, tuple(p[1] for p in prompts)))
+        w = method.tokens_per_step
+        tokens = [[p[1], p[1] + 1] for p in prompts]
+        steps = [[1, 0] if w > 1 else [0, 0] for _ in prompts]
+        return MTPResult(tokens=tokens, stop_reasons=["stop"] * len(prompts),
+                         num_generated=[3] * len(prompts), num_steps=3,
+                         prefill_seconds=0.5, decode_seconds=1.0 if w == 1 else 0.8,
+                         compile_seconds=0.0, padded_shape=(batch_size, 2),
+                         tokens_per_step=w,
+                         stats={"accepted_per_row": steps,
+                                "emitted_per_row": [[a + 1 for a in s] for s in steps],
+                                "steps_per_row": [2] * len(prompts)},
+                         stop_tokens=[9] * len(prompts))
+
+
+def _oracle_free(runs):
+    return {k: {f: v for f, v in r.items() if f != "interleaved"} for k, r in runs.items()}
+
+
+def test_batches_alternate_and_the_runs_are_the_sequential_ones():
+    seq, inter = FakeDecoding(), FakeDecoding()
+    runs_seq, out_seq = static_runs(seq, [LOOKUP], PROMPTS, 2, None, False)
+    runs_int, out_int = static_runs(inter, [LOOKUP], PROMPTS, 2, None, False, interleave=True)
+    assert inter.calls == [("greedy", (0, 1)), ("lookup", (0, 1)), ("greedy", (2, 3)),
+                           ("lookup", (2, 3)), ("greedy", (4,)), ("lookup", (4,))]
+    assert seq.calls == [("greedy", (0, 1)), ("greedy", (2, 3)), ("greedy", (4,)),
+                         ("lookup", (0, 1)), ("lookup", (2, 3)), ("lookup", (4,))]
+    assert all(r["interleaved"] for r in runs_int.values())
+    assert _oracle_free(runs_int) == runs_seq
+    assert {k: o.tokens for k, o in out_int.items()} == {k: o.tokens for k, o in out_seq.items()}
+    assert runs_int["lookup/b2"]["speedup"] == pytest.approx(1.5 / 1.3)
+
+
+def test_the_oracle_runs_after_and_a_stored_greedy_run_is_reused(tmp_path):
+    from gptk_jax.evaluation import runs as runs_module
+
+    made = []
+    real = runs_module.oracle_methods
+
+    def oracle_methods(decoding, k, prompts, batch, greedy_tokens, known_stop_tokens):
+        made.append(known_stop_tokens)
+        return [Method("oracle", k, DecoderSpec("lookup", tokens_per_step=k))
+                for _ in range(len(known_stop_tokens))]
+    runs_module.oracle_methods = oracle_methods
+    try:
+        store = RunStore(tmp_path, {"settings": 1})
+        first = FakeDecoding()
+        runs, _ = static_runs(first, [LOOKUP], PROMPTS, 2, 3, False, store, interleave=True)
+        assert [c[0] for c in first.calls] == ["greedy", "lookup"] * 3 + ["oracle"] * 3
+        assert made == [[[9, 9], [9, 9], [9]]] and "oracle/b2" in runs
+        again = FakeDecoding()
+        runs_again, _ = static_runs(again, [LOOKUP], PROMPTS, 2, 3, False,
+                                    RunStore(tmp_path, {"settings": 1}), interleave=True)
+        assert again.calls == [] and runs_again["greedy/b2"]["reused"]
+    finally:
+        runs_module.oracle_methods = real
