@@ -184,7 +184,7 @@ def init_width_stats(tokens_per_step) -> WidthStats:
     weight, bins = policy.prior_weight, (w_max - 1, policy.score_bins)
     choice, value, cost = w_max, 1.0, 1.0      # the gate's prior: the choice at the prior
     if policy.costs:                           # acceptance, its tokens and cost in greedy steps
-        expected = 1.0 + np.concatenate([[0.0], np.cumsum(policy.prior ** np.arange(1, w_max))])
+        expected = expected_tokens(np.full((w_max - 1,), policy.prior), np)   # on the host
         choice = int(np.argmax(expected / np.asarray(policy.costs))) + 1
         value, cost = float(expected[choice - 1]), policy.costs[choice - 1] / policy.greedy_cost
     return WidthStats(reached=jnp.full((w_max - 1,), weight, jnp.float32),
@@ -205,10 +205,11 @@ def acceptance_estimate(stats: WidthStats) -> jax.Array:
     return stats.passed / jnp.maximum(stats.reached, 1e-12)
 
 
-def expected_tokens(p: jax.Array) -> jax.Array:
-    """p [J] -> E(W) [W_max] for W = 1..W_max (works on numpy arrays too)."""
-    reach = jnp.cumprod(p)
-    return 1.0 + jnp.concatenate([jnp.zeros((1,), reach.dtype), jnp.cumsum(reach)])
+def expected_tokens(p: jax.Array, xp=jnp) -> jax.Array:
+    """p [J] -> E(W) [W_max] for W = 1..W_max; xp=np: numpy on the host (a prior known at
+    trace time, which jnp would stage into the program)."""
+    reach = xp.cumprod(p)
+    return 1.0 + xp.concatenate([xp.zeros((1,), reach.dtype), xp.cumsum(reach)])
 
 
 def score_bin(scores: jax.Array, bins: int) -> jax.Array:
