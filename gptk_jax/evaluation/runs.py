@@ -74,7 +74,9 @@ def pooled(results: list) -> dict:
             "trunk_calls": sum(r.num_steps for r in results),
             "prefill_seconds": sum(r.prefill_seconds for r in results),
             "prompt_tokens": sum(getattr(r, "prompt_tokens", 0) for r in results),
-            "prefill_tokens": sum(getattr(r, "prefill_tokens", 0) for r in results)}
+            "prefill_tokens": sum(getattr(r, "prefill_tokens", 0) for r in results),
+            # each batch's prefill + decode seconds, in order (where a run's time went)
+            "batch_seconds": [round(r.prefill_seconds + r.decode_seconds, 4) for r in results]}
 
 
 def mtp_summary(results: list, k: int) -> dict:
