@@ -74,8 +74,10 @@ def test_the_oracle_runs_after_and_a_stored_greedy_run_is_reused(tmp_path):
         assert [c[0] for c in first.calls] == ["greedy", "lookup"] * 3 + ["oracle"] * 3
         assert made == [[[9, 9], [9, 9], [9]]] and "oracle/b2" in runs
         again = FakeDecoding()
-        runs_again, _ = static_runs(again, [LOOKUP], PROMPTS, 2, 3, False,
-                                    RunStore(tmp_path, {"settings": 1}), interleave=True)
+        store_again = RunStore(tmp_path, {"settings": 1})
+        runs_again, _ = static_runs(again, [LOOKUP], PROMPTS, 2, 3, False, store_again,
+                                    interleave=True)
+        assert sorted(store_again.reused) == ["greedy/b2", "lookup/b2", "oracle/b2"]
         assert again.calls == [] and runs_again["greedy/b2"]["reused"]
     finally:
         runs_module.oracle_methods = real

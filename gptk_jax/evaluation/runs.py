@@ -144,10 +144,9 @@ def _keep(store: RunStore, key: str, k: int, run: dict, output: Output,
 
 
 def _static_greedy(decoding: Decoding, prompts: list, batch: int, progress: bool,
-                   store: RunStore) -> tuple[dict, Output, bool]:
-    """greedy/b<batch>: (run, output, whether it was reused)."""
+                   store: RunStore, found) -> tuple[dict, Output, bool]:
+    """greedy/b<batch>: (run, output, whether it was reused); found: the store's, or None."""
     key = f"greedy/b{batch}"
-    found = _reuse(store, key, 1)
     if found is not None:
         return found[0], found[1], True
     results = decode_chunks(decoding, GREEDY, prompts, batch, progress)
@@ -182,14 +181,15 @@ def static_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, ba
     """Greedy, each drafting method (interleave: batch by batch, unless greedy's run is
     reused), then the oracle (W = oracle_k; None: no oracle)."""
     store = store or RunStore(None, {})
-    if interleave and methods and _reuse(store, f"greedy/b{batch}", 1) is None:
+    found = _reuse(store, f"greedy/b{batch}", 1)     # looked up once: a hit is logged
+    if interleave and methods and found is None:
         runs, outputs, known_stop_tokens = _interleaved_runs(decoding, methods, prompts, batch,
                                                              progress, store)
         _oracle_run(decoding, prompts, batch, oracle_k, progress, store, runs, outputs,
                     known_stop_tokens, greedy_reused=False)
         return runs, outputs
     greedy, greedy_output, greedy_reused = _static_greedy(decoding, prompts, batch, progress,
-                                                          store)
+                                                          store, found)
     greedy_tokens = greedy_output.tokens
     runs, outputs = {f"greedy/b{batch}": greedy}, {f"greedy/b{batch}": greedy_output}
     known_stop_tokens = None
