@@ -16,6 +16,7 @@ from gptk_jax.decoding.acceptance import acceptance_stats
 from gptk_jax.decoding.cost import VerifyCost, as_verify_cost
 from gptk_jax.decoding.lookup import LookupDrafter
 from gptk_jax.decoding.oracle import OracleDrafter, RepeatDrafter, oracle_variables
+from gptk_jax.decoding.rate_gate import RateGate
 from gptk_jax.decoding.width import AutoWidth, expected_tokens
 from gptk_jax.heads import HeadConfig, init_head_params, make_head
 from gptk_jax.llama.config import LlamaConfig
@@ -185,16 +186,34 @@ def test_estimates_carry_to_the_next_batch(setup):
     assert not auto.replace(verify_cost=DEAR).width_memory               # a new decoder: none
 
 
-def test_drafter_rests_while_drafting_does_not_pay(setup):
-    """While drafting does not pay at a batch size (decoding/width.py drafter_rests), the next
-    idle_batches static batches of it run greedy's loop: the drafter drafts nothing (counted),
-    every step is at W = 1, the result says the drafter rested; the batch after them runs with
-    it again and probes first. Every output is greedy's."""
+class ScriptedClock(RateGate):
+    """The rate gate with its seconds replaced (the real ones are this machine's noise): a
+    greedy loop step costs 1 ms, prefill nothing, a batch with the drafter `slow` x greedy's
+    time on its prompts. Keeps what the engine reported (rested, greedy steps)."""
+
+    def __init__(self, slow: float, **kwargs):
+        super().__init__(**kwargs)
+        self.slow, self.reported = slow, []
+
+    def record(self, batch, rested, prefill_seconds, decode_seconds, greedy_steps, padded_tokens):
+        self.reported.append((rested, greedy_steps))
+        seconds = 1e-3 * greedy_steps * (1.0 if rested else self.slow)
+        super().record(batch, rested, 0.0, seconds, greedy_steps, padded_tokens)
+
+
+def test_drafter_rests_while_drafting_is_slower(setup):
+    """Static batches measured slower with the drafter than greedy's loop (decoding/rate_gate.py;
+    a scripted clock: twice greedy's time): the first batch drafts, the second runs greedy's
+    loop (greedy measured), the third drafts and closes the gate, the next idle_batches run
+    greedy's loop: the drafter drafts nothing (counted), every step at W = 1, the result says it
+    rested; the batch after them drafts again and probes first. Every output is greedy's, and
+    the greedy steps the engine reports for each batch are greedy's own on those prompts."""
     decoder, prompts, greedy = setup
     auto = _never_right(decoder, prompts, greedy, CountingOracle)
     auto = auto.replace(tokens_per_step=dataclasses.replace(auto.width_policy, idle_batches=2))
+    auto.rate_gate = ScriptedClock(2.0, idle_batches=2)
     results, calls = [], []
-    for _ in range(4):
+    for _ in range(6):
         DRAFT_CALLS.clear()
         results.append(auto.generate(prompts, MAX_NEW, bucket=BUCKET))
         jax.effects_barrier()
@@ -202,12 +221,28 @@ def test_drafter_rests_while_drafting_does_not_pay(setup):
     for r in results:
         _same_as_greedy(r, greedy)
         _check_width_stats(r)
-    assert [r.stats["drafter_rested"] for r in results] == [False, True, True, False]
-    assert calls[0] > 0 and calls[1] == calls[2] == 0 and calls[3] > 0
-    for r in results[1:3]:
+    rested = [False, True, False, True, True, False]
+    assert [r.stats["drafter_rested"] for r in results] == rested
+    assert auto.rate_gate.reported == [(r, greedy.num_steps - 1) for r in rested]
+    assert [c > 0 for c in calls] == [not r for r in rested]
+    for r in results[3:5]:
         assert r.stats["chosen_w_histogram"][2:] == [0] * (K - 1)
         assert all(w == 1 for ws in r.stats["widths_per_row"] for w in ws)
-    assert [w[0] for w in results[3].stats["widths_per_row"]] == [K] * len(prompts)  # a probe
+    for r in (results[2], results[5]):                         # after a rest: a probe first
+        assert [w[0] for w in r.stats["widths_per_row"]] == [K] * len(prompts)
+    assert results[2].stats["measured_speed"] == pytest.approx(0.5)
+    assert not results[2].stats["rate_gate_open"] and results[5].stats["rate_gate_open"]
+
+
+def test_drafter_keeps_drafting_while_faster(setup):
+    """Measured faster than greedy (scripted: 0.8 x greedy's time): every batch drafts but the
+    second and the one after remeasure_every drafting batches, which measure greedy."""
+    decoder, prompts, greedy = setup
+    auto = _never_right(decoder, prompts, greedy, OracleDrafter)
+    auto.rate_gate = ScriptedClock(0.8, remeasure_every=2)
+    rested = [auto.generate(prompts, MAX_NEW, bucket=BUCKET).stats["drafter_rested"]
+              for _ in range(6)]
+    assert rested == [False, True, False, False, True, False]
 
 
 def test_oracle_settles_at_max(setup):

@@ -67,12 +67,13 @@ from gptk_jax.decoding.inputs import (DEFAULT_BUCKET, bucket_length, pad_prompts
 from gptk_jax.decoding.loop import (Drafter, NoDrafter, SharedPrefix, cache_slots,
                                     prefill_shared_prefix, prefill_state, refill, run)
 from gptk_jax.decoding.results import (ContinuousResult, GenerationResult, MTPResult,
-                                       RowRecord, build_result, harvest)
+                                       RowRecord, build_result, harvest, prefill_counts)
 from gptk_jax.llama.config import MATMULS, LlamaConfig
 from gptk_jax.decoding.executables import MAX_COMPILED, Executables
 from gptk_jax.decoding.nonfinite import check_nonfinite, explain_nonfinite  # noqa: F401
-from gptk_jax.decoding.width import (AutoWidth, add_width_stats, after_rest, drafter_rests,
-                                     harvest_widths, rested_stats, resume_width_stats)
+from gptk_jax.decoding.rate_gate import RateGate
+from gptk_jax.decoding.width import (AutoWidth, add_width_stats, after_rest, harvest_widths,
+                                     rested_stats, resume_width_stats)
 from gptk_jax.llama.model import params_for_model
 from gptk_jax.llama.prefix import common_prefix_length
 
@@ -104,7 +105,9 @@ class Decoder:
     measured with `calibrate` at the first call of each batch size, kept in `measured_cost`).
     `tokens_per_step` is then W_max (the buffers' width) and `width_policy` the AutoWidth.
     Auto W: the statistics of the last static batch at each batch size are kept
-    (`width_memory`) and the next batch of that size starts from them (decoding/width.py).
+    (`width_memory`) and the next batch of that size starts from them (decoding/width.py);
+    whether a static batch runs with the drafter at all is measured (`rate_gate`,
+    decoding/rate_gate.py).
     max_compiled: executables kept on this decoder. shared_prefix: prefill a prefix that every
     prompt shares once and reuse it (module doc); False: every row prefills its whole prompt.
     matmul: how the trunk's products run ("auto": the few-row kernels of
@@ -139,7 +142,7 @@ class Decoder:
         self.drafter = drafter
         self.drafter_vars = jax.device_put(drafter_vars)
         self.width_memory = {}   # auto W: batch size -> the last static batch's WidthStats
-        self._rested = {}        # ... -> static batches run since without the drafter
+        self.rate_gate = RateGate(idle_batches=getattr(self.width_policy, "idle_batches", 24))
         self.stop_ids = tuple(sorted({int(i) for i in stop_ids}))
         self.pad_id = int(pad_id)
         self._stops = stop_id_array(self.stop_ids)
@@ -356,39 +359,40 @@ class Decoder:
             prefill_state, (max_new_tokens, slots),
             (self.params, self.drafter_vars, prompts, self._stops, self._pad, prefix),
             statics=run_statics)
-        prefill_seconds += prefix_seconds
-        compile_a += prefix_compile
         if memory is not None and not rest:      # auto W: carry the last batch's estimates on
             state = state.replace(width_stats=resume_width_stats(
                 statics[2], memory, state.width_stats, state.draft_scores, ~state.done))
         state, decode_seconds, compile_b = self._run(run_statics, state, stop_at_first=False)
-        if self.width_policy is not None and not rest:
-            self.width_memory[batch] = state.width_stats
         check_nonfinite(jax.device_get(state.nonfinite), range(len(prompt_ids)),
                         self._explainer(prompt_ids))
-        rows = range(len(prompt_ids))
+        records = harvest(state, range(len(prompt_ids)))
         result = build_result(GenerationResult if self.drafter is None else MTPResult,
-                              harvest(state, rows), self._stops,
-                              self.tokens_per_step, num_steps=1 + int(state.step),
-                              prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-                              compile_seconds=compile_a + compile_b,
+                              records, self._stops, self.tokens_per_step,
+                              num_steps=1 + int(state.step),
+                              prefill_seconds=prefill_seconds + prefix_seconds,
+                              decode_seconds=decode_seconds,
+                              compile_seconds=compile_a + compile_b + prefix_compile,
                               padded_shape=(prompts.tokens.shape[0], width),
-                              **_prefill_counts(prompt_ids, prefix, prefix_run))
+                              **prefill_counts(prompt_ids, prefix, prefix_run))
         if self.width_policy is not None:
-            add_width_stats(result, harvest_widths(state, rows),
+            if not rest:
+                self.width_memory[batch] = state.width_stats
+            self.rate_gate.record(batch, rest, prefill_seconds, decode_seconds,
+                                  max(len(r.tokens) for r in records) - 1, prompts.tokens.size)
+            add_width_stats(result, harvest_widths(state, range(len(prompt_ids))),
                             rested_stats(memory, state.step) if rest else state.width_stats,
-                            dict(auto_info, drafter_rested=rest))
+                            dict(auto_info, drafter_rested=rest,
+                                 **self.rate_gate.summary(batch)))
         return result
 
     def _drafter_rests(self, batch: int, statics: tuple):
         """Auto W, before a static batch -> (greedy's loop, the drafter resting? the kept
-        statistics, None where none are: width.drafter_rests)."""
-        memory, rested = self.width_memory.get(batch), self._rested.get(batch, 0)
-        if self.width_policy is None or memory is None:
+        statistics, None where none are): decoding/rate_gate.py decides by measured time."""
+        if self.width_policy is None:
             return False, None
-        rest = drafter_rests(statics[2], memory, rested, batch)
-        self._rested[batch] = rested + 1 if rest else 0
-        return rest, memory if rest else after_rest(statics[2], memory, rested)
+        rest, rested = self.rate_gate.rests(batch)
+        memory = self.width_memory.get(batch)
+        return rest, memory if rest or memory is None else after_rest(statics[2], memory, rested)
 
     # --- continuous batching ----------------------------------------------------------------------
     def generate_continuous(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -478,19 +482,11 @@ class Decoder:
             prefill_seconds=clock["prefill"], decode_seconds=wall - clock["prefill"],
             compile_seconds=clock["compile"], padded_shape=(batch, width),
             loop_iterations=iterations, prefill_calls=prefill_calls, batch_size=batch,
-            loop_seconds=clock["loop"], **_prefill_counts(prompt_ids, prefix, prefix_run))
+            loop_seconds=clock["loop"], **prefill_counts(prompt_ids, prefix, prefix_run))
         if self.width_policy is not None:
             add_width_stats(result, [widths[i] for i in range(len(prompt_ids))],
                              state.width_stats, auto_info)
         return result
-
-
-def _prefill_counts(prompt_ids, prefix: Optional[SharedPrefix], prefix_run: int) -> dict:
-    """The result's prompt_tokens, prefill_tokens and shared_prefix_tokens (module doc)."""
-    total = int(sum(len(p) for p in prompt_ids))
-    p = 0 if prefix is None else prefix.length
-    return {"prompt_tokens": total, "prefill_tokens": total - p * len(prompt_ids) + prefix_run,
-            "shared_prefix_tokens": p}
 
 
 def _pow2_at_most(n: int, cap: int) -> int:

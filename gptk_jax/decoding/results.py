@@ -132,3 +132,13 @@ def build_result(result_type: type, records: Sequence[RowRecord], stop_ids: np.n
                        num_generated=[len(r.tokens) for r in records],
                        tokens_per_step=tokens_per_step, stats=stats,
                        stop_tokens=stop_tokens, **fields)
+
+
+def prefill_counts(prompt_ids, prefix, prefix_run: int) -> dict:
+    """The result's prompt_tokens, prefill_tokens and shared_prefix_tokens (prefix: the
+    decoding/loop.py SharedPrefix the prompts start with, or None; prefix_run: its tokens run
+    through the trunk now, 0 where held already)."""
+    total = int(sum(len(p) for p in prompt_ids))
+    p = 0 if prefix is None else prefix.length
+    return {"prompt_tokens": total, "prefill_tokens": total - p * len(prompt_ids) + prefix_run,
+            "shared_prefix_tokens": p}

@@ -82,13 +82,14 @@ From batch to batch: a decoder keeps the statistics of its last static batch at 
 histogram; its first W chosen from its prefill's drafts, not a probe). Batch 1 decodes one
 sentence of ~40 steps a call: learning the acceptance and the gate's value from the prior each
 time cost a probe per sentence, and a few early misses shut drafting off for the rest of it.
-While drafting does not pay at that batch size, up to `idle_batches` (24) batches in a row run
-greedy's own loop (`drafter_rests`): a step at W = 1 under the gate still advances the drafter's
-state (eagle: its layer over each new position, ~5 % of a batch-8 step here) and the probes cost
-more, so a drafter that does not pay cost 0.94x at batch 8; the batch after them runs with the
-drafter and probes first, to measure again. (A batch with the drafter costs more than greedy's
-even with the gate closed: eagle at batch 8 spent ~30 % more per W = 1 step in a short probe
-here; with 7 batches between re-measures eagle still ran 0.94x, so they are 24 apart.)
+Whether a static batch runs with the drafter at all is decided by its measured time, not by
+this gate (decoding/rate_gate.py): where drafting is slower than greedy's loop at a batch size,
+`idle_batches` (24) batches in a row run greedy's own loop; the batch after them runs with the
+drafter and probes first (`after_rest`). A step at W = 1 under this gate still advances the
+drafter's state (eagle: its layer over each new position, ~5 % of a batch-8 step here) and the
+probes cost more: eagle at batch 8 spent ~30 % more per W = 1 step than greedy in a short probe.
+Until session 15 this gate's own verdict decided the rest, and eagle at batch 8 kept drafting
+at 0.88x while the model said it paid.
 
 Letters: B batch, W tokens per verify step (W_max the most), J = W_max - 1 offsets 2..W_max.
 """
@@ -118,8 +119,9 @@ class AutoWidth:
     measured value and cost (per step whose drafts were made); close_margin: the gate closes
     when the value falls below (1 - close_margin) x the cost and opens again above it (a
     hysteresis band: near break-even the measured value is noisy). idle_batches: while drafting
-    does not pay at a batch size, that many static batches of it in a row run greedy's loop,
-    the drafter resting (`drafter_rests`), before one runs with it again and probes.
+    is measured slower than greedy at a batch size, that many static batches of it in a row
+    run greedy's loop, the drafter resting (decoding/rate_gate.py), before one runs with it
+    again and probes.
     prior / prior_weight: the acceptance the counts start at, worth that many row-steps.
     score_bins: bins of the drafts' scores (1: scores ignored, the pooled choice). Set by the
     engine per call (leave them): costs, the relative step cost at W = 1..W_max at this batch
@@ -258,15 +260,6 @@ def resume_width_stats(policy: AutoWidth, previous: WidthStats, fresh: WidthStat
     stats = previous.replace(histogram=fresh.histogram, drafted=jnp.array(True))
     width, choice = choose_width(policy, stats, scores, active)
     return stats.replace(next_width=width, choice=choice)
-
-
-def drafter_rests(policy: AutoWidth, memory: WidthStats, rested: int, batch: int) -> bool:
-    """Host side, before a static batch whose decoder kept `memory` (the last batch's
-    statistics at this size; `rested` batches since ran without the drafter): run this one with
-    greedy's loop (no drafting, no drafter state to advance: greedy's cost exactly)? Yes while
-    drafting does not pay and fewer than idle_batches rested in a row; the batch after them
-    runs with the drafter and probes first, to measure again."""
-    return rested < policy.idle_batches and not bool(drafting_pays(policy, memory, batch))
 
 
 def after_rest(policy: AutoWidth, memory: WidthStats, rested: int) -> WidthStats:

@@ -1,0 +1,134 @@
+"""Whether a static batch runs with its drafter, decided by measured time (auto W; host side).
+
+The in-loop gate (decoding/width.py `drafting_pays`) decides from a model: E(W) over the step
+cost table. Where the model is off it stays open at a loss (eagle at batch 8: 0.88x greedy with
+the gate open in every batch, session 15, docs/results.md), and its verdict follows the
+calibration's noise (the same drafter and settings gave 0.96x in session 14 with the gate
+closed). This gate times what each static batch really cost instead, per batch size.
+
+What greedy would have spent on a batch is known without running it: greedy emits one token
+per row per loop step, so on the same prompts it runs `greedy_steps` = the longest row's tokens
+- 1 loop steps (its prefill emits the first token; the rows' tokens are greedy's, exactly), and
+its prefill reads the same padded prompt tokens. A batch run with greedy's own loop (the drafter
+resting) measures greedy's seconds per loop step and per padded prompt token at this batch
+size; each batch with the drafter then compares its seconds with
+
+    greedy_equivalent = step_seconds x greedy_steps + token_seconds x padded_prompt_tokens
+
+(the shared prompt prefix, prefilled once per decoder, is left out of both). The window holds
+the drafting batches since the gate last opened (their greedy-equivalent from greedy's current
+estimates, so the first batch, run before greedy is measured, counts too); the speed estimate
+is R = sum greedy_equivalent / sum seconds, with the ratio estimator's standard error
+se = sqrt(sum (g_i - R d_i)^2 / (n - 1)) / (mean d x sqrt n). The gate closes when
+n >= min_batches and R + z x se < 1 (drafting slower than greedy beyond the batches' spread;
+per-batch ratios of eagle here: sd 0.21 at batch 1, 0.11 at batch 8).
+
+Schedule per batch size: the first batch runs with the drafter; the second with greedy's loop
+(greedy's cost measured; it costs greedy's time, no loss); then the drafter while the gate is
+open, with one greedy batch after every `remeasure_every` drafting batches (greedy's own time
+drifts by a few per cent over minutes on this machine: the last `history` greedy batches are
+averaged). A closed gate rests `idle_batches` batches in a row (each at greedy's cost exactly),
+then opens with an empty window: the drafter runs again until the test closes it (at least
+min_batches batches), so a drafter whose speed changed (another domain, a drifting machine) is
+measured anew. The output is greedy's in every case (a rested batch runs greedy's loop).
+
+Left out: the cache width's effect on greedy's step (batches of other prompt widths share one
+step estimate) and the drafter's compile time (excluded from both sides).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Optional
+
+
+@dataclasses.dataclass
+class BatchClock:
+    """What the gate measured at one batch size. greedy_step / greedy_token: seconds per loop
+    step and per padded prompt token of the last greedy batches; window: (greedy steps, padded
+    prompt tokens, seconds) of the drafting batches since the gate opened; rested: batches in a
+    row run without the drafter; since_greedy: drafting batches since greedy was last measured."""
+    greedy_step: collections.deque
+    greedy_token: collections.deque
+    window: list = dataclasses.field(default_factory=list)
+    open: bool = True
+    rested: int = 0
+    since_greedy: int = 0
+
+
+class RateGate:
+    """Per batch size: rest the drafter for this static batch? (`rests`, before it) and what it
+    cost (`record`, after it); see the module doc."""
+
+    def __init__(self, idle_batches: int = 24, remeasure_every: int = 16, min_batches: int = 2,
+                 z: float = 1.0, history: int = 8, max_window: int = 32):
+        self.idle_batches, self.remeasure_every = idle_batches, remeasure_every
+        self.min_batches, self.z, self.max_window = min_batches, z, max_window
+        self.history = history
+        self.clocks: dict[int, BatchClock] = {}
+
+    def _clock(self, batch: int) -> BatchClock:
+        if batch not in self.clocks:
+            self.clocks[batch] = BatchClock(collections.deque(maxlen=self.history),
+                                            collections.deque(maxlen=self.history))
+        return self.clocks[batch]
+
+    def rests(self, batch: int) -> tuple[bool, int]:
+        """Before a static batch of `batch` rows -> (run it with greedy's loop?, the batches in
+        a row that rested before it)."""
+        c = self._clock(batch)
+        rested = c.rested
+        if not c.greedy_step:                    # greedy unmeasured: after the first batch
+            rest = bool(c.window)
+        elif c.open:                             # drafting, greedy re-measured now and then
+            rest = c.since_greedy >= self.remeasure_every
+        elif c.rested >= self.idle_batches:      # rested long enough: measure the drafter anew
+            c.open, c.window, rest = True, [], False
+        else:
+            rest = True
+        c.rested = rested + 1 if rest else 0
+        return rest, rested
+
+    def record(self, batch: int, rested: bool, prefill_seconds: float, decode_seconds: float,
+               greedy_steps: int, padded_tokens: int) -> None:
+        """After a static batch: its prefill and decode seconds (compilation and the shared
+        prefix excluded), greedy's loop steps on its prompts and its padded prompt tokens."""
+        c = self._clock(batch)
+        if rested:
+            c.greedy_step.append(decode_seconds / max(greedy_steps, 1))
+            c.greedy_token.append(prefill_seconds / max(padded_tokens, 1))
+            c.since_greedy = 0
+            return
+        c.since_greedy += 1
+        c.window.append((greedy_steps, padded_tokens, prefill_seconds + decode_seconds))
+        del c.window[:-self.max_window]
+        speed, se = self.speed(batch)
+        if speed is not None and len(c.window) >= self.min_batches and speed + self.z * se < 1:
+            c.open = False
+
+    def speed(self, batch: int) -> tuple[Optional[float], float]:
+        """(R, its standard error) over the window, each batch's greedy-equivalent seconds
+        from greedy's current estimates; (None, inf) before greedy is measured or with fewer
+        than two batches."""
+        c = self._clock(batch)
+        n = len(c.window)
+        if n < 2 or not c.greedy_step:
+            return None, math.inf
+        step = sum(c.greedy_step) / len(c.greedy_step)
+        token = sum(c.greedy_token) / len(c.greedy_token)
+        pairs = [(step * s + token * t, d) for s, t, d in c.window]
+        total_g, total_d = sum(g for g, _ in pairs), sum(d for _, d in pairs)
+        r = total_g / total_d
+        spread = sum((g - r * d) ** 2 for g, d in pairs) / (n - 1)
+        return r, math.sqrt(spread) / (total_d / n * math.sqrt(n))
+
+    def summary(self, batch: int) -> dict:
+        """What a result records: the gate, its speed estimate and evidence at this size."""
+        c = self._clock(batch)
+        speed, se = self.speed(batch)
+        step = sum(c.greedy_step) / len(c.greedy_step) if c.greedy_step else None
+        return {"rate_gate_open": c.open, "measured_speed": speed,
+                "measured_speed_se": None if speed is None else se,
+                "measured_batches": len(c.window), "greedy_step_seconds": step}

@@ -1,0 +1,75 @@
+"""The measured-time gate of static batches (decoding/rate_gate.py) on hand-made timings: its
+speed estimate and standard error against a hand computation, when it closes, rests and opens
+again; the engine's use of it is in tests/test_choose_w.py."""
+
+import math
+
+import pytest
+
+from gptk_jax.decoding.rate_gate import RateGate
+
+B = 8
+
+
+def _run(gate, draft_ratio, n, steps=50, tokens=400, step_seconds=0.01, token_seconds=1e-4):
+    """n batches through the gate: greedy costs step_seconds a loop step and token_seconds a
+    padded prompt token; a drafting batch costs greedy's time / draft_ratio(i) (i: its index).
+    -> the rest decisions."""
+    decisions = []
+    for i in range(n):
+        rest, _ = gate.rests(B)
+        greedy = step_seconds * steps + token_seconds * tokens
+        seconds = greedy if rest else greedy / draft_ratio(i)
+        prefill = token_seconds * tokens if rest else 0.0
+        gate.record(B, rest, prefill, seconds - prefill, steps, tokens)
+        decisions.append(rest)
+    return decisions
+
+
+def test_speed_matches_a_hand_count():
+    gate = RateGate()
+    gate.rests(B)
+    gate.record(B, False, 0.0, 1.0, 100, 0)      # greedy unknown yet: kept for later
+    assert gate.speed(B) == (None, math.inf)
+    gate.rests(B)
+    gate.record(B, True, 0.2, 0.5, 100, 1000)    # greedy: 5 ms a step, 0.2 ms a prompt token
+    gate.rests(B)
+    gate.record(B, False, 0.1, 0.5, 80, 500)     # greedy would take 0.4 + 0.1 s
+    g = [0.005 * 100 + 0.0, 0.005 * 80 + 0.0002 * 500]
+    d = [1.0, 0.6]
+    r = sum(g) / sum(d)
+    se = math.sqrt(sum((gi - r * di) ** 2 for gi, di in zip(g, d)) / 1) / (sum(d) / 2 * 2 ** .5)
+    speed, error = gate.speed(B)
+    assert speed == pytest.approx(r) and error == pytest.approx(se)
+    assert r == pytest.approx(0.625)
+
+
+def test_slower_drafter_rests_then_is_measured_again():
+    gate = RateGate(idle_batches=3)
+    decisions = _run(gate, lambda i: 0.8, 10)
+    # draft, greedy measured, draft -> closes; 3 rests; draft (window emptied), draft -> closes
+    assert decisions == [False, True, False, True, True, True, False, False, True, True]
+    assert not gate.clocks[B].open and len(gate.clocks[B].window) == 2
+
+
+def test_faster_drafter_keeps_drafting_and_remeasures_greedy():
+    gate = RateGate(remeasure_every=4)
+    decisions = _run(gate, lambda i: 1.1, 12)
+    assert decisions == [False, True] + [False] * 4 + [True] + [False] * 4 + [True]
+    assert gate.clocks[B].open and gate.speed(B)[0] == pytest.approx(1.1)
+
+
+def test_noisy_break_even_stays_open():
+    """Drafting batches alternating 0.8x and 1.3x greedy's speed (batch 1 is greedy's): the
+    estimate is just below break-even and the spread wide, so the gate does not close on it;
+    at z = 0 (the estimate alone) it closes."""
+    ratios = lambda i: 1.3 if i % 2 == 0 and i > 0 else 0.8
+    assert _run(RateGate(), ratios, 6) == [False, True, False, False, False, False]
+    assert _run(RateGate(z=0.0), ratios, 6) == [False, True, False, True, True, True]
+
+
+def test_batch_sizes_are_measured_apart():
+    gate = RateGate()
+    _run(gate, lambda i: 0.5, 3)
+    assert not gate.clocks[B].open
+    assert gate.rests(1) == (False, 0)           # another size starts unmeasured
