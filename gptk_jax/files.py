@@ -106,23 +106,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def os_error_text(error: OSError, path, what: str) -> str:
-    """A one-line message for an OSError about `path` (the role it plays: `what`) that says what
-    to do instead of a raw errno text ("Is a directory", "File exists", "Not a directory")."""
-    import errno as errno_codes
-    path = Path(path)
-    if error.errno == errno_codes.EISDIR or (error.errno == errno_codes.EEXIST and path.is_dir()):
-        return f"{what} {path} is a folder, where a file is needed: remove it or choose another path"
-    if error.errno in (errno_codes.ENOTDIR, errno_codes.EEXIST):
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()),
-                       None)
-        if blocker is not None and blocker != path:
-            return (f"cannot write {what} {path}: {blocker} is a file, not a folder; choose a "
-                    f"path whose folders are folders")
-    if error.errno == errno_codes.ENOENT:
-        return f"{what} {path}: no such file or folder"
-    if error.errno in (errno_codes.EACCES, errno_codes.EPERM, errno_codes.EROFS):
-        return f"{what} {path}: permission denied; choose a path you can write / read"
-    return f"{what} {path}: {error.strerror or error}"
+    """A one-line message for an OSError about the file `path` (the role it plays: `what`) that
+    says what to do instead of a raw errno text ("Is a directory", "File exists", "Not a
+    directory"): `what path: reason` (os_error_reason)."""
+    reason = os_error_reason(error, path)
+    if reason.startswith("it is "):           # "--output X is a folder, where a file ..."
+        return f"{what} {path} {reason[len('it '):]}"
+    return f"{what} {path}: {reason}"
 
 
 def os_error_reason(error: OSError, path, *, folder: bool = False) -> str:

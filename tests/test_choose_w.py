@@ -245,6 +245,42 @@ def test_drafter_keeps_drafting_while_faster(setup):
     assert rested == [False, True, False, False, True, False]
 
 
+@dataclasses.dataclass(frozen=True)
+class CountingRepeat(RepeatDrafter):
+    """RepeatDrafter (per-row state only: continuous batching takes it), counting its drafts."""
+
+    def draft_scored(self, variables, state, hidden, hidden_normed, positions, next_token):
+        jax.debug.callback(lambda: DRAFT_CALLS.append(1))
+        return super().draft_scored(variables, state, hidden, hidden_normed, positions,
+                                    next_token)
+
+
+def test_continuous_rests_where_static_batches_measured_slower(setup):
+    """Continuous batching at a batch size: drafts while its static batches are unmeasured,
+    runs greedy's loop (no drafting, every step at W = 1, said in the result) once they measured
+    drafting slower (a scripted clock: twice greedy's time); greedy's tokens either way."""
+    decoder, prompts, greedy = setup
+    auto = decoder.replace(drafter=CountingRepeat(K - 1),
+                           tokens_per_step=AutoWidth(probe_every=PROBE_EVERY),
+                           verify_cost={1: CPU_LIKE, 8: DEAR})
+    auto.rate_gate = ScriptedClock(2.0)
+    results, calls = [], []
+    for static_batches in (0, 3):
+        for _ in range(static_batches):                     # draft, greedy, draft: closed
+            auto.generate(prompts[:4], MAX_NEW, bucket=BUCKET)
+        DRAFT_CALLS.clear()
+        results.append(auto.generate_continuous(prompts, MAX_NEW, batch_size=4, bucket=BUCKET))
+        jax.effects_barrier()
+        calls.append(len(DRAFT_CALLS))
+    assert not auto.rate_gate.clocks[4].open
+    assert calls[0] > 0 and calls[1] == 0
+    assert [r.stats["drafter_rested"] for r in results] == [False, True]
+    for r in results:
+        _same_as_greedy(r, greedy)
+        _check_width_stats(r)
+    assert results[1].stats["chosen_w_histogram"][2:] == [0] * (K - 1)
+
+
 def test_oracle_settles_at_max(setup):
     decoder, prompts, greedy = setup
     references = oracle_variables([t for t in greedy.tokens], [len(p) for p in prompts],

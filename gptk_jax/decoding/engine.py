@@ -63,7 +63,7 @@ from gptk_jax.decoding.checks import (DecodingError, check_drafter,  # noqa: F40
 from gptk_jax.decoding.cost import (VerifyCost, as_verify_cost, device_name,
                                     measure_step_seconds)
 from gptk_jax.decoding.inputs import (DEFAULT_BUCKET, bucket_length, pad_prompts, pad_suffixes,
-                                     stop_id_array)
+                                     refill_rows, stop_id_array)
 from gptk_jax.decoding.loop import (Drafter, NoDrafter, SharedPrefix, cache_slots,
                                     prefill_shared_prefix, prefill_state, refill, run)
 from gptk_jax.decoding.results import (ContinuousResult, GenerationResult, MTPResult,
@@ -419,6 +419,8 @@ class Decoder:
         shared = (self.params, self.drafter_vars)
         clock = {"prefill": prefix_seconds, "loop": 0.0, "compile": prefix_compile}
         loop_statics, auto_info = self._loop_statics(batch, width)
+        rest = self.width_policy is not None and self.rate_gate.resting(batch)
+        loop_statics = (self.config, NoDrafter(), 1) if rest else loop_statics
 
         def timed(fn, fn_statics, args, part):   # refill updates the state in place
             out, seconds, compile_seconds = self._call(
@@ -448,7 +450,7 @@ class Decoder:
             done, nonfinite = jax.device_get((state.done, state.nonfinite))
             check_nonfinite(nonfinite, slot_prompt, self._explainer(prompt_ids))
             finished = [b for b in range(batch) if done[b] and slot_prompt[b] >= 0]
-            if self.width_policy is not None and finished:
+            if self.width_policy is not None and finished and not rest:
                 widths.update(zip((slot_prompt[b] for b in finished),
                                   harvest_widths(state, finished)))
             for b, record in zip(finished, harvest(state, finished) if finished else []):
@@ -465,7 +467,7 @@ class Decoder:
             # Refill the free slots from the queue (R rows, a power of two; fillers dropped).
             free = [b for b in range(batch) if slot_prompt[b] < 0]
             take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-            rows_n = _pow2_at_most(len(take), batch)
+            rows_n = refill_rows(len(take), batch)
             prompts, _ = self._padded([prompt_ids[i] for i in take], prefix, padding, bucket,
                                    rows_n)
             rows = np.array(free[:len(take)] + [batch] * (rows_n - len(take)), np.int32)
@@ -483,14 +485,9 @@ class Decoder:
             compile_seconds=clock["compile"], padded_shape=(batch, width),
             loop_iterations=iterations, prefill_calls=prefill_calls, batch_size=batch,
             loop_seconds=clock["loop"], **prefill_counts(prompt_ids, prefix, prefix_run))
-        if self.width_policy is not None:
-            add_width_stats(result, [widths[i] for i in range(len(prompt_ids))],
-                             state.width_stats, auto_info)
+        if self.width_policy is not None:     # resting: every step at W = 1
+            add_width_stats(result, [widths.get(i, [1] * len(records[i].accepted))
+                                     for i in range(len(prompt_ids))],
+                            rested_stats(self.width_memory[batch], iterations) if rest
+                            else state.width_stats, dict(auto_info, drafter_rested=rest))
         return result
-
-
-def _pow2_at_most(n: int, cap: int) -> int:
-    r = 1
-    while r < n:
-        r *= 2
-    return min(r, cap)

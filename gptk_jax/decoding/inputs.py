@@ -62,6 +62,14 @@ def bucket_length(length: int, bucket: int) -> int:
     return -(-length // bucket) * bucket
 
 
+def refill_rows(n: int, cap: int) -> int:
+    """Rows a refill of n prompts prefills: the next power of two, at most cap (few shapes)."""
+    r = 1
+    while r < n:
+        r *= 2
+    return min(r, cap)
+
+
 def pad_prompts(prompt_ids: Sequence[Sequence[int]], pad_id: int, *, padding: str = "left",
                 bucket: int = DEFAULT_BUCKET, batch_size: Optional[int] = None) -> PromptBatch:
     """Pads ragged prompts to [B, bucket_length(max len)], B = batch_size or len(prompt_ids).

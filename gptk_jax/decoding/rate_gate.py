@@ -32,6 +32,9 @@ then opens with an empty window: the drafter runs again until the test closes it
 min_batches batches), so a drafter whose speed changed (another domain, a drifting machine) is
 measured anew. The output is greedy's in every case (a rested batch runs greedy's loop).
 
+Continuous batching (`Decoder.generate_continuous`) runs greedy's loop at a batch size where
+this gate is closed (`resting`), the drafter otherwise; its own time does not move the gate.
+
 Left out: the cache width's effect on greedy's step (batches of other prompt widths share one
 step estimate) and the drafter's compile time (excluded from both sides).
 """
@@ -123,6 +126,13 @@ class RateGate:
         r = total_g / total_d
         spread = sum((g - r * d) ** 2 for g, d in pairs) / (n - 1)
         return r, math.sqrt(spread) / (total_d / n * math.sqrt(n))
+
+    def resting(self, batch: int) -> bool:
+        """A continuous call at this batch size: run greedy's loop? Yes where its static
+        batches measured drafting slower (the gate closed); a continuous call's own time is not
+        measured (left out: its rows are ragged)."""
+        c = self.clocks.get(batch)
+        return c is not None and not c.open
 
     def summary(self, batch: int) -> dict:
         """What a result records: the gate, its speed estimate and evidence at this size."""
