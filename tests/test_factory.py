@@ -71,6 +71,7 @@ CASES = {
     "mtp-eagle": (dict(method="mtp"), "eagle", 3),
     "tree-eagle": (dict(method="mtp+lookup-tree"), "eagle", 3),
     "tree-linear-w2": (dict(method="mtp+lookup-tree", tokens_per_step=2), "linear", 2),
+    "tree-lstm-gated": (dict(method="mtp+lookup-tree", choose_width=True), "lstm", 3),
 }
 
 
@@ -81,6 +82,9 @@ def test_every_drafter_gives_greedys_tokens(tiny, greedy, case):
     spec = DecoderSpec(**fields, heads=heads[kind] if kind else None)
     decoder = make_decoder(model, spec)
     assert decoder.tokens_per_step == w and decoder.drafter is not None
+    # choose_width: W per step, or for a tree a fixed W with batches gated by measured time
+    assert decoder.gate_batches == spec.choose_width
+    assert (decoder.width_policy is None) == (not spec.choose_width or case.startswith("tree"))
     result = decoder.generate(prompts, MAX_NEW, bucket=BUCKET)
     _same(result, greedy[1])
     assert sum(map(len, result.stats["accepted_per_row"])) > 0    # it did draft-and-verify
@@ -226,7 +230,8 @@ def test_choose_width_gives_greedys_tokens(tiny, greedy, tmp_path, fields, kind)
 @pytest.mark.parametrize("fields, field", [
     (dict(method="greedy", choose_width=True), "choose_width"),
     (dict(method="lookup", verify_cost="t.json"), "verify_cost"),
-    (dict(method="mtp+lookup-tree", heads="h", choose_width=True), "choose_width"),
+    (dict(method="mtp+lookup-tree", heads="h", choose_width=True, verify_cost="t.json"),
+     "verify_cost"),
 ])
 def test_a_bad_width_spec_is_refused(fields, field):
     with pytest.raises(DecodingError, match=field):

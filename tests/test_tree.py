@@ -2,7 +2,7 @@
 the logits and hidden states of its own chain call; decoding with a tree of two drafters is
 token-identical to greedy (batch 1 and 8, both paddings, continuous batching), keeps the better
 branch per row (an oracle in either branch is accepted fully; two corrupted oracles accept more
-than either alone) and refuses auto W."""
+than either alone), refuses auto W and rests where its batches are measured slower."""
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,8 @@ import pytest
 
 from test_mtp import (BUCKET, CFG, K, MAX_NEW, PAD, _assert_same_as_greedy, _continuations,  # noqa: F401
                       decoder, greedy, params, prompts, stop_ids)
+
+from test_choose_w import ScriptedClock
 
 from gptk_jax.decoding.engine import DecodingError
 from gptk_jax.decoding.lookup import LookupDrafter
@@ -117,3 +119,28 @@ def test_tree_refuses_auto_width(decoder):
     with pytest.raises(DecodingError, match="tree"):
         decoder.replace(drafter=drafter, drafter_vars=TreeDrafter.variables({}, {}),
                         tokens_per_step="auto")
+
+
+def test_tree_batches_gated_by_measured_time(decoder, prompts, stop_ids, greedy):
+    """gate_batches=True with a fixed-W tree (what choose_width gives a tree, factory.py): its
+    static batches measured slower than greedy's loop (a scripted clock: twice greedy's time)
+    rest, greedy's tokens throughout; continuous batching at that size then rests too. Off by
+    default with a fixed W."""
+    reference = greedy[8, "left"]
+    drafter, variables = _tree((LookupDrafter(max_drafts=K - 1), LookupDrafter.variables()),
+                               (RepeatDrafter(K - 1), ()))
+    plain = decoder.replace(stop_ids=stop_ids, drafter=drafter, drafter_vars=variables,
+                            tokens_per_step=K)
+    assert not plain.gate_batches
+    assert "drafter_rested" not in plain.generate(prompts, MAX_NEW, bucket=BUCKET).stats
+    tree = plain.replace(gate_batches=True)
+    tree.rate_gate = ScriptedClock(2.0, idle_batches=2)
+    results = [tree.generate(prompts, MAX_NEW, bucket=BUCKET) for _ in range(4)]
+    for r in results:
+        _assert_same_as_greedy(r, reference)
+    assert [r.stats["drafter_rested"] for r in results] == [False, True, False, True]
+    assert results[2].stats["measured_speed"] == pytest.approx(0.5)
+    continuous = tree.generate_continuous(prompts, MAX_NEW, batch_size=len(prompts),
+                                          bucket=BUCKET)
+    _assert_same_as_greedy(continuous, reference)
+    assert continuous.stats["drafter_rested"]

@@ -71,3 +71,28 @@ def check_width(drafter: Optional[Drafter], tokens_per_step: Any) -> Optional[Au
                             f"prior_weight > 0; got {p.decay}, {p.gate_decay}, {p.prior}, "
                             f"{p.prior_weight}")
     return dataclasses.replace(p, max_width=w, costs=(), width=0)
+
+
+def check_request(config, tokens_per_step: int, prompt_ids, max_new_tokens: int) -> None:
+    """A decoding call's prompts (token ids in the vocabulary, none empty) and length (room
+    for max_new_tokens and the W - 1 drafts in max_seq_len); DecodingError naming what is
+    wrong."""
+    if max_new_tokens < 1:
+        raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompt_ids:
+        raise DecodingError("no prompts given")
+    vocab = config.vocab_size
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise DecodingError(f"prompt {i} has no tokens")
+        low, high = int(min(ids)), int(max(ids))
+        if low < 0 or high >= vocab:
+            raise DecodingError(f"prompt {i} holds token id {high if high >= vocab else low}, "
+                                f"outside the model's vocabulary 0..{vocab - 1} (is the "
+                                f"tokenizer the model's own?)")
+    longest, w = int(max(len(p) for p in prompt_ids)), tokens_per_step
+    if longest + max_new_tokens + w - 1 > config.max_seq_len:
+        drafts = f" + {w - 1} drafts" if w > 1 else ""
+        raise DecodingError(f"prompt of {longest} tokens + {max_new_tokens} new tokens"
+                            f"{drafts} exceeds the model's max_seq_len "
+                            f"{config.max_seq_len}")

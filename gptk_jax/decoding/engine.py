@@ -59,7 +59,7 @@ import jax
 import numpy as np
 
 from gptk_jax.decoding.checks import (DecodingError, check_drafter,  # noqa: F401
-                                      check_width)
+                                      check_request, check_width)
 from gptk_jax.decoding.cost import (VerifyCost, as_verify_cost, device_name,
                                     measure_step_seconds)
 from gptk_jax.decoding.inputs import (DEFAULT_BUCKET, bucket_length, pad_prompts, pad_suffixes,
@@ -104,6 +104,8 @@ class Decoder:
     `verify_cost` (a `VerifyCost`, a {batch: {W: cost}} dict or a saved table's path; None:
     measured with `calibrate` at the first call of each batch size, kept in `measured_cost`).
     `tokens_per_step` is then W_max (the buffers' width) and `width_policy` the AutoWidth.
+    gate_batches: static batches run with the drafter only while measured faster than greedy's
+    loop (decoding/rate_gate.py; None: on with auto W, off with a fixed W).
     Auto W: the statistics of the last static batch at each batch size are kept
     (`width_memory`) and the next batch of that size starts from them (decoding/width.py);
     whether a static batch runs with the drafter at all is measured (`rate_gate`,
@@ -120,17 +122,18 @@ class Decoder:
                  pad_id: int, drafter: Optional[Drafter] = None, drafter_vars: Any = (),
                  tokens_per_step: Union[int, str, AutoWidth, None] = None,
                  verify_cost: Any = None, max_compiled: int = MAX_COMPILED,
-                 shared_prefix: bool = True, matmul: str = "auto"):
+                 shared_prefix: bool = True, matmul: str = "auto",
+                 gate_batches: Optional[bool] = None):
         self.config = model_config.replace(matmul=resolve_matmul(matmul))
         self.params = jax.device_put(params_for_model(params, model_config))
         self.executables = Executables(max_compiled)
         self.measured_cost = VerifyCost({}, source="Decoder.calibrate")
         self.prefixes: collections.OrderedDict = collections.OrderedDict()  # tokens -> prefix
         self._configure(stop_ids, pad_id, drafter, drafter_vars, tokens_per_step, verify_cost,
-                        shared_prefix)
+                        shared_prefix, gate_batches)
 
     def _configure(self, stop_ids, pad_id, drafter, drafter_vars, tokens_per_step,
-                   verify_cost=None, shared_prefix=True):
+                   verify_cost=None, shared_prefix=True, gate_batches=None):
         self.shared_prefix = bool(shared_prefix)
         self.width_policy = check_width(drafter, tokens_per_step)
         if self.width_policy is not None:
@@ -143,6 +146,9 @@ class Decoder:
         self.drafter_vars = jax.device_put(drafter_vars)
         self.width_memory = {}   # auto W: batch size -> the last static batch's WidthStats
         self.rate_gate = RateGate(idle_batches=getattr(self.width_policy, "idle_batches", 24))
+        self._gate_batches = gate_batches        # None: on with auto W (rate_gate.py)
+        self.gate_batches = drafter is not None and (
+            self.width_policy is not None if gate_batches is None else bool(gate_batches))
         self.stop_ids = tuple(sorted({int(i) for i in stop_ids}))
         self.pad_id = int(pad_id)
         self._stops = stop_id_array(self.stop_ids)
@@ -154,12 +160,13 @@ class Decoder:
         """A decoder with other stop_ids / pad_id / drafter / drafter_vars / tokens_per_step /
         verify_cost / shared_prefix that shares this one's device params and held prefixes, and
         its executables while drafter and W stay the same (other stop ids or drafter variables
-        of the same shapes reuse them). A new drafter starts with drafter_vars () and its default (fixed) W unless those
-        are given too."""
+        of the same shapes reuse them). A new drafter starts with drafter_vars () and its
+        default (fixed) W unless those are given too; gate_batches as given to the decoder."""
         settings = dict(stop_ids=self.stop_ids, pad_id=self.pad_id, drafter=self.drafter,
                         drafter_vars=self.drafter_vars,
                         tokens_per_step=self.width_policy or self.tokens_per_step,
-                        verify_cost=self.verify_cost, shared_prefix=self.shared_prefix)
+                        verify_cost=self.verify_cost, shared_prefix=self.shared_prefix,
+                        gate_batches=self._gate_batches)
         unknown = sorted(set(changes) - set(settings))
         if unknown:
             raise TypeError(f"Decoder.replace: cannot change {unknown} (a new trunk needs a new "
@@ -304,27 +311,6 @@ class Decoder:
         return prompts, prefix.length + prompts.padded_length
 
     # --- checks and executables -----------------------------------------------------------------
-    def _check_request(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-        if max_new_tokens < 1:
-            raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not prompt_ids:
-            raise DecodingError("no prompts given")
-        vocab = self.config.vocab_size
-        for i, ids in enumerate(prompt_ids):
-            if len(ids) == 0:
-                raise DecodingError(f"prompt {i} has no tokens")
-            low, high = int(min(ids)), int(max(ids))
-            if low < 0 or high >= vocab:
-                raise DecodingError(f"prompt {i} holds token id {high if high >= vocab else low}, "
-                                    f"outside the model's vocabulary 0..{vocab - 1} (is the "
-                                    f"tokenizer the model's own?)")
-        longest, w = int(max(len(p) for p in prompt_ids)), self.tokens_per_step
-        if longest + max_new_tokens + w - 1 > self.config.max_seq_len:
-            drafts = f" + {w - 1} drafts" if w > 1 else ""
-            raise DecodingError(f"prompt of {longest} tokens + {max_new_tokens} new tokens"
-                                f"{drafts} exceeds the model's max_seq_len "
-                                f"{self.config.max_seq_len}")
-
     def _explainer(self, prompt_ids) -> Callable[[list[int]], str]:
         """The cause of non-finite logits of these prompts (decoding/nonfinite.py)."""
         return lambda bad: explain_nonfinite(self.config, self.params, self.pad_id, prompt_ids,
@@ -347,7 +333,7 @@ class Decoder:
         """Greedy continuation of each prompt (one batch), up to max_new_tokens or a stop id.
         batch_size pads the batch with inactive rows, so a short last batch reuses the
         executables. -> GenerationResult (greedy) / MTPResult (with a drafter)."""
-        self._check_request(prompt_ids, max_new_tokens)
+        check_request(self.config, self.tokens_per_step, prompt_ids, max_new_tokens)
         prefix, prefix_run, prefix_seconds, prefix_compile = self._shared_prefix_for(prompt_ids)
         prompts, width = self._padded(prompt_ids, prefix, padding, bucket, batch_size)
         slots = cache_slots(width, max_new_tokens, self.tokens_per_step)
@@ -377,18 +363,19 @@ class Decoder:
         if self.width_policy is not None:
             if not rest:
                 self.width_memory[batch] = state.width_stats
-            self.rate_gate.record(batch, rest, prefill_seconds, decode_seconds,
-                                  max(len(r.tokens) for r in records) - 1, prompts.tokens.size)
             add_width_stats(result, harvest_widths(state, range(len(prompt_ids))),
                             rested_stats(memory, state.step) if rest else state.width_stats,
-                            dict(auto_info, drafter_rested=rest,
-                                 **self.rate_gate.summary(batch)))
+                            auto_info)
+        if self.gate_batches:
+            self.rate_gate.record(batch, rest, prefill_seconds, decode_seconds,
+                                  max(len(r.tokens) for r in records) - 1, prompts.tokens.size)
+            result.stats.update(drafter_rested=rest, **self.rate_gate.summary(batch))
         return result
 
     def _drafter_rests(self, batch: int, statics: tuple):
-        """Auto W, before a static batch -> (greedy's loop, the drafter resting? the kept
+        """Before a static batch -> (greedy's loop, the drafter resting? auto W's kept
         statistics, None where none are): decoding/rate_gate.py decides by measured time."""
-        if self.width_policy is None:
+        if not self.gate_batches:
             return False, None
         rest, rested = self.rate_gate.rests(batch)
         memory = self.width_memory.get(batch)
@@ -408,7 +395,7 @@ class Decoder:
         time n more prompts are done (a progress bar's update); `on_row(i, record)` as prompt i
         finishes, with its RowRecord (tokens, a stop token included; per-step logs), so a caller
         can write each output as it is made."""
-        self._check_request(prompt_ids, max_new_tokens)
+        check_request(self.config, self.tokens_per_step, prompt_ids, max_new_tokens)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DecodingError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         m, batch = max_new_tokens, batch_size
@@ -419,7 +406,7 @@ class Decoder:
         shared = (self.params, self.drafter_vars)
         clock = {"prefill": prefix_seconds, "loop": 0.0, "compile": prefix_compile}
         loop_statics, auto_info = self._loop_statics(batch, width)
-        rest = self.width_policy is not None and self.rate_gate.resting(batch)
+        rest = self.gate_batches and self.rate_gate.resting(batch)
         loop_statics = (self.config, NoDrafter(), 1) if rest else loop_statics
 
         def timed(fn, fn_statics, args, part):   # refill updates the state in place
@@ -489,5 +476,7 @@ class Decoder:
             add_width_stats(result, [widths.get(i, [1] * len(records[i].accepted))
                                      for i in range(len(prompt_ids))],
                             rested_stats(self.width_memory[batch], iterations) if rest
-                            else state.width_stats, dict(auto_info, drafter_rested=rest))
+                            else state.width_stats, auto_info)
+        if self.gate_batches:
+            result.stats["drafter_rested"] = rest
         return result

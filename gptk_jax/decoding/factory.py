@@ -19,7 +19,8 @@ Methods (`DecoderSpec.method`):
                 own W; the lookup's W as for 'lookup');
   'mtp+lookup-tree'  prompt lookup's and the heads' drafts both verified in one call, each row
                 keeping the branch with more accepted (decoding/tree.py); W fixed, default the
-                heads' k;
+                heads' k (choose_width: W stays fixed per branch, and static batches draft
+                only while measured faster than greedy's loop, decoding/rate_gate.py);
   'oracle'      greedy's own continuation (decoding/oracle.py; the upper bound): W must be given
                 and the continuations are passed as `references=oracle_variables(...)`.
 
@@ -121,11 +122,11 @@ class DecoderSpec:
 
         if self.choose_width and self.method == "greedy":
             raise DecodingError("DecoderSpec.choose_width needs a drafter (greedy is W = 1)")
-        if self.choose_width and self.method == "mtp+lookup-tree":
-            raise DecodingError("DecoderSpec.choose_width: 'mtp+lookup-tree' verifies a fixed W "
-                                "per branch (auto W chooses among chains of one drafter)")
         if self.verify_cost is not None and not self.choose_width:
             raise DecodingError("DecoderSpec.verify_cost is read only with choose_width")
+        if self.verify_cost is not None and self.method == "mtp+lookup-tree":
+            raise DecodingError("DecoderSpec.verify_cost: 'mtp+lookup-tree' verifies a fixed W "
+                                "per branch (choose_width gates its batches by measured time)")
         if not isinstance(self.score_bins, int) or self.score_bins < 1:
             raise DecodingError(f"DecoderSpec.score_bins must be an integer >= 1, got "
                                 f"{self.score_bins!r}")
@@ -230,11 +231,13 @@ def make_decoder(model, spec: DecoderSpec, *, stop_ids: Optional[Iterable[int]] 
     (shares its device params, and its executables for the same drafter and W). heads: the
     LoadedHeads of spec.heads when already loaded. references: the oracle's variables."""
     drafter, variables, w = make_drafter(model, spec, heads=heads, references=references)
-    width = w
-    if spec.choose_width and drafter is not None:
+    width, tree = w, spec.method == "mtp+lookup-tree"
+    if spec.choose_width and drafter is not None and not tree:
         from gptk_jax.decoding.width import AutoWidth
         width = AutoWidth(max_width=w, score_bins=spec.score_bins)
-    cost = {"verify_cost": spec.verify_cost} if spec.choose_width else {}
+    cost = {"verify_cost": spec.verify_cost} if spec.choose_width and not tree else {}
+    if spec.choose_width and tree:      # W fixed per branch; batches gated by measured time
+        cost["gate_batches"] = True
     if base is not None:
         changes = {}
         if stop_ids is not None:

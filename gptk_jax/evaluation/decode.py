@@ -135,10 +135,12 @@ def lookup_method(name: str, tokens_per_step: int, max_ngram: int,
 
 def tree_method(name: str, decoding: Decoding, heads: Method, max_ngram: int) -> Method:
     """Prompt lookup and the heads (a heads_method) as the two branches of one verify call per
-    step (decoding/tree.py), at the heads' W (fixed)."""
+    step (decoding/tree.py), at the heads' W (fixed; with the heads' choose_width, static
+    batches draft only while measured faster than greedy, decoding/rate_gate.py)."""
     method = Method(name, heads.tokens_per_step, DecoderSpec(
         "mtp+lookup-tree", tokens_per_step=heads.tokens_per_step, heads=heads.spec.heads,
-        lookup_max_ngram=max_ngram, draft_vocab=heads.spec.draft_vocab))
+        lookup_max_ngram=max_ngram, draft_vocab=heads.spec.draft_vocab,
+        choose_width=heads.spec.choose_width))
     decoding.decoder(method)
     return method
 

@@ -101,7 +101,7 @@ def drafting_methods(cfg: EvalConfig, decoding, heads, tokens_per_step: int,
         if heads is not None:
             methods.append(lookup_method("heads+lookup", lookup_w, cfg.lookup_max_ngram,
                                          fallback=methods[0], **width))
-        if heads is not None and cfg.tree:     # fixed W: auto W does not choose for a tree
+        if heads is not None and cfg.tree:     # fixed W (choose_width: batches gated)
             methods.append(tree_method("heads+lookup-tree", decoding, methods[0],
                                        cfg.lookup_max_ngram))
     return methods
