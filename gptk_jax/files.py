@@ -133,7 +133,7 @@ def os_error_reason(error: OSError, path, *, folder: bool = False) -> str:
     if error.errno == errno_codes.ENOENT:
         return "no such file or folder"
     if error.errno in (errno_codes.EACCES, errno_codes.EPERM):
-        return "permission denied: choose a path you can write"
+        return "permission denied: choose a path you can write / read"
     if error.errno == errno_codes.EROFS:
         return "on a read-only file system: choose a path you can write"
     if error.errno == errno_codes.ENOSPC:

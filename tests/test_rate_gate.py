@@ -68,6 +68,26 @@ def test_noisy_break_even_stays_open():
     assert _run(RateGate(z=0.0), ratios, 6) == [False, True, False, True, True, True]
 
 
+def test_a_probe_follows_rests_not_greedys_timing():
+    """`rests` reports the batches rested while the gate was closed (the engine probes after
+    them), not a batch that only timed greedy; a rested batch of no loop steps is not a step."""
+    gate = RateGate(idle_batches=2, remeasure_every=2)
+    seen = []
+    for ratio in (1.2, None, 1.2, 1.2, None, 1.2):
+        rest, rested = gate.rests(B)
+        assert rest == (ratio is None)
+        seen.append(rested)
+        gate.record(B, rest, 0.0, 0.5 if rest else 0.5 / ratio, 50, 0)
+    assert seen == [0, 0, 0, 0, 0, 0]
+    gate.record(B, True, 0.0, 0.003, 0, 0)       # every row stopped at once: no step timed
+    assert len(gate.clocks[B].greedy_step) == 2
+    closed = RateGate(idle_batches=2)
+    assert closed.rests(B) == (False, 0)
+    closed.record(B, False, 0.0, 1.0, 50, 0)
+    _run(closed, lambda i: 0.5, 4)               # greedy timed, a draft: closed, 2 rests
+    assert closed.rests(B) == (False, 2)         # the drafter again, after 2 rests
+
+
 def test_batch_sizes_are_measured_apart():
     gate = RateGate()
     _run(gate, lambda i: 0.5, 3)

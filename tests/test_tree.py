@@ -139,6 +139,10 @@ def test_tree_batches_gated_by_measured_time(decoder, prompts, stop_ids, greedy)
     for r in results:
         _assert_same_as_greedy(r, reference)
     assert [r.stats["drafter_rested"] for r in results] == [False, True, False, True]
+    assert {w for ws in results[0].stats["widths_per_row"] for w in ws} == {K}
+    for r in (results[1], results[3]):         # rested: every step at W = 1, no draft missed
+        assert {w for ws in r.stats["widths_per_row"] for w in ws} == {1}
+        assert r.stats["width_histogram"][2:] == [0] * (K - 1)
     assert results[2].stats["measured_speed"] == pytest.approx(0.5)
     continuous = tree.generate_continuous(prompts, MAX_NEW, batch_size=len(prompts),
                                           bucket=BUCKET)

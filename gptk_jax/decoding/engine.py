@@ -73,7 +73,7 @@ from gptk_jax.decoding.executables import MAX_COMPILED, Executables
 from gptk_jax.decoding.nonfinite import check_nonfinite, explain_nonfinite  # noqa: F401
 from gptk_jax.decoding.rate_gate import RateGate
 from gptk_jax.decoding.width import (AutoWidth, add_width_stats, after_rest, harvest_widths,
-                                     rested_stats, resume_width_stats)
+                                     rested_stats, resume_width_stats, summarize_widths)
 from gptk_jax.llama.model import params_for_model
 from gptk_jax.llama.prefix import common_prefix_length
 
@@ -158,10 +158,10 @@ class Decoder:
 
     def replace(self, **changes) -> "Decoder":
         """A decoder with other stop_ids / pad_id / drafter / drafter_vars / tokens_per_step /
-        verify_cost / shared_prefix that shares this one's device params and held prefixes, and
+        verify_cost / shared_prefix / gate_batches that shares this one's device params and held prefixes, and
         its executables while drafter and W stay the same (other stop ids or drafter variables
         of the same shapes reuse them). A new drafter starts with drafter_vars () and its
-        default (fixed) W unless those are given too; gate_batches as given to the decoder."""
+        default (fixed) W and gate_batches None unless those are given too."""
         settings = dict(stop_ids=self.stop_ids, pad_id=self.pad_id, drafter=self.drafter,
                         drafter_vars=self.drafter_vars,
                         tokens_per_step=self.width_policy or self.tokens_per_step,
@@ -172,7 +172,7 @@ class Decoder:
             raise TypeError(f"Decoder.replace: cannot change {unknown} (a new trunk needs a new "
                             f"Decoder); changeable: {sorted(settings)}")
         if "drafter" in changes:
-            settings.update(drafter_vars=(), tokens_per_step=None)
+            settings.update(drafter_vars=(), tokens_per_step=None, gate_batches=None)
         settings.update(changes)
         new = copy.copy(self)
         new._configure(**settings)
@@ -369,6 +369,9 @@ class Decoder:
         if self.gate_batches:
             self.rate_gate.record(batch, rest, prefill_seconds, decode_seconds,
                                   max(len(r.tokens) for r in records) - 1, prompts.tokens.size)
+            if self.width_policy is None:        # a fixed W: a rested batch's steps at W = 1
+                w = 1 if rest else self.tokens_per_step
+                summarize_widths(result, [[w] * len(r.accepted) for r in records])
             result.stats.update(drafter_rested=rest, **self.rate_gate.summary(batch))
         return result
 
@@ -376,7 +379,7 @@ class Decoder:
         """Before a static batch -> (greedy's loop, the drafter resting? auto W's kept
         statistics, None where none are): decoding/rate_gate.py decides by measured time."""
         if not self.gate_batches:
-            return False, None
+            return False, self.width_memory.get(batch)
         rest, rested = self.rate_gate.rests(batch)
         memory = self.width_memory.get(batch)
         return rest, memory if rest or memory is None else after_rest(statics[2], memory, rested)
@@ -478,5 +481,8 @@ class Decoder:
                             rested_stats(self.width_memory[batch], iterations) if rest
                             else state.width_stats, auto_info)
         if self.gate_batches:
+            if self.width_policy is None and rest:
+                summarize_widths(result, [[1] * len(records[i].accepted)
+                                          for i in range(len(prompt_ids))])
             result.stats["drafter_rested"] = rest
         return result

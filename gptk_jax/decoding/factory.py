@@ -236,8 +236,8 @@ def make_decoder(model, spec: DecoderSpec, *, stop_ids: Optional[Iterable[int]] 
         from gptk_jax.decoding.width import AutoWidth
         width = AutoWidth(max_width=w, score_bins=spec.score_bins)
     cost = {"verify_cost": spec.verify_cost} if spec.choose_width and not tree else {}
-    if spec.choose_width and tree:      # W fixed per branch; batches gated by measured time
-        cost["gate_batches"] = True
+    if drafter is not None:             # a tree's W fixed per branch, its batches gated
+        cost["gate_batches"] = True if spec.choose_width and tree else None
     if base is not None:
         changes = {}
         if stop_ids is not None:

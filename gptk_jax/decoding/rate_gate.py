@@ -80,9 +80,10 @@ class RateGate:
 
     def rests(self, batch: int) -> tuple[bool, int]:
         """Before a static batch of `batch` rows -> (run it with greedy's loop?, the batches in
-        a row that rested before it)."""
+        a row that rested before it while the gate was closed: 0 after a batch that only
+        measured greedy, whose drafting evidence is still current)."""
         c = self._clock(batch)
-        rested = c.rested
+        rested, was_closed = c.rested, not c.open
         if not c.greedy_step:                    # greedy unmeasured: after the first batch
             rest = bool(c.window)
         elif c.open:                             # drafting, greedy re-measured now and then
@@ -92,7 +93,7 @@ class RateGate:
         else:
             rest = True
         c.rested = rested + 1 if rest else 0
-        return rest, rested
+        return rest, rested if was_closed else 0
 
     def record(self, batch: int, rested: bool, prefill_seconds: float, decode_seconds: float,
                greedy_steps: int, padded_tokens: int) -> None:
@@ -100,7 +101,8 @@ class RateGate:
         prefix excluded), greedy's loop steps on its prompts and its padded prompt tokens."""
         c = self._clock(batch)
         if rested:
-            c.greedy_step.append(decode_seconds / max(greedy_steps, 1))
+            if greedy_steps > 0:                 # else its time is overhead, not steps
+                c.greedy_step.append(decode_seconds / greedy_steps)
             c.greedy_token.append(prefill_seconds / max(padded_tokens, 1))
             c.since_greedy = 0
             return

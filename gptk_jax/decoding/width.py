@@ -383,6 +383,18 @@ def harvest_widths(state, rows: Sequence[int]) -> list[list[int]]:
     return [width_log[:row_steps[b], b].tolist() for b in rows]
 
 
+def summarize_widths(result: Any, widths: Sequence[Sequence[int]]) -> None:
+    """result.stats recomputed with each step's W (widths: per row, per step; an offset counts
+    as reached only where it was drafted): `width_histogram` over row-steps, `widths_per_row`."""
+    s = result.stats
+    longest = max([len(a) for a in s["accepted_per_row"]] + [1])
+    logs = np.full((3, longest, len(widths)), -1, np.int64)        # accepted, emitted, W
+    for i, (acc, emitted, ws) in enumerate(zip(s["accepted_per_row"], s["emitted_per_row"],
+                                               widths)):
+        logs[0, :len(acc), i], logs[1, :len(emitted), i], logs[2, :len(ws), i] = acc, emitted, ws
+    result.stats = summarize(logs[0], logs[1], result.tokens_per_step - 1, width_log=logs[2])
+
+
 def add_width_stats(result: Any, widths: Sequence[Sequence[int]], width_stats,
                      auto_info: dict) -> None:
     """Auto W: result.stats recomputed with each step's W (an offset counts as reached only
@@ -392,14 +404,7 @@ def add_width_stats(result: Any, widths: Sequence[Sequence[int]], width_stats,
     `step_cost` (cost(W) / cost(1) used), its source and the calibration seconds;
     `acceptance_by_score_bin` / `score_bin_weight`: the running estimate and decayed count per
     offset and draft-score bin (decoding/width.py; unscored drafters fill the top bin only)."""
-    s = result.stats
-    w_max = result.tokens_per_step
-    longest = max([len(a) for a in s["accepted_per_row"]] + [1])
-    logs = np.full((3, longest, len(widths)), -1, np.int64)        # accepted, emitted, W
-    for i, (acc, emitted, ws) in enumerate(zip(s["accepted_per_row"], s["emitted_per_row"],
-                                               widths)):
-        logs[0, :len(acc), i], logs[1, :len(emitted), i], logs[2, :len(ws), i] = acc, emitted, ws
-    result.stats = summarize(logs[0], logs[1], w_max - 1, width_log=logs[2])
+    summarize_widths(result, widths)
     histogram, estimate, passed, reached = jax.device_get((
         width_stats.histogram, acceptance_estimate(width_stats), width_stats.passed_bins,
         width_stats.reached_bins))

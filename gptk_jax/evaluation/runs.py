@@ -85,15 +85,16 @@ def mtp_summary(results: list, k: int) -> dict:
     step costs the choice used."""
     accepted = [a for r in results for row in r.stats["accepted_per_row"] for a in row]
     emitted = [e for r in results for row in r.stats["emitted_per_row"] for e in row]
-    auto = all("widths_per_row" in r.stats for r in results) and results
+    per_step = all("widths_per_row" in r.stats for r in results) and results
     widths = [w for r in results for row in r.stats["widths_per_row"] for w in row] \
-        if auto else None
+        if per_step else None
     stats = acceptance_stats(accepted, emitted, num_drafts=k - 1, widths=widths)
-    if auto:
+    if per_step and all("chosen_w_histogram" in r.stats for r in results):      # auto W
         chosen = np.sum([np.asarray(r.stats["chosen_w_histogram"]) for r in results], axis=0)
         stats.update(tokens_per_step_mode="auto", chosen_w_histogram=chosen.tolist(),
-                     step_cost=results[-1].stats.get("step_cost"),
-                     rested_batches=sum(bool(r.stats.get("drafter_rested")) for r in results))
+                     step_cost=results[-1].stats.get("step_cost"))
+    if any("drafter_rested" in r.stats for r in results):   # batches gated by measured time
+        stats["rested_batches"] = sum(bool(r.stats.get("drafter_rested")) for r in results)
     return stats
 
 
