@@ -20,10 +20,12 @@ class FakeDecoding:
     """Each batch's result depends on the method and the prompts only (not on the order)."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.kept = [], []
+        self.keep_loops = 1            # Decoding's: drafting loops kept compiled
 
     def batch(self, method, prompts, batch_size):
         self.calls.append((method.name, tuple(p[1] for p in prompts)))
+        self.kept.append(self.keep_loops)
         w = method.tokens_per_step
         tokens = [[p[1], p[1] + 1] for p in prompts]
         steps = [[1, 0] if w > 1 else [0, 0] for _ in prompts]
@@ -54,6 +56,15 @@ def test_batches_alternate_and_the_runs_are_the_sequential_ones():
     assert _oracle_free(runs_int) == runs_seq
     assert {k: o.tokens for k, o in out_int.items()} == {k: o.tokens for k, o in out_seq.items()}
     assert runs_int["lookup/b2"]["speedup"] == pytest.approx(1.5 / 1.3)
+
+
+def test_interleaved_methods_stay_compiled_while_they_alternate():
+    """Interleaving two drafters keeps both loops' executables (Decoding.keep_loops >= 2
+    during the batches; one released per batch recompiled every batch), then restores it."""
+    other = Method("lookup2", 2, DecoderSpec("lookup", tokens_per_step=2))
+    inter = FakeDecoding()
+    static_runs(inter, [LOOKUP, other], PROMPTS, 2, None, False, interleave=True)
+    assert inter.kept == [2] * 9 and inter.keep_loops == 1
 
 
 def test_the_oracle_runs_after_and_a_stored_greedy_run_is_reused(tmp_path):

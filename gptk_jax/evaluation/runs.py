@@ -56,11 +56,15 @@ def decode_interleaved(decoding: Decoding, methods: Sequence[Method], prompts: l
     """Consecutive static batches, each decoded by greedy and then by every method in turn ->
     (greedy's results, per method its results), one per batch."""
     greedy, by_method = [], [[] for _ in methods]
-    for chunk in tqdm(_chunks(prompts, batch), desc=f"interleaved b={batch}",
-                      disable=not progress, unit="batch", leave=False):
-        greedy.append(decoding.batch(GREEDY, chunk, batch))
-        for results, method in zip(by_method, methods):
-            results.append(decoding.batch(method, chunk, batch))
+    keep, decoding.keep_loops = decoding.keep_loops, max(decoding.keep_loops, len(methods))
+    try:                  # every method's executables alive: none recompiles batch by batch
+        for chunk in tqdm(_chunks(prompts, batch), desc=f"interleaved b={batch}",
+                          disable=not progress, unit="batch", leave=False):
+            greedy.append(decoding.batch(GREEDY, chunk, batch))
+            for results, method in zip(by_method, methods):
+                results.append(decoding.batch(method, chunk, batch))
+    finally:
+        decoding.keep_loops = keep
     return greedy, by_method
 
 
