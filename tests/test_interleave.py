@@ -1,6 +1,6 @@
 """`evaluate --interleave` (evaluation/runs.py): the static runs go batch by batch (greedy's
-batch, then each drafter's on the same prompts) and give the same run records as one method
-after another, only marked `interleaved`; the oracle still runs after them; a greedy run that is
+batch, then a drafter's on the same prompts; each drafter in turn, paired with its own greedy
+batches) and give the same run records as one method after another, only marked `interleaved`; the oracle still runs after them; a greedy run that is
 already stored is reused and the drafters then run one after another, as without the flag.
 A stand-in Decoding returns fixed results, so only the orchestration is under test."""
 
@@ -20,12 +20,10 @@ class FakeDecoding:
     """Each batch's result depends on the method and the prompts only (not on the order)."""
 
     def __init__(self):
-        self.calls, self.kept = [], []
-        self.keep_loops = 1            # Decoding's: drafting loops kept compiled
+        self.calls = []
 
     def batch(self, method, prompts, batch_size):
         self.calls.append((method.name, tuple(p[1] for p in prompts)))
-        self.kept.append(self.keep_loops)
         w = method.tokens_per_step
         tokens = [[p[1], p[1] + 1] for p in prompts]
         steps = [[1, 0] if w > 1 else [0, 0] for _ in prompts]
@@ -41,7 +39,8 @@ class FakeDecoding:
 
 
 def _oracle_free(runs):
-    return {k: {f: v for f, v in r.items() if f != "interleaved"} for k, r in runs.items()}
+    return {k: {f: v for f, v in r.items() if f not in ("interleaved", "greedy_tokens_per_second")}
+            for k, r in runs.items()}
 
 
 def test_batches_alternate_and_the_runs_are_the_sequential_ones():
@@ -56,15 +55,6 @@ def test_batches_alternate_and_the_runs_are_the_sequential_ones():
     assert _oracle_free(runs_int) == runs_seq
     assert {k: o.tokens for k, o in out_int.items()} == {k: o.tokens for k, o in out_seq.items()}
     assert runs_int["lookup/b2"]["speedup"] == pytest.approx(1.5 / 1.3)
-
-
-def test_interleaved_methods_stay_compiled_while_they_alternate():
-    """Interleaving two drafters keeps both loops' executables (Decoding.keep_loops >= 2
-    during the batches; one released per batch recompiled every batch), then restores it."""
-    other = Method("lookup2", 2, DecoderSpec("lookup", tokens_per_step=2))
-    inter = FakeDecoding()
-    static_runs(inter, [LOOKUP, other], PROMPTS, 2, None, False, interleave=True)
-    assert inter.kept == [2] * 9 and inter.keep_loops == 1
 
 
 def test_the_oracle_runs_after_and_a_stored_greedy_run_is_reused(tmp_path):
@@ -92,3 +82,30 @@ def test_the_oracle_runs_after_and_a_stored_greedy_run_is_reused(tmp_path):
         assert again.calls == [] and runs_again["greedy/b2"]["reused"]
     finally:
         runs_module.oracle_methods = real
+
+
+class DriftingDecoding(FakeDecoding):
+    """FakeDecoding on a machine that slows down: each call takes 10 % longer than the last."""
+
+    def batch(self, method, prompts, batch_size):
+        result = super().batch(method, prompts, batch_size)
+        result.decode_seconds *= 1.1 ** len(self.calls)
+        return result
+
+
+def test_each_drafter_is_paired_with_its_own_greedy_batches():
+    """Two drafters: each in turn interleaved with greedy (greedy's batches run once per
+    drafter, one drafting loop compiled at a time), each speedup over its own pair's greedy:
+    on a drifting machine the later drafter is not credited with the earlier greedy's speed."""
+    other = Method("lookup2", 2, DecoderSpec("lookup", tokens_per_step=2))
+    inter = DriftingDecoding()
+    runs, _ = static_runs(inter, [LOOKUP, other], PROMPTS, 2, None, False, interleave=True)
+    pairs = [("greedy", (0, 1)), ("{m}", (0, 1)), ("greedy", (2, 3)), ("{m}", (2, 3)),
+             ("greedy", (4,)), ("{m}", (4,))]
+    assert inter.calls == [(n.format(m=m), p) for m in ("lookup", "lookup2") for n, p in pairs]
+    for name, first in (("lookup", 0), ("lookup2", 6)):
+        greedy = sum(0.5 + 1.0 * 1.1 ** (first + 2 * i + 1) for i in range(3))
+        drafted = sum(0.5 + 0.8 * 1.1 ** (first + 2 * i + 2) for i in range(3))
+        run = runs[f"{name}/b2"]
+        assert run["greedy_tokens_per_second"] == pytest.approx(15 / greedy)   # 5 rows x 3 tokens
+        assert run["speedup"] == pytest.approx(greedy / drafted)

@@ -62,8 +62,6 @@ class Decoding:
                                            pad_id=self.pad_id)
         self._by_loop: dict = {}      # spec -> decoder holding that loop's executables
         self._by_method: dict = {}    # id(method) -> (method, its decoder)
-        self._recent: list = []       # drafting loops' specs, most recently used last
-        self.keep_loops = 1           # drafting loops whose executables stay alive
 
     def decoder(self, method: Method) -> Decoder:
         if not method.drafts:
@@ -82,20 +80,15 @@ class Decoding:
         return decoder
 
     def _release_other_loops(self, spec) -> None:
-        """Keeps the `keep_loops` most recently used drafting loops' executables alive (and
-        greedy's): every XLA:CPU executable maps its code into the process, and one evaluation
-        of many methods, W and batch sizes ran out of room for more (`LLVM ERROR: Unable to
-        allocate section memory`). Methods run one after another, so a released loop recompiles
-        only when it runs again, at a batch size whose shapes it has not compiled anyway;
-        interleaved runs (runs.py) keep every method's loop for their batch size, since one
-        released per batch recompiled each batch, and a freshly compiled executable's first
-        calls ran ~15 % slower (session 16). jax's own jit caches (the calibration's prefill)
-        go too."""
-        self._recent = [s for s in self._recent if s != spec] + [spec]
-        kept = set(self._recent[-max(self.keep_loops, 1):])
+        """Keeps one drafting loop's executables alive at a time (and greedy's): every XLA:CPU
+        executable maps its code into the process, and one evaluation of many methods, W and
+        batch sizes ran out of room for more (`LLVM ERROR: Unable to allocate section memory`).
+        Methods run one after another, so a released loop recompiles only when it runs again,
+        at a batch size whose shapes it has not compiled anyway. jax's own jit caches (the
+        calibration's prefill) go too."""
         released = 0
         for other, decoder in self._by_loop.items():
-            if other not in kept and len(decoder.executables):
+            if other != spec and len(decoder.executables):
                 released += len(decoder.executables)
                 decoder.executables.clear()
         if released:

@@ -56,15 +56,11 @@ def decode_interleaved(decoding: Decoding, methods: Sequence[Method], prompts: l
     """Consecutive static batches, each decoded by greedy and then by every method in turn ->
     (greedy's results, per method its results), one per batch."""
     greedy, by_method = [], [[] for _ in methods]
-    keep, decoding.keep_loops = decoding.keep_loops, max(decoding.keep_loops, len(methods))
-    try:                  # every method's executables alive: none recompiles batch by batch
-        for chunk in tqdm(_chunks(prompts, batch), desc=f"interleaved b={batch}",
-                          disable=not progress, unit="batch", leave=False):
-            greedy.append(decoding.batch(GREEDY, chunk, batch))
-            for results, method in zip(by_method, methods):
-                results.append(decoding.batch(method, chunk, batch))
-    finally:
-        decoding.keep_loops = keep
+    for chunk in tqdm(_chunks(prompts, batch), desc=f"interleaved b={batch}",
+                      disable=not progress, unit="batch", leave=False):
+        greedy.append(decoding.batch(GREEDY, chunk, batch))
+        for results, method in zip(by_method, methods):
+            results.append(decoding.batch(method, chunk, batch))
     return greedy, by_method
 
 
@@ -161,22 +157,30 @@ def _static_greedy(decoding: Decoding, prompts: list, batch: int, progress: bool
 
 def _interleaved_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int,
                       progress: bool, store: RunStore) -> tuple[dict, dict, list]:
-    """Greedy and every method batch by batch -> (runs, outputs, stop tokens per batch of the
-    last method), each run saved."""
-    greedy_results, by_method = decode_interleaved(decoding, methods, prompts, batch, progress)
-    greedy = {"method": "greedy", "batch_size": batch, **pooled(greedy_results),
-              "interleaved": True}
-    key = f"greedy/b{batch}"
-    runs, outputs = {}, {}
-    runs[key], outputs[key] = _keep(store, key, 1, greedy, Output(
-        [t for r in greedy_results for t in r.tokens]))
-    for method, results in zip(methods, by_method):
-        key, w = f"{method.name}/b{batch}", method.tokens_per_step
-        run, output = _drafting_run(method.name, w, batch, results, greedy,
-                                    outputs[f"greedy/b{batch}"].tokens)
-        runs[key], outputs[key] = _keep(store, key, w, dict(run, interleaved=True), output,
-                                        [s for r in results for s in r.stop_tokens])
-    return runs, outputs, [r.stop_tokens for r in by_method[-1]]
+    """Each method in turn interleaved with greedy, batch by batch (greedy's batch, then the
+    method's on the same prompts) -> (runs, outputs, stop tokens per batch of the last method),
+    each run saved. A method's speedup is over its own paired greedy batches (the run records
+    them as `greedy_tokens_per_second`); greedy/b<B> is the first pair's. One drafting loop is
+    compiled at a time: several methods interleaved at once either recompiled each at every
+    batch (a released loop; freshly compiled code ran a resting batch at 0.87x greedy's own) or
+    held every loop's executables and ran out of code memory at batch 1 (LLVM "Cannot
+    allocate memory"; session 16)."""
+    runs, outputs, stops, key = {}, {}, [], f"greedy/b{batch}"
+    for method in methods:
+        greedy_results, (results,) = decode_interleaved(decoding, [method], prompts, batch,
+                                                        progress)
+        greedy = {"method": "greedy", "batch_size": batch, **pooled(greedy_results),
+                  "interleaved": True}
+        if key not in runs:
+            runs[key], outputs[key] = _keep(store, key, 1, greedy, Output(
+                [t for r in greedy_results for t in r.tokens]))
+        name, w = f"{method.name}/b{batch}", method.tokens_per_step
+        run, output = _drafting_run(method.name, w, batch, results, greedy, outputs[key].tokens)
+        run.update(interleaved=True, greedy_tokens_per_second=greedy["tokens_per_second"])
+        runs[name], outputs[name] = _keep(store, name, w, run, output,
+                                          [s for r in results for s in r.stop_tokens])
+        stops = [r.stop_tokens for r in results]
+    return runs, outputs, stops
 
 
 def static_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int,
