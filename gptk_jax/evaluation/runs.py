@@ -160,7 +160,8 @@ def _interleaved_runs(decoding: Decoding, methods: Sequence[Method], prompts: li
     """Each method in turn interleaved with greedy, batch by batch (greedy's batch, then the
     method's on the same prompts) -> (runs, outputs, stop tokens per batch of the last method),
     each run saved. A method's speedup is over its own paired greedy batches (the run records
-    them as `greedy_tokens_per_second`); greedy/b<B> is the first pair's. One drafting loop is
+    their `greedy_tokens_per_second` and `greedy_batch_seconds`); greedy/b<B> is the first
+    pair's. One drafting loop is
     compiled at a time: several methods interleaved at once either recompiled each at every
     batch (a released loop; freshly compiled code ran a resting batch at 0.87x greedy's own) or
     held every loop's executables and ran out of code memory at batch 1 (LLVM "Cannot
@@ -176,7 +177,8 @@ def _interleaved_runs(decoding: Decoding, methods: Sequence[Method], prompts: li
                 [t for r in greedy_results for t in r.tokens]))
         name, w = f"{method.name}/b{batch}", method.tokens_per_step
         run, output = _drafting_run(method.name, w, batch, results, greedy, outputs[key].tokens)
-        run.update(interleaved=True, greedy_tokens_per_second=greedy["tokens_per_second"])
+        run.update(interleaved=True, greedy_tokens_per_second=greedy["tokens_per_second"],
+                   greedy_batch_seconds=greedy["batch_seconds"])
         runs[name], outputs[name] = _keep(store, name, w, run, output,
                                           [s for r in results for s in r.stop_tokens])
         stops = [r.stop_tokens for r in results]
