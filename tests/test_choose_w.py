@@ -139,14 +139,18 @@ def test_never_right_settles_at_one(setup):
 DRAFT_CALLS = []
 
 
-@dataclasses.dataclass(frozen=True)
-class CountingOracle(OracleDrafter):
-    """The oracle, counting on the host each time its drafts are made (once per batch call)."""
+class _Counting:
+    """A drafter mixin counting on the host each time its drafts are made (once per call)."""
 
     def draft_scored(self, variables, state, hidden, hidden_normed, positions, next_token):
         jax.debug.callback(lambda: DRAFT_CALLS.append(1))
         return super().draft_scored(variables, state, hidden, hidden_normed, positions,
                                     next_token)
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingOracle(_Counting, OracleDrafter):
+    """The oracle, counting its drafts."""
 
 
 def test_no_drafting_while_nothing_could_be_verified(setup):
@@ -248,13 +252,8 @@ def test_drafter_keeps_drafting_while_faster(setup):
 
 
 @dataclasses.dataclass(frozen=True)
-class CountingRepeat(RepeatDrafter):
+class CountingRepeat(_Counting, RepeatDrafter):
     """RepeatDrafter (per-row state only: continuous batching takes it), counting its drafts."""
-
-    def draft_scored(self, variables, state, hidden, hidden_normed, positions, next_token):
-        jax.debug.callback(lambda: DRAFT_CALLS.append(1))
-        return super().draft_scored(variables, state, hidden, hidden_normed, positions,
-                                    next_token)
 
 
 def test_continuous_rests_where_static_batches_measured_slower(setup):
