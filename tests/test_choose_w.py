@@ -199,12 +199,14 @@ class ScriptedClock(RateGate):
 
     def __init__(self, slow: float, **kwargs):
         super().__init__(**kwargs)
-        self.slow, self.reported = slow, []
+        self.slow, self.reported, self.fresh = slow, [], []
 
-    def record(self, batch, rested, prefill_seconds, decode_seconds, greedy_steps, padded_tokens):
+    def record(self, batch, rested, prefill_seconds, decode_seconds, greedy_steps, padded_tokens,
+               fresh=False):
         self.reported.append((rested, greedy_steps))
+        self.fresh.append(fresh)
         seconds = 1e-3 * greedy_steps * (1.0 if rested else self.slow)
-        super().record(batch, rested, 0.0, seconds, greedy_steps, padded_tokens)
+        super().record(batch, rested, 0.0, seconds, greedy_steps, padded_tokens)  # not fresh
 
 
 def test_drafter_rests_while_drafting_is_slower(setup):
@@ -230,6 +232,8 @@ def test_drafter_rests_while_drafting_is_slower(setup):
     rested = [False, True, False, True, True, False]
     assert [r.stats["drafter_rested"] for r in results] == rested
     assert auto.rate_gate.reported == [(r, greedy.num_steps - 1) for r in rested]
+    # compiled for the first drafting and the first rested batch only (the same shapes after)
+    assert auto.rate_gate.fresh == [True, True, False, False, False, False]
     assert [c > 0 for c in calls] == [not r for r in rested]
     for r in results[3:5]:
         assert r.stats["chosen_w_histogram"][2:] == [0] * (K - 1)

@@ -88,6 +88,21 @@ def test_a_probe_follows_rests_not_greedys_timing():
     assert closed.rests(B) == (False, 2)         # the drafter again, after 2 rests
 
 
+def test_a_freshly_compiled_rested_batch_does_not_time_greedy():
+    """A rested batch that ran freshly compiled executables (slower first calls) is not
+    greedy's time: the next batch rests again; after two such, the third is taken anyway."""
+    gate = RateGate()
+    gate.rests(B)
+    gate.record(B, False, 0.0, 1.0, 50, 0)
+    decisions = []
+    for _ in range(4):
+        rest, _ = gate.rests(B)
+        decisions.append(rest)
+        gate.record(B, rest, 0.0, 0.9, 50, 0, fresh=True)
+    assert decisions[:3] == [True, True, True] and not decisions[3]
+    assert list(gate.clocks[B].greedy_step) == [pytest.approx(0.9 / 50)]
+
+
 def test_batch_sizes_are_measured_apart():
     gate = RateGate()
     _run(gate, lambda i: 0.5, 3)

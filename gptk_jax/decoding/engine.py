@@ -368,7 +368,8 @@ class Decoder:
                             auto_info)
         if self.gate_batches:
             self.rate_gate.record(batch, rest, prefill_seconds, decode_seconds,
-                                  max(len(r.tokens) for r in records) - 1, prompts.tokens.size)
+                                  max(len(r.tokens) for r in records) - 1, prompts.tokens.size,
+                                  fresh=compile_a + compile_b > 0)
             if self.width_policy is None:        # a fixed W: a rested batch's steps at W = 1
                 w = 1 if rest else self.tokens_per_step
                 summarize_widths(result, [[w] * len(r.accepted) for r in records])
