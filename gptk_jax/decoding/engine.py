@@ -73,7 +73,7 @@ from gptk_jax.decoding.executables import MAX_COMPILED, Executables
 from gptk_jax.decoding.nonfinite import check_nonfinite, explain_nonfinite  # noqa: F401
 from gptk_jax.decoding.rate_gate import RateGate
 from gptk_jax.decoding.width import (AutoWidth, add_width_stats, after_rest, harvest_widths,
-                                     rested_stats, resume_width_stats, summarize_widths)
+                                     rested_stats, resume_width_stats, summarize_fixed_width)
 from gptk_jax.llama.model import params_for_model
 from gptk_jax.llama.prefix import common_prefix_length
 
@@ -158,8 +158,8 @@ class Decoder:
 
     def replace(self, **changes) -> "Decoder":
         """A decoder with other stop_ids / pad_id / drafter / drafter_vars / tokens_per_step /
-        verify_cost / shared_prefix / gate_batches that shares this one's device params and held prefixes, and
-        its executables while drafter and W stay the same (other stop ids or drafter variables
+        verify_cost / shared_prefix / gate_batches that shares this one's device params and
+        held prefixes, and its executables while drafter and W stay the same (other stop ids or drafter variables
         of the same shapes reuse them). A new drafter starts with drafter_vars () and its
         default (fixed) W and gate_batches None unless those are given too."""
         settings = dict(stop_ids=self.stop_ids, pad_id=self.pad_id, drafter=self.drafter,
@@ -371,8 +371,8 @@ class Decoder:
                                   max(len(r.tokens) for r in records) - 1, prompts.tokens.size,
                                   fresh=compile_a + compile_b > 0)
             if self.width_policy is None:        # a fixed W: a rested batch's steps at W = 1
-                w = 1 if rest else self.tokens_per_step
-                summarize_widths(result, [[w] * len(r.accepted) for r in records])
+                summarize_fixed_width(result, 1 if rest else self.tokens_per_step,
+                                      [len(r.accepted) for r in records])
             result.stats.update(drafter_rested=rest, **self.rate_gate.summary(batch))
         return result
 
@@ -483,7 +483,7 @@ class Decoder:
                             else state.width_stats, auto_info)
         if self.gate_batches:
             if self.width_policy is None and rest:
-                summarize_widths(result, [[1] * len(records[i].accepted)
-                                          for i in range(len(prompt_ids))])
+                summarize_fixed_width(result, 1, [len(records[i].accepted)
+                                                  for i in range(len(prompt_ids))])
             result.stats["drafter_rested"] = rest
         return result

@@ -61,6 +61,13 @@ class BatchClock:
     rested: int = 0
     since_greedy: int = 0
 
+    def greedy_means(self) -> tuple[Optional[float], Optional[float]]:
+        """(seconds per greedy loop step, per padded prompt token); None before greedy ran."""
+        if not self.greedy_step:
+            return None, None
+        return (sum(self.greedy_step) / len(self.greedy_step),
+                sum(self.greedy_token) / len(self.greedy_token))
+
 
 class RateGate:
     """Per batch size: rest the drafter for this static batch? (`rests`, before it) and what it
@@ -130,8 +137,7 @@ class RateGate:
         n = len(c.window)
         if n < 2 or not c.greedy_step:
             return None, math.inf
-        step = sum(c.greedy_step) / len(c.greedy_step)
-        token = sum(c.greedy_token) / len(c.greedy_token)
+        step, token = c.greedy_means()
         pairs = [(step * s + token * t, d) for s, t, d in c.window]
         total_g, total_d = sum(g for g, _ in pairs), sum(d for _, d in pairs)
         r = total_g / total_d
@@ -149,7 +155,7 @@ class RateGate:
         """What a result records: the gate, its speed estimate and evidence at this size."""
         c = self._clock(batch)
         speed, se = self.speed(batch)
-        step = sum(c.greedy_step) / len(c.greedy_step) if c.greedy_step else None
+        step, _ = c.greedy_means()
         return {"rate_gate_open": c.open, "measured_speed": speed,
                 "measured_speed_se": None if speed is None else se,
                 "measured_batches": len(c.window), "greedy_step_seconds": step}

@@ -395,6 +395,11 @@ def summarize_widths(result: Any, widths: Sequence[Sequence[int]]) -> None:
     result.stats = summarize(logs[0], logs[1], result.tokens_per_step - 1, width_log=logs[2])
 
 
+def summarize_fixed_width(result: Any, w: int, steps_per_row: Sequence[int]) -> None:
+    """A fixed W: result.stats with every step of each row at W (a rested batch: W = 1)."""
+    summarize_widths(result, [[w] * n for n in steps_per_row])
+
+
 def add_width_stats(result: Any, widths: Sequence[Sequence[int]], width_stats,
                      auto_info: dict) -> None:
     """Auto W: result.stats recomputed with each step's W (an offset counts as reached only
