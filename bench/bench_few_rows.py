@@ -13,8 +13,9 @@ process; GB/s is weight bytes over time. Compare within one run only.
 
 `--steps`: the converted model's greedy decode step (8 steps in one jitted loop, context 96,
 decoding/loop.py `decode_step`) at each batch size, with XLA's products, with the kernels, and
-with the kernels from 2 rows on (1 row: XLA's matrix-vector product); the variants alternate
-round by round (a burst of noise hits them alike), best round each.
+with the kernels from 2 rows on (1 row: XLA's matrix-vector product), and the last two with
+each layer's q|k|v and w1|w3 products fused (decoders' default, `LlamaConfig.fuse_projections`);
+the variants alternate round by round (a burst of noise hits them alike), best round each.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def chain(product, weights):
     return jax.jit(f)
 
 
-VARIANTS = (("xla", "xla", 1), ("kernels", "few_rows", 1), ("kernels from 2 rows", "few_rows", 2))
+# (name, matmul, kernels from this many rows, q|k|v and w1|w3 fused: llama/model.py)
+VARIANTS = (("xla", "xla", 1, False), ("kernels", "few_rows", 1, False),
+            ("kernels from 2 rows", "few_rows", 2, False),
+            ("xla, fused", "xla", 1, True), ("kernels from 2, fused", "few_rows", 2, True))
 
 
 def step_variants(args) -> list[dict]:
@@ -69,7 +73,8 @@ def step_variants(args) -> list[dict]:
     from gptk_jax.llama.model import params_for_model
 
     model = load_converted(args.checkpoint)
-    params = jax.device_put(params_for_model(model.params, model.config))
+    layouts = {fused: jax.device_put(params_for_model(
+        model.params, model.config.replace(fuse_projections=fused))) for fused in (False, True)}
     steps, rows = 8, []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         rng = np.random.RandomState(0)
@@ -78,8 +83,10 @@ def step_variants(args) -> list[dict]:
         slots = cache_slots(prompts.padded_length, steps + 2, 1)
         stops, pad = stop_id_array([]), np.int32(0)
         exes, start = {}, None
-        for name, matmul, least in VARIANTS:
-            config = model.config.replace(matmul=matmul)
+        params_of = {}
+        for name, matmul, least, fused in VARIANTS:
+            config = model.config.replace(matmul=matmul, fuse_projections=fused)
+            params = params_of[name] = layouts[fused]
             few_rows.MIN_ROWS = least        # read while tracing: fixed into this executable
             start = jax.jit(prefill_state, static_argnums=(0, 1, 2, 3, 4))(
                 config, NoDrafter(), 1, steps + 2, slots, params, (), prompts, stops, pad)
@@ -94,7 +101,7 @@ def step_variants(args) -> list[dict]:
         for _ in range(args.reps):
             for name, exe in exes.items():
                 begin = time.perf_counter()
-                jax.block_until_ready(exe(params, start))
+                jax.block_until_ready(exe(params_of[name], start))
                 best[name] = min(best[name], time.perf_counter() - begin)
         for name in exes:
             rows.append({"batch": batch, "variant": name, "step_ms": 1e3 * best[name] / steps,

@@ -4,7 +4,12 @@ needs), at the last one only, and none (the layers alone).
 
     python bench/bench_verify_cost.py [--checkpoint .cache/models/smollm2-135m] [--context 92]
         [--batch-sizes 1,8] [--output-json bench/results/verify_cost.json]
-        [--calibration-json runs/verify_cost.json]
+        [--calibration-json runs/verify_cost.json] [--matmul xla|few_rows|auto]
+        [--layouts plain,fused]
+
+--matmul: the trunk's products (XLA's, or the few-row kernels a decoder uses: "auto");
+--layouts: "plain" (wq, wk, wv, w1, w3 apart) and/or "fused" (q|k|v and w1|w3 as one product
+each, a decoder's default), alternated call by call in each round.
 
 Each call runs inside a jitted fori_loop of 8 calls that feeds the argmax back and rewrites the
 same cache slots (bench_mtp's method: no dispatch, carry in place); best of 3 loops, 2 rounds
@@ -32,9 +37,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench_mtp import _per_iteration  # noqa: E402
 from gptk_jax.decoding.cost import VerifyCost, device_name  # noqa: E402
+from gptk_jax.decoding.engine import resolve_matmul  # noqa: E402
 from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
 from gptk_jax.llama.kv_cache import KVCache  # noqa: E402
-from gptk_jax.llama.model import Llama  # noqa: E402
+from gptk_jax.llama.model import Llama, params_for_model  # noqa: E402
 
 
 def trunk_loop(config, context: int, logits: str, iterations: int = 8):
@@ -71,10 +77,19 @@ def main(argv=None) -> int:
     p.add_argument("--output-json", type=Path, default=None)
     p.add_argument("--calibration-json", type=Path, default=None,
                    help="write the verify cost table auto W reads (decoding/cost.py)")
+    p.add_argument("--matmul", default="xla", help="xla, few_rows or auto (a decoder's)")
+    p.add_argument("--layouts", default="plain", help="plain and/or fused, comma-separated")
     args = p.parse_args(argv)
     model = load_converted(args.checkpoint)
-    config, params = model.config, jax.device_put(model.params)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
+    layouts = args.layouts.split(",")
+    if not layouts or set(layouts) - {"plain", "fused"}:
+        p.error(f"--layouts: plain and/or fused, got {args.layouts!r}")
+    configs = {name: model.config.replace(matmul=resolve_matmul(args.matmul),
+                                          fuse_projections=name == "fused") for name in layouts}
+    params_of = {name: jax.device_put(params_for_model(model.params, c))
+                 for name, c in configs.items()}
+    config = configs[layouts[0]]
+    n_params = sum(x.size for x in jax.tree.leaves(model.params))
     results = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         cache = KVCache.init(config, batch, args.context + 9)
@@ -82,14 +97,16 @@ def main(argv=None) -> int:
                               lengths=jnp.full((batch,), args.context, jnp.int32))
         for rnd in range(args.rounds):
             for logits, ts in (("all", (1, 2, 4, 8)), ("last", (1, 4)), ("none", (1, 4))):
-                for t in ts:
-                    s = _per_iteration(trunk_loop(config, args.context, logits), params, cache,
+                for t, layout in ((t, layout) for t in ts for layout in layouts):
+                    s = _per_iteration(trunk_loop(configs[layout], args.context, logits),
+                                       params_of[layout], cache,
                                        jnp.ones((batch, t), jnp.int32), iterations=8, reps=3)
                     gflops = 2 * n_params * batch * t / s / 1e9
                     results.append({"batch": batch, "round": rnd, "logits": logits, "t": t,
+                                    "layout": layout, "matmul": configs[layout].matmul,
                                     "ms": 1e3 * s, "gflop_per_s": gflops})
-                    print(f"batch {batch} round {rnd} logits={logits:4s} T={t}: {1e3 * s:6.1f} ms"
-                          f" ({gflops:5.1f} GFLOP/s)", flush=True)
+                    print(f"batch {batch} round {rnd} logits={logits:4s} T={t} {layout:5s}: "
+                          f"{1e3 * s:6.1f} ms ({gflops:5.1f} GFLOP/s)", flush=True)
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps({"context": args.context, "params": n_params,
@@ -97,7 +114,7 @@ def main(argv=None) -> int:
     if args.calibration_json:
         seconds = {}
         for r in results:
-            if r["logits"] == "all":
+            if r["logits"] == "all" and r["layout"] == layouts[0]:
                 row = seconds.setdefault(r["batch"], {})
                 row[r["t"]] = min(row.get(r["t"], float("inf")), r["ms"] / 1e3)
         VerifyCost(seconds, source="bench/bench_verify_cost.py (trunk verify call only)",

@@ -142,3 +142,28 @@ def test_a_failed_build_names_the_command(tmp_path, monkeypatch):
     with pytest.raises(few_rows.KernelBuildError, match="false .*exited 1"):
         few_rows.build(tmp_path)
     assert not list(tmp_path.rglob("*.so"))          # nothing half-written left behind
+
+
+def test_decoding_with_fused_projections_is_greedy_decoding():
+    """A decoder's fused q|k|v and w1|w3 products (the default) emit the unfused decoder's
+    tokens, greedy and with lookup drafts, batch 1 and 3, with either product path."""
+    from gptk_jax.decoding.engine import Decoder
+    from gptk_jax.decoding.lookup import LookupDrafter
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                      tie_embeddings=True)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    params = Llama(cfg).init(jax.random.PRNGKey(6), tokens, tokens)["params"]
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(1, 64, n).tolist() for n in (4, 8, 11)]
+    prompts = [p + p[:4] for p in prompts]
+    plain = Decoder(cfg, params, stop_ids=[], pad_id=0, matmul="xla", fuse_projections=False)
+    assert not plain.config.fuse_projections
+    want = [plain.generate([p], 12).tokens[0] for p in prompts]
+    for matmul in ("xla", "few_rows"):
+        fused = Decoder(cfg, params, stop_ids=[], pad_id=0, matmul=matmul)
+        assert fused.config.fuse_projections and "wqkv" in fused.params["layers_0"]["attention"]
+        lookup = fused.replace(drafter=LookupDrafter(max_drafts=3), tokens_per_step=4,
+                               drafter_vars=LookupDrafter.variables())
+        for decoder in (fused, lookup):
+            assert [decoder.generate([p], 12).tokens[0] for p in prompts] == want
+            assert decoder.generate(prompts, 12).tokens == want

@@ -126,3 +126,29 @@ def test_bfloat16_compute_runs_close_to_float32(params, tokens):
     bf16 = _apply(CFG.replace(dtype="bfloat16"), params, tokens, pos).logits
     assert bf16.dtype == jnp.float32
     assert np.abs(np.asarray(bf16) - np.asarray(f32)).max() < 0.1
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fused_projections_compute_the_same_trunk(params, tokens, scan):
+    """q|k|v and w1|w3 as one product each (what decoders run) give the separate products'
+    numbers; fusing is idempotent and never serialized."""
+    from gptk_jax.llama.model import fuse_projections
+    cfg = CFG.replace(scan_layers=scan)
+    fused_cfg = cfg.replace(fuse_projections=True)
+    fused = params_for_model(params, fused_cfg)
+    layer = fused["layers"] if scan else fused["layers_0"]
+    assert sorted(layer["attention"]) == ["wo", "wqkv"]
+    assert sorted(layer["feed_forward"]) == ["w13", "w2"]
+    assert layer["attention"]["wqkv"]["kernel"].shape[-2:] == (
+        CFG.n_heads + 2 * CFG.n_kv_heads, CFG.head_dim)
+    assert layer["feed_forward"]["w13"]["kernel"].shape[-1] == 2 * CFG.ffn_dim
+    again = fuse_projections(fused)
+    assert jax.tree.structure(again) == jax.tree.structure(fused)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(fused)):
+        np.testing.assert_array_equal(a, b)
+    pos = np.broadcast_to(np.arange(12), (2, 12))
+    want = _apply(cfg, params, tokens, pos)
+    got = _apply(fused_cfg, params, tokens, pos)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.hidden, want.hidden, rtol=1e-5, atol=1e-5)
+    assert fused_cfg.to_dict() == cfg.to_dict() and "fuse_projections" not in cfg.to_dict()

@@ -116,6 +116,9 @@ class Decoder:
     gptk_jax/kernels/few_rows.py where they build, on CPU; "xla"; "few_rows"): a decode or
     verify step multiplies only B x W rows, which XLA:CPU runs slowly from 2 rows on. Every
     setting decodes exactly (each is checked token-identical to greedy in the tests).
+    fuse_projections: q|k|v and w1|w3 each as one product over weights concatenated here
+    (llama/model.fuse_projections: fewer, larger products; the decoder then holds its own copy
+    of those weights beside the caller's).
     """
 
     def __init__(self, model_config: LlamaConfig, params: dict, *, stop_ids: Iterable[int],
@@ -123,9 +126,10 @@ class Decoder:
                  tokens_per_step: Union[int, str, AutoWidth, None] = None,
                  verify_cost: Any = None, max_compiled: int = MAX_COMPILED,
                  shared_prefix: bool = True, matmul: str = "auto",
-                 gate_batches: Optional[bool] = None):
-        self.config = model_config.replace(matmul=resolve_matmul(matmul))
-        self.params = jax.device_put(params_for_model(params, model_config))
+                 gate_batches: Optional[bool] = None, fuse_projections: bool = True):
+        self.config = model_config.replace(matmul=resolve_matmul(matmul),
+                                           fuse_projections=bool(fuse_projections))
+        self.params = jax.device_put(params_for_model(params, self.config))
         self.executables = Executables(max_compiled)
         self.measured_cost = VerifyCost({}, source="Decoder.calibrate")
         self.prefixes: collections.OrderedDict = collections.OrderedDict()  # tokens -> prefix
@@ -159,9 +163,10 @@ class Decoder:
     def replace(self, **changes) -> "Decoder":
         """A decoder with other stop_ids / pad_id / drafter / drafter_vars / tokens_per_step /
         verify_cost / shared_prefix / gate_batches that shares this one's device params and
-        held prefixes, and its executables while drafter and W stay the same (other stop ids or drafter variables
-        of the same shapes reuse them). A new drafter starts with drafter_vars () and its
-        default (fixed) W and gate_batches None unless those are given too."""
+        held prefixes, and its executables while drafter and W stay the same (other stop ids
+        or drafter variables of the same shapes reuse them). A new drafter starts with
+        drafter_vars () and its default (fixed) W and gate_batches None unless those are given
+        too."""
         settings = dict(stop_ids=self.stop_ids, pad_id=self.pad_id, drafter=self.drafter,
                         drafter_vars=self.drafter_vars,
                         tokens_per_step=self.width_policy or self.tokens_per_step,

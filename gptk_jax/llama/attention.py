@@ -33,6 +33,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     dot_general: Callable = jax.lax.dot_general   # of the projections (kernels/few_rows.py)
+    fused: bool = False      # q, k, v as one product (param "wqkv" [D,N+2K,H]: model.py)
 
     @nn.compact
     def __call__(self, x, positions, inv_freq, mask, cache_k, cache_v, write_start):
@@ -44,9 +45,14 @@ class Attention(nn.Module):
         dense = lambda feats, name: nn.DenseGeneral(
             feats, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
             dot_general=self.dot_general)
-        q = dense((self.n_heads, self.head_dim), "wq")(x)       # [B,T,N,H]
-        k = dense((self.n_kv_heads, self.head_dim), "wk")(x)    # [B,T,K,H]
-        v = dense((self.n_kv_heads, self.head_dim), "wv")(x)    # [B,T,K,H]
+        n, kv_heads = self.n_heads, self.n_kv_heads
+        if self.fused:
+            qkv = dense((n + 2 * kv_heads, self.head_dim), "wqkv")(x)      # [B,T,N+2K,H]
+            q, k, v = jnp.split(qkv, (n, n + kv_heads), axis=-2)
+        else:
+            q = dense((n, self.head_dim), "wq")(x)              # [B,T,N,H]
+            k = dense((kv_heads, self.head_dim), "wk")(x)       # [B,T,K,H]
+            v = dense((kv_heads, self.head_dim), "wv")(x)       # [B,T,K,H]
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         cache_k = write_layer(cache_k, k, write_start)          # [B,K,S,H]

@@ -83,6 +83,10 @@ class LlamaConfig:
     # or fingerprint): "xla", or "few_rows" (products of <= 8 rows by gptk_jax/kernels/few_rows.py
     # on CPU; decoders set it, decoding/engine.py).
     matmul: str = "xla"
+    # Also a run-time setting, never written: q|k|v and w1|w3 each as one product over weights
+    # concatenated once at load (`model.fuse_projections`; decoders set it): 120 products a
+    # SmolLM2 step instead of 210, each call's overhead paid fewer times (docs/benchmarks.md).
+    fuse_projections: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
@@ -90,7 +94,7 @@ class LlamaConfig:
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("tie_embeddings", "scan_layers"):
+        for name in ("tie_embeddings", "scan_layers", "fuse_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.rope_scaling_source, str):
@@ -133,7 +137,8 @@ class LlamaConfig:
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.pop("matmul")        # a run-time setting (see the field)
+        d.pop("matmul")        # run-time settings (see the fields)
+        d.pop("fuse_projections")
         return d
 
     def to_json(self) -> str:

@@ -28,12 +28,16 @@ class MLP(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     dot_general: Callable = jax.lax.dot_general   # kernels/few_rows.py
+    fused: bool = False      # w1 and w3 as one product (param "w13" [D,2F]: llama/model.py)
 
     @nn.compact
     def __call__(self, x):  # x [B,T,D] -> [B,T,D]
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype,
                                          param_dtype=self.param_dtype, name=name,
                                          dot_general=self.dot_general)
-        gate = dense(self.ffn_dim, "w1")(x)
-        up = dense(self.ffn_dim, "w3")(x)
+        if self.fused:
+            gate, up = jnp.split(dense(2 * self.ffn_dim, "w13")(x), 2, axis=-1)  # [B,T,F] each
+        else:
+            gate = dense(self.ffn_dim, "w1")(x)
+            up = dense(self.ffn_dim, "w3")(x)
         return dense(x.shape[-1], "w2")(nn.silu(gate) * up)

@@ -44,11 +44,12 @@ class Block(nn.Module):
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="attention_norm")(x)
         dot = dot_general_for(c.matmul)
         attn, k, v = Attention(c.n_heads, c.n_kv_heads, c.head_dim, dtype, pdtype, dot,
-                               name="attention")(h, positions, inv_freq, mask, *layer_cache,
+                               c.fuse_projections, name="attention")(h, positions, inv_freq, mask, *layer_cache,
                                                  write_start)
         x = x + attn
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="ffn_norm")(x)
-        x = x + MLP(c.ffn_dim, dtype, pdtype, dot, name="feed_forward")(h)
+        x = x + MLP(c.ffn_dim, dtype, pdtype, dot, c.fuse_projections,
+                    name="feed_forward")(h)
         return x, (k, v)
 
 
@@ -161,10 +162,30 @@ def unstack_layers(params: dict, n_layers: int) -> dict:
 
 
 def params_for_model(params: dict, config: LlamaConfig) -> dict:
-    """Puts stacked (on-disk) params into the layout `Llama(config)` expects."""
+    """Puts stacked (on-disk) params into the layout `Llama(config)` expects (fused
+    projections where config.fuse_projections)."""
     if config.scan_layers:
-        return stack_layers(params, config.n_layers)
-    return unstack_layers(params, config.n_layers)
+        params = stack_layers(params, config.n_layers)
+    else:
+        params = unstack_layers(params, config.n_layers)
+    return fuse_projections(params) if config.fuse_projections else params
+
+
+def fuse_projections(params: dict) -> dict:
+    """Each layer's wq | wk | wv -> attention "wqkv" [..., D, N+2K, H] and w1 | w3 ->
+    feed_forward "w13" [..., D, 2F] (concatenated once; either layer layout; fused params are
+    returned as they are). The same products, fewer of them: each output is the same sum."""
+    def fuse(layer: dict) -> dict:
+        attn, ffn = layer["attention"], layer["feed_forward"]
+        if "wqkv" in attn:
+            return layer
+        qkv = jnp.concatenate([attn[n]["kernel"] for n in ("wq", "wk", "wv")], axis=-2)
+        w13 = jnp.concatenate([ffn["w1"]["kernel"], ffn["w3"]["kernel"]], axis=-1)
+        return {**layer,
+                "attention": {"wqkv": {"kernel": qkv}, "wo": attn["wo"]},
+                "feed_forward": {"w13": {"kernel": w13}, "w2": ffn["w2"]}}
+    return {name: fuse(value) if name == "layers" or name.startswith("layers_") else value
+            for name, value in params.items()}
 
 
 def init_params(config: LlamaConfig, rng: Any, *, stacked: bool = True) -> dict:
