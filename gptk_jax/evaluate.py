@@ -94,6 +94,10 @@ def _drafter_arguments(p: argparse.ArgumentParser) -> None:
                    type=int, default=None,
                    help="tokens per verify step of the lookup runs (default: --tokens-per-step)")
     p.add_argument("--lookup-max-ngram", type=int, default=3)
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="run only these of the drafting methods the other flags ask for, "
+                        "comma-separated: mtp, lookup, heads+lookup, heads+lookup-tree "
+                        "(greedy always runs; e.g. --lookup --tree --only heads+lookup-tree)")
     p.add_argument("--tree", action="store_true",
                    help="with --lookup and --heads: also verify the lookup's and the heads' "
                         "drafts together, two branches per step (decoding/tree.py), at the "
@@ -159,7 +163,8 @@ def parse_args(argv=None) -> EvalConfig:
             max_new_tokens=a.max_new_tokens, shots=a.shots,
             space_with_target=a.space_with_target, bucket=a.bucket, dtype=a.dtype,
             oracle=a.oracle, lookup=a.lookup, lookup_tokens_per_step=a.lookup_tokens_per_step,
-            tree=a.tree,
+            tree=a.tree, only=None if a.only is None else tuple(
+                name.strip() for name in a.only.split(",") if name.strip()),
             lookup_max_ngram=a.lookup_max_ngram, draft_vocab_size=a.draft_vocab_size,
             draft_vocab_from=a.draft_vocab_from, continuous=a.continuous, bos=a.bos,
             choose_width=a.choose_width, verify_cost=a.verify_cost, interleave=a.interleave,

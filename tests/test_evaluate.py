@@ -285,3 +285,23 @@ def test_heads_prompt_record_sets_the_boundary_and_a_difference_warns(folders, t
     assert "warning: prompt format" not in capsys.readouterr().out
     assert json.loads((tmp_path / "r2" / "report.json").read_text())["prompt_format"]["bos"] \
         is False
+
+
+def test_only_runs_the_named_methods_and_names_bad_ones(folders, tmp_path, capsys):
+    """--only keeps the named drafting methods of those the flags ask for (greedy always runs);
+    an unknown name or one the flags do not ask for is a one-line error naming the choices."""
+    ckpt, heads, _ = folders
+    out = tmp_path / "report"
+    assert main(_small_eval(ckpt, heads, out, "--batch-sizes", "1", "--max-new-tokens", "3",
+                            "--lookup", "--only", "heads+lookup")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["runs"]) == {"greedy/b1", "heads+lookup/b1"}
+    assert report["runs"]["heads+lookup/b1"]["identical_to_greedy"]
+    for only, words in (("mtp,beam", "choose from mtp, lookup, heads+lookup, heads+lookup-tree"),
+                        ("heads+lookup-tree", "not asked for")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(_small_eval(ckpt, heads, tmp_path / "other", "--lookup", "--only", only))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--only" in err and words in err

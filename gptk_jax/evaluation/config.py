@@ -14,6 +14,8 @@ from gptk_jax.errors import GptkError
 
 
 # the smallest value of each numeric field (None, where allowed, means its default)
+# the drafting methods an evaluation can run (evaluation/pipeline.drafting_methods)
+METHODS = ("mtp", "lookup", "heads+lookup", "heads+lookup-tree")
 AT_LEAST = {"max_sentences": 1, "tokens_per_step": 2, "max_new_tokens": 1, "shots": 0,
             "bucket": 1, "lookup_tokens_per_step": 2, "lookup_max_ngram": 1,
             "draft_vocab_size": 1}
@@ -51,6 +53,8 @@ class EvalConfig:
     tree: bool = False                    # with lookup and heads: also both verified as a tree
                                           # of two branches per step ("heads+lookup-tree", W)
     lookup_max_ngram: int = 3
+    only: Optional[tuple] = None          # run only these drafting methods (METHODS), of those
+                                          # the other fields ask for; greedy always runs
     draft_vocab_size: Optional[int] = None  # heads draft over the N most frequent target tokens
     draft_vocab_from: Optional[str] = None  # of this text file (default: News Commentary's
                                             # target side under data_root)
@@ -87,5 +91,18 @@ class EvalConfig:
             raise EvalConfigError("--verify-cost is a table for --choose-width: give both")
         if self.verify_cost is not None and not Path(self.verify_cost).is_file():
             raise EvalConfigError(f"--verify-cost {self.verify_cost}: no such file")
+        if self.only is not None:
+            unknown = sorted(set(self.only) - set(METHODS))
+            if unknown or not self.only:
+                raise EvalConfigError(f"--only {','.join(self.only)}: choose from "
+                                      f"{', '.join(METHODS)}")
+            asked = {"mtp": self.heads is not None, "lookup": self.lookup,
+                     "heads+lookup": self.lookup and self.heads is not None,
+                     "heads+lookup-tree": self.tree}
+            missing = [m for m in self.only if not asked[m]]
+            if missing:
+                raise EvalConfigError(f"--only {','.join(missing)}: not asked for (mtp needs "
+                                      f"--heads, lookup --lookup, heads+lookup both, "
+                                      f"heads+lookup-tree --tree)")
         if self.score_bins < 1:
             raise EvalConfigError(f"--score-bins must be >= 1, got {self.score_bins}")

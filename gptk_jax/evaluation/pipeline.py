@@ -104,6 +104,8 @@ def drafting_methods(cfg: EvalConfig, decoding, heads, tokens_per_step: int,
         if heads is not None and cfg.tree:     # fixed W (choose_width: batches gated)
             methods.append(tree_method("heads+lookup-tree", decoding, methods[0],
                                        cfg.lookup_max_ngram))
+    if cfg.only is not None:                   # built above (fallbacks refer to them), run not
+        methods = [m for m in methods if m.name in cfg.only]
     return methods
 
 
@@ -149,6 +151,7 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
             "dtype": model.config.dtype, "platform": device.platform,
             "device_kind": getattr(device, "device_kind", None),
             "matmul": resolve_matmul("auto"),      # few-row kernels or XLA's (GPTK_FEW_ROWS)
+            "projections": "fused",                # decoders' q|k|v and w1|w3 (engine.Decoder)
             "lookup_max_ngram": cfg.lookup_max_ngram, "choose_width": cfg.choose_width,
             "interleave": cfg.interleave,
             "score_bins": cfg.score_bins,
