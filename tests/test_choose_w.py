@@ -232,8 +232,10 @@ def test_drafter_rests_while_drafting_is_slower(setup):
     rested = [False, True, False, True, True, False]
     assert [r.stats["drafter_rested"] for r in results] == rested
     assert auto.rate_gate.reported == [(r, greedy.num_steps - 1) for r in rested]
-    # compiled for the first drafting and the first rested batch only (the same shapes after)
-    assert auto.rate_gate.fresh == [True, True, False, False, False, False]
+    # compiled for the first drafting batch only: a rested batch runs greedy's loop with
+    # greedy's shapes, on the executables the greedy decoder compiled for these prompts
+    assert auto.rate_gate.fresh == [True, False, False, False, False, False]
+    assert auto.greedy_executables is decoder.executables
     assert [c > 0 for c in calls] == [not r for r in rested]
     for r in results[3:5]:
         assert r.stats["chosen_w_histogram"][2:] == [0] * (K - 1)

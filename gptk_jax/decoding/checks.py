@@ -10,6 +10,7 @@ from typing import Any, Optional
 from gptk_jax.decoding.loop import Drafter
 from gptk_jax.decoding.width import AutoWidth
 from gptk_jax.errors import GptkError
+from gptk_jax.llama.config import MATMULS
 
 
 class DecodingError(GptkError, ValueError):
@@ -96,3 +97,14 @@ def check_request(config, tokens_per_step: int, prompt_ids, max_new_tokens: int)
         raise DecodingError(f"prompt of {longest} tokens + {max_new_tokens} new tokens"
                             f"{drafts} exceeds the model's max_seq_len "
                             f"{config.max_seq_len}")
+
+
+def resolve_matmul(matmul: str) -> str:
+    """"auto" -> "few_rows" where the kernels are available (CPU, built), else "xla"."""
+    if matmul == "auto":
+        from gptk_jax.kernels import few_rows
+        return "few_rows" if few_rows.available() else "xla"
+    if matmul not in MATMULS:
+        raise DecodingError(f"Decoder matmul must be {' or '.join(map(repr, ('auto',) + MATMULS))}"
+                            f", got {matmul!r}")
+    return matmul

@@ -59,7 +59,7 @@ import jax
 import numpy as np
 
 from gptk_jax.decoding.checks import (DecodingError, check_drafter,  # noqa: F401
-                                      check_request, check_width)
+                                      check_request, check_width, resolve_matmul)
 from gptk_jax.decoding.cost import (VerifyCost, as_verify_cost, device_name,
                                     measure_step_seconds)
 from gptk_jax.decoding.inputs import (DEFAULT_BUCKET, bucket_length, pad_prompts, pad_suffixes,
@@ -68,7 +68,7 @@ from gptk_jax.decoding.loop import (Drafter, NoDrafter, SharedPrefix, cache_slot
                                     prefill_shared_prefix, prefill_state, refill, run)
 from gptk_jax.decoding.results import (ContinuousResult, GenerationResult, MTPResult,
                                        RowRecord, build_result, harvest, prefill_counts)
-from gptk_jax.llama.config import MATMULS, LlamaConfig
+from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.decoding.executables import MAX_COMPILED, Executables
 from gptk_jax.decoding.nonfinite import check_nonfinite, explain_nonfinite  # noqa: F401
 from gptk_jax.decoding.rate_gate import RateGate
@@ -76,17 +76,6 @@ from gptk_jax.decoding.width import (AutoWidth, add_width_stats, after_rest, har
                                      rested_stats, resume_width_stats, summarize_fixed_width)
 from gptk_jax.llama.model import params_for_model
 from gptk_jax.llama.prefix import common_prefix_length
-
-
-def resolve_matmul(matmul: str) -> str:
-    """"auto" -> "few_rows" where the kernels are available (CPU, built), else "xla"."""
-    if matmul == "auto":
-        from gptk_jax.kernels import few_rows
-        return "few_rows" if few_rows.available() else "xla"
-    if matmul not in MATMULS:
-        raise DecodingError(f"Decoder matmul must be {' or '.join(map(repr, ('auto',) + MATMULS))}"
-                            f", got {matmul!r}")
-    return matmul
 
 
 SHARED_PREFIX_MIN = 16   # fewer shared tokens: every row prefills its whole prompt
@@ -131,6 +120,10 @@ class Decoder:
                                            fuse_projections=bool(fuse_projections))
         self.params = jax.device_put(params_for_model(params, self.config))
         self.executables = Executables(max_compiled)
+        # greedy's loop (a greedy decoder's own, a drafter's resting batches): shared by every
+        # decoder replace() makes, so a rested batch runs greedy's warm executable
+        self.greedy_executables = self.executables if drafter is None else \
+            Executables(max_compiled)
         self.measured_cost = VerifyCost({}, source="Decoder.calibrate")
         self.prefixes: collections.OrderedDict = collections.OrderedDict()  # tokens -> prefix
         self._configure(stop_ids, pad_id, drafter, drafter_vars, tokens_per_step, verify_cost,
@@ -182,7 +175,8 @@ class Decoder:
         new = copy.copy(self)
         new._configure(**settings)
         if new._statics != self._statics:    # executables of another loop: not worth sharing
-            new.executables = Executables(self.executables.capacity)
+            new.executables = new.greedy_executables if new.drafter is None else \
+                Executables(self.executables.capacity)
             new.measured_cost = VerifyCost({}, source="Decoder.calibrate")   # another step
         return new
 
@@ -233,14 +227,15 @@ class Decoder:
                                                "step_cost_source": source,
                                                "calibration_seconds": seconds}
 
-    def _run(self, statics: tuple, state, stop_at_first: bool):
+    def _run(self, statics: tuple, state, stop_at_first: bool, drafter_vars: Any = None):
         """`run` until every row is done (stop_at_first: some row); auto W: one executable per W,
         run again at the chosen W each time the choice changes (each W's executable looked up
         once per call; one device-to-host copy per change). -> (state, wall seconds
         (compilation excluded), compile seconds)."""
         policy, start, compile_seconds = statics[2], time.perf_counter(), 0.0
         flag = np.array(stop_at_first)
-        args = lambda s: (self.params, self.drafter_vars, s, self._stops, flag)
+        drafter_vars = self.drafter_vars if drafter_vars is None else drafter_vars
+        args = lambda s: (self.params, drafter_vars, s, self._stops, flag)
         if not isinstance(policy, AutoWidth):
             state, _, compile_seconds = self._call(run, (), args(state), donate=(2,),
                                                    statics=statics)
@@ -326,7 +321,9 @@ class Decoder:
         """fn's executable run on args -> (output, run seconds, compile seconds). statics:
         the loop's (config, drafter, W or AutoWidth); default this decoder's."""
         statics = self._statics if statics is None else statics
-        exe, compile_seconds = self.executables.get(fn, statics + extra_statics, args, donate)
+        store = self.greedy_executables if statics == (self.config, NoDrafter(), 1) \
+            else self.executables
+        exe, compile_seconds = store.get(fn, statics + extra_statics, args, donate)
         start = time.perf_counter()
         out = jax.block_until_ready(exe(*args))
         return out, time.perf_counter() - start, compile_seconds
@@ -341,19 +338,22 @@ class Decoder:
         check_request(self.config, self.tokens_per_step, prompt_ids, max_new_tokens)
         prefix, prefix_run, prefix_seconds, prefix_compile = self._shared_prefix_for(prompt_ids)
         prompts, width = self._padded(prompt_ids, prefix, padding, bucket, batch_size)
-        slots = cache_slots(width, max_new_tokens, self.tokens_per_step)
         batch = prompts.tokens.shape[0]
         statics, auto_info = self._loop_statics(batch, width)
         rest, memory = self._drafter_rests(batch, statics)
+        # resting: greedy's loop, shapes and executables exactly (greedy_executables)
         run_statics = (self.config, NoDrafter(), 1) if rest else statics
+        slots = cache_slots(width, max_new_tokens, 1 if rest else self.tokens_per_step)
+        drafter_vars = () if rest else self.drafter_vars
         state, prefill_seconds, compile_a = self._call(
             prefill_state, (max_new_tokens, slots),
-            (self.params, self.drafter_vars, prompts, self._stops, self._pad, prefix),
+            (self.params, drafter_vars, prompts, self._stops, self._pad, prefix),
             statics=run_statics)
         if memory is not None and not rest:      # auto W: carry the last batch's estimates on
             state = state.replace(width_stats=resume_width_stats(
                 statics[2], memory, state.width_stats, state.draft_scores, ~state.done))
-        state, decode_seconds, compile_b = self._run(run_statics, state, stop_at_first=False)
+        state, decode_seconds, compile_b = self._run(run_statics, state, stop_at_first=False,
+                                                     drafter_vars=drafter_vars)
         check_nonfinite(jax.device_get(state.nonfinite), range(len(prompt_ids)),
                         self._explainer(prompt_ids))
         records = harvest(state, range(len(prompt_ids)))
@@ -411,11 +411,11 @@ class Decoder:
         prefix, prefix_run, prefix_seconds, prefix_compile = self._shared_prefix_for(prompt_ids)
         p = 0 if prefix is None else prefix.length
         width = p + bucket_length(int(max(len(q) for q in prompt_ids)) - p, bucket)  # widest
-        sizes = (m, cache_slots(width, m, self.tokens_per_step))
-        shared = (self.params, self.drafter_vars)
+        rest = self.gate_batches and self.rate_gate.resting(batch)   # greedy's loop exactly
+        sizes = (m, cache_slots(width, m, 1 if rest else self.tokens_per_step))
+        shared = (self.params, () if rest else self.drafter_vars)
         clock = {"prefill": prefix_seconds, "loop": 0.0, "compile": prefix_compile}
         loop_statics, auto_info = self._loop_statics(batch, width)
-        rest = self.gate_batches and self.rate_gate.resting(batch)
         loop_statics = (self.config, NoDrafter(), 1) if rest else loop_statics
 
         def timed(fn, fn_statics, args, part):   # refill updates the state in place
@@ -440,7 +440,7 @@ class Decoder:
         prefill_calls = 1
         while True:
             # Decode until a slot frees (or, with the queue empty, until all rows are done).
-            state, seconds, compile_seconds = self._run(loop_statics, state, bool(queue))
+            state, seconds, compile_seconds = self._run(loop_statics, state, bool(queue), shared[1])
             clock["loop"] += seconds
             clock["compile"] += compile_seconds
             done, nonfinite = jax.device_get((state.done, state.nonfinite))
