@@ -115,16 +115,22 @@ def test_matmul_is_checked_and_never_serialized():
         cfg.replace(matmul="mkl")
 
 
-def test_decoding_with_the_kernels_is_greedy_decoding():
-    from gptk_jax.decoding.engine import Decoder
-    from gptk_jax.decoding.lookup import LookupDrafter
+def _tiny_case(params_seed: int, prompts_seed: int, lengths):
+    """A tiny tied trunk, its params, and prompts that end by repeating their first 4 tokens
+    (the lookup finds drafts)."""
     cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                       tie_embeddings=True)
     tokens = jnp.zeros((1, 4), jnp.int32)
-    params = Llama(cfg).init(jax.random.PRNGKey(4), tokens, tokens)["params"]
-    rng = np.random.default_rng(5)
-    prompts = [rng.integers(1, 64, n).tolist() for n in (5, 9, 12)]
-    prompts = [p + p[:4] for p in prompts]          # repeats: the lookup finds drafts
+    params = Llama(cfg).init(jax.random.PRNGKey(params_seed), tokens, tokens)["params"]
+    rng = np.random.default_rng(prompts_seed)
+    prompts = [rng.integers(1, 64, n).tolist() for n in lengths]
+    return cfg, params, [p + p[:4] for p in prompts]
+
+
+def test_decoding_with_the_kernels_is_greedy_decoding():
+    from gptk_jax.decoding.engine import Decoder
+    from gptk_jax.decoding.lookup import LookupDrafter
+    cfg, params, prompts = _tiny_case(4, 5, (5, 9, 12))
     xla = Decoder(cfg, params, stop_ids=[], pad_id=0, matmul="xla")
     fast = Decoder(cfg, params, stop_ids=[], pad_id=0, matmul="few_rows")
     assert fast.config.matmul == "few_rows" and xla.config.matmul == "xla"
@@ -149,13 +155,7 @@ def test_decoding_with_fused_projections_is_greedy_decoding():
     tokens, greedy and with lookup drafts, batch 1 and 3, with either product path."""
     from gptk_jax.decoding.engine import Decoder
     from gptk_jax.decoding.lookup import LookupDrafter
-    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                      tie_embeddings=True)
-    tokens = jnp.zeros((1, 4), jnp.int32)
-    params = Llama(cfg).init(jax.random.PRNGKey(6), tokens, tokens)["params"]
-    rng = np.random.default_rng(7)
-    prompts = [rng.integers(1, 64, n).tolist() for n in (4, 8, 11)]
-    prompts = [p + p[:4] for p in prompts]
+    cfg, params, prompts = _tiny_case(6, 7, (4, 8, 11))
     plain = Decoder(cfg, params, stop_ids=[], pad_id=0, matmul="xla", fuse_projections=False)
     assert not plain.config.fuse_projections
     want = [plain.generate([p], 12).tokens[0] for p in prompts]
