@@ -152,6 +152,7 @@ class Decoder:
         self._pad = np.array(self.pad_id, np.int32)
         self._statics = (self.config, drafter or NoDrafter(),
                          self.width_policy or self.tokens_per_step)
+        self._greedy_statics = (self.config, NoDrafter(), 1)   # greedy's loop (and a rest's)
 
     def replace(self, **changes) -> "Decoder":
         """A decoder with other stop_ids / pad_id / drafter / drafter_vars / tokens_per_step /
@@ -321,8 +322,7 @@ class Decoder:
         """fn's executable run on args -> (output, run seconds, compile seconds). statics:
         the loop's (config, drafter, W or AutoWidth); default this decoder's."""
         statics = self._statics if statics is None else statics
-        store = self.greedy_executables if statics == (self.config, NoDrafter(), 1) \
-            else self.executables
+        store = self.greedy_executables if statics == self._greedy_statics else self.executables
         exe, compile_seconds = store.get(fn, statics + extra_statics, args, donate)
         start = time.perf_counter()
         out = jax.block_until_ready(exe(*args))
@@ -342,7 +342,7 @@ class Decoder:
         statics, auto_info = self._loop_statics(batch, width)
         rest, memory = self._drafter_rests(batch, statics)
         # resting: greedy's loop, shapes and executables exactly (greedy_executables)
-        run_statics = (self.config, NoDrafter(), 1) if rest else statics
+        run_statics = self._greedy_statics if rest else statics
         slots = cache_slots(width, max_new_tokens, 1 if rest else self.tokens_per_step)
         drafter_vars = () if rest else self.drafter_vars
         state, prefill_seconds, compile_a = self._call(
@@ -416,7 +416,7 @@ class Decoder:
         shared = (self.params, () if rest else self.drafter_vars)
         clock = {"prefill": prefix_seconds, "loop": 0.0, "compile": prefix_compile}
         loop_statics, auto_info = self._loop_statics(batch, width)
-        loop_statics = (self.config, NoDrafter(), 1) if rest else loop_statics
+        loop_statics = self._greedy_statics if rest else loop_statics
 
         def timed(fn, fn_statics, args, part):   # refill updates the state in place
             out, seconds, compile_seconds = self._call(

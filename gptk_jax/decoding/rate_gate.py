@@ -110,7 +110,8 @@ class RateGate:
         fresh: its executables were compiled for it. A first call runs slower (session 16: a
         rested batch 4-15 % slower than greedy's warm one on the same prompts, which kept the
         LSTM drafting at 0.95x), so a fresh rested batch does not time greedy (twice in a row
-        at most): the next batch rests again."""
+        at most): the next batch rests again. (Rested batches run greedy's own executables
+        (engine.py), so this applies where greedy has not yet run a batch of that shape.)"""
         c = self._clock(batch)
         if rested and fresh and c.fresh_skips < 2:
             c.fresh_skips += 1

@@ -13,9 +13,9 @@ from typing import Optional
 from gptk_jax.errors import GptkError
 
 
-# the smallest value of each numeric field (None, where allowed, means its default)
 # the drafting methods an evaluation can run (evaluation/pipeline.drafting_methods)
 METHODS = ("mtp", "lookup", "heads+lookup", "heads+lookup-tree")
+# the smallest value of each numeric field (None, where allowed, means its default)
 AT_LEAST = {"max_sentences": 1, "tokens_per_step": 2, "max_new_tokens": 1, "shots": 0,
             "bucket": 1, "lookup_tokens_per_step": 2, "lookup_max_ngram": 1,
             "draft_vocab_size": 1}
