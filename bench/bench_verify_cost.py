@@ -43,7 +43,13 @@ from gptk_jax.llama.kv_cache import KVCache  # noqa: E402
 from gptk_jax.llama.model import Llama, params_for_model  # noqa: E402
 
 
-def trunk_loop(config, context: int, logits: str, iterations: int = 8):
+def _jnp_argmax(logits):
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+
+
+def trunk_loop(config, context: int, logits: str, iterations: int = 8, pick=_jnp_argmax):
+    """pick: logits [..., V] -> [...] int32 (default jnp.argmax; decoders use
+    kernels/argmax.py `first_argmax`)."""
     def loop(params, cache, tokens):
         positions = context + jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                                tokens.shape)
@@ -53,12 +59,11 @@ def trunk_loop(config, context: int, logits: str, iterations: int = 8):
             model = Llama(config)
             if logits == "all":
                 out = model.apply({"params": params}, tokens, positions, cache=cache)
-                nxt = jnp.argmax(out.logits, -1).astype(jnp.int32)
+                nxt = pick(out.logits)
             elif logits == "last":
                 out = model.apply({"params": params}, tokens, positions, cache=cache,
                                   logits_index=jnp.zeros((tokens.shape[0],), jnp.int32))
-                nxt = jnp.broadcast_to(jnp.argmax(out.logits, -1).astype(jnp.int32),
-                                       tokens.shape)
+                nxt = jnp.broadcast_to(pick(out.logits), tokens.shape)
             else:
                 out = model.apply({"params": params}, tokens, positions, cache=cache,
                                   compute_logits=False)

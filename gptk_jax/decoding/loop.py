@@ -61,6 +61,7 @@ from gptk_jax.decoding.acceptance import accept_step
 from gptk_jax.decoding.inputs import PromptBatch, is_stop
 from gptk_jax.decoding.width import (AutoWidth, WidthStats, init_width_stats, max_width,
                                      drafts_may_be_verified, step_width, update_width_stats)
+from gptk_jax.kernels.argmax import first_argmax
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.llama.kv_cache import KVCache, write_rows
 from gptk_jax.llama.model import Llama
@@ -124,8 +125,9 @@ class NoDrafter(Drafter):
 # --------------------------------------------------------------------------------------------
 
 def greedy_pick(logits: jax.Array) -> jax.Array:
-    """The strategy: logits [..., V] -> tokens [...] int32."""
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    """The strategy: logits [..., V] -> tokens [...] int32 (jnp.argmax's tokens, by two
+    vectorised reductions: kernels/argmax.py)."""
+    return first_argmax(logits)
 
 
 @flax.struct.dataclass

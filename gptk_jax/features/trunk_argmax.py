@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gptk_jax.kernels.argmax import first_argmax
 from gptk_jax.heads import trunk_unembed
 from gptk_jax.llama.config import LlamaConfig
 
@@ -22,6 +23,6 @@ def chunked_argmax(trunk_config: LlamaConfig, trunk_params: dict, hidden_normed:
     n = -(-t // chunk)
     h = jnp.pad(hidden_normed, ((0, 0), (0, n * chunk - t), (0, 0)))
     h = jnp.moveaxis(h.reshape(b, n, chunk, d), 1, 0)                    # [n,B,C,D]
-    best = jax.lax.map(lambda x: jnp.argmax(trunk_unembed(trunk_config, trunk_params, x),
-                                            axis=-1).astype(jnp.int32), h)  # [n,B,C]
+    best = jax.lax.map(lambda x: first_argmax(trunk_unembed(trunk_config, trunk_params, x)),
+                       h)                                                  # [n,B,C]
     return jnp.moveaxis(best, 0, 1).reshape(b, n * chunk)[:, :t]

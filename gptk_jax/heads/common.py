@@ -25,6 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gptk_jax.kernels.argmax import first_argmax
 from gptk_jax.llama.config import LlamaConfig
 from gptk_jax.heads.config import HeadConfig
 from gptk_jax.llama.model import Llama
@@ -116,9 +117,9 @@ def draft_argmax(logits: jax.Array, draft_vocab) -> jax.Array:
     """[..., V] -> [...] int32 token ids; with a draft vocabulary (ids [U]: a sequence or an
     array), the argmax over those only."""
     if draft_vocab is None:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     ids = jnp.asarray(draft_vocab, jnp.int32)                  # [U]
-    best = jnp.argmax(jnp.take(logits, ids, axis=-1), axis=-1)  # index into ids
+    best = first_argmax(jnp.take(logits, ids, axis=-1))        # index into ids
     return ids[best]
 
 
@@ -192,7 +193,7 @@ class MTPHead(nn.Module):
             logits = jnp.einsum("...d,vd->...v", hidden_normed.astype(rows.dtype), rows)
         logits = logits.astype(jnp.float32)
         ids = jnp.asarray(self._draft_vocab("ids"), jnp.int32)
-        return ids[jnp.argmax(logits, axis=-1)], logits
+        return ids[first_argmax(logits)], logits
 
     # --- decoding defaults (heads without state) -----------------------------------------------
     def init_state(self, trunk_params, batch: int):
