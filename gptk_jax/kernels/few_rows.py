@@ -21,7 +21,8 @@ The library is compiled on first use with the machine's C++ compiler (`$CXX`, de
 `-O3 -march=native`, the XLA FFI headers jaxlib ships) into GPTK_CACHE/kernels/<key>/, keyed by
 the source, the compiler's version, the CPU's flags and jaxlib's version, and written atomically.
 A build that fails warns once and leaves XLA's products in place; GPTK_FEW_ROWS=0 turns the
-kernels off everywhere.
+kernels off everywhere. GPTK_FEW_ROWS_SOURCE=FILE builds another source instead of
+small_matmul.cc (kernel work: bench/bench_kernel_ab.py times two sources against each other).
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def _compiler() -> list[str]:
     return os.environ.get("CXX", "g++").split()
 
 
+def source() -> Path:
+    """The kernels' C++ source: small_matmul.cc, or $GPTK_FEW_ROWS_SOURCE."""
+    return Path(os.environ.get("GPTK_FEW_ROWS_SOURCE") or SOURCE)
+
+
 def library_key() -> str:
     """What the built library depends on: source, compiler version, CPU flags, jaxlib."""
     import jaxlib
@@ -76,7 +82,7 @@ def library_key() -> str:
     except (OSError, subprocess.SubprocessError):
         version = "no compiler"
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), _cpu_flags().encode(),
+    for part in (source().read_bytes(), version.encode(), _cpu_flags().encode(),
                  jaxlib.__version__.encode()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:20]
@@ -93,7 +99,7 @@ def build(directory: Optional[Path] = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     cmd = _compiler() + ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w",
-                         "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+                         "-I", jax.ffi.include_dir(), str(source()), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as e:
