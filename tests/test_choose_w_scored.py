@@ -63,6 +63,45 @@ def test_score_bins_by_hand():
     assert int(choose_width(policy, probing, nxt, jnp.array([0.0, 1.0]))[0]) == 3
 
 
+def test_the_draft_after_the_verified_ones_counts_against_the_bonus_token():
+    """A step at W = 2 of W_max = 4: offset 3's draft is checked against the step's bonus token
+    (what a step at W = 3 would have accepted), so offset 3 counts too, in its score bin; offset
+    4 does not. Where the step's drafts were not made (stale), only the verified offset counts."""
+    policy = AutoWidth(max_width=4, score_bins=2, prior=0.5, prior_weight=1.0, decay=0.5,
+                       costs=(1.0, 1.1, 1.2, 1.3))
+    stats = init_width_stats(policy)                    # 3 offsets x 2 bins, all 1 / 0.5
+    # Row 0: d2 accepted, d3 equals the bonus token (accepted_beyond 2). Row 1: d2 accepted,
+    # d3 differs (1). Row 2: d2 rejected (0: offset 3 not reached).
+    accepted, beyond = jnp.array([1, 1, 0]), jnp.array([2, 1, 0])
+    scores = jnp.array([[0.9, 0.9, 0.9], [0.9, 0.1, 0.9], [0.1, 0.1, 0.1]])
+    active = jnp.array([True, True, True])
+    new = update_width_stats(policy, stats, 2, accepted, active, scores, accepted_beyond=beyond)
+    # offset 2: bin 1 reached by rows 0, 1 (both passed), bin 0 by row 2 (failed)
+    np.testing.assert_allclose(new.reached_bins[0], [0.5 + 1, 0.5 + 2])
+    np.testing.assert_allclose(new.passed_bins[0], [0.25 + 0, 0.25 + 2])
+    # offset 3: reached by rows 0 (bin 1, passed) and 1 (bin 0, failed)
+    np.testing.assert_allclose(new.reached_bins[1], [0.5 + 1, 0.5 + 1])
+    np.testing.assert_allclose(new.passed_bins[1], [0.25 + 0, 0.25 + 1])
+    np.testing.assert_allclose(new.reached, [0.5 + 3, 0.5 + 2, 1.0])    # offset 4 untouched
+    np.testing.assert_allclose(new.passed, [0.25 + 2, 0.25 + 1, 0.5])
+    # the same step with stale drafts: offset 3 keeps its prior
+    stale = update_width_stats(policy, stats.replace(drafted=jnp.array(False)), 2, accepted,
+                               active, scores, accepted_beyond=beyond)
+    np.testing.assert_allclose(stale.reached, [0.5 + 3, 1.0, 1.0])
+    np.testing.assert_allclose(stale.passed, [0.25 + 2, 0.5, 0.5])
+    # a step at W = 1 learns offset 2 from its bonus token alone
+    one = update_width_stats(policy, stats, 1, jnp.array([0, 0, 0]), active, scores,
+                             accepted_beyond=jnp.array([1, 0, 0]))
+    np.testing.assert_allclose(one.reached, [0.5 + 3, 1.0, 1.0])
+    np.testing.assert_allclose(one.passed, [0.25 + 1, 0.5, 0.5])
+    # at W = W_max there is no draft beyond: as without it
+    top = update_width_stats(policy, stats, 4, jnp.array([3, 0, 1]), active, scores,
+                             accepted_beyond=jnp.array([3, 0, 1]))
+    ref = update_width_stats(policy, stats, 4, jnp.array([3, 0, 1]), active, scores)
+    np.testing.assert_allclose(top.reached, ref.reached)
+    np.testing.assert_allclose(top.passed_bins, ref.passed_bins)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoredOracle(OracleDrafter):
     """The corrupted oracle's drafts, scored 1 where a draft is the true continuation, else 0."""

@@ -57,7 +57,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gptk_jax.decoding.acceptance import accept_step
+from gptk_jax.decoding.acceptance import accept_step, accepted_length
 from gptk_jax.decoding.inputs import PromptBatch, is_stop
 from gptk_jax.decoding.width import (AutoWidth, WidthStats, init_width_stats, max_width,
                                      drafts_may_be_verified, step_width, update_width_stats)
@@ -297,11 +297,11 @@ def decode_step(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | Au
     draft = None       # auto W at W = 1: draft only if the next step may verify drafts
     if isinstance(tokens_per_step, AutoWidth) and w == 1 and tokens_per_step.costs:
         draft = drafts_may_be_verified(tokens_per_step, state.width_stats, ~state.done)
-    new, accepted = _step_at(config, drafter, w, state, params=params,
-                             drafter_vars=drafter_vars, stop_ids=stop_ids, draft=draft)
+    new, accepted, beyond = _step_at(config, drafter, w, state, params=params,
+                                     drafter_vars=drafter_vars, stop_ids=stop_ids, draft=draft)
     return new.replace(width_stats=update_width_stats(
         tokens_per_step, state.width_stats, w, accepted, ~state.done, state.draft_scores,
-        new.draft_scores, ~new.done, drafted=draft))
+        new.draft_scores, ~new.done, drafted=draft, accepted_beyond=beyond))
 
 
 @flax.struct.dataclass
@@ -329,9 +329,12 @@ def verify_chain(config: LlamaConfig, w: int, state: DecodeState, params: dict) 
 
 def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, *,
              params: dict, drafter_vars: Any, stop_ids: jax.Array,
-             draft: Optional[jax.Array] = None) -> tuple[DecodeState, jax.Array]:
+             draft: Optional[jax.Array] = None
+             ) -> tuple[DecodeState, jax.Array, Optional[jax.Array]]:
     """The step at W = w (<= the state's buffer width) -> (state but width_stats, drafts
-    accepted per row [B] before the stop / limit cut). draft: [] bool, make the next step's
+    accepted per row [B] before the stop / limit cut, and [B] the same counting one draft more:
+    the draft after the verified ones against the bonus token, which is what a step at W + 1
+    would have accepted (None: a tree, or no draft beyond W)). draft: [] bool, make the next step's
     drafts (None: always); where False the old drafts stay, unread (the next step runs at
     W = 1: width.drafts_may_be_verified), and the drafter's work is skipped."""
     active = ~state.done
@@ -344,6 +347,9 @@ def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, 
     nonfinite = active & out.nonfinite                                        # [B]
     acc = accept_step(drafts, trunk_tokens, state.num_generated, active,
                       max_new_tokens=state.max_new_tokens, stop_ids=stop_ids)
+    beyond = None
+    if drafter.branches == 1 and w <= state.drafts.shape[1]:
+        beyond = accepted_length(state.drafts[:, :w], trunk_tokens)             # [B] <= w
 
     # Positions now part of the sequence: next_token and the accepted drafts, for rows that go on
     # (a finished row's cache and drafter state are never read again).
@@ -386,7 +392,7 @@ def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, 
     else:
         next_d, next_scores = jax.lax.cond(draft, make,
                                            lambda: (state.drafts, state.draft_scores))
-    return new.replace(drafts=next_d, draft_scores=next_scores), acc.accepted
+    return new.replace(drafts=next_d, draft_scores=next_scores), acc.accepted, beyond
 
 
 def run(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | AutoWidth, params: dict,
