@@ -37,7 +37,13 @@ a conditional's operands in place: measured on CPU, +2.5 ms a step for a 10 MB c
 emits the trunk's own argmax, so the output is greedy decoding's whatever is chosen (exact as
 before).
 
-Probing: steps at a smaller W verify no draft beyond it, so their estimates would never move
+Evidence beyond W: a step at W < W_max also checks the draft after its verified ones against
+its bonus token (the trunk's token after the last verified position), which is exactly what a
+step at W + 1 would have accepted, so offset W + 1 counts too, for free (where the step's drafts
+were made). Without it a score bin whose estimate fell low enough for W to stop short of its
+offset learned only at probes and stayed low.
+
+Probing: steps at a smaller W verify no draft beyond W + 1, so those estimates would never move
 again. So a step runs at W_max whenever `probe_every` steps in a row ran below it (and the first
 step of a run, which has no estimate yet, is such a probe). Bound: of a run's S loop iterations,
 at most 1 + floor((S - 1) / (probe_every + 1)) are probes, i.e. forced to W_max though the
