@@ -383,6 +383,13 @@ def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, 
         width_log=log(state.width_log, jnp.full_like(acc.accepted, w)),
         nonfinite=state.nonfinite | nonfinite,
         width_stats=state.width_stats)
+    return _with_next_drafts(drafter, drafter_vars, state, new, draft), acc.accepted, beyond
+
+
+def _with_next_drafts(drafter: Drafter, drafter_vars: Any, state: DecodeState,
+                      new: DecodeState, draft: Optional[jax.Array]) -> DecodeState:
+    """new with the next step's drafts and scores: made from new's state, or (draft [] bool
+    False) the old ones kept, unread, the drafter's work skipped."""
     make = lambda: next_drafts(drafter, drafter_vars,
                                state.drafts.shape[1] // drafter.branches + 1,
                                new.drafter_state, new.last_hidden,
@@ -392,7 +399,7 @@ def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, 
     else:
         next_d, next_scores = jax.lax.cond(draft, make,
                                            lambda: (state.drafts, state.draft_scores))
-    return new.replace(drafts=next_d, draft_scores=next_scores), acc.accepted, beyond
+    return new.replace(drafts=next_d, draft_scores=next_scores)
 
 
 def run(config: LlamaConfig, drafter: Drafter, tokens_per_step: int | AutoWidth, params: dict,

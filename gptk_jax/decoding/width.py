@@ -324,6 +324,24 @@ def drafts_may_be_verified(policy: AutoWidth, stats: WidthStats,
             | (stats.since_full + 1 >= probe_interval(policy, stats, rows)))
 
 
+def _gate_evidence(tokens_per_step, stats: WidthStats, w: int, accepted: jax.Array,
+                   active: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The drafting gate's decayed (value, cost) after a step at W = w: what this step's choice
+    W* emitted per row, at what cost in greedy steps (a probe ran W_max >= W*, so
+    min(accepted, W* - 1) + 1 is known per row; a step below W*, drafting switched off, or
+    whose drafts were not made tells nothing)."""
+    policy = _policy(tokens_per_step)
+    if not (isinstance(tokens_per_step, AutoWidth) and policy.costs):
+        return stats.gate_value, stats.gate_cost
+    rows, chosen, gate_decay = active.sum(), stats.choice, jnp.float32(policy.gate_decay)
+    emitted = jnp.where(active, jnp.minimum(accepted, chosen - 1) + 1, 0).sum()
+    cost = jnp.asarray(policy.costs, jnp.float32)[chosen - 1] / jnp.float32(policy.greedy_cost)
+    counted = stats.drafted & (rows > 0) & (chosen <= w)
+    value = jnp.where(counted, gate_decay * stats.gate_value + emitted / jnp.maximum(rows, 1),
+                      stats.gate_value)
+    return value, jnp.where(counted, gate_decay * stats.gate_cost + cost, stats.gate_cost)
+
+
 def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax.Array,
                        active: jax.Array, scores: Optional[jax.Array] = None,
                        next_scores: Optional[jax.Array] = None,
@@ -352,7 +370,7 @@ def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax
     row_passed = verified & (counted[:, None] >= offsets - 1)
     reached, passed = row_reached.sum(axis=0), row_passed.sum(axis=0)           # [J]
     seen = reached > 0
-    decay, gate_decay = jnp.float32(policy.decay), jnp.float32(policy.gate_decay)
+    decay = jnp.float32(policy.decay)
     bins = stats.reached_bins.shape[1]
     if scores is None:
         scores = jnp.ones(row_reached.shape, jnp.float32)
@@ -360,21 +378,7 @@ def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax
     reached_b = (row_reached[..., None] * onehot).sum(axis=0)                   # [J,C]
     passed_b = (row_passed[..., None] * onehot).sum(axis=0)
     seen_b = reached_b > 0
-    # the drafting gate's evidence: what this step's choice W* emitted per row, at what cost in
-    # greedy steps (a probe ran W_max >= W*, so min(accepted, W* - 1) + 1 is known per row; a
-    # step below W*, drafting switched off, or whose drafts were not made tells nothing)
-    rows = active.sum()
-    if isinstance(tokens_per_step, AutoWidth) and policy.costs:
-        chosen = stats.choice
-        emitted = jnp.where(active, jnp.minimum(accepted, chosen - 1) + 1, 0).sum()
-        cost = (jnp.asarray(policy.costs, jnp.float32)[chosen - 1]
-                / jnp.float32(policy.greedy_cost))
-        counted = stats.drafted & (rows > 0) & (chosen <= w)
-        gate_value = jnp.where(counted, gate_decay * stats.gate_value
-                               + emitted / jnp.maximum(rows, 1), stats.gate_value)
-        gate_cost = jnp.where(counted, gate_decay * stats.gate_cost + cost, stats.gate_cost)
-    else:
-        gate_value, gate_cost = stats.gate_value, stats.gate_cost
+    gate_value, gate_cost = _gate_evidence(tokens_per_step, stats, w, accepted, active)
     new = WidthStats(
         reached=jnp.where(seen, decay * stats.reached + reached, stats.reached),
         passed=jnp.where(seen, decay * stats.passed + passed, stats.passed),
