@@ -103,6 +103,27 @@ def test_a_freshly_compiled_rested_batch_does_not_time_greedy():
     assert list(gate.clocks[B].greedy_step) == [pytest.approx(0.9 / 50)]
 
 
+def test_freshly_compiled_drafting_batches_are_not_evidence():
+    """Drafting batches that ran freshly compiled executables (slow first calls) do not enter
+    the window: three of them at half greedy's speed leave the gate open; two warm ones at the
+    same speed close it."""
+    gate = RateGate()
+    greedy = 0.01 * 50
+    for i, (fresh, ratio) in enumerate([(True, 0.5), (None, None), (True, 0.5), (True, 0.5)]):
+        rest, _ = gate.rests(B)
+        assert rest == (i == 1)                  # the second batch measures greedy
+        if rest:
+            gate.record(B, True, 0.0, greedy, 50, 0)
+        else:
+            gate.record(B, False, 0.0, greedy / ratio, 50, 0, fresh=fresh)
+    assert gate.clocks[B].open and gate.clocks[B].window == []
+    for _ in range(2):
+        rest, _ = gate.rests(B)
+        assert not rest
+        gate.record(B, False, 0.0, greedy / 0.5, 50, 0)
+    assert not gate.clocks[B].open
+
+
 def test_batch_sizes_are_measured_apart():
     gate = RateGate()
     _run(gate, lambda i: 0.5, 3)
