@@ -29,14 +29,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_mtp import _per_iteration  # noqa: E402
-from bench_verify_cost import trunk_loop  # noqa: E402
-from gptk_jax.decoding.checks import resolve_matmul  # noqa: E402
+from bench_verify_cost import decoder_trunk, filled_cache, trunk_loop  # noqa: E402
 from gptk_jax.decoding.cost import device_name  # noqa: E402
 from gptk_jax.files import atomic_write_text  # noqa: E402
 from gptk_jax.kernels.argmax import first_argmax  # noqa: E402
-from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
-from gptk_jax.llama.kv_cache import KVCache  # noqa: E402
-from gptk_jax.llama.model import params_for_model  # noqa: E402
 
 PICKS = {"jnp.argmax": lambda x: jnp.argmax(x, -1).astype(jnp.int32),
          "first_argmax": first_argmax}
@@ -68,15 +64,11 @@ def alone(rows_list, vocab: int) -> list[dict]:
 
 
 def in_verify(checkpoint: Path, batch_sizes, tokens, rounds: int, context: int = 92):
-    model = load_converted(checkpoint)
-    config = model.config.replace(matmul=resolve_matmul("auto"), fuse_projections=True)
-    params = jax.device_put(params_for_model(model.params, config))
+    config, params = decoder_trunk(checkpoint)
     best = {}
     for _ in range(rounds):
         for batch in batch_sizes:
-            cache = KVCache.init(config, batch, context + 9)
-            cache = cache.replace(valid=cache.valid.at[:, :context].set(True),
-                                  lengths=jnp.full((batch,), context, jnp.int32))
+            cache = filled_cache(config, batch, context)
             for t in tokens:
                 for name, pick in PICKS.items():
                     s = _per_iteration(trunk_loop(config, context, "all", pick=pick), params,

@@ -30,25 +30,16 @@ SOURCE = "gptk_jax/kernels/small_matmul.cc"
 
 
 def worker(shapes, rounds: int, checkpoint: Path) -> dict:
-    import jax
     import jax.numpy as jnp
     from bench_mtp import _per_iteration
-    from bench_verify_cost import trunk_loop
-    from gptk_jax.decoding.checks import resolve_matmul
+    from bench_verify_cost import decoder_trunk, filled_cache, trunk_loop
     from gptk_jax.kernels.argmax import first_argmax
-    from gptk_jax.llama.checkpoint import load_converted
-    from gptk_jax.llama.kv_cache import KVCache
-    from gptk_jax.llama.model import params_for_model
 
-    model = load_converted(checkpoint)
-    config = model.config.replace(matmul=resolve_matmul("auto"), fuse_projections=True)
-    params = jax.device_put(params_for_model(model.params, config))
+    config, params = decoder_trunk(checkpoint)
     context, best, loops = 92, {}, {}
     for _ in range(rounds):
         for batch, t in shapes:
-            cache = KVCache.init(config, batch, context + 9)
-            cache = cache.replace(valid=cache.valid.at[:, :context].set(True),
-                                  lengths=jnp.full((batch,), context, jnp.int32))
+            cache = filled_cache(config, batch, context)
             loop = loops.setdefault((batch, t), trunk_loop(config, context, "all",
                                                            pick=first_argmax))
             s = _per_iteration(loop, params, cache, jnp.ones((batch, t), jnp.int32),

@@ -43,6 +43,21 @@ from gptk_jax.llama.kv_cache import KVCache  # noqa: E402
 from gptk_jax.llama.model import Llama, params_for_model  # noqa: E402
 
 
+def filled_cache(config, batch: int, context: int) -> KVCache:
+    """A cache of `context` filled positions per row and 9 free slots (room for T <= 8)."""
+    cache = KVCache.init(config, batch, context + 9)
+    return cache.replace(valid=cache.valid.at[:, :context].set(True),
+                         lengths=jnp.full((batch,), context, jnp.int32))
+
+
+def decoder_trunk(checkpoint) -> tuple:
+    """(config, params) of the converted trunk as decoders run it: few-row kernels ("auto"),
+    fused projections."""
+    model = load_converted(checkpoint)
+    config = model.config.replace(matmul=resolve_matmul("auto"), fuse_projections=True)
+    return config, jax.device_put(params_for_model(model.params, config))
+
+
 def _jnp_argmax(logits):
     return jnp.argmax(logits, -1).astype(jnp.int32)
 
@@ -97,9 +112,7 @@ def main(argv=None) -> int:
     n_params = sum(x.size for x in jax.tree.leaves(model.params))
     results = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        cache = KVCache.init(config, batch, args.context + 9)
-        cache = cache.replace(valid=cache.valid.at[:, :args.context].set(True),
-                              lengths=jnp.full((batch,), args.context, jnp.int32))
+        cache = filled_cache(config, batch, args.context)
         for rnd in range(args.rounds):
             for logits, ts in (("all", (1, 2, 4, 8)), ("last", (1, 4)), ("none", (1, 4))):
                 for t, layout in ((t, layout) for t in ts for layout in layouts):

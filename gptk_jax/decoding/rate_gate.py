@@ -93,7 +93,7 @@ class RateGate:
         c = self._clock(batch)
         rested, was_closed = c.rested, not c.open
         if not c.greedy_step:                    # greedy unmeasured: after the first batch
-            rest = bool(c.window) or c.since_greedy > 0
+            rest = c.since_greedy > 0             # (fresh ones too: not in the window)
         elif c.open:                             # drafting, greedy re-measured now and then
             rest = c.since_greedy >= self.remeasure_every
         elif c.rested >= self.idle_batches:      # rested long enough: measure the drafter anew

@@ -1,10 +1,10 @@
 """The argmax over the vocabulary as two vectorised reductions (XLA:CPU's own is slow here).
 
 `jnp.argmax` lowers to one variadic (value, index) reduction, which XLA:CPU runs element by
-element: over SmolLM2's 49,152 logits it took 0.99 ms for 8 rows and 3.6 ms for 32 (a batch-8
-verify step at W = 4), about 7 % of that step. A max, then the first index where the row equals
-it, are two plain reductions XLA vectorises: 0.29 ms and 0.78 ms on the same rows
-(bench/bench_argmax.py). The result is `jnp.argmax`'s exactly: the first index of the maximum;
+element: over SmolLM2's 49,152 logits it took 0.92 ms for 8 rows and 3.65 ms for 32 (a batch-8
+verify step at W = 4, about 4 % of that step). A max, then the first index where the row equals
+it, are plain reductions XLA vectorises: 0.31 ms and 1.56 ms on the same rows (median of 50
+calls, bench/bench_argmax.py, bench/results/argmax.json). The result is `jnp.argmax`'s exactly: the first index of the maximum;
 in a row holding NaN the first NaN's index, as jnp.argmax gives.
 
     first_argmax(logits)            # logits [..., V] -> [...] int32

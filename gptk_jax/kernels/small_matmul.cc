@@ -66,10 +66,10 @@ static int64_t work_parts(ffi::ThreadPool& pool, int64_t weights) {
   return std::max<int64_t>(1, std::min<int64_t>(most, weights / 65536));
 }
 
-// nn, columns [c0, c1) (a multiple of 16 wide) for all M rows (row r of x at x + r * ldx), over
-// the K weight rows at w, k-outer: the tile of each weight
-// row is read contiguously (prefetch-friendly), 8 weight rows at a time, and used for every
-// activation row at once; the M x tile partial sums stay in L1.
+// nn, columns [c0, c1) (a multiple of 16 wide) for all M rows (row r of x at x + r * ldx) over
+// the K weight rows at w, k-outer: the tile of each weight row is read contiguously
+// (prefetch-friendly), 8 weight rows at a time, and used for every activation row at once; the
+// M x tile partial sums stay in L1.
 static void nn_tile(const float* x, int64_t ldx, const float* w, float* y, int64_t M,
                     int64_t K, int64_t N, int64_t c0, int64_t c1) {
   for (int64_t r = 0; r < M; ++r) std::memset(y + r * N + c0, 0, sizeof(float) * (c1 - c0));
@@ -122,9 +122,9 @@ static void nn(ffi::ThreadPool& pool, const float* x, const float* w, float* y, 
     // Narrow (wo, w2, the fused q|k|v): two halves of K, each one full-width tile that reads
     // its weight rows as one contiguous stream, summed as lower + upper. Split over columns
     // instead, each thread read short runs of every weight row and these products ran at
-    // 60-80 % of the bandwidth at 4-8 rows (runs/s18: w2 at 4 rows 5.7 -> 5.0 ms, q|k|v 3.2 ->
-    // 2.5 ms for 30 layers). The halves are the same whatever M and the threads, so the
-    // order of every sum is too.
+    // 60-80 % of the bandwidth at 4-8 rows (docs/benchmarks.md, "Narrow few-row products split
+    // over K"). The halves are the same whatever M and the threads, so the order of every sum
+    // is too.
     const int64_t kmid = K / 2 / 8 * 8;
     std::unique_ptr<float[]> upper(new float[M * N]);
     float* up = upper.get();
