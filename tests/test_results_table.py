@@ -84,3 +84,28 @@ def test_w_chosen_per_step_is_shown(tmp_path):
     collected = collect(tmp_path, ["linear"])
     assert collected["entries"][0]["runs"]["b1"]["chosen_w_histogram"] == [0, 5, 1, 0, 2]
     assert "| 5:1:0:2 / fixed |" in markdown(collected)
+
+
+def _write_piece(root, family, name, runs, sentences=200):
+    (root / family / name).mkdir()
+    (root / family / name / "report.json").write_text(json.dumps(
+        {"num_sentences": sentences, "shots": 2, "test_set": {"name": "newstest2014"},
+         "runs": runs}))
+
+
+def test_evaluation_pieces_are_merged_and_a_mismatched_piece_is_named(tmp_path):
+    # eval/ ran the heads at batch 1; eval-b8/ batch 8 and eval-lookup/ the lookup runs later;
+    # eval-lookup's mtp/b1 is a second measurement of a key already read: eval/'s stays.
+    _write_family(tmp_path, "linear", {"greedy/b1": _run(), "mtp/b1": _run(1.5, 1.1)})
+    _write_piece(tmp_path, "linear", "eval-b8", {"greedy/b8": _run(), "mtp/b8": _run(1.4, 0.99)})
+    _write_piece(tmp_path, "linear", "eval-lookup", {"mtp/b1": _run(9.0, 9.0),
+                                                     "lookup/b1": _run(2.0, 1.2)})
+    _write_piece(tmp_path, "linear", "eval-other", {"oracle/b1": _run(3.9, 1.9)}, sentences=50)
+    collected = collect(tmp_path, ["linear"])
+    by_name = {e["drafter"]: e for e in collected["entries"]}
+    assert sorted(by_name) == ["linear", "lookup"]                  # the 50-sentence oracle: out
+    assert (by_name["linear"]["speedup_b1"], by_name["linear"]["speedup_b8"]) == (1.1, 0.99)
+    assert by_name["linear"]["tau_k4"] == 1.5
+    assert by_name["lookup"]["speedup_b1"] == 1.2
+    assert collected["missing"] == ["linear: eval-other: other sentences or prompts than eval"]
+    assert "**Partial**" in markdown(collected)

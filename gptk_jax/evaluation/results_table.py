@@ -6,7 +6,8 @@
 
 A family's folder RUNS/<family>/ holds its training (metrics.jsonl, heads/heads.json, and
 train.json with the command and wall time when `bench/results.py` ran it) and its evaluation
-(eval/report.json from `python -m gptk_jax.evaluate --heads ... --lookup --oracle`). Drafter
+(eval/report.json from `python -m gptk_jax.evaluate --heads ... --lookup --oracle`, and any
+evaluation run in pieces as eval-<name>/report.json: `_read_pieces`). Drafter
 names: the family alone (`<family>`), in front of prompt lookup (`<family>+lookup`; evaluate's
 `heads+lookup`), `lookup` alone and `oracle` (taken from the first family that ran them).
 Every number is read from those files; a family whose evaluation has not finished is listed with
@@ -53,6 +54,30 @@ def _training(run: Path) -> dict:
             "trained": bool(heads)}
 
 
+def _read_pieces(run: Path) -> Optional[dict]:
+    """A family's evaluation: eval/report.json, merged with any eval-*/report.json (pieces run
+    separately, e.g. batch 1 and batch 8, or the lookup runs; names sorted). The first report
+    read gives the header fields and, per run key ('mtp/b1', ...), the first piece holding it
+    wins. A piece measured on other sentences or prompts than the first is left out and named
+    in merged['skipped'].  None when no piece has finished."""
+    pieces = [run / "eval"] + sorted(p for p in run.glob("eval-*") if p.is_dir())
+    reports = [(p, r) for p, r in ((p, _read_json(p / "report.json")) for p in pieces)
+               if r is not None]
+    if not reports:
+        return None
+    same = lambda r: (r.get("num_sentences"), r.get("shots"),
+                      (r.get("test_set") or {}).get("name", r.get("split")), r.get("prompt_format"))
+    merged = dict(reports[0][1], runs={}, skipped=[])
+    for path, report in reports:
+        if same(report) != same(reports[0][1]):
+            merged["skipped"].append(f"{path.name}: other sentences or prompts than "
+                                     f"{reports[0][0].name}")
+            continue
+        for key, value in report.get("runs", {}).items():
+            merged["runs"].setdefault(key, value)
+    return merged
+
+
 def collect(runs_dir: Path, families: Sequence[str]) -> dict:
     """{"entries": [...], "missing": [...]} from RUNS/<family>/eval/report.json files."""
     runs_dir = Path(runs_dir)
@@ -60,12 +85,13 @@ def collect(runs_dir: Path, families: Sequence[str]) -> dict:
     for family in families:
         run = runs_dir / family
         training = _training(run)
-        report = _read_json(run / "eval" / "report.json")
+        report = _read_pieces(run)
         if report is None:
             missing.append(f"{family}: " + ("evaluation not finished (no eval/report.json)"
                                             if training["trained"] else
                                             "training not finished (no heads/heads.json)"))
             continue
+        missing += [f"{family}: {note}" for note in report["skipped"]]
         for method, pattern in METHOD_NAMES.items():
             name = pattern.format(family=family)
             if name in seen:
