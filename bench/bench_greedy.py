@@ -2,7 +2,7 @@
 
     python bench/bench_greedy.py [--checkpoint .cache/models/smollm2-135m] [--gguf FILE]
         [--num-prompts 8] [--shots 3] [--max-new-tokens 64] [--batch-sizes 1,8] [--repeats 1]
-        [--output-json out/bench_greedy.json]
+        [--held-prefix] [--output-json out/bench_greedy.json]
 
 Model: SmolLM2-135M-Instruct. Ours reads the converted folder (converted from the GGUF by
 `python -m convert` when missing); transformers loads the same GGUF itself (dequantized), both in
@@ -11,11 +11,14 @@ newstest2014 sentences, encoded once with our tokenizer (BOS first) and fed as t
 both; batches are left-padded. Both generate exactly --max-new-tokens tokens per row (no stop
 ids: ours gets none, transformers gets eos_token_id=None), so tokens = rows x max_new_tokens.
 
-Timing: each batch size is warmed up on its first batch (ours: compiled ahead of time and reported
-as compile s; transformers: one short generate), then the whole prompt set is decoded --repeats
+Timing: each batch size is warmed up first (ours: one pass over every batch, so each padded length
+is compiled before timing, compile time reported as compile s; transformers: one short generate), then the whole prompt set is decoded --repeats
 times and the fastest repeat counts. tokens/s = tokens / (prefill + decode). Ours times its
 prefill and decode loop separately; transformers' prefill is timed as generate(max_new_tokens=1)
-on the same batch and its decode as the rest. The token agreement column counts rows whose tokens
+on the same batch and its decode as the rest. Ours prefills each batch whole, as transformers
+does (a prefix its rows share runs once per batch; nothing is kept between batches);
+--held-prefix adds a row where the prompts' common prefix (instruction + shots) is prefilled once
+beforehand and held, as `gptk_jax.evaluate` does. The token agreement column counts rows whose tokens
 equal transformers' (float32 reduction order can flip a near-tie argmax).
 
 On a shared machine, pin the run to fixed cores for comparable numbers (`taskset -c 0 python
@@ -44,6 +47,7 @@ from gptk_jax.llama.checkpoint import load_converted  # noqa: E402
 from gptk_jax.data.prompts import PromptFormat  # noqa: E402
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root  # noqa: E402
 from gptk_jax.decoding.factory import GREEDY, make_decoder  # noqa: E402
+from gptk_jax.llama.prefix import common_prefix_length  # noqa: E402
 DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "smollm2-135m"   # `make demo` converts it
 
 
@@ -73,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--bucket", type=int, default=32)
+    p.add_argument("--held-prefix", action="store_true",
+                   help="also time ours with the prompts' common prefix prefilled once and "
+                        "held (as gptk_jax.evaluate does); an extra row, not in the ratios")
     p.add_argument("--output-json", type=Path, default=None)
     add_data_root_argument(p)
     return p.parse_args(argv)
@@ -82,15 +89,41 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def run_ours(decoder, batches: list, max_new: int, batch_size: int, bucket: int):
+def run_ours(decoder, batches: list, max_new: int, batch_size: int, bucket: int,
+             hold_prefixes: bool = False):
+    """Each batch through decoder.generate. The decoder keeps the prefix its batch's rows share
+    (prefilled once per batch) for later calls; unless hold_prefixes, it is dropped before each
+    batch, so every batch pays its own prefill as transformers' does."""
     tokens, prefill, decode, compile_s = [], 0.0, 0.0, 0.0
     for batch in batches:
+        if not hold_prefixes:
+            decoder.prefixes.clear()
         r = decoder.generate(batch, max_new, bucket=bucket, batch_size=batch_size)
         tokens += r.tokens
         prefill += r.prefill_seconds
         decode += r.decode_seconds
         compile_s += r.compile_seconds
     return tokens, prefill, decode, compile_s
+
+
+def run_held_prefix(decoder, prompts, batches, args, batch_size, n_tokens, hf_tokens) -> dict:
+    """Ours again with the prompts' common prefix prefilled once beforehand and held by the
+    decoder (what `gptk_jax.evaluate` does): each prompt's prefill runs only its own tokens.
+    Best of --repeats; the held prefix's own prefill is not counted (once per process)."""
+    held = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+    decoder.add_shared_prefix(prompts[0][:held])     # a row keeps >= 1 token of its own
+    run_ours(decoder, batches, args.max_new_tokens, batch_size, args.bucket, True)   # compile
+    best = None
+    for _ in range(args.repeats):
+        ours = run_ours(decoder, batches, args.max_new_tokens, batch_size, args.bucket, True)
+        if best is None or sum(ours[1:3]) < sum(best[1:3]):
+            best = ours
+    decoder.prefixes.clear()        # the next batch size's plain rows hold nothing again
+    agree = sum(a == b for a, b in zip(best[0], hf_tokens))
+    print(f"batch {batch_size}: held prefix of {held} tokens done", flush=True)
+    return row(f"gptk_jax greedy, {held}-token prefix held", batch_size, n_tokens,
+               best[1], best[2], best[3], f"{agree}/{len(prompts)}",
+               len(batches) * (args.max_new_tokens - 1))
 
 
 def hf_generate(hf, batch: list, pad_id: int, max_new: int) -> tuple[list, float]:
@@ -120,12 +153,15 @@ def run_hf(hf, batches: list, pad_id: int, max_new: int):
     return tokens, prefill, total - prefill
 
 
-def row(impl, batch_size, n_tokens, prefill, decode, compile_s=None, agree=None) -> dict:
+def row(impl, batch_size, n_tokens, prefill, decode, compile_s=None, agree=None,
+        steps=None) -> dict:
+    """steps: decode steps in `decode` (each row's first token comes from its prefill)."""
     total = prefill + decode
     return {"impl": impl, "batch_size": batch_size, "tokens": n_tokens,
             "prefill_s": round(prefill, 4), "decode_s": round(decode, 4),
             "total_s": round(total, 4), "tokens_per_s": round(n_tokens / total, 2),
             "decode_tokens_per_s": round(n_tokens / decode, 2) if decode > 0 else None,
+            "decode_ms_per_step": round(1000 * decode / steps, 2) if steps else None,
             "compile_s": None if compile_s is None else round(compile_s, 2),
             "rows_equal_to_transformers": agree}
 
@@ -160,7 +196,7 @@ def main(argv=None) -> int:
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         batches = chunks(prompts, batch_size)
         n_tokens = len(prompts) * args.max_new_tokens
-        _, _, _, compile_s = run_ours(decoder, batches[:1], args.max_new_tokens, batch_size,
+        _, _, _, compile_s = run_ours(decoder, batches, args.max_new_tokens, batch_size,
                                       args.bucket)
         hf_generate(hf, batches[0], tok.pad_id, 2)
         best_ours = best_hf = None
@@ -173,10 +209,15 @@ def main(argv=None) -> int:
             if best_hf is None or sum(theirs[1:]) < sum(best_hf[1:]):
                 best_hf = theirs
         agree = sum(a == b for a, b in zip(best_ours[0], best_hf[0]))
+        steps = len(batches) * (args.max_new_tokens - 1)     # decode steps of the whole set
         ours_row = row("gptk_jax greedy", batch_size, n_tokens, best_ours[1], best_ours[2],
-                       compile_s, f"{agree}/{len(prompts)}")
-        hf_row = row("transformers generate", batch_size, n_tokens, best_hf[1], best_hf[2])
+                       compile_s, f"{agree}/{len(prompts)}", steps)
+        hf_row = row("transformers generate", batch_size, n_tokens, best_hf[1], best_hf[2],
+                     steps=steps)
         rows += [ours_row, hf_row]
+        if args.held_prefix:
+            rows.append(run_held_prefix(decoder, prompts, batches, args, batch_size, n_tokens,
+                                        best_hf[0]))
         ratios[f"batch_{batch_size}"] = {
             "tokens_per_s": round(ours_row["tokens_per_s"] / hf_row["tokens_per_s"], 2),
             "decode_tokens_per_s": round(ours_row["decode_tokens_per_s"]
@@ -184,12 +225,12 @@ def main(argv=None) -> int:
         print(f"batch {batch_size}: done", flush=True)
 
     header = ("batch", "impl", "tokens", "prefill s", "decode s", "tok/s", "decode tok/s",
-              "compile s", "= HF rows")
+              "decode ms/step", "compile s", "= HF rows")
     print("\n" + " | ".join(header))
     for r in rows:
         print(" | ".join(str(x) for x in (
             r["batch_size"], r["impl"], r["tokens"], r["prefill_s"], r["decode_s"],
-            r["tokens_per_s"], r["decode_tokens_per_s"],
+            r["tokens_per_s"], r["decode_tokens_per_s"], r["decode_ms_per_step"],
             "" if r["compile_s"] is None else r["compile_s"],
             r["rows_equal_to_transformers"] or "")))
     print(f"load average (1 min) {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, "
