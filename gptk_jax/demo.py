@@ -3,13 +3,15 @@ jitted greedy decoder, then with self-speculative (MTP) decoding through linear 
 
     python -m gptk_jax.demo [--num-sentences 8] [--shots 2] [--max-new-tokens 64] [--batch-size 8]
         [--train-steps 400] [--heads DIR] [--tokens-per-step 4] [--no-mtp]
+        [--model-dir .cache/models/smollm2-135m] [--runs-dir runs/demo] [--data-root DIR]
 
-Steps: fetch the GGUF (`gptk_jax.artifacts`), convert it once into .cache/models/smollm2-135m
-(`python -m convert --format gguf`), build few-shot prompts (instruction, the first News
-Commentary pairs as shots, then the query; gptk_jax.data.prompts: the format of the shared
-distilled rows), decode greedily until the translation's line
-ends (the one stop rule, gptk_jax.data.prompts.translation_stop_ids), and print source,
-translation, reference and tokens/s. Data come from DATA_ROOT/wmt14-de-en, else from sacreBLEU;
+Folders are taken from the working directory (`make demo` runs in the checkout's root); the
+flags above name others. Steps: fetch the GGUF (`gptk_jax.artifacts`), convert it once into
+--model-dir (`python -m convert --format gguf`), build few-shot prompts (instruction, the
+first News Commentary pairs as shots, then the query; gptk_jax.data.prompts: the format of the
+shared distilled rows), decode greedily until the translation's line ends (the one stop rule,
+gptk_jax.data.prompts.translation_stop_ids), and print source, translation, reference and
+tokens/s. Data come from DATA_ROOT/wmt14-de-en, else from sacreBLEU;
 DATA_ROOT is --data-root, else $GPTK_DATA, else ../shared/data from the working directory.
 
 Then MTP: linear heads (W = 4 tokens per verify step at most) from --heads DIR, else from
@@ -17,9 +19,9 @@ runs/results/linear/heads when `make results` made them (and --train-steps is no
 trained here with configs/demo_smollm2.py (the results protocol cut to a demo: the trunk's own
 2-shot translations of newstest2013 lines 1-800 from ../shared/data/distilled, a softmax over
 a 2,048-id draft vocabulary of those rows, loss against the trunk's own argmax; into
-runs/demo/linear-k<W>-distilled-<steps>steps, reused by a rerun). Printed: the held-out validation
+RUNS_DIR/linear-k<W>-distilled-<steps>steps, reused by a rerun). Printed: the held-out validation
 (newstest2013 lines 2701-2764, the trunk's own translations): per-offset acceptance and the
-τ estimate. Then `gptk_jax.evaluate` on the demo sentences (runs/demo/eval): greedy, the heads,
+τ estimate. Then `gptk_jax.evaluate` on the demo sentences (RUNS_DIR/eval): greedy, the heads,
 prompt lookup, lookup + heads and the oracle (every draft right: the bound), at batch 1 and
 --batch-size, W chosen per step by measured cost and the drafts' scores (--choose-width): τ,
 speedup over greedy in the same process, the share of the oracle's speedup, and whether every
@@ -46,10 +48,11 @@ from gptk_jax.data.root import add_data_root_argument, resolve_data_root
 from gptk_jax.data.testsets import news_commentary
 from gptk_jax.errors import CLI_ERRORS, GptkError
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "smollm2-135m"
-RESULTS_HEADS = ROOT / "runs" / "results" / "linear" / "heads"
-DEMO_RUNS = ROOT / "runs" / "demo"
+# Folders, relative to the working directory (`make demo` runs from the checkout's root); the
+# flags --model-dir, --runs-dir and --heads name others.
+DEFAULT_MODEL_DIR = Path(".cache/models/smollm2-135m")
+RESULTS_HEADS = Path("runs/results/linear/heads")     # where `make results` leaves linear heads
+DEFAULT_RUNS_DIR = Path("runs/demo")                  # heads trained here, the evaluation report
 DEMO_CONFIG = "demo_smollm2"   # configs/demo_smollm2.py: what the heads trained here learn
 ERROR_EXIT = 2            # bad arguments, a model or data that cannot be used: one line on stderr
 DISCLAIMER = ("Note: SmolLM2-135M is a weak translator (135M parameters, trained mostly on "
@@ -100,9 +103,10 @@ def ensure_converted(model_dir: Path) -> Path:
     print(f"converting {gguf} -> {model_dir}", flush=True)
     cmd = [sys.executable, "-m", "convert", "--format", "gguf", "--input", str(gguf),
            "--output", str(model_dir)]
-    proc = subprocess.run(cmd, cwd=ROOT)
+    proc = subprocess.run(cmd)               # in this working directory, as --model-dir is
     if proc.returncode != 0:
-        raise DemoError(f"conversion failed (exit code {proc.returncode}): {' '.join(cmd)}")
+        raise DemoError(f"conversion failed (exit code {proc.returncode}): {' '.join(cmd)} "
+                        f"(run from the repository's root, where the `convert` package is)")
     return model_dir
 
 
@@ -121,7 +125,11 @@ def load_pairs(data_root: Path, num_sentences: int):
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = _Parser(prog="python -m gptk_jax.demo", description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
-                   help="converted model folder (converted here when it does not exist yet)")
+                   help=f"converted model folder (converted here when it does not exist yet; "
+                        f"default: {DEFAULT_MODEL_DIR} in the working directory)")
+    p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR,
+                   help=f"where heads trained here and the evaluation report go (default: "
+                        f"{DEFAULT_RUNS_DIR} in the working directory)")
     add_data_root_argument(p)
     p.add_argument("--num-sentences", type=_count(1), default=8)
     p.add_argument("--shots", type=_count(0), default=2,
@@ -136,10 +144,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     mtp = p.add_argument_group("MTP (after the greedy translations)")
     mtp.add_argument("--no-mtp", action="store_true", help="greedy only")
     mtp.add_argument("--heads", type=Path, default=None,
-                     help="trained heads folder (gptk_jax.heads.io) to use instead of training")
+                     help=f"trained heads folder (gptk_jax.heads.io) to use instead of "
+                          f"{RESULTS_HEADS} or training")
     mtp.add_argument("--train-steps", type=_count(1), default=None,
                      help=f"train linear heads for this many steps (default: reuse "
-                          f"{RESULTS_HEADS.relative_to(ROOT)} if present, else the steps of "
+                          f"{RESULTS_HEADS} if present, else the steps of "
                           f"configs/{DEMO_CONFIG}.py)")
     mtp.add_argument("--tokens-per-step", "--k", dest="tokens_per_step", type=_count(2),
                      default=None, help="W of heads trained here (their k; default the "
@@ -235,21 +244,21 @@ def find_or_train_heads(args, model_dir: Path) -> Path:
         print(f"heads: {args.heads} (--heads)")
         return args.heads
     if args.train_steps is None and (RESULTS_HEADS / "heads.json").is_file():
-        print(f"heads: {RESULTS_HEADS.relative_to(ROOT)} (made by `make results`; "
+        print(f"heads: {RESULTS_HEADS} (made by `make results`; "
               f"--train-steps N trains new ones here instead)")
         return RESULTS_HEADS
     config = train_config(model_dir, args.train_steps, args.tokens_per_step)
     steps = config.training.num_train_steps
-    workdir = DEMO_RUNS / f"linear-k{config.head.k}-distilled-{steps}steps"
+    workdir = args.runs_dir / f"linear-k{config.head.k}-distilled-{steps}steps"
     if (workdir / "heads" / "heads.json").is_file():
-        print(f"heads: {workdir.relative_to(ROOT)}/heads (trained by an earlier demo run)")
+        print(f"heads: {workdir / 'heads'} (trained by an earlier demo run)")
         return workdir / "heads"
     from gptk_jax.training import TrainingError, train_and_evaluate
     lines = config.data.train_line_ranges[0]
     print(f"training linear heads (W={config.head.k}) for {steps} steps of "
           f"{config.training.global_batch_size} rows on the trunk's own translations of "
           f"newstest2013 lines {lines[0]}-{lines[1]} (configs/{DEMO_CONFIG}.py) into "
-          f"{workdir.relative_to(ROOT)} ...", flush=True)
+          f"{workdir} ...", flush=True)
     start = time.perf_counter()
     try:
         result = train_and_evaluate(config, workdir)
@@ -305,7 +314,7 @@ def mtp_part(args, model, model_dir: Path) -> int:
           "one trunk call verifies them\n" + "=" * 78)
     heads_dir = find_or_train_heads(args, model_dir)
     print_validation(heads_dir.parent / "metrics.jsonl")
-    output = DEMO_RUNS / "eval"
+    output = args.runs_dir / "eval"
     if output.exists():            # the demo's own scratch report: timed afresh every run
         shutil.rmtree(output)
     batches = tuple(sorted({1, args.batch_size}))
@@ -317,7 +326,7 @@ def mtp_part(args, model, model_dir: Path) -> int:
                      choose_width=True, progress=False)
     print(f"\ndecoding the {args.num_sentences} sentences again, draft and verify, batch "
           f"{' and '.join(map(str, batches))} (python -m gptk_jax.evaluate ... --lookup "
-          f"--oracle --choose-width; report in {output.relative_to(ROOT)}) ...", flush=True)
+          f"--oracle --choose-width; report in {output}) ...", flush=True)
     report = run_evaluation(cfg)
     write_reports(report, output)
     return print_speedups(report, batches)

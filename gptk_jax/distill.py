@@ -8,8 +8,9 @@
 
 Line i of FILE is the trunk's greedy translation of line i of PREFIX.{src_lang}, so FILE can
 replace PREFIX.{tgt_lang} in a training config (`config.data.train_target_files`); FILE.json
-records the prompt format, model, decoding and progress (gptk_jax/distillation/). Use the
-prompt format (--shots, --space-with-target, BOS) the heads will be trained and decoded with.
+records the prompt format, model, decoding and progress (gptk_jax/distillation/; this command
+parses flags and calls gptk_jax.distillation.run.distill). Use the prompt format (--shots,
+--space-with-target, BOS) the heads will be trained and decoded with.
 Decoding is exact: continuous batching over --batch-size slots with prompt-lookup drafts, W
 tokens per verify step (--tokens-per-step, alias --k; 1: plain greedy; the decoder comes from
 gptk_jax.decoding.factory). Resumable: a rerun continues where it stopped, once it has checked
@@ -38,103 +39,12 @@ from typing import Optional, Sequence
 from gptk_jax.cli import OneLineParser, use_compilation_cache
 from gptk_jax.data.root import add_data_root_argument, resolve_data_root
 from gptk_jax.data.testsets import news_commentary
+from gptk_jax.distillation.run import distill
 from gptk_jax.errors import CLI_ERRORS
 
 
-def distill(checkpoint, input_prefix: str, output, *, max_pairs: Optional[int] = None,
-            batch_size: int = 16, tokens_per_step: int = 4, chunk: int = 256,
-            max_new_tokens: int = 128,
-            src_lang: str = "de", tgt_lang: str = "en", shots: int = 0,
-            shots_prefix=None, space_with_target: bool = False, bos: Optional[bool] = None,
-            progress: bool = True, stop_after: Optional[int] = None,
-            command: Sequence[str] = (), num_shards: int = 1,
-            shard_index: Optional[int] = None, redo_damaged: bool = False,
-            verify_weights: bool = True) -> dict:
-    """Appends the translations of source lines [lines already in output, max_pairs) to
-    `output`, holding its lock (FILE.lock) for the run; returns the record (FILE.json); with
-    verify_weights False the checkpoint's tensor digests are not checked. num_shards N > 1:
-    only lines shard_index, shard_index + N, ... into FILE.shardI-of-N (merged by the caller)."""
-    from gptk_jax.data.prompts import prompt_format
-    from gptk_jax.data.wmt import read_text_lines
-    from gptk_jax.distillation.record import DistillError, output_lock, record_path
-    from gptk_jax.distillation.shards import (check_shard_arguments, shard_path,
-                                                  shard_sources)
-
-    for name, value, low in (("--batch-size", batch_size, 1),
-                             ("--tokens-per-step (--k)", tokens_per_step, 1),
-                             ("--chunk", chunk, 1), ("--max-new-tokens", max_new_tokens, 1),
-                             ("--shots", shots, 0)):
-        if value < low:
-            raise DistillError(f"{name} must be >= {low}, got {value}")
-    if max_pairs is not None and max_pairs < 1:
-        raise DistillError(f"--max-pairs must be >= 1, got {max_pairs}")
-    check_shard_arguments(num_shards, shard_index)
-    source_path = f"{input_prefix}.{src_lang}"
-    if Path(source_path).is_dir():
-        raise DistillError(f"--input {input_prefix}: {source_path} is a folder; --input is the "
-                           f"PREFIX of PREFIX.{src_lang}, a text file of source lines")
-    sources = read_text_lines(source_path)
-    if max_pairs is not None:
-        sources = sources[:max_pairs]
-    shard, all_sources = None, None
-    if num_shards > 1:
-        shard, all_sources = {"index": shard_index, "count": num_shards}, len(sources)
-        sources = shard_sources(sources, shard_index, num_shards)
-        output = shard_path(Path(output), shard_index, num_shards)
-    output = Path(output)
-    if output.exists() and not output.is_file():
-        raise DistillError(f"--output {output} is not a file: choose a file for the translations")
-    if record_path(output).exists() and not record_path(output).is_file():
-        raise DistillError(f"{record_path(output)} is a folder, where distill keeps the record "
-                           f"of --output {output}: remove it or choose another --output")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        from gptk_jax.files import os_error_text
-        raise DistillError(os_error_text(e, output, "--output")) from None
-    fmt = prompt_format(src_lang, tgt_lang, shots, space_with_target, shots_from=shots_prefix)
-    with output_lock(output):
-        return _distill_locked(checkpoint, fmt, source_path, sources, output, shard,
-                               all_sources, bos=bos, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, tokens_per_step=tokens_per_step,
-                               chunk=chunk, command=command, progress=progress,
-                               stop_after=stop_after, redo_damaged=redo_damaged,
-                               verify_weights=verify_weights)
-
-
-def _distill_locked(checkpoint, fmt, source_path, sources, output, shard, all_sources, *, bos,
-                    max_new_tokens, batch_size, tokens_per_step, chunk, command, progress,
-                    stop_after, redo_damaged, verify_weights=True) -> dict:
-    from gptk_jax.data.prompts import prompt_record, translation_stop_ids
-    from gptk_jax.llama.checkpoint import load_converted
-    from gptk_jax.llama.weight_checks import verify_digests_arg
-    from gptk_jax.distillation.generate import distill_sources
-    from gptk_jax.distillation.record import (DistillPlan, check_resume, model_fingerprint,
-                                              record_path)
-    import hashlib
-
-    if output.exists() and not record_path(output).is_file():   # refused before the model
-        check_resume(None, output, sources)                      # loads, nothing changed
-    model = load_converted(checkpoint, verify_digests=verify_digests_arg(verify_weights))
-    stops = ",".join(map(str, translation_stop_ids(model.tokenizer)))
-    plan = DistillPlan(
-        input=str(Path(source_path).resolve()), sources=len(sources),
-        prompt_format=prompt_record(fmt, model.tokenizer, bos),
-        model=model_fingerprint(Path(checkpoint)), max_new_tokens=max_new_tokens,
-        stop_ids_sha256=hashlib.sha256(stops.encode()).hexdigest()[:16],
-        decoding={"batch_size": batch_size,
-                  "drafter": "lookup" if tokens_per_step > 1 else "none",
-                  "k": tokens_per_step, "chunk": chunk, "continuous": True},   # "k": W
-        shard=shard, all_sources=all_sources)
-    return distill_sources(model, fmt, sources, output, plan, batch_size=batch_size,
-                           tokens_per_step=tokens_per_step, chunk=chunk, bos=bos,
-                           command=command, progress=progress, stop_after=stop_after,
-                           redo_damaged=redo_damaged)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = OneLineParser(prog="python -m gptk_jax.distill",
-                                description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m gptk_jax.distill", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", help="converted model folder (python -m convert)")
     p.add_argument("--input", help="PREFIX: reads PREFIX.<src-lang>")
     p.add_argument("--output", required=True, help="line-aligned translations (appended to)")
@@ -228,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"shards {waiting} of {args.num_shards} are not complete yet: the run that "
                   f"completes the last one merges them into {args.output} (or --merge)")
     except CLI_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     return 0
 

@@ -192,7 +192,7 @@ def _exactness_code(report: dict) -> int:
                  for name, r in report["runs"].items() if "rows_differing_from_greedy" in r}
     if report["dtype"] != "float32":
         print(f"note: in {report['dtype']}, rows whose MTP tokens differ from greedy: "
-              f"{differing} (a K-token verify step rounds differently from 1-token steps)")
+              f"{differing} (a W-token verify step rounds differently from 1-token steps)")
         return 0
     print(f"ERROR: MTP output differs from greedy in float32: {differing}", file=sys.stderr)
     return 1

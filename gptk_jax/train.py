@@ -19,15 +19,14 @@ from __future__ import annotations
 import sys
 import sysconfig
 import traceback
-from typing import NoReturn
+from pathlib import Path
+from typing import NoReturn, Optional
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptk_jax.cli import configs_module, use_compilation_cache
+from gptk_jax.cli import ConfigsNotFound, configs_module, use_compilation_cache
 from gptk_jax.errors import CLI_ERRORS
-
-configs_module()                         # configs/*.py import `configs.base`, from any folder
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, heads")
@@ -70,9 +69,34 @@ def _config_frame(error: BaseException):
     return None
 
 
+def _config_file(argv) -> Optional[Path]:
+    """The file of --config FILE[:ARG] in argv (None: not given)."""
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            return Path(arg[len("--config="):].partition(":")[0])
+        if arg == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1].partition(":")[0])
+    return None
+
+
+def _register_configs(argv) -> None:
+    """The package `configs` that config files import (`from configs import base`): the
+    --config file's own folder when it is that package (so a path works from any working
+    directory), else $GPTK_CONFIGS or configs/ in the working directory. Without any, a config
+    file that imports it fails when loaded, in one line."""
+    path = _config_file(argv)
+    folder = path.parent if path is not None and (path.parent / "__init__.py").is_file() \
+        and path.parent.name == "configs" else None
+    try:
+        configs_module(folder=folder)
+    except ConfigsNotFound:
+        pass
+
+
 def _parse_flags(argv):
     """absl parsing (which runs the config file and applies --config.* overrides); any failure
     is one line and exit status 2."""
+    _register_configs(argv)
     from absl import logging
     logging.set_verbosity(logging.ERROR)       # before parsing absl logs to stderr; --verbosity
     try:                                       # (parsed here) sets it again

@@ -17,8 +17,9 @@ chosen branch's (loop.Verified), so the output is greedy's exactly as for one ch
 The tree costs 2W-1 tokens per verify instead of W (bench/bench_verify_cost.py measures what a
 token costs); W is fixed (auto W chooses among chains of one drafter).
 
-Letters: B batch, W tokens per branch (root included), N = 2W-1 tokens verified, D width, K kv
-heads, S cache slots, H head dim.
+Letters: B batch, W tokens per branch (root included), N = 2W-1 tokens verified (in this file,
+not query heads), M cache slots moved per row (W-1, the second branch's; in this file, not max new
+tokens), D width, K kv heads, S cache slots, H head dim.
 """
 
 from __future__ import annotations

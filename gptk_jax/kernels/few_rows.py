@@ -23,6 +23,11 @@ the source, the compiler's version, the CPU's flags and jaxlib's version, and wr
 A build that fails warns once and leaves XLA's products in place; GPTK_FEW_ROWS=0 turns the
 kernels off everywhere. GPTK_FEW_ROWS_SOURCE=FILE builds another source instead of
 small_matmul.cc (kernel work: bench/bench_kernel_ab.py times two sources against each other).
+
+Letters: this file and small_matmul.cc use the usual matrix-product names, local to them and not
+docs/design.md's legend: M rows of x (a step's B x W tokens, at most MAX_ROWS), K the contracted
+depth (a Dense's input width, D for the unembedding), N output columns (its output width, V for
+the unembedding). K here is not the kv heads.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from gptk_jax.training.draft_metrics import DRAFT_KEYS, summarize_drafts
 
 def acceptance_estimate(accuracies: Sequence[float]) -> float:
     """Expected tokens per verify step, 1 + sum_k prod_{i<=k} acc_i, from the top-1 accuracies
-    of the draft offsets 2..K in order: the trunk's own token always counts, and draft k is
+    of the draft offsets 2..W in order: the trunk's own token always counts, and draft k is
     accepted only when it and every earlier draft match (the accuracies taken as independent)."""
     total, run = 1.0, 1.0
     for acc in accuracies:
