@@ -49,6 +49,17 @@ TUNED = {
     # tau_walked 1.703 (decoding the same rows at W = 4: tau 1.63). Session 18: 4,500 steps in
     # one schedule (r4, about 60 min here alone): tau_est 1.653 at 1500, 1.962 at 4500,
     # tau_walked 1.738 (chain 48.2/28.8/19.1%); on newstest2014 at batch 1, W = 4: tau 1.57.
+    # Not swept (session 19, first PoMa run here): the linear sweep's lr and AdamW with cosine
+    # decay instead of the seed's constant Adam + L2. Cut for time: PoMa reads `hidden` (before
+    # the final norm), so it needs a feature cache of its own; over the 2,700 newstest2013 rows
+    # only (the test's domain, ~125k positions) it builds in minutes, not the 30-50 of all
+    # 6,535 rows. 1,500 steps = 4.4 epochs of those rows.
+    "poma": {"optimizer.name": "adamw", "optimizer.schedule": "cosine",
+             "optimizer.learning_rate": 3e-3, "optimizer.weight_decay": 0.01,
+             "optimizer.warmup_steps": 100, "optimizer.grad_clip_norm": 1.0,
+             "data.max_train_pairs": 2700,
+             "training.num_train_steps": 1500, "training.eval_every_steps": 750,
+             "training.checkpoint_every_steps": 250},
     "eagle": {"optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 100,
               "training.num_train_steps": 4500, "training.eval_every_steps": 1500,
               "training.checkpoint_every_steps": 250},
