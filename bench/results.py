@@ -9,8 +9,10 @@ evaluation flags below (what is measured); this script only runs them in order.
 Per family, each step skipped when its output is there (training resumes from its checkpoint,
 evaluation reuses its finished runs), so a rerun after a stop continues:
   1. python -m gptk_jax.train --config configs/results_smollm2.py:<family> --workdir RUNS/<family>
-  2. python -m gptk_jax.evaluate --heads RUNS/<family>/heads ... --lookup [--oracle]
-     --continuous --output RUNS/<family>/eval   (the oracle with the first family only)
+  2. per batch size B: python -m gptk_jax.evaluate --heads RUNS/<family>/heads ...
+     --batch-sizes B --lookup [--oracle] --continuous --interleave
+     --output RUNS/<family>/eval-bB   (the oracle with the first family only; a piece each,
+     so a stop loses at most the piece in progress, and evaluate reuses its finished runs)
 After every step docs/results.md / .json are rewritten from what has finished
 (gptk_jax.evaluation.results_table), marked partial while anything is missing, so work that
 stops leaves a table. Exit status: 0 all done, 1 a step failed (its log is named), 2 bad flags
@@ -51,13 +53,17 @@ def train_command(args, family: str) -> list[str]:
             "--workdir", str(Path(args.runs_dir) / family), "--noprogress"]
 
 
-def eval_command(args, family: str, first: bool) -> list[str]:
+def eval_command(args, family: str, first: bool, batch: int) -> list[str]:
+    """One piece of a family's evaluation: every method at one batch size, into
+    RUNS/<family>/eval-b<batch> (the results table merges the pieces)."""
     run = Path(args.runs_dir) / family
     cmd = [sys.executable, "-m", "gptk_jax.evaluate", "--checkpoint", args.checkpoint,
            "--heads", str(run / "heads"), "--split", "newstest2014",
-           "--max-sentences", str(args.max_sentences), "--batch-sizes", args.batch_sizes,
+           "--max-sentences", str(args.max_sentences), "--batch-sizes", str(batch),
            "--max-new-tokens", str(args.max_new_tokens), "--shots", "2", "--space-with-target",
-           "--lookup", "--continuous", "--output", str(run / "eval"), "--no-progress"]
+           "--lookup", "--continuous", "--output", str(run / f"eval-b{batch}"), "--no-progress"]
+    if args.interleave:
+        cmd.append("--interleave")
     if args.tokens_per_step:
         cmd += ["--tokens-per-step", args.tokens_per_step]
     if args.choose_width:
@@ -68,6 +74,11 @@ def eval_command(args, family: str, first: bool) -> list[str]:
     if first:
         cmd.append("--oracle")
     return cmd
+
+
+def evaluated(run: Path, batch: int) -> bool:
+    """The piece at this batch size has finished (or the family's one-piece eval/ of before)."""
+    return any((run / name / "report.json").is_file() for name in ("eval", f"eval-b{batch}"))
 
 
 def shown(cmd: Sequence[str]) -> str:
@@ -98,7 +109,8 @@ def write_tables(args, invocation: str) -> bool:
               f"Generated {datetime.datetime.now().isoformat(timespec='minutes')} by `{invocation}` from "
               f"`{args.runs_dir}/` (every number read from the runs' JSON files). Training "
               f"protocol: `{CONFIG}`; evaluation command per family:", "", "```bash"]
-    header += [shown(eval_command(args, f, i == 0)) for i, f in enumerate(args.families)]
+    header += [shown(eval_command(args, f, i == 0, b)) for i, f in enumerate(args.families)
+               for b in args.batch_sizes]
     header += ["```", "", "SmolLM2-135M translates German badly (BLEU about 1): the drafters "
                "learn its own output, which is what verification accepts.", ""]
     out = Path(args.output)
@@ -126,7 +138,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default="runs/results")
     p.add_argument("--output", default="docs/results.md")
     p.add_argument("--max-sentences", type=int, default=200, help="newstest2014 sentences")
-    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--batch-sizes", default="1,8",
+                   help="one evaluation piece per batch size (RUNS/<family>/eval-b<B>)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                   help="static runs batch by batch: greedy's batch, then each drafter's on "
+                        "the same prompts (a machine whose speed drifts slows all alike)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--tokens-per-step", "--k", default=None,
                    help="W of the evaluation (default: the heads' own)")
@@ -143,6 +159,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.data_root = str(resolve_data_root(args.data_root))
     args.families = [f for f in args.families.split(",") if f]
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    except ValueError:
+        p.error(f"--batch-sizes: comma-separated integers, got {args.batch_sizes!r}")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        p.error(f"--batch-sizes: at least one, each >= 1, got {args.batch_sizes}")
     unknown = sorted(set(args.families) - set(FAMILIES))
     if unknown or not args.families:
         p.error(f"--families: unknown {unknown}; choose from {FAMILIES}")
@@ -160,10 +182,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run = Path(args.runs_dir) / family
                 if not (run / "heads" / "heads.json").is_file():
                     run_step(train_command(args, family), run / "train.log", run / "train.json")
-                if not (run / "eval" / "report.json").is_file():
-                    run_step(eval_command(args, family, i == 0), run / "eval.log",
-                             run / "eval.json")
-                write_tables(args, invocation)
+                for batch in args.batch_sizes:
+                    if not evaluated(run, batch):
+                        run_step(eval_command(args, family, i == 0, batch),
+                                 run / f"eval-b{batch}.log", run / f"eval-b{batch}.json")
+                        write_tables(args, invocation)
         except StepFailed as e:         # the tables still show what finished before it
             failed = e
         write_tables(args, invocation)

@@ -87,7 +87,7 @@ def collect(runs_dir: Path, families: Sequence[str]) -> dict:
         training = _training(run)
         report = _read_pieces(run)
         if report is None:
-            missing.append(f"{family}: " + ("evaluation not finished (no eval/report.json)"
+            missing.append(f"{family}: " + ("evaluation not finished (no eval/ or eval-*/report.json)"
                                             if training["trained"] else
                                             "training not finished (no heads/heads.json)"))
             continue
