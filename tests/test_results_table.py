@@ -109,3 +109,36 @@ def test_evaluation_pieces_are_merged_and_a_mismatched_piece_is_named(tmp_path):
     assert by_name["lookup"]["speedup_b1"] == 1.2
     assert collected["missing"] == ["linear: eval-other: other sentences or prompts than eval"]
     assert "**Partial**" in markdown(collected)
+
+
+def _results_script():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "bench" / "results.py"
+    spec = importlib.util.spec_from_file_location("bench_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_results_evaluates_one_piece_per_batch_size(tmp_path):
+    results = _results_script()
+    args = results.parse_args(["--runs-dir", str(tmp_path), "--batch-sizes", "1,8",
+                               "--families", "linear,lstm"])
+    assert args.batch_sizes == [1, 8] and args.interleave and args.choose_width
+    first = results.eval_command(args, "linear", True, 8)
+    assert first[first.index("--batch-sizes") + 1] == "8"
+    assert first[first.index("--output") + 1] == str(tmp_path / "linear" / "eval-b8")
+    assert "--oracle" in first and "--interleave" in first
+    assert "--oracle" not in results.eval_command(args, "lstm", False, 1)
+    run = tmp_path / "linear"
+    assert not results.evaluated(run, 1)
+    _write_piece_at(run / "eval-b1")
+    assert results.evaluated(run, 1) and not results.evaluated(run, 8)
+    _write_piece_at(run / "eval")                  # a one-piece evaluation of before: all done
+    assert results.evaluated(run, 8)
+
+
+def _write_piece_at(folder):
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text("{}")
