@@ -100,8 +100,9 @@ def _drafter_arguments(p: argparse.ArgumentParser) -> None:
                         "(greedy always runs; e.g. --lookup --tree --only heads+lookup-tree)")
     p.add_argument("--tree", action="store_true",
                    help="with --lookup and --heads: also verify the lookup's and the heads' "
-                        "drafts together, two branches per step (decoding/tree.py), at the "
-                        "heads' W ('heads+lookup-tree')")
+                        "drafts together, two branches per step (decoding/tree.py), the "
+                        "heads at their W, the lookup at --lookup-tokens-per-step "
+                        "('heads+lookup-tree')")
     p.add_argument("--draft-vocab-size", type=int, default=None,
                    help="heads draft over the N most frequent target-side tokens only (a "
                         "cheaper projection; the output is unchanged)")

@@ -72,6 +72,9 @@ CASES = {
     "tree-eagle": (dict(method="mtp+lookup-tree"), "eagle", 3),
     "tree-linear-w2": (dict(method="mtp+lookup-tree", tokens_per_step=2), "linear", 2),
     "tree-lstm-gated": (dict(method="mtp+lookup-tree", choose_width=True), "lstm", 3),
+    # the lookup branch longer than the heads' chain: W is the lookup's
+    "tree-linear-lookup-w5": (dict(method="mtp+lookup-tree", lookup_tokens_per_step=5),
+                              "linear", 5),
 }
 
 
@@ -82,6 +85,8 @@ def test_every_drafter_gives_greedys_tokens(tiny, greedy, case):
     spec = DecoderSpec(**fields, heads=heads[kind] if kind else None)
     decoder = make_decoder(model, spec)
     assert decoder.tokens_per_step == w and decoder.drafter is not None
+    if "lookup_tokens_per_step" in fields:             # lookup: W - 1 drafts, the heads: k - 1
+        assert decoder.drafter.branch_drafts == (w - 1, 2)
     # choose_width: W per step, or for a tree a fixed W with batches gated by measured time
     assert decoder.gate_batches == spec.choose_width
     assert (decoder.width_policy is None) == (not spec.choose_width or case.startswith("tree"))
@@ -121,6 +126,10 @@ def test_oracle_and_greedy_from_a_base_decoder(tiny, greedy):
     (dict(method="lookup", lookup_min_ngram=4), "lookup_min_ngram"),
     (dict(method="lookup", draft_vocab=(1, 2)), "DecoderSpec.draft_vocab"),
     (dict(method="mtp", heads="h", draft_vocab=()), "DecoderSpec.draft_vocab"),
+    (dict(method="mtp", heads="h", lookup_tokens_per_step=5),
+     "DecoderSpec.lookup_tokens_per_step"),
+    (dict(method="mtp+lookup-tree", heads="h", lookup_tokens_per_step=1),
+     "DecoderSpec.lookup_tokens_per_step"),
 ])
 def test_a_bad_spec_is_refused_naming_its_field(fields, field):
     with pytest.raises(DecodingError, match=field):
@@ -183,7 +192,8 @@ def test_evaluate_builds_through_make_decoder(tiny, specs, tmp_path):
     assert set(specs) == {GREEDY, DecoderSpec("mtp", tokens_per_step=3, heads=folder),
                           DecoderSpec("lookup", tokens_per_step=4),
                           DecoderSpec("mtp+lookup", tokens_per_step=4, heads=folder),
-                          DecoderSpec("mtp+lookup-tree", tokens_per_step=3, heads=folder),
+                          DecoderSpec("mtp+lookup-tree", tokens_per_step=3, heads=folder,
+                                      lookup_tokens_per_step=4),   # the lookup branch's W
                           DecoderSpec("oracle", tokens_per_step=3)}
 
 

@@ -18,7 +18,7 @@ from gptk_jax.decoding.engine import DecodingError
 from gptk_jax.decoding.lookup import LookupDrafter
 from gptk_jax.decoding.oracle import (OracleDrafter, RandomDrafter, RepeatDrafter,
                                       oracle_variables)
-from gptk_jax.decoding.tree import TreeDrafter, tree_mask
+from gptk_jax.decoding.tree import TreeDrafter, branch_index, tree_mask
 from gptk_jax.llama.kv_cache import KVCache
 from gptk_jax.llama.model import Llama
 
@@ -148,3 +148,51 @@ def test_tree_batches_gated_by_measured_time(decoder, prompts, stop_ids, greedy)
                                           bucket=BUCKET)
     _assert_same_as_greedy(continuous, reference)
     assert continuous.stats["drafter_rested"]
+
+
+def test_tree_mask_and_chains_of_unequal_branches_by_hand():
+    m = tree_mask(4, (3, 1))     # root, a1, a2, a3, b1; W = 4 (the longer branch + 1)
+    expected = np.array([[1, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0],
+                         [1, 1, 1, 0, 0],
+                         [1, 1, 1, 1, 0],
+                         [1, 0, 0, 0, 1]], bool)
+    np.testing.assert_array_equal(m, expected)
+    index, real = branch_index(4, (3, 1))
+    np.testing.assert_array_equal(index, [[0, 1, 2, 3], [0, 4, 0, 0]])
+    np.testing.assert_array_equal(real, [[1, 1, 1, 1], [1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="longer must equal max_drafts"):
+        TreeDrafter(first=LookupDrafter(max_drafts=3), second=LookupDrafter(max_drafts=1),
+                    max_drafts=2, first_drafts=3, second_drafts=1)
+
+
+def _oracle_n(greedy_result, prompts, stop_ids, drafts, corrupt=0.0, seed=1):
+    variables = oracle_variables(_continuations(greedy_result, stop_ids),
+                                 [len(p) for p in prompts], len(prompts), drafts, seed=seed)
+    return OracleDrafter(drafts, CFG.vocab_size, corrupt), variables
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("longer", ["oracle", "random"])
+def test_unequal_branches_equal_greedy_and_keep_the_better_one(decoder, prompts, stop_ids,
+                                                                greedy, batch, longer):
+    """A 5-draft branch and a 2-draft branch (W = 6, 8 tokens verified): token-identical to
+    greedy; an exact oracle in the longer branch accepts all 5 drafts a step, in the shorter
+    branch (the other one random) 2 a step: the chain past the shorter branch accepts nothing."""
+    reference = greedy[batch, "left"]
+    ps = prompts[:batch]
+    long_n, short_n = 5, 2
+    random = lambda n: (RandomDrafter(n, CFG.vocab_size), jax.random.PRNGKey(7))
+    if longer == "oracle":
+        (d1, v1), (d2, v2) = _oracle_n(reference, ps, stop_ids, long_n), random(short_n)
+    else:
+        (d1, v1), (d2, v2) = random(long_n), _oracle_n(reference, ps, stop_ids, short_n)
+    drafter = TreeDrafter(first=d1, second=d2, max_drafts=long_n, first_drafts=long_n,
+                          second_drafts=short_n)
+    tree = decoder.replace(stop_ids=stop_ids, drafter=drafter,
+                           drafter_vars=TreeDrafter.variables(v1, v2), tokens_per_step=long_n + 1)
+    result = tree.generate(ps, MAX_NEW, bucket=BUCKET)
+    _assert_same_as_greedy(result, reference)
+    expected = long_n if longer == "oracle" else short_n
+    for accepted in result.stats["accepted_per_row"]:
+        assert accepted[:-1] == [expected] * (len(accepted) - 1)

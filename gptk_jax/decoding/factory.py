@@ -19,8 +19,10 @@ Methods (`DecoderSpec.method`):
                 own W; the lookup's W as for 'lookup');
   'mtp+lookup-tree'  prompt lookup's and the heads' drafts both verified in one call, each row
                 keeping the branch with more accepted (decoding/tree.py); W fixed, default the
-                heads' k (choose_width: W stays fixed per branch, and static batches draft
-                only while measured faster than greedy's loop, decoding/rate_gate.py);
+                heads' k, the lookup branch's `lookup_tokens_per_step` (default the same; a
+                longer lookup branch makes the tree's W its) (choose_width: W stays fixed per
+                branch, and static batches draft only while measured faster than greedy's
+                loop, decoding/rate_gate.py);
   'oracle'      greedy's own continuation (decoding/oracle.py; the upper bound): W must be given
                 and the continuations are passed as `references=oracle_variables(...)`.
 
@@ -75,6 +77,8 @@ class DecoderSpec:
     choose_width: bool = False      # W per step by measured cost, 1 .. tokens_per_step
     verify_cost: Optional[str] = None  # choose_width: a cost table file (None: measured)
     score_bins: int = 8             # choose_width: bins of the drafts' scores (1: ignored)
+    lookup_tokens_per_step: Optional[int] = None  # 'mtp+lookup-tree': the lookup branch's W
+                                                  # (None: the heads'); the tree's W: the larger
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -127,6 +131,14 @@ class DecoderSpec:
         if self.verify_cost is not None and self.method == "mtp+lookup-tree":
             raise DecodingError("DecoderSpec.verify_cost: 'mtp+lookup-tree' verifies a fixed W "
                                 "per branch (choose_width gates its batches by measured time)")
+        lw = self.lookup_tokens_per_step
+        if lw is not None and self.method != "mtp+lookup-tree":
+            raise DecodingError(f"DecoderSpec.lookup_tokens_per_step is the lookup branch's W "
+                                f"of 'mtp+lookup-tree', not of {self.method!r} (its "
+                                f"tokens_per_step is the lookup's W)")
+        if lw is not None and (not _is_int(lw) or lw < 2):
+            raise DecodingError(f"DecoderSpec.lookup_tokens_per_step must be an integer >= 2, "
+                                f"got {lw!r}")
         if not isinstance(self.score_bins, int) or self.score_bins < 1:
             raise DecodingError(f"DecoderSpec.score_bins must be an integer >= 1, got "
                                 f"{self.score_bins!r}")
@@ -203,10 +215,13 @@ def make_drafter(model, spec: DecoderSpec, *, heads=None, references=None
         second, second_vars = head_drafter(loaded.head_config, loaded.params, config, params,
                                            tokens_per_step=w,
                                            draft_vocab=_draft_vocab(spec, loaded))
-        first = LookupDrafter(max_drafts=w - 1, max_ngram=spec.lookup_max_ngram,
+        lw = spec.lookup_tokens_per_step or w          # the lookup branch: lw - 1 drafts
+        first = LookupDrafter(max_drafts=lw - 1, max_ngram=spec.lookup_max_ngram,
                               min_ngram=spec.lookup_min_ngram)
-        return (TreeDrafter(first=first, second=second, max_drafts=w - 1),
-                TreeDrafter.variables(LookupDrafter.variables(), second_vars), w)
+        tree = TreeDrafter(first=first, second=second, max_drafts=max(w, lw) - 1,
+                           first_drafts=lw - 1, second_drafts=w - 1)
+        return (tree, TreeDrafter.variables(LookupDrafter.variables(), second_vars),
+                max(w, lw))
     w = DEFAULT_LOOKUP_TOKENS_PER_STEP if spec.tokens_per_step is None else spec.tokens_per_step
     fallback, fallback_vars = None, None
     if spec.method == "mtp+lookup":     # the heads at their own W: the lookup cuts or pads

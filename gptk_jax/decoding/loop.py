@@ -340,7 +340,7 @@ def _step_at(config: LlamaConfig, drafter: Drafter, w: int, state: DecodeState, 
     active = ~state.done
     if drafter.branches > 1:    # several drafts per offset: the best branch (decoding/tree.py)
         from gptk_jax.decoding.tree import verify_tree
-        out = verify_tree(config, w, state, params)
+        out = verify_tree(config, w, state, params, drafter.branch_drafts)
     else:
         out = verify_chain(config, w, state, params)
     drafts, verify_tokens, trunk_tokens = out.drafts, out.tokens, out.trunk_tokens

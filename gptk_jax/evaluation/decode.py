@@ -133,14 +133,18 @@ def lookup_method(name: str, tokens_per_step: int, max_ngram: int,
         lookup_max_ngram=max_ngram, draft_vocab=fallback.spec.draft_vocab, **width))
 
 
-def tree_method(name: str, decoding: Decoding, heads: Method, max_ngram: int) -> Method:
+def tree_method(name: str, decoding: Decoding, heads: Method, max_ngram: int,
+                lookup_tokens_per_step: Optional[int] = None) -> Method:
     """Prompt lookup and the heads (a heads_method) as the two branches of one verify call per
-    step (decoding/tree.py), at the heads' W (fixed; with the heads' choose_width, static
+    step (decoding/tree.py), the heads at their W, the lookup at lookup_tokens_per_step (None:
+    the same; the method's W is the larger) (fixed; with the heads' choose_width, static
     batches draft only while measured faster than greedy, decoding/rate_gate.py)."""
-    method = Method(name, heads.tokens_per_step, DecoderSpec(
+    lookup_w = lookup_tokens_per_step or heads.tokens_per_step
+    method = Method(name, max(heads.tokens_per_step, lookup_w), DecoderSpec(
         "mtp+lookup-tree", tokens_per_step=heads.tokens_per_step, heads=heads.spec.heads,
         lookup_max_ngram=max_ngram, draft_vocab=heads.spec.draft_vocab,
-        choose_width=heads.spec.choose_width))
+        choose_width=heads.spec.choose_width,
+        lookup_tokens_per_step=None if lookup_w == heads.tokens_per_step else lookup_w))
     decoding.decoder(method)
     return method
 

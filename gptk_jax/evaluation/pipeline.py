@@ -103,7 +103,7 @@ def drafting_methods(cfg: EvalConfig, decoding, heads, tokens_per_step: int,
                                          fallback=methods[0], **width))
         if heads is not None and cfg.tree:     # fixed W (choose_width: batches gated)
             methods.append(tree_method("heads+lookup-tree", decoding, methods[0],
-                                       cfg.lookup_max_ngram))
+                                       cfg.lookup_max_ngram, cfg.lookup_tokens_per_step))
     if cfg.only is not None:                   # built above (fallbacks refer to them), run not
         methods = [m for m in methods if m.name in cfg.only]
     return methods
