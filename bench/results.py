@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))          # run as `python bench/results.py` from t
 
 from gptk_jax.data.root import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, resolve_data_root  # noqa: E402
 from gptk_jax.errors import CLI_ERRORS, GptkError  # noqa: E402
-from gptk_jax.evaluation.results_table import collect, markdown, results_json  # noqa: E402
+from gptk_jax.evaluation.results_table import (collect, markdown, pieces_markdown,  # noqa: E402
+                                               results_json)
 
 FAMILIES = ("linear", "lstm", "poma", "eagle")
 CONFIG = "configs/results_smollm2.py"
@@ -108,10 +109,15 @@ def write_tables(args, invocation: str) -> bool:
     header = ["# Results: drafters on SmolLM2-135M, WMT14 de→en (CPU)", "",
               f"Generated {datetime.datetime.now().isoformat(timespec='minutes')} by `{invocation}` from "
               f"`{args.runs_dir}/` (every number read from the runs' JSON files). Training "
-              f"protocol: `{CONFIG}`; evaluation command per family:", "", "```bash"]
+              f"protocol: `{CONFIG}`; the protocol's evaluation commands (one piece per family "
+              f"and batch size):", "", "```bash"]
     header += [shown(eval_command(args, f, i == 0, b)) for i, f in enumerate(args.families)
                for b in args.batch_sizes]
-    header += ["```", "", "SmolLM2-135M translates German badly (BLEU about 1): the drafters "
+    header += ["```", ""]
+    read = pieces_markdown(collected)
+    if read:
+        header += ["Evaluations read (the numbers below come from these runs):", ""] + read + [""]
+    header += ["SmolLM2-135M translates German badly (BLEU about 1): the drafters "
                "learn its own output, which is what verification accepts.", ""]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ written to DIR/runs/ as it finishes, and a rerun with the same settings reuses t
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -170,7 +171,9 @@ def parse_args(argv=None) -> EvalConfig:
             draft_vocab_from=a.draft_vocab_from, continuous=a.continuous, bos=a.bos,
             choose_width=a.choose_width, verify_cost=a.verify_cost, interleave=a.interleave,
             score_bins=a.score_bins, progress=not a.no_progress,
-            verify_weights=a.verify_weights)
+            verify_weights=a.verify_weights,
+            command=" ".join(["python -m gptk_jax.evaluate"] + [shlex.quote(x) for x in (
+                sys.argv[1:] if argv is None else argv)]))
     except ValueError as e:
         p.error(str(e))
 

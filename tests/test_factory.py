@@ -188,6 +188,10 @@ def test_evaluate_builds_through_make_decoder(tiny, specs, tmp_path):
                  "--lookup-tokens-per-step", "4", "--tree", "--no-progress",
                  "--output", str(tmp_path / "report")]) == 0
     folder = str(Path(heads["poma"]).absolute())
+    import json
+    command = json.loads((tmp_path / "report" / "report.json").read_text())["command"]
+    assert command.startswith("python -m gptk_jax.evaluate --checkpoint ")   # as run
+    assert command.endswith(f"--output {tmp_path / 'report'}")
     assert specs[0] == GREEDY
     assert set(specs) == {GREEDY, DecoderSpec("mtp", tokens_per_step=3, heads=folder),
                           DecoderSpec("lookup", tokens_per_step=4),

@@ -3,7 +3,7 @@ run folders: drafter names, the numbers carried over unchanged, a partial table 
 
 import json
 
-from gptk_jax.evaluation.results_table import collect, markdown, results_json
+from gptk_jax.evaluation.results_table import collect, markdown, pieces_markdown, results_json
 
 
 def _run(tau=None, speedup=None, k=4, identical=True, acc=None):
@@ -90,7 +90,7 @@ def _write_piece(root, family, name, runs, sentences=200):
     (root / family / name).mkdir()
     (root / family / name / "report.json").write_text(json.dumps(
         {"num_sentences": sentences, "shots": 2, "test_set": {"name": "newstest2014"},
-         "runs": runs}))
+         "runs": runs, "command": f"python -m gptk_jax.evaluate --batch-sizes {name[-1]}"}))
 
 
 def test_evaluation_pieces_are_merged_and_a_mismatched_piece_is_named(tmp_path):
@@ -109,6 +109,11 @@ def test_evaluation_pieces_are_merged_and_a_mismatched_piece_is_named(tmp_path):
     assert by_name["lookup"]["speedup_b1"] == 1.2
     assert collected["missing"] == ["linear: eval-other: other sentences or prompts than eval"]
     assert "**Partial**" in markdown(collected)
+    assert [p["folder"] for p in collected["pieces"]["linear"]] == ["eval", "eval-b8",
+                                                                   "eval-lookup"]
+    assert pieces_markdown(collected)[1] == \
+        "- linear/eval-b8: `python -m gptk_jax.evaluate --batch-sizes 8`"
+    assert pieces_markdown(collected)[0].endswith("(command not recorded in this report)")
 
 
 def _results_script():

@@ -67,6 +67,7 @@ class EvalConfig:
     bos: Optional[bool] = None            # prepend BOS; None: the tokenizer's rule (add_bos)
     progress: bool = True
     verify_weights: bool = True           # check the converted tensors' digests on load
+    command: Optional[str] = None         # the command line, recorded in report.json
 
     def __post_init__(self):
         if (self.source is None) != (self.reference is None):

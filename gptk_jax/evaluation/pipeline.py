@@ -218,6 +218,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
               ("flag" if cfg.draft_vocab_size else "heads"),
               "draft_vocab_sha256": sha256_json(list(map(int, draft_vocab)))
               if draft_vocab else None,
-              "dtype": config.dtype, "platform": platform, "reused_runs": store.reused}
+              "dtype": config.dtype, "platform": platform, "reused_runs": store.reused,
+              "command": cfg.command}
     main_method = methods[0].name if methods else "oracle"
     return build_report(header, test_set, tok, runs, outputs, cfg.batch_sizes[0], main_method)

@@ -67,12 +67,13 @@ def _read_pieces(run: Path) -> Optional[dict]:
         return None
     same = lambda r: (r.get("num_sentences"), r.get("shots"),
                       (r.get("test_set") or {}).get("name", r.get("split")), r.get("prompt_format"))
-    merged = dict(reports[0][1], runs={}, skipped=[])
+    merged = dict(reports[0][1], runs={}, skipped=[], pieces=[])
     for path, report in reports:
         if same(report) != same(reports[0][1]):
             merged["skipped"].append(f"{path.name}: other sentences or prompts than "
                                      f"{reports[0][0].name}")
             continue
+        merged["pieces"].append({"folder": path.name, "command": report.get("command")})
         for key, value in report.get("runs", {}).items():
             merged["runs"].setdefault(key, value)
     return merged
@@ -81,7 +82,7 @@ def _read_pieces(run: Path) -> Optional[dict]:
 def collect(runs_dir: Path, families: Sequence[str]) -> dict:
     """{"entries": [...], "missing": [...]} from RUNS/<family>/eval/report.json files."""
     runs_dir = Path(runs_dir)
-    entries, missing, seen = [], [], set()
+    entries, missing, seen, pieces = [], [], set(), {}
     for family in families:
         run = runs_dir / family
         training = _training(run)
@@ -92,6 +93,7 @@ def collect(runs_dir: Path, families: Sequence[str]) -> dict:
                                             "training not finished (no heads/heads.json)"))
             continue
         missing += [f"{family}: {note}" for note in report["skipped"]]
+        pieces[family] = report["pieces"]
         for method, pattern in METHOD_NAMES.items():
             name = pattern.format(family=family)
             if name in seen:
@@ -105,7 +107,7 @@ def collect(runs_dir: Path, families: Sequence[str]) -> dict:
                              train_positions=training["train_positions"])
             entries.append(entry)
             seen.add(name)
-    return {"entries": entries, "missing": missing}
+    return {"entries": entries, "missing": missing, "pieces": pieces}
 
 
 def _entry(drafter: str, method: str, report: dict) -> Optional[dict]:
@@ -188,4 +190,17 @@ def markdown(collected: dict, header: Sequence[str] = ()) -> str:
 
 def results_json(collected: dict, generated_by: str) -> dict:
     return {"generated_by": generated_by, "partial": bool(collected["missing"]),
-            "missing": collected["missing"], "runs": collected["entries"]}
+            "missing": collected["missing"], "pieces": collected.get("pieces", {}),
+            "runs": collected["entries"]}
+
+
+def pieces_markdown(collected: dict) -> list[str]:
+    """Lines naming each family's evaluation folders read, with the command each report
+    records (reports written before evaluate recorded it say so)."""
+    lines = []
+    for family, pieces in collected.get("pieces", {}).items():
+        for piece in pieces:
+            command = (f"`{piece['command']}`" if piece["command"] else
+                       "(command not recorded in this report)")
+            lines.append(f"- {family}/{piece['folder']}: {command}")
+    return lines
