@@ -10,7 +10,7 @@ Per family, each step skipped when its output is there (training resumes from it
 evaluation reuses its finished runs), so a rerun after a stop continues:
   1. python -m gptk_jax.train --config configs/results_smollm2.py:<family> --workdir RUNS/<family>
   2. per batch size B: python -m gptk_jax.evaluate --heads RUNS/<family>/heads ...
-     --batch-sizes B --lookup [--oracle] --continuous --interleave
+     --batch-sizes B --lookup --tree [--oracle] --continuous --interleave
      --output RUNS/<family>/eval-bB   (the oracle with the first family only; a piece each,
      so a stop loses at most the piece in progress, and evaluate reuses its finished runs)
 After every step docs/results.md / .json are rewritten from what has finished
@@ -62,7 +62,8 @@ def eval_command(args, family: str, first: bool, batch: int) -> list[str]:
            "--heads", str(run / "heads"), "--split", "newstest2014",
            "--max-sentences", str(args.max_sentences), "--batch-sizes", str(batch),
            "--max-new-tokens", str(args.max_new_tokens), "--shots", "2", "--space-with-target",
-           "--lookup", "--continuous", "--output", str(run / f"eval-b{batch}"), "--no-progress"]
+           "--lookup", "--tree", "--continuous", "--output", str(run / f"eval-b{batch}"),
+           "--no-progress"]
     if args.interleave:
         cmd.append("--interleave")
     if args.tokens_per_step:

@@ -134,7 +134,7 @@ def test_make_results_evaluates_one_piece_per_batch_size(tmp_path):
     first = results.eval_command(args, "linear", True, 8)
     assert first[first.index("--batch-sizes") + 1] == "8"
     assert first[first.index("--output") + 1] == str(tmp_path / "linear" / "eval-b8")
-    assert "--oracle" in first and "--interleave" in first
+    assert "--oracle" in first and "--interleave" in first and "--tree" in first
     assert "--oracle" not in results.eval_command(args, "lstm", False, 1)
     run = tmp_path / "linear"
     assert not results.evaluated(run, 1)
