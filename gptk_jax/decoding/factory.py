@@ -123,7 +123,10 @@ class DecoderSpec:
                 raise DecodingError("DecoderSpec.draft_vocab is empty (use None for the whole "
                                     "vocabulary)")
             object.__setattr__(self, "draft_vocab", ids)
+        self._check_widths()
 
+    def _check_widths(self):
+        """choose_width, verify_cost, lookup_tokens_per_step, score_bins."""
         if self.choose_width and self.method == "greedy":
             raise DecodingError("DecoderSpec.choose_width needs a drafter (greedy is W = 1)")
         if self.verify_cost is not None and not self.choose_width:
@@ -134,8 +137,8 @@ class DecoderSpec:
         lw = self.lookup_tokens_per_step
         if lw is not None and self.method != "mtp+lookup-tree":
             raise DecodingError(f"DecoderSpec.lookup_tokens_per_step is the lookup branch's W "
-                                f"of 'mtp+lookup-tree', not of {self.method!r} (its "
-                                f"tokens_per_step is the lookup's W)")
+                                f"of 'mtp+lookup-tree', not of {self.method!r} (for "
+                                f"'lookup' and 'mtp+lookup' tokens_per_step is the lookup's W)")
         if lw is not None and (not _is_int(lw) or lw < 2):
             raise DecodingError(f"DecoderSpec.lookup_tokens_per_step must be an integer >= 2, "
                                 f"got {lw!r}")

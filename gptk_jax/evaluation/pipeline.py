@@ -161,6 +161,17 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
             if draft_vocab is not None else None}
 
 
+def draft_vocab_fields(cfg: EvalConfig, draft_vocab, path) -> dict:
+    """The report's record of the draft vocabulary (None fields without one)."""
+    return {"draft_vocab_size": len(draft_vocab) if draft_vocab else None,
+            "draft_vocab_from": str(path) if draft_vocab else None,
+            # 'flag': --draft-vocab-size; 'heads': the heads' own (draft_vocab.json)
+            "draft_vocab_source": None if not draft_vocab else
+            ("flag" if cfg.draft_vocab_size else "heads"),
+            "draft_vocab_sha256": sha256_json(list(map(int, draft_vocab)))
+            if draft_vocab else None}
+
+
 def run_evaluation(cfg: EvalConfig) -> dict:
     import jax
 
@@ -210,14 +221,8 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     header = {"checkpoint": str(cfg.checkpoint), "heads": cfg.heads, "split": cfg.split,
               "k": k, "max_new_tokens": cfg.max_new_tokens, "shots": cfg.shots,
               "space_with_target": space_with_target, "prompt_format": record,
-              "draft_vocab_size": len(draft_vocab) if draft_vocab else None,
               "choose_width": cfg.choose_width, "verify_cost": cfg.verify_cost,
-              "draft_vocab_from": str(draft_vocab_path) if draft_vocab else None,
-              # 'flag': --draft-vocab-size; 'heads': the heads' own (draft_vocab.json)
-              "draft_vocab_source": None if not draft_vocab else
-              ("flag" if cfg.draft_vocab_size else "heads"),
-              "draft_vocab_sha256": sha256_json(list(map(int, draft_vocab)))
-              if draft_vocab else None,
+              **draft_vocab_fields(cfg, draft_vocab, draft_vocab_path),
               "dtype": config.dtype, "platform": platform, "reused_runs": store.reused,
               "command": cfg.command}
     main_method = methods[0].name if methods else "oracle"
