@@ -11,15 +11,16 @@ newstest2014 sentences, encoded once with our tokenizer (BOS first) and fed as t
 both; batches are left-padded. Both generate exactly --max-new-tokens tokens per row (no stop
 ids: ours gets none, transformers gets eos_token_id=None), so tokens = rows x max_new_tokens.
 
-Timing: each batch size is warmed up first (ours: one pass over every batch, so each padded length
-is compiled before timing, compile time reported as compile s; transformers: one short generate), then the whole prompt set is decoded --repeats
-times and the fastest repeat counts. tokens/s = tokens / (prefill + decode). Ours times its
-prefill and decode loop separately; transformers' prefill is timed as generate(max_new_tokens=1)
-on the same batch and its decode as the rest. Ours prefills each batch whole, as transformers
-does (a prefix its rows share runs once per batch; nothing is kept between batches);
---held-prefix adds a row where the prompts' common prefix (instruction + shots) is prefilled once
-beforehand and held, as `gptk_jax.evaluate` does. The token agreement column counts rows whose tokens
-equal transformers' (float32 reduction order can flip a near-tie argmax).
+Timing: each batch size is warmed up first (ours: one pass over every batch, so each padded
+length is compiled before timing, compile time reported as compile s; transformers: one short
+generate), then the whole prompt set is decoded --repeats times and the fastest repeat counts.
+tokens/s = tokens / (prefill + decode). Ours times its prefill and decode loop separately;
+transformers' prefill is timed as generate(max_new_tokens=1) on the same batch and its decode as
+the rest. Ours prefills each batch whole, as transformers does (a prefix its rows share runs once
+per batch; nothing is kept between batches); --held-prefix adds a row where the prompts' common
+prefix (instruction + shots) is prefilled once beforehand and held, as `gptk_jax.evaluate` does.
+The token agreement column counts rows whose tokens equal transformers' (float32 reduction order
+can flip a near-tie argmax).
 
 On a shared machine, pin the run to fixed cores for comparable numbers (`taskset -c 0 python
 bench/bench_greedy.py`: one thread each side); the load average is recorded in the JSON.

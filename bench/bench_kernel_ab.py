@@ -81,8 +81,8 @@ def main(argv=None) -> int:
                 row[name] = json.loads(out.strip().splitlines()[-1])
             runs.append(row)
             print(f"pair {pair}: " + ", ".join(
-                f"{k}: A {row['A'][k]:.2f} ms, B {row['B'][k]:.2f} ms ({row['B'][k] / row['A'][k]:.3f}x)"
-                for k in row["A"]), flush=True)
+                f"{k}: A {row['A'][k]:.2f} ms, B {row['B'][k]:.2f} ms "
+                f"({row['B'][k] / row['A'][k]:.3f}x)" for k in row["A"]), flush=True)
     print(f"\nA = {args.base}:{SOURCE}, B = the working tree's; best over {args.pairs} pairs")
     print("| batch x T | A ms | B ms | B / A |\n|---|---|---|---|")
     summary = []

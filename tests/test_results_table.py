@@ -60,8 +60,9 @@ def test_partial_table_names_what_is_missing(tmp_path):
     _write_family(tmp_path, "poma", None)                  # trained, not evaluated
     _write_family(tmp_path, "lstm", None, trained=False)   # not trained
     collected = collect(tmp_path, ["linear", "poma", "lstm"])
-    assert collected["missing"] == ["poma: evaluation not finished (no eval/ or eval-*/report.json)",
-                                    "lstm: training not finished (no heads/heads.json)"]
+    assert collected["missing"] == [
+        "poma: evaluation not finished (no eval/ or eval-*/report.json)",
+        "lstm: training not finished (no heads/heads.json)"]
     text = markdown(collected)
     assert "**Partial**" in text and "- poma: evaluation not finished" in text
     summary = results_json(collected, "python bench/results.py")

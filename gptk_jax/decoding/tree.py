@@ -108,13 +108,11 @@ def verify_tree(config: LlamaConfig, w: int, state: DecodeState, params: dict,
                                        axis=1)
     chain_tokens = at(tokens)
     drafts = jnp.where(chosen_real[:, 1:], chain_tokens[:, 1:], NEVER)            # [B,W-1]
-    cache = out.cache
-    if lb:
-        start = state.cache.lengths[:, None]                                      # [B,1]
-        dst = start + 1 + jnp.arange(lb)[None, :]                                 # [B,Lb]
-        src = jnp.where(use_second[:, None], dst + la, dst)
-        cache = cache.replace(k=tuple(_move_slots(k, src, dst) for k in cache.k),
-                              v=tuple(_move_slots(v, src, dst) for v in cache.v))
+    start = state.cache.lengths[:, None]                                          # [B,1]
+    dst = start + 1 + jnp.arange(lb)[None, :]                                     # [B,Lb]
+    src = jnp.where(use_second[:, None], dst + la, dst)
+    cache = out.cache.replace(k=tuple(_move_slots(k, src, dst) for k in out.cache.k),
+                              v=tuple(_move_slots(v, src, dst) for v in out.cache.v))
     return Verified(drafts=drafts, tokens=chain_tokens, trunk_tokens=at(trunk),
                     hidden=at(out.hidden), hidden_normed=at(out.hidden_normed), cache=cache,
                     nonfinite=~jnp.all(jnp.isfinite(out.logits), axis=(1, 2)))

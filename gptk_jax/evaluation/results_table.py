@@ -59,14 +59,14 @@ def _read_pieces(run: Path) -> Optional[dict]:
     separately, e.g. batch 1 and batch 8, or the lookup runs; names sorted). The first report
     read gives the header fields and, per run key ('mtp/b1', ...), the first piece holding it
     wins. A piece measured on other sentences or prompts than the first is left out and named
-    in merged['skipped'].  None when no piece has finished."""
+    in merged['skipped']. None when no piece has finished."""
     pieces = [run / "eval"] + sorted(p for p in run.glob("eval-*") if p.is_dir())
     reports = [(p, r) for p, r in ((p, _read_json(p / "report.json")) for p in pieces)
                if r is not None]
     if not reports:
         return None
-    same = lambda r: (r.get("num_sentences"), r.get("shots"),
-                      (r.get("test_set") or {}).get("name", r.get("split")), r.get("prompt_format"))
+    same = lambda r: (r.get("num_sentences"), r.get("shots"), r.get("prompt_format"),
+                      (r.get("test_set") or {}).get("name", r.get("split")))
     merged = dict(reports[0][1], runs={}, skipped=[], pieces=[])
     for path, report in reports:
         if same(report) != same(reports[0][1]):
@@ -88,9 +88,9 @@ def collect(runs_dir: Path, families: Sequence[str]) -> dict:
         training = _training(run)
         report = _read_pieces(run)
         if report is None:
-            missing.append(f"{family}: " + ("evaluation not finished (no eval/ or eval-*/report.json)"
-                                            if training["trained"] else
-                                            "training not finished (no heads/heads.json)"))
+            missing.append(f"{family}: " + (
+                "evaluation not finished (no eval/ or eval-*/report.json)" if training["trained"]
+                else "training not finished (no heads/heads.json)"))
             continue
         missing += [f"{family}: {note}" for note in report["skipped"]]
         pieces[family] = report["pieces"]

@@ -4,8 +4,9 @@
 element: over SmolLM2's 49,152 logits it took 0.92 ms for 8 rows and 3.65 ms for 32 (a batch-8
 verify step at W = 4, about 4 % of that step). A max, then the first index where the row equals
 it, are plain reductions XLA vectorises: 0.31 ms and 1.56 ms on the same rows (median of 50
-calls, bench/bench_argmax.py, bench/results/argmax.json). The result is `jnp.argmax`'s exactly: the first index of the maximum;
-in a row holding NaN the first NaN's index, as jnp.argmax gives.
+calls, bench/bench_argmax.py, bench/results/argmax.json). The result is `jnp.argmax`'s
+exactly: the first index of the maximum; in a row holding NaN the first NaN's index, as
+jnp.argmax gives.
 
     first_argmax(logits)            # logits [..., V] -> [...] int32
 """
