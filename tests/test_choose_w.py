@@ -197,16 +197,19 @@ class ScriptedClock(RateGate):
     greedy loop step costs 1 ms, prefill nothing, a batch with the drafter `slow` x greedy's
     time on its prompts. Keeps what the engine reported (rested, greedy steps)."""
 
-    def __init__(self, slow: float, **kwargs):
+    def __init__(self, slow: float, use_price: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.slow, self.reported, self.fresh = slow, [], []
+        self.slow, self.use_price = slow, use_price
+        self.reported, self.fresh, self.prices = [], [], []
 
     def record(self, batch, rested, prefill_seconds, decode_seconds, greedy_steps, padded_tokens,
-               fresh=False):
+               fresh=False, priced=None):
         self.reported.append((rested, greedy_steps))
         self.fresh.append(fresh)
+        self.prices.append(priced)
         seconds = 1e-3 * greedy_steps * (1.0 if rested else self.slow)
-        super().record(batch, rested, 0.0, seconds, greedy_steps, padded_tokens)  # not fresh
+        super().record(batch, rested, 0.0, seconds, greedy_steps, padded_tokens,   # not fresh
+                       priced=priced if self.use_price else None)
 
 
 def test_drafter_rests_while_drafting_is_slower(setup):
@@ -255,6 +258,37 @@ def test_drafter_keeps_drafting_while_faster(setup):
     rested = [auto.generate(prompts, MAX_NEW, bucket=BUCKET).stats["drafter_rested"]
               for _ in range(6)]
     assert rested == [False, True, False, False, True, False]
+
+
+def test_priced_slower_rests_at_break_even_time(setup):
+    """A never-right drafter whose batches the clock finds exactly as fast as greedy's (the
+    timing test cannot close on that) is priced slower by the step cost table (DEAR, greedy's
+    step 0.8 of a drafting step): the price closes the gate after two drafting batches (the
+    first, freshly compiled, counts), as the timing would at 2x. The price is the batch's own
+    W histogram at DEAR's costs, W = 1 steps that skipped drafting at greedy's 0.8, against
+    greedy's loop steps at 0.8 (a hand count from the result's statistics)."""
+    decoder, prompts, greedy = setup
+    auto = _never_right(decoder, prompts, greedy, CountingOracle)
+    auto = auto.replace(tokens_per_step=dataclasses.replace(auto.width_policy, idle_batches=2))
+    auto.rate_gate = ScriptedClock(1.0, use_price=True, idle_batches=2)
+    results, calls = [], []
+    for _ in range(4):
+        DRAFT_CALLS.clear()
+        results.append(auto.generate(prompts, MAX_NEW, bucket=BUCKET))
+        jax.effects_barrier()
+        calls.append(len(DRAFT_CALLS))
+    for r in results:
+        _same_as_greedy(r, greedy)
+    assert [r.stats["drafter_rested"] for r in results] == [False, True, False, True]
+    first, steps = results[0].stats, greedy.num_steps - 1
+    hist, skipped = first["chosen_w_histogram"], first["skipped_drafting"]
+    assert hist[1] - skipped == calls[0] - 1 - sum(hist[2:])   # W = 1 steps that drafted
+    loop = sum(n * DEAR[w] for w, n in enumerate(hist) if n) - skipped * (DEAR[1] - 0.8)
+    assert auto.rate_gate.prices[0] == (pytest.approx(0.8 * steps), pytest.approx(loop))
+    assert auto.rate_gate.prices[1] is None                    # a rested batch has no price
+    assert results[2].stats["priced_speed"] < 1.0 and results[2].stats["priced_batches"] == 2
+    assert not results[2].stats["rate_gate_open"]
+    assert results[2].stats["measured_speed"] == pytest.approx(1.0)
 
 
 @dataclasses.dataclass(frozen=True)

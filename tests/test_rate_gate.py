@@ -129,3 +129,29 @@ def test_batch_sizes_are_measured_apart():
     _run(gate, lambda i: 0.5, 3)
     assert not gate.clocks[B].open
     assert gate.rests(1) == (False, 0)           # another size starts unmeasured
+
+
+def test_price_closes_without_the_clock():
+    """The cost table's price (greedy's loop, the drafter's loop) closes the gate when the
+    priced batches since it opened sum slower than greedy, freshly compiled ones included,
+    whatever the clock says; priced_speed is the sums' ratio; a price at or above greedy's
+    leaves the timing test in charge; the window of prices empties when the gate reopens."""
+    gate = RateGate(idle_batches=1)
+    gate.rests(B)
+    gate.record(B, False, 0.0, 1.0, 50, 0, fresh=True, priced=(50.0, 52.0))
+    assert gate.clocks[B].open                   # one priced batch: too few
+    gate.rests(B)
+    gate.record(B, True, 0.0, 1.0, 50, 0)        # greedy's loop: no price
+    gate.rests(B)
+    gate.record(B, False, 0.0, 1.0, 50, 0, fresh=True, priced=(40.0, 41.0))
+    assert gate.priced_speed(B) == pytest.approx(90.0 / 93.0)
+    assert not gate.clocks[B].open and gate.clocks[B].window == []   # the clock saw none
+    assert gate.summary(B)["priced_batches"] == 2
+    assert gate.rests(B) == (True, 0)
+    assert gate.rests(B) == (False, 1)           # reopened: the prices start again
+    assert gate.priced_speed(B) is None
+    paying = RateGate()
+    for rest in (False, True, False, False):
+        assert paying.rests(B)[0] == rest
+        paying.record(B, rest, 0.0, 1.0, 50, 0, priced=None if rest else (50.0, 50.0))
+    assert paying.clocks[B].open and paying.priced_speed(B) == pytest.approx(1.0)

@@ -73,7 +73,8 @@ from gptk_jax.decoding.executables import MAX_COMPILED, Executables
 from gptk_jax.decoding.nonfinite import check_nonfinite, explain_nonfinite  # noqa: F401
 from gptk_jax.decoding.rate_gate import RateGate
 from gptk_jax.decoding.width import (AutoWidth, add_width_stats, after_rest, harvest_widths,
-                                     rested_stats, resume_width_stats, summarize_fixed_width)
+                                     modelled_loop_cost, rested_stats, resume_width_stats,
+                                     summarize_fixed_width)
 from gptk_jax.llama.model import params_for_model
 from gptk_jax.llama.prefix import common_prefix_length
 
@@ -372,9 +373,12 @@ class Decoder:
                             rested_stats(memory, state.step) if rest else state.width_stats,
                             auto_info)
         if self.gate_batches:
-            self.rate_gate.record(batch, rest, prefill_seconds, decode_seconds,
-                                  max(len(r.tokens) for r in records) - 1, prompts.tokens.size,
-                                  fresh=compile_a + compile_b > 0)
+            greedy_steps = max(len(r.tokens) for r in records) - 1
+            priced = (None if rest or self.width_policy is None else
+                      modelled_loop_cost(statics[2], state.width_stats, greedy_steps))
+            self.rate_gate.record(batch, rest, prefill_seconds, decode_seconds, greedy_steps,
+                                  prompts.tokens.size, fresh=compile_a + compile_b > 0,
+                                  priced=priced)
             if self.width_policy is None:        # a fixed W: a rested batch's steps at W = 1
                 summarize_fixed_width(result, 1 if rest else self.tokens_per_step,
                                       [len(r.accepted) for r in records])

@@ -32,6 +32,16 @@ then opens with an empty window: the drafter runs again until the test closes it
 min_batches batches), so a drafter whose speed changed (another domain, a drifting machine) is
 measured anew. The output is greedy's in every case (a rested batch runs greedy's loop).
 
+A second test needs no clock: with W chosen per step the engine also prices each drafting
+batch's loop by the step cost table (decoding/width.py `modelled_loop_cost`: its iterations at
+each W, each at cost(W), against greedy's steps at greedy's cost; what the price leaves out is
+all on the drafter's side), and the gate closes as well when the priced batches since it opened
+(at least min_batches, freshly compiled ones included since a price does not depend on the
+first call's speed) sum slower than greedy (`priced_floor`). In session 19 eagle at batch 8
+chose W = 1 on 92 % of its steps, still paid for drafting and probes and ran at 0.94x greedy;
+the timing test did not close in 25 batches, most of them freshly compiled (a new prompt width
+or W) and so left out, the rest within the batches' spread. The price said 0.93x after two.
+
 Continuous batching (`Decoder.generate_continuous`) runs greedy's loop at a batch size where
 this gate is closed (`resting`), the drafter otherwise; its own time does not move the gate.
 
@@ -51,11 +61,14 @@ from typing import Optional
 class BatchClock:
     """What the gate measured at one batch size. greedy_step / greedy_token: seconds per loop
     step and per padded prompt token of the last greedy batches; window: (greedy steps, padded
-    prompt tokens, seconds) of the drafting batches since the gate opened; rested: batches in a
-    row run without the drafter; since_greedy: drafting batches since greedy was last measured."""
+    prompt tokens, seconds) of the drafting batches since the gate opened; priced: their
+    (greedy's loop, the drafter's loop) by the step cost table (fresh ones too); rested:
+    batches in a row run without the drafter; since_greedy: drafting batches since greedy was
+    last measured."""
     greedy_step: collections.deque
     greedy_token: collections.deque
     window: list = dataclasses.field(default_factory=list)
+    priced: list = dataclasses.field(default_factory=list)
     open: bool = True
     fresh_skips: int = 0
     rested: int = 0
@@ -74,8 +87,10 @@ class RateGate:
     cost (`record`, after it); see the module doc."""
 
     def __init__(self, idle_batches: int = 24, remeasure_every: int = 16, min_batches: int = 2,
-                 z: float = 1.0, history: int = 8, max_window: int = 32):
+                 z: float = 1.0, history: int = 8, max_window: int = 32,
+                 priced_floor: float = 1.0):
         self.idle_batches, self.remeasure_every = idle_batches, remeasure_every
+        self.priced_floor = priced_floor
         self.min_batches, self.z, self.max_window = min_batches, z, max_window
         self.history = history
         self.clocks: dict[int, BatchClock] = {}
@@ -97,14 +112,15 @@ class RateGate:
         elif c.open:                             # drafting, greedy re-measured now and then
             rest = c.since_greedy >= self.remeasure_every
         elif c.rested >= self.idle_batches:      # rested long enough: measure the drafter anew
-            c.open, c.window, rest = True, [], False
+            c.open, c.window, c.priced, rest = True, [], [], False
         else:
             rest = True
         c.rested = rested + 1 if rest else 0
         return rest, rested if was_closed else 0
 
     def record(self, batch: int, rested: bool, prefill_seconds: float, decode_seconds: float,
-               greedy_steps: int, padded_tokens: int, fresh: bool = False) -> None:
+               greedy_steps: int, padded_tokens: int, fresh: bool = False,
+               priced: Optional[tuple[float, float]] = None) -> None:
         """After a static batch: its prefill and decode seconds (compilation and the shared
         prefix excluded), greedy's loop steps on its prompts and its padded prompt tokens.
         fresh: its executables were compiled for it. A first call runs slower (session 16: a
@@ -115,7 +131,9 @@ class RateGate:
         fresh drafting batch is left out of the window: in session 18 every batch-1 run with W
         chosen per step closed the gate on its first two drafting batches (the very first, and
         one with newly compiled W's), rested 24, closed again on the next two and then drafted
-        to the end (57 of 200 batches rested; eagle 1.16x against 1.24x at a fixed W = 4)."""
+        to the end (57 of 200 batches rested; eagle 1.16x against 1.24x at a fixed W = 4).
+        priced: (greedy's loop, the drafter's loop) by the step cost table (auto W,
+        width.modelled_loop_cost; fresh batches too): see `priced_speed`."""
         c = self._clock(batch)
         if rested and fresh and c.fresh_skips < 2:
             c.fresh_skips += 1
@@ -128,6 +146,12 @@ class RateGate:
             c.since_greedy = 0
             return
         c.since_greedy += 1
+        if priced is not None:                   # the cost table's verdict: no timing noise
+            c.priced.append(priced)
+            del c.priced[:-self.max_window]
+            speed = self.priced_speed(batch)
+            if len(c.priced) >= self.min_batches and speed < self.priced_floor:
+                c.open = False
         if fresh:     # its first calls ran slow: not evidence (session 18, below)
             return
         c.window.append((greedy_steps, padded_tokens, prefill_seconds + decode_seconds))
@@ -151,6 +175,14 @@ class RateGate:
         spread = sum((g - r * d) ** 2 for g, d in pairs) / (n - 1)
         return r, math.sqrt(spread) / (total_d / n * math.sqrt(n))
 
+    def priced_speed(self, batch: int) -> Optional[float]:
+        """Greedy's loop / the drafter's loop over the priced batches since the gate opened,
+        by the step cost table (None: none priced)."""
+        c = self._clock(batch)
+        if not c.priced:
+            return None
+        return sum(g for g, _ in c.priced) / max(sum(d for _, d in c.priced), 1e-12)
+
     def resting(self, batch: int) -> bool:
         """A continuous call at this batch size: run greedy's loop? Yes where its static
         batches measured drafting slower (the gate closed); a continuous call's own time is not
@@ -164,5 +196,6 @@ class RateGate:
         speed, se = self.speed(batch)
         step, _ = c.greedy_means()
         return {"rate_gate_open": c.open, "measured_speed": speed,
+                "priced_speed": self.priced_speed(batch), "priced_batches": len(c.priced),
                 "measured_speed_se": None if speed is None else se,
                 "measured_batches": len(c.window), "greedy_step_seconds": step}

@@ -163,6 +163,7 @@ class WidthStats:
     gate_open: jax.Array     # [] bool drafting pays (the gate, with its hysteresis)
     since_full: jax.Array  # [] int32 steps in a row below W_max
     histogram: jax.Array   # [W_max+1] int32 loop iterations run at each W (index W)
+    skipped: jax.Array     # [] int32 loop iterations at W = 1 that skipped the next drafts
     next_width: jax.Array  # [] int32 the W of the next step (a fixed W: W)
 
 
@@ -205,7 +206,7 @@ def init_width_stats(tokens_per_step) -> WidthStats:
                       gate_open=jnp.array(value >= (1 - policy.close_margin) * cost),
                       since_full=jnp.array(policy.probe_every, jnp.int32),
                       histogram=jnp.zeros((w_max + 1,), jnp.int32),
-                      next_width=jnp.array(w_max, jnp.int32))
+                      skipped=jnp.array(0, jnp.int32), next_width=jnp.array(w_max, jnp.int32))
 
 
 def acceptance_estimate(stats: WidthStats) -> jax.Array:
@@ -263,7 +264,8 @@ def resume_width_stats(policy: AutoWidth, previous: WidthStats, fresh: WidthStat
     cadence, with its own W histogram (fresh's, empty) and its first W chosen from its prefill's
     drafts (scores [B,J], active [B]) instead of a probe. At batch 1 a sentence of ~40 steps
     is too short to learn the acceptance or the gate's value from the prior each time."""
-    stats = previous.replace(histogram=fresh.histogram, drafted=jnp.array(True))
+    stats = previous.replace(histogram=fresh.histogram, skipped=fresh.skipped,
+                             drafted=jnp.array(True))
     width, choice = choose_width(policy, stats, scores, active)
     return stats.replace(next_width=width, choice=choice)
 
@@ -279,7 +281,8 @@ def after_rest(policy: AutoWidth, memory: WidthStats, rested: int) -> WidthStats
 def rested_stats(memory: WidthStats, iterations) -> WidthStats:
     """What a batch run without the drafter reports: the kept statistics, every one of its
     `iterations` loop iterations at W = 1."""
-    return memory.replace(histogram=jnp.zeros_like(memory.histogram).at[1].set(iterations))
+    return memory.replace(histogram=jnp.zeros_like(memory.histogram).at[1].set(iterations),
+                          skipped=jnp.asarray(iterations, jnp.int32))
 
 
 def drafting_pays(policy: AutoWidth, stats: WidthStats, rows=None) -> jax.Array:
@@ -389,7 +392,8 @@ def update_width_stats(tokens_per_step, stats: WidthStats, w: int, accepted: jax
         drafted=jnp.array(True) if drafted is None else drafted,
         gate_open=_gate_moves(policy, stats.gate_open, gate_value, gate_cost),
         since_full=jnp.array(0 if w >= w_max else 1, jnp.int32) * (stats.since_full + 1),
-        histogram=stats.histogram.at[w].add(1), next_width=stats.next_width)
+        histogram=stats.histogram.at[w].add(1), next_width=stats.next_width,
+        skipped=stats.skipped + (0 if drafted is None else (~drafted).astype(jnp.int32)))
     if isinstance(tokens_per_step, AutoWidth):
         width, choice = choose_width(policy, new, next_scores, next_active)
         return new.replace(next_width=width, choice=choice)
@@ -421,21 +425,38 @@ def summarize_fixed_width(result: Any, w: int, steps_per_row: Sequence[int]) -> 
     summarize_widths(result, [[w] * n for n in steps_per_row])
 
 
+def modelled_loop_cost(policy: AutoWidth, stats: WidthStats,
+                       greedy_steps: int) -> tuple[float, float]:
+    """A static batch's decode loop priced by the step cost table (host side; the rate gate's
+    second test, decoding/rate_gate.py) -> (greedy's loop: greedy_steps x greedy_cost, this
+    loop: sum over W of the iterations at W x cost(W), each W = 1 iteration that skipped
+    drafting at greedy_cost instead of cost(1)). What it leaves out (the drafter's prefill,
+    eagle advancing its state while drafting is skipped, switching executables) all falls on
+    the drafter's side, so a loop this prices slower than greedy's was slower."""
+    histogram, skipped = jax.device_get((stats.histogram, stats.skipped))
+    costs = policy.costs
+    loop = sum(int(n) * costs[w - 1] for w, n in enumerate(histogram) if w >= 1 and n)
+    loop -= int(skipped) * (costs[0] - policy.greedy_cost)
+    return greedy_steps * policy.greedy_cost, loop
+
+
 def add_width_stats(result: Any, widths: Sequence[Sequence[int]], width_stats,
                      auto_info: dict) -> None:
     """Auto W: result.stats recomputed with each step's W (an offset counts as reached only
     where it was drafted; `width_histogram` over row-steps, `widths_per_row`), plus
-    `chosen_w_histogram` (index W: loop iterations run at W), `offset_acceptance_estimate`
+    `chosen_w_histogram` (index W: loop iterations run at W), `skipped_drafting` (those at
+    W = 1 that did not make the next drafts), `offset_acceptance_estimate`
     (the running p_j at the end, offsets 2..W_max), `expected_tokens` (E(W) from them),
     `step_cost` (cost(W) / cost(1) used), its source and the calibration seconds;
     `acceptance_by_score_bin` / `score_bin_weight`: the running estimate and decayed count per
     offset and draft-score bin (decoding/width.py; unscored drafters fill the top bin only)."""
     summarize_widths(result, widths)
-    histogram, estimate, passed, reached = jax.device_get((
+    histogram, estimate, passed, reached, skipped = jax.device_get((
         width_stats.histogram, acceptance_estimate(width_stats), width_stats.passed_bins,
-        width_stats.reached_bins))
+        width_stats.reached_bins, width_stats.skipped))
     result.stats.update(
         tokens_per_step_mode="auto", chosen_w_histogram=histogram.tolist(),
+        skipped_drafting=int(skipped),
         offset_acceptance_estimate={str(j + 2): float(p) for j, p in enumerate(estimate)},
         acceptance_by_score_bin={str(j + 2): [round(float(a / max(r, 1e-12)), 4)
                                               for a, r in zip(passed[j], reached[j])]

@@ -64,6 +64,10 @@ def decode_interleaved(decoding: Decoding, methods: Sequence[Method], prompts: l
     return greedy, by_method
 
 
+def _rounded(x, digits: int = 4):
+    return None if x is None else round(float(x), digits)
+
+
 def pooled(results: list) -> dict:
     """Totals of a list of GenerationResult / MTPResult / ContinuousResult."""
     tokens = sum(r.total_generated for r in results)
@@ -92,9 +96,15 @@ def mtp_summary(results: list, k: int) -> dict:
     if per_step and all("chosen_w_histogram" in r.stats for r in results):      # auto W
         chosen = np.sum([np.asarray(r.stats["chosen_w_histogram"]) for r in results], axis=0)
         stats.update(tokens_per_step_mode="auto", chosen_w_histogram=chosen.tolist(),
-                     step_cost=results[-1].stats.get("step_cost"))
+                     step_cost=results[-1].stats.get("step_cost"),
+                     greedy_step_cost=results[-1].stats.get("greedy_step_cost"),
+                     skipped_drafting=sum(r.stats.get("skipped_drafting", 0) for r in results))
     if any("drafter_rested" in r.stats for r in results):   # batches gated by measured time
         stats["rested_batches"] = sum(bool(r.stats.get("drafter_rested")) for r in results)
+        stats["rate_gate_trace"] = [                         # per batch, after it ran
+            [bool(r.stats.get("drafter_rested")), bool(r.stats.get("rate_gate_open")),
+             _rounded(r.stats.get("measured_speed")), _rounded(r.stats.get("priced_speed"))]
+            for r in results]
     return stats
 
 
