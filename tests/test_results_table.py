@@ -50,7 +50,8 @@ def test_entries_names_and_numbers(tmp_path):
     assert collected["entries"][2]["train_minutes"] is None          # lookup is not trained
     assert collected["entries"][4]["recipe"] == "conditioned"
     text = markdown(collected)
-    assert "| linear | default | 1.50 | 1.10× | 0.99× | 1.02× | 0.40, 0.30, 0.20 | fixed / fixed | yes |" in text
+    assert ("| linear | default | 1.50 | 1.10× | 0.99× | 1.02× | 0.40, 0.30, 0.20 | "
+            "fixed / fixed | – / – | yes |") in text
     assert "Partial" not in text
     assert results_json(collected, "x")["partial"] is False
 
@@ -79,12 +80,13 @@ def test_a_run_differing_from_greedy_is_flagged(tmp_path):
 
 def test_w_chosen_per_step_is_shown(tmp_path):
     auto = dict(_run(1.4, 1.05), chosen_w_histogram=[0, 5, 1, 0, 2],
-                tokens_per_step_mode="auto")
+                tokens_per_step_mode="auto", greedy_step_cost=0.8)
     _write_family(tmp_path, "linear", {"greedy/b1": _run(), "mtp/b1": auto,
                                        "greedy/b8": _run(), "mtp/b8": _run(1.4, 0.99)})
     collected = collect(tmp_path, ["linear"])
     assert collected["entries"][0]["runs"]["b1"]["chosen_w_histogram"] == [0, 5, 1, 0, 2]
-    assert "| 5:1:0:2 / fixed |" in markdown(collected)
+    # drafting: a W = 1 step with drafting costs 1 / 0.8 of greedy's, 25 % more
+    assert "| 5:1:0:2 / fixed | 25 % / – |" in markdown(collected)
 
 
 def _write_piece(root, family, name, runs, sentences=200):

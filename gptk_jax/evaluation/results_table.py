@@ -136,7 +136,7 @@ def _entry(drafter: str, method: str, report: dict) -> Optional[dict]:
             key: run.get(key) for key in (
                 "tau", "speedup", "tokens_per_second", "per_offset_acceptance",
                 "tokens_per_step_mode", "chosen_w_histogram", "step_cost", "rested_batches",
-                "identical_to_greedy")
+                "greedy_step_cost", "skipped_drafting", "identical_to_greedy")
             if run.get(key) is not None}
     static = {b: entry["runs"].get(f"b{b}", {}) for b in (1, 8)}
     entry.update(tau_k4=(static[1] or static[8]).get("tau"),
@@ -157,6 +157,13 @@ def _widths(run: Optional[dict]) -> str:
     return "fixed" if histogram is None else ":".join(str(n) for n in histogram[1:])
 
 
+def _drafting_share(run: Optional[dict]) -> str:
+    """The drafter's own cost per step, % of greedy's step: cost(W = 1) with drafting over
+    greedy's step, from the calibration the run used (auto W; '–' where not recorded)."""
+    greedy = (run or {}).get("greedy_step_cost")
+    return "–" if not greedy else f"{(1 / greedy - 1) * 100:.0f} %"
+
+
 def markdown(collected: dict, header: Sequence[str] = ()) -> str:
     """The results table (one row per drafter) and what is not there yet."""
     entries, missing = collected["entries"], collected["missing"]
@@ -173,17 +180,20 @@ def markdown(collected: dict, header: Sequence[str] = ()) -> str:
               "(continuous); τ = tokens per verify step, the bonus token included.", "",
               "| drafter | recipe | τ | speedup b1 | speedup b8 | speedup b8 continuous | "
               "per-offset acceptance (b1) | W chosen b1 / b8 (steps at W=1..) | "
-              "identical to greedy | train min / positions |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "drafting, % of a greedy step b1 / b8 | identical to greedy | "
+              "train min / positions |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         acc = (e["runs"].get("b1") or e["runs"].get("b8") or {}).get("per_offset_acceptance")
         rates = ", ".join(_fmt(v) for v in acc.values()) if acc else "–"
         train = (f"{_fmt(e['train_minutes'], '.1f')} / {e['train_positions'] or '–'}"
                  if e["train_minutes"] or e["train_positions"] else "–")
         chosen = " / ".join(_widths(e["runs"].get(f"b{b}")) for b in (1, 8))
+        drafting = " / ".join(_drafting_share(e["runs"].get(f"b{b}")) for b in (1, 8))
         lines.append(f"| {e['drafter']} | {e['recipe'] or '–'} | {_fmt(e['tau_k4'])} | "
                      f"{_fmt(e['speedup_b1'], '.2f', '×')} | {_fmt(e['speedup_b8'], '.2f', '×')}"
                      f" | {_fmt(e['speedup_b8_continuous'], '.2f', '×')} | {rates} | {chosen} | "
+                     f"{drafting} | "
                      f"{'yes' if e['identical_to_greedy'] else '**no**'} | {train} |")
     return "\n".join(lines + [""])
 
