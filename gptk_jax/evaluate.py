@@ -129,6 +129,10 @@ def _drafter_arguments(p: argparse.ArgumentParser) -> None:
                         "probability; lookup: found or not) in this many bins, calibrated "
                         "against what verification accepts; 1: scores ignored (pooled "
                         "acceptance)")
+    p.add_argument("--drafter-weights", choices=("float32", "bfloat16"), default="float32",
+                   help="the heads' weights while decoding: bfloat16 halves the bytes a draft "
+                        "step reads (the few-row kernels widen them as they load them); the "
+                        "output is greedy's either way (the trunk verifies in float32)")
 
 
 def parse_args(argv=None) -> EvalConfig:
@@ -170,7 +174,8 @@ def parse_args(argv=None) -> EvalConfig:
             lookup_max_ngram=a.lookup_max_ngram, draft_vocab_size=a.draft_vocab_size,
             draft_vocab_from=a.draft_vocab_from, continuous=a.continuous, bos=a.bos,
             choose_width=a.choose_width, verify_cost=a.verify_cost, interleave=a.interleave,
-            score_bins=a.score_bins, progress=not a.no_progress,
+            score_bins=a.score_bins, drafter_weights=a.drafter_weights,
+            progress=not a.no_progress,
             verify_weights=a.verify_weights,
             command=" ".join(["python -m gptk_jax.evaluate"] + [shlex.quote(x) for x in (
                 sys.argv[1:] if argv is None else argv)]))

@@ -218,3 +218,22 @@ def test_a_cache_sized_by_max_new_tokens_drops_no_pair(decoder, prompts, stop_id
     _assert_same_as_greedy(bounded, greedy[8, "left"])
     assert bounded.stats["accepted_per_row"] == every.stats["accepted_per_row"]
     assert sum(map(sum, every.stats["accepted_per_row"])) > 0
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_bfloat16_drafter_weights_decode_exactly(decoder, prompts, stop_ids, greedy, eagle,
+                                                 params, batch):
+    """head_drafter(weights="bfloat16"): the head's matrices and the draft vocabulary's rows in
+    bfloat16 (vectors kept), and decoding with them still emits greedy's tokens (the trunk
+    verifies every draft in float32)."""
+    from gptk_jax.decoding import head_drafter
+    _, hp = eagle
+    drafter, variables = head_drafter(EAGLE, hp, CFG, params, draft_vocab=list(range(1, 40)),
+                                      weights="bfloat16")
+    for x in jax.tree.leaves(variables["head"]):
+        assert x.dtype == (jnp.bfloat16 if x.ndim >= 2 else jnp.float32)
+    assert variables["draft_vocab"]["rows"].dtype == jnp.bfloat16
+    mtp = decoder.replace(stop_ids=stop_ids, drafter=drafter, drafter_vars=variables,
+                          tokens_per_step=K)
+    result = mtp.generate(prompts[:batch], MAX_NEW, bucket=BUCKET)
+    _assert_same_as_greedy(result, greedy[batch, "left"])

@@ -167,3 +167,50 @@ def test_decoding_with_fused_projections_is_greedy_decoding():
         for decoder in (fused, lookup):
             assert [decoder.generate([p], 12).tokens[0] for p in prompts] == want
             assert decoder.generate(prompts, 12).tokens == want
+
+
+BF16_SHAPES = [(1, 7, 5), (1, 576, 1536), (2, 37, 33), (3, 1536, 576), (8, 576, 1030),
+               (5, 40, 17)]
+
+
+@pytest.mark.parametrize("m,k,n", BF16_SHAPES)
+def test_bfloat16_weights_match_numpy_on_the_rounded_weights(m, k, n):
+    """A bfloat16 weight (nn and nt, 1..8 rows, tails of every width) gives what numpy's
+    float64 product gives on the same rounded weights (ml_dtypes' rounding, not ours), to
+    float32 summation's error: the kernels widen each weight exactly and sum in float32."""
+    import ml_dtypes
+    x, w = _data(m, k, n, seed=5)
+    w16 = w.astype(ml_dtypes.bfloat16)
+    rounded = w16.astype(np.float64)
+    assert np.any(rounded != w)                                  # the rounding is real
+    want = x.astype(np.float64) @ rounded
+    got_nn = np.asarray(jax.jit(few_rows.matmul_nn)(x, jnp.asarray(w16)))
+    got_nt = np.asarray(jax.jit(few_rows.matmul_nt)(x, jnp.asarray(np.ascontiguousarray(w16.T))))
+    scale = np.abs(x).astype(np.float64) @ np.abs(rounded)
+    for got in (got_nn, got_nt):
+        assert got.shape == (m, n) and got.dtype == np.float32
+        assert np.all(np.abs(got - want) <= 1e-6 * scale + 1e-6)
+
+
+def test_bfloat16_weights_dispatch_and_dense():
+    """float32 x bfloat16: the kernels from one row up to MAX_ROWS, XLA past it (the weight
+    widened first, same values); llama.layers.Dense hands its bfloat16 kernel to the few-row
+    dot_general as stored, and widens it for XLA's."""
+    from gptk_jax.llama.layers import Dense
+    dims = (((1,), (0,)), ((), ()))
+    w = jnp.asarray(np.random.default_rng(6).standard_normal((24, 40)), jnp.bfloat16)
+    for rows, kernel in ((1, True), (8, True), (9, False)):
+        x = jnp.ones((rows, 24), jnp.float32)
+        call = lambda a, b: few_rows.dot_general(a, b, dims)
+        assert _uses_kernel(call, x, w) == kernel
+        np.testing.assert_allclose(call(x, w), x @ w.astype(jnp.float32), rtol=1e-5)
+    e = jnp.asarray(np.random.default_rng(7).standard_normal((50, 24)), jnp.bfloat16)
+    x = jnp.ones((1, 24), jnp.float32)
+    assert _uses_kernel(few_rows.unembed, x, e)
+    np.testing.assert_allclose(few_rows.unembed(x, e), x @ e.astype(jnp.float32).T, rtol=1e-5)
+    for dot, kernel in ((few_rows.dot_general, True), (jax.lax.dot_general, False)):
+        dense = Dense(40, dot_general=dot)
+        params = {"params": {"kernel": w}}
+        fn = lambda p, a: dense.apply(p, a)
+        assert ("gptk_few_rows_nn_bf16" in jax.jit(fn).lower(params, x).as_text()) == kernel
+        np.testing.assert_allclose(fn(params, x), x @ w.astype(jnp.float32), rtol=1e-5)

@@ -49,6 +49,7 @@ METHODS = ("greedy", "mtp", "lookup", "mtp+lookup", "mtp+lookup-tree", "oracle")
 HEADS_METHODS = ("mtp", "mtp+lookup", "mtp+lookup-tree")
 LOOKUP_METHODS = ("lookup", "mtp+lookup", "mtp+lookup-tree")
 DEFAULT_LOOKUP_TOKENS_PER_STEP = 4
+DRAFTER_WEIGHTS = ("float32", "bfloat16")
 
 
 def _is_int(value) -> bool:
@@ -79,6 +80,9 @@ class DecoderSpec:
     score_bins: int = 8             # choose_width: bins of the drafts' scores (1: ignored)
     lookup_tokens_per_step: Optional[int] = None  # 'mtp+lookup-tree': the lookup branch's W
                                                   # (None: the heads'); the tree's W: the larger
+    drafter_weights: str = "float32"  # the heads' weights in decoding: float32 or bfloat16
+                                      # (half the bytes a draft step reads; drafts may change,
+                                      # the output cannot: the trunk verifies in its own dtype)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -102,6 +106,9 @@ class DecoderSpec:
         elif self.heads is not None:
             raise DecodingError(f"DecoderSpec.heads is for 'mtp' and 'mtp+lookup' only, not "
                                 f"{self.method!r}")
+        if self.drafter_weights not in DRAFTER_WEIGHTS:
+            raise DecodingError(f"DecoderSpec.drafter_weights must be one of "
+                                f"{', '.join(DRAFTER_WEIGHTS)}, got {self.drafter_weights!r}")
         for name in ("lookup_max_ngram", "lookup_min_ngram"):
             if not _is_int(getattr(self, name)):
                 raise DecodingError(f"DecoderSpec.{name} must be an integer, got "
@@ -208,7 +215,8 @@ def make_drafter(model, spec: DecoderSpec, *, heads=None, references=None
         w = loaded.head_config.k if spec.tokens_per_step is None else spec.tokens_per_step
         drafter, variables = head_drafter(loaded.head_config, loaded.params, config, params,
                                           tokens_per_step=w,
-                                          draft_vocab=_draft_vocab(spec, loaded))
+                                          draft_vocab=_draft_vocab(spec, loaded),
+                                          weights=spec.drafter_weights)
         return drafter, variables, w
     from gptk_jax.decoding.lookup import LookupDrafter
     if spec.method == "mtp+lookup-tree":
@@ -217,7 +225,8 @@ def make_drafter(model, spec: DecoderSpec, *, heads=None, references=None
         w = loaded.head_config.k if spec.tokens_per_step is None else spec.tokens_per_step
         second, second_vars = head_drafter(loaded.head_config, loaded.params, config, params,
                                            tokens_per_step=w,
-                                           draft_vocab=_draft_vocab(spec, loaded))
+                                           draft_vocab=_draft_vocab(spec, loaded),
+                                           weights=spec.drafter_weights)
         lw = spec.lookup_tokens_per_step or w          # the lookup branch: lw - 1 drafts
         first = LookupDrafter(max_drafts=lw - 1, max_ngram=spec.lookup_max_ngram,
                               min_ngram=spec.lookup_min_ngram)
@@ -232,7 +241,8 @@ def make_drafter(model, spec: DecoderSpec, *, heads=None, references=None
         longer = loaded.head_config.kind == "eagle"     # its chain drafts any W (heads.py)
         fallback, fallback_vars = head_drafter(loaded.head_config, loaded.params, config, params,
                                                tokens_per_step=w if longer else None,
-                                               draft_vocab=_draft_vocab(spec, loaded))
+                                               draft_vocab=_draft_vocab(spec, loaded),
+                                               weights=spec.drafter_weights)
     drafter = LookupDrafter(max_drafts=w - 1, max_ngram=spec.lookup_max_ngram,
                             min_ngram=spec.lookup_min_ngram, fallback=fallback)
     return drafter, LookupDrafter.variables(fallback_vars), w
@@ -280,5 +290,5 @@ def make_decoder(model, spec: DecoderSpec, *, stop_ids: Optional[Iterable[int]] 
                    drafter=drafter, drafter_vars=variables, tokens_per_step=width, **cost)
 
 
-__all__ = ["DEFAULT_LOOKUP_TOKENS_PER_STEP", "DecoderSpec", "GREEDY", "METHODS", "Trunk",
-           "make_decoder", "make_drafter"]
+__all__ = ["DEFAULT_LOOKUP_TOKENS_PER_STEP", "DRAFTER_WEIGHTS", "DecoderSpec", "GREEDY",
+           "METHODS", "Trunk", "make_decoder", "make_drafter"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from gptk_jax.decoding.loop import Drafter
@@ -104,12 +105,13 @@ def draft_vocabulary(trunk_config: LlamaConfig, trunk_params: dict,
 
 def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaConfig,
                  trunk_params: Any, tokens_per_step: Optional[int] = None,
-                 draft_vocab: Optional[Sequence[int]] = None, matmul: str = "auto"
-                 ) -> tuple[HeadDrafter, dict]:
+                 draft_vocab: Optional[Sequence[int]] = None, matmul: str = "auto",
+                 weights: str = "float32") -> tuple[HeadDrafter, dict]:
     """-> (HeadDrafter, drafter_vars) for the decoding loop; W (tokens_per_step) defaults to
     head_config.k and may not exceed it (eagle may: its chain steps share one layer).
     draft_vocab: drafts are the argmax over these ids only (None: the whole vocabulary).
-    matmul: the head's products, as a Decoder's (engine.resolve_matmul)."""
+    matmul: the head's products, as a Decoder's (engine.resolve_matmul). weights: "bfloat16"
+    stores the head's matrices and the draft vocabulary's rows in bfloat16 (`in_bfloat16`)."""
     from gptk_jax.heads.io import HeadsError
 
     w = head_config.k if tokens_per_step is None else tokens_per_step
@@ -127,4 +129,18 @@ def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaC
     drafter = HeadDrafter(head=make_head(head_config, trunk_config), max_drafts=head_config.k - 1)
     vocab = None if draft_vocab is None else draft_vocabulary(trunk_config, trunk_params,
                                                               draft_vocab)
+    if weights == "bfloat16":
+        head_params = in_bfloat16(head_params)
+        vocab = None if vocab is None else dict(vocab, rows=vocab["rows"].astype(jnp.bfloat16))
+    elif weights != "float32":
+        raise HeadsError(f"drafter weights must be float32 or bfloat16, got {weights!r}")
     return drafter, HeadDrafter.variables(head_params, trunk_params, vocab)
+
+
+def in_bfloat16(head_params: Any) -> Any:
+    """The head's float32 matrices (2-D and up: kernels, projections) in bfloat16, its vectors
+    (norm scales, biases) as they are. Products read a bfloat16 matrix at half the bytes where
+    the few-row kernels take them (kernels/few_rows.py: 1..8 rows; eagle's layer, the draft
+    vocabulary's rows), elsewhere it is widened back to float32 first."""
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16)
+                        if x.dtype == jnp.float32 and x.ndim >= 2 else x, head_params)

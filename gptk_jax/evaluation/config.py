@@ -64,6 +64,7 @@ class EvalConfig:
     choose_width: bool = False            # drafters choose W per step by measured cost
     verify_cost: Optional[str] = None     # choose_width: step-cost table file (None: measured)
     score_bins: int = 8                   # choose_width: bins of the drafts' scores (1: ignored)
+    drafter_weights: str = "float32"      # the heads' weights while decoding (or bfloat16)
     bos: Optional[bool] = None            # prepend BOS; None: the tokenizer's rule (add_bos)
     progress: bool = True
     verify_weights: bool = True           # check the converted tensors' digests on load

@@ -109,12 +109,15 @@ class Decoding:
 
 def heads_method(name: str, decoding: Decoding, heads: str, tokens_per_step: int,
                  draft_vocab: Optional[Sequence[int]] = None, choose_width: bool = False,
-                 verify_cost: Optional[str] = None, score_bins: int = 8) -> Method:
+                 verify_cost: Optional[str] = None, score_bins: int = 8,
+                 drafter_weights: str = "float32") -> Method:
     """Trained heads (the folder `heads`, loaded as decoding.heads) drafting W-1 tokens per
-    step; built now, so a W the heads cannot draft fails before anything decodes."""
+    step; built now, so a W the heads cannot draft fails before anything decodes.
+    drafter_weights: their weights while decoding (DecoderSpec.drafter_weights)."""
     method = Method(name, tokens_per_step, DecoderSpec(
         "mtp", tokens_per_step=tokens_per_step, heads=heads, draft_vocab=draft_vocab,
-        choose_width=choose_width, verify_cost=verify_cost, score_bins=score_bins))
+        choose_width=choose_width, verify_cost=verify_cost, score_bins=score_bins,
+        drafter_weights=drafter_weights))
     decoding.decoder(method)
     return method
 
@@ -130,7 +133,8 @@ def lookup_method(name: str, tokens_per_step: int, max_ngram: int,
             "lookup", tokens_per_step=tokens_per_step, lookup_max_ngram=max_ngram, **width))
     return Method(name, tokens_per_step, DecoderSpec(
         "mtp+lookup", tokens_per_step=tokens_per_step, heads=fallback.spec.heads,
-        lookup_max_ngram=max_ngram, draft_vocab=fallback.spec.draft_vocab, **width))
+        lookup_max_ngram=max_ngram, draft_vocab=fallback.spec.draft_vocab,
+        drafter_weights=fallback.spec.drafter_weights, **width))
 
 
 def tree_method(name: str, decoding: Decoding, heads: Method, max_ngram: int,
@@ -143,7 +147,7 @@ def tree_method(name: str, decoding: Decoding, heads: Method, max_ngram: int,
     method = Method(name, max(heads.tokens_per_step, lookup_w), DecoderSpec(
         "mtp+lookup-tree", tokens_per_step=heads.tokens_per_step, heads=heads.spec.heads,
         lookup_max_ngram=max_ngram, draft_vocab=heads.spec.draft_vocab,
-        choose_width=heads.spec.choose_width,
+        choose_width=heads.spec.choose_width, drafter_weights=heads.spec.drafter_weights,
         lookup_tokens_per_step=None if lookup_w == heads.tokens_per_step else lookup_w))
     decoding.decoder(method)
     return method

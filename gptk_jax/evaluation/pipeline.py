@@ -94,7 +94,7 @@ def drafting_methods(cfg: EvalConfig, decoding, heads, tokens_per_step: int,
              "score_bins": cfg.score_bins}
     if heads is not None:
         methods.append(heads_method("mtp", decoding, str(heads.path), tokens_per_step,
-                                    draft_vocab, **width))
+                                    draft_vocab, drafter_weights=cfg.drafter_weights, **width))
     if cfg.lookup:
         lookup_w = cfg.lookup_tokens_per_step or tokens_per_step
         methods.append(lookup_method("lookup", lookup_w, cfg.lookup_max_ngram, **width))
@@ -154,7 +154,7 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
             "projections": "fused",                # decoders' q|k|v and w1|w3 (engine.Decoder)
             "lookup_max_ngram": cfg.lookup_max_ngram, "choose_width": cfg.choose_width,
             "interleave": cfg.interleave,
-            "score_bins": cfg.score_bins,
+            "score_bins": cfg.score_bins, "drafter_weights": cfg.drafter_weights,
             "verify_cost": sha256_json(Path(cfg.verify_cost).read_text())
             if cfg.verify_cost else None,
             "draft_vocab_sha256": sha256_json(list(map(int, draft_vocab)))

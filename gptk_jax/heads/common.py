@@ -186,11 +186,14 @@ class MTPHead(nn.Module):
             logits = self._unembed(trunk_params, hidden_normed)
             return self._argmax(logits), logits
         rows = jax.lax.stop_gradient(rows)
+        # bfloat16 rows (DecoderSpec.drafter_weights) meet float32 features: the kernels widen
+        # them as they load them; elsewhere they are widened first
+        x = hidden_normed.astype(jnp.float32 if rows.dtype == jnp.bfloat16 else rows.dtype)
         if self.trunk_config.matmul == "few_rows":     # 2..8 rows: kernels/few_rows.py
             from gptk_jax.kernels.few_rows import unembed
-            logits = unembed(hidden_normed.astype(rows.dtype), rows)
+            logits = unembed(x, rows)
         else:
-            logits = jnp.einsum("...d,vd->...v", hidden_normed.astype(rows.dtype), rows)
+            logits = jnp.einsum("...d,vd->...v", x, rows.astype(x.dtype))
         logits = logits.astype(jnp.float32)
         ids = jnp.asarray(self._draft_vocab("ids"), jnp.int32)
         return ids[first_argmax(logits)], logits

@@ -50,7 +50,7 @@ import numpy as np
 from gptk_jax.heads.common import MTPHead, gather_positions
 from gptk_jax.heads.config import HeadConfigError
 from gptk_jax.kernels.few_rows import dot_general_for
-from gptk_jax.llama.layers import MLP, RMSNorm
+from gptk_jax.llama.layers import MLP, Dense, RMSNorm
 from gptk_jax.llama.rope import apply_rope, inverse_frequencies
 
 NEG_INF = float(np.finfo(np.float32).min)
@@ -96,8 +96,8 @@ class EagleHead(MTPHead):
         d, n, h = t.dim, t.n_heads, t.head_dim
         dt, pdt = self._dtype, self._param_dtype
         dot = dot_general_for(t.matmul)   # a decoder's trunk config: the few-row kernels
-        dense = lambda features, name, std=0.02: nn.Dense(
-            features, use_bias=False, dtype=dt, param_dtype=pdt, name=name,
+        dense = lambda features, name, std=0.02: Dense(
+            features, dtype=dt, param_dtype=pdt, name=name,
             kernel_init=nn.initializers.normal(std), dot_general=dot)
         self.fc = dense(d, "fc")                       # [2D,D]
         self.wq, self.wk, self.wv = dense(n * h, "wq"), dense(n * h, "wk"), dense(n * h, "wv")

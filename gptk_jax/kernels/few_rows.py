@@ -13,6 +13,12 @@ Used only where it applies: the CPU backend, float32 operands, no batch dimensio
 lhs contracting its trailing dims and the rhs its leading ones (a Dense / DenseGeneral call),
 and MIN_ROWS..MAX_ROWS rows (2..8: one row goes to XLA's matrix-vector product, which is
 already at the bandwidth; more rows to XLA's general product, which is then the faster).
+
+Weights in bfloat16 (a drafter's, `DecoderSpec.drafter_weights`): a float32 lhs times a
+bfloat16 rhs goes to the kernels' bfloat16 variants from 1 row up to MAX_ROWS (XLA:CPU has no
+product that reads bfloat16 weights at the bandwidth: it converts them first), each weight
+widened to float32 as it is loaded, sums in float32: half the bytes of the float32 weight.
+Past MAX_ROWS, or without the kernels, the weight is converted to float32 and XLA multiplies.
 Anything else, or a kernel that cannot be built, is `jax.lax.dot_general` as before. The
 products are differentiable (a custom JVP in XLA products), so training code that happens to
 meet a few-row product still works.
@@ -51,7 +57,8 @@ MAX_ROWS = 8          # rows at most (more: XLA's product)
 MIN_ROWS = 2          # rows at least (1 row: XLA's matrix-vector product, 5 % faster here:
                       # bench/bench_few_rows.py --steps)
 SOURCE = Path(__file__).with_name("small_matmul.cc")
-TARGETS = {"nn": "GptkSmallMatmulNN", "nt": "GptkSmallMatmulNT"}
+TARGETS = {"nn": "GptkSmallMatmulNN", "nt": "GptkSmallMatmulNT",
+           "nn_bf16": "GptkSmallMatmulNNBf16", "nt_bf16": "GptkSmallMatmulNTBf16"}
 
 
 class KernelBuildError(GptkError, RuntimeError):
@@ -143,6 +150,8 @@ def available() -> bool:
 
 def _call(kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
     n = w.shape[1] if kind == "nn" else w.shape[0]
+    if w.dtype == jnp.bfloat16:
+        kind += "_bf16"
     return jax.ffi.ffi_call(f"gptk_few_rows_{kind}",
                             jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
                             vmap_method="sequential")(x, w)
@@ -150,31 +159,43 @@ def _call(kind: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 @jax.custom_jvp
 def matmul_nn(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [M,K] @ w [K,N] -> [M,N] float32 (M <= MAX_ROWS, kernels available)."""
+    """x [M,K] @ w [K,N] (float32 or bfloat16) -> [M,N] float32 (M <= MAX_ROWS, kernels
+    available)."""
     return _call("nn", x, w)
 
 
 @matmul_nn.defjvp
 def _matmul_nn_jvp(primals, tangents):
     (x, w), (dx, dw) = primals, tangents
-    return matmul_nn(x, w), dx @ w + x @ dw
+    return matmul_nn(x, w), dx @ w.astype(x.dtype) + x @ dw.astype(x.dtype)
 
 
 @jax.custom_jvp
 def matmul_nt(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [M,K] @ w [N,K].T -> [M,N] float32 (M <= MAX_ROWS, kernels available)."""
+    """x [M,K] @ w [N,K].T (float32 or bfloat16) -> [M,N] float32 (M <= MAX_ROWS, kernels
+    available)."""
     return _call("nt", x, w)
 
 
 @matmul_nt.defjvp
 def _matmul_nt_jvp(primals, tangents):
     (x, w), (dx, dw) = primals, tangents
-    return matmul_nt(x, w), dx @ w.T + x @ dw.T
+    return matmul_nt(x, w), dx @ w.T.astype(x.dtype) + x @ dw.T.astype(x.dtype)
 
 
 def _applies(lhs, rhs, rows: int) -> bool:
-    return (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
-            and max(MIN_ROWS, 1) <= rows <= MAX_ROWS and available())
+    if lhs.dtype != jnp.float32 or rhs.dtype not in (jnp.float32, jnp.bfloat16):
+        return False
+    least = 1 if rhs.dtype == jnp.bfloat16 else max(MIN_ROWS, 1)
+    return least <= rows <= MAX_ROWS and available()
+
+
+def _widened(lhs, rhs):
+    """A bfloat16 weight against a float32 lhs, converted for XLA's product (which would
+    refuse the mix); anything else as given."""
+    if rhs.dtype == jnp.bfloat16 and lhs.dtype == jnp.float32:
+        return rhs.astype(jnp.float32)
+    return rhs
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
@@ -191,7 +212,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
         k = math.prod(lhs.shape[lead:])
         out = matmul_nn(lhs.reshape(rows, k), rhs.reshape(k, -1))
         return out.reshape(lhs.shape[:lead] + rhs.shape[nk:])
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+    return jax.lax.dot_general(lhs, _widened(lhs, rhs), dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
 
 
@@ -202,7 +223,7 @@ def unembed(x: jax.Array, embedding: jax.Array) -> jax.Array:
     if _applies(x, embedding, rows):
         return matmul_nt(x.reshape(rows, x.shape[-1]), embedding).reshape(
             x.shape[:-1] + embedding.shape[:1])
-    return jnp.dot(x, embedding.T)
+    return jnp.dot(x, _widened(x, embedding).T)
 
 
 def dot_general_for(matmul: str):

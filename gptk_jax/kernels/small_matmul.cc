@@ -9,6 +9,7 @@
 //
 //   nn: y[M,N] = x[M,K] @ w[K,N]      (a Dense kernel, Flax's [in, out] layout)
 //   nt: y[M,N] = x[M,K] @ w[N,K]^T    (a tied unembedding: the embedding table [vocab, dim])
+//   w in float32, or in bfloat16 (the *Bf16 handlers; x and y float32, sums in float32)
 //
 // Each output element is summed in the same order whatever M and the split over threads are,
 // so a row gets the same bits alone or among others (a verify step's first token and a greedy
@@ -33,6 +34,26 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 static inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 static inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
 static inline v16 splat(float a) { return v16{} + a; }
+
+// Weights in float32, or in bfloat16 (the upper 16 bits of a float32: uint16_t here, as the
+// FFI maps BF16): loaded 16 at a time and widened to float32 (a shift), so a bfloat16 weight
+// costs half the bytes and the products still sum in float32 (a drafter's weights, whose
+// products need not match the trunk's bits: decoding verifies every draft).
+typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t v16i __attribute__((vector_size(64)));
+
+static inline v16 loadw(const float* p) { return load(p); }
+static inline v16 loadw(const uint16_t* p) {
+  v16i wide = __builtin_convertvector(*reinterpret_cast<const v16h*>(p), v16i) << 16;
+  return (v16)wide;     // the same 64 bytes, read as floats
+}
+static inline float scalar(float a) { return a; }
+static inline float scalar(uint16_t a) {
+  uint32_t bits = uint32_t(a) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 // Work on XLA's own intra-op threads (no second pool fighting it for the 2 cores): `chunks`
 // pieces of work claimed one at a time from a shared counter by the calling thread and by up to
@@ -70,15 +91,16 @@ static int64_t work_parts(ffi::ThreadPool& pool, int64_t weights) {
 // the K weight rows at w, k-outer: the tile of each weight row is read contiguously
 // (prefetch-friendly), 8 weight rows at a time, and used for every activation row at once; the
 // M x tile partial sums stay in L1.
-static void nn_tile(const float* x, int64_t ldx, const float* w, float* y, int64_t M,
+template <typename WT>
+static void nn_tile(const float* x, int64_t ldx, const WT* w, float* y, int64_t M,
                     int64_t K, int64_t N, int64_t c0, int64_t c1) {
   for (int64_t r = 0; r < M; ++r) std::memset(y + r * N + c0, 0, sizeof(float) * (c1 - c0));
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    const float* w0 = w + k * N;
+    const WT* w0 = w + k * N;
     for (int64_t c = c0; c < c1; c += 16) {
       v16 a[8];
-      for (int i = 0; i < 8; ++i) a[i] = load(w0 + i * N + c);
+      for (int i = 0; i < 8; ++i) a[i] = loadw(w0 + i * N + c);
       for (int64_t r = 0; r < M; ++r) {
         const float* xr = x + r * ldx + k;
         float* out = y + r * N + c;
@@ -89,24 +111,25 @@ static void nn_tile(const float* x, int64_t ldx, const float* w, float* y, int64
     }
   }
   for (; k < K; ++k) {
-    const float* w0 = w + k * N;
+    const WT* w0 = w + k * N;
     for (int64_t r = 0; r < M; ++r) {
       const float b = x[r * ldx + k];
       for (int64_t c = c0; c < c1; c += 16) {
         float* out = y + r * N + c;
-        store(out, load(out) + b * load(w0 + c));
+        store(out, load(out) + b * loadw(w0 + c));
       }
     }
   }
 }
 
 // nn, the last columns (fewer than 16): plain loops.
-static void nn_tail(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+template <typename WT>
+static void nn_tail(const float* x, const WT* w, float* y, int64_t M, int64_t K, int64_t N,
                     int64_t n0) {
   for (int64_t r = 0; r < M; ++r)
     for (int64_t n = n0; n < N; ++n) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += x[r * K + k] * w[k * N + n];
+      for (int64_t k = 0; k < K; ++k) s += x[r * K + k] * scalar(w[k * N + n]);
       y[r * N + n] = s;
     }
 }
@@ -115,7 +138,8 @@ static void nn_tail(const float* x, const float* w, float* y, int64_t M, int64_t
 // K instead of over columns (`nn`).
 static const int64_t kNarrow = 1024;
 
-static void nn(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M,
+template <typename WT>
+static void nn(ffi::ThreadPool& pool, const float* x, const WT* w, float* y, int64_t M,
                int64_t K, int64_t N) {
   const int64_t vec = N / 16 * 16;
   if (vec == N && N <= kNarrow && K >= 16) {
@@ -166,31 +190,32 @@ static inline float hsum(v16 v) {
 }
 
 // nt, one weight row n for R rows, read once front to back: y[r, n] = sum_k x[r,k] w[n,k]
-template <int R>
-static void nt_row(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n) {
+template <int R, typename WT>
+static void nt_row(const float* x, const WT* w, float* y, int64_t K, int64_t N, int64_t n) {
   v16 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = v16{};
-  const float* wn = w + n * K;
+  const WT* wn = w + n * K;
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    v16 a0 = load(wn + k), a1 = load(wn + k + 16);
+    v16 a0 = loadw(wn + k), a1 = loadw(wn + k + 16);
     for (int r = 0; r < R; ++r) {
       acc[r][0] += load(x + r * K + k) * a0;
       acc[r][1] += load(x + r * K + k + 16) * a1;
     }
   }
   for (; k + 16 <= K; k += 16) {
-    v16 a0 = load(wn + k);
+    v16 a0 = loadw(wn + k);
     for (int r = 0; r < R; ++r) acc[r][0] += load(x + r * K + k) * a0;
   }
   for (int r = 0; r < R; ++r) {
     float s = hsum(acc[r][0] + acc[r][1]);
-    for (int64_t j = k; j < K; ++j) s += x[r * K + j] * wn[j];
+    for (int64_t j = k; j < K; ++j) s += x[r * K + j] * scalar(wn[j]);
     y[r * N + n] = s;
   }
 }
 
-static void nt(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M,
+template <typename WT>
+static void nt(ffi::ThreadPool& pool, const float* x, const WT* w, float* y, int64_t M,
                int64_t K, int64_t N) {
   const int64_t parts = 2 * work_parts(pool, K * N);
   const int64_t span = (N + parts - 1) / parts;
@@ -198,19 +223,20 @@ static void nt(ffi::ThreadPool& pool, const float* x, const float* w, float* y, 
     const int64_t end = std::min<int64_t>(N, (part + 1) * span);
     for (int64_t n = part * span; n < end; ++n) {
       int64_t r = 0;
-      for (; r + 4 <= M; r += 4) nt_row<4>(x + r * K, w, y + r * N, K, N, n);
+      for (; r + 4 <= M; r += 4) nt_row<4, WT>(x + r * K, w, y + r * N, K, N, n);
       switch (M - r) {
-        case 3: nt_row<3>(x + r * K, w, y + r * N, K, N, n); break;
-        case 2: nt_row<2>(x + r * K, w, y + r * N, K, N, n); break;
-        case 1: nt_row<1>(x + r * K, w, y + r * N, K, N, n); break;
+        case 3: nt_row<3, WT>(x + r * K, w, y + r * N, K, N, n); break;
+        case 2: nt_row<2, WT>(x + r * K, w, y + r * N, K, N, n); break;
+        case 1: nt_row<1, WT>(x + r * K, w, y + r * N, K, N, n); break;
         default: break;
       }
     }
   });
 }
 
-static ffi::Error Check(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w, int64_t* M,
-                        int64_t* K, int64_t* N, bool transposed) {
+template <ffi::DataType T>
+static ffi::Error Check(ffi::Buffer<ffi::F32>& x, ffi::Buffer<T>& w, int64_t* M, int64_t* K,
+                        int64_t* N, bool transposed) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2)
@@ -223,34 +249,27 @@ static ffi::Error Check(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w, int6
   return ffi::Error::Success();
 }
 
-static ffi::Error NNImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                         ffi::ResultBuffer<ffi::F32> y) {
+// y = x @ w (transposed: x @ w^T), w float32 or bfloat16 (T), x and y float32.
+template <ffi::DataType T, bool transposed>
+static ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
   int64_t M, K, N;
-  ffi::Error e = Check(x, w, &M, &K, &N, false);
+  ffi::Error e = Check(x, w, &M, &K, &N, transposed);
   if (e.failure()) return e;
-  nn(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, K, N);
+  if (transposed) nt(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, K, N);
+  else nn(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, K, N);
   return ffi::Error::Success();
 }
 
-static ffi::Error NTImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                         ffi::ResultBuffer<ffi::F32> y) {
-  int64_t M, K, N;
-  ffi::Error e = Check(x, w, &M, &K, &N, true);
-  if (e.failure()) return e;
-  nt(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, K, N);
-  return ffi::Error::Success();
-}
+#define GPTK_HANDLER(name, T, transposed)                                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (Impl<T, transposed>),                      \
+                                ffi::Ffi::Bind()                                  \
+                                    .Ctx<ffi::ThreadPool>()                       \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                 \
+                                    .Arg<ffi::Buffer<T>>()                        \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptkSmallMatmulNN, NNImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptkSmallMatmulNT, NTImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+GPTK_HANDLER(GptkSmallMatmulNN, ffi::F32, false)
+GPTK_HANDLER(GptkSmallMatmulNT, ffi::F32, true)
+GPTK_HANDLER(GptkSmallMatmulNNBf16, ffi::BF16, false)
+GPTK_HANDLER(GptkSmallMatmulNTBf16, ffi::BF16, true)
