@@ -5,10 +5,13 @@ step is the trunk's verify and the bookkeeping alone). Greedy (W = 1, no drafter
 
     python bench/bench_draft_cost.py --heads runs/results2/eagle/heads \\
         [--checkpoint .cache/models/smollm2-135m] [--batch-sizes 1,8] [--context 96] \\
-        [--matmul xla,few_rows] [--output-json bench/results/draft_cost.json]
+        [--matmul xla,few_rows] [--drafter-weights float32,bfloat16]
+        [--output-json bench/results/draft_cost.json]
 
 Each figure is the best of `--reps` rounds over every W of 8 steps each (a burst of noise hits
-every W alike); the drafter uses the heads' own draft vocabulary as evaluation does. Compare
+every W alike); the drafter uses the heads' own draft vocabulary as evaluation does, its weights
+in each of `--drafter-weights` (DecoderSpec.drafter_weights: bfloat16 reaches the few-row
+kernels' bfloat16 variants, half the bytes). Compare
 within one run only: absolute times move between machines and with other jobs.
 """
 
@@ -42,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matmul", default="xla,few_rows",
                    help="the trunk's products, each measured in turn: xla, few_rows "
                         "(gptk_jax/kernels/few_rows.py)")
+    p.add_argument("--drafter-weights", default="float32",
+                   help="the heads' weights, each measured in turn: float32, bfloat16")
     p.add_argument("--output-json", default=None)
     return p.parse_args(argv)
 
@@ -60,11 +65,13 @@ def main(argv=None) -> int:
     model = load_converted(args.checkpoint)
     greedy = make_decoder(model, GREEDY)
     loaded = load_heads(args.heads, model.config)
-    heads = make_decoder(model, DecoderSpec("mtp", heads=args.heads,
-                                            tokens_per_step=args.tokens_per_step,
-                                            draft_vocab=loaded.draft_vocab),
-                         base=greedy, heads=loaded)
-    w_max = heads.tokens_per_step
+    weights = args.drafter_weights.split(",")
+    drafters = {dw: make_decoder(model, DecoderSpec("mtp", heads=args.heads,
+                                                    tokens_per_step=args.tokens_per_step,
+                                                    draft_vocab=loaded.draft_vocab,
+                                                    drafter_weights=dw),
+                                 base=greedy, heads=loaded) for dw in weights}
+    w_max = drafters[weights[0]].tokens_per_step
     widths = list(range(1, w_max + 1))
     rows = []
     for b in (int(x) for x in args.batch_sizes.split(",")):
@@ -78,24 +85,26 @@ def main(argv=None) -> int:
             base = step_ms(greedy, b, [1], args.context, args.reps, matmul)[1]
             first = first or base
             verify = step_ms(oracle, b, widths, args.context, args.reps, matmul)
-            drafting = step_ms(heads, b, widths, args.context, args.reps, matmul)
-            for w in widths:
-                rows.append({"batch": b, "matmul": matmul, "W": w, "greedy_ms": base,
-                             "oracle_ms": verify[w], "heads_ms": drafting[w],
-                             "drafting_ms": drafting[w] - verify[w],
-                             "heads_over_greedy": drafting[w] / base,
-                             "oracle_over_greedy": verify[w] / base,
-                             "heads_over_first_greedy": drafting[w] / first})
+            for dw, heads in drafters.items():
+                drafting = step_ms(heads, b, widths, args.context, args.reps, matmul)
+                for w in widths:
+                    rows.append({"batch": b, "matmul": matmul, "weights": dw, "W": w,
+                                 "greedy_ms": base, "oracle_ms": verify[w],
+                                 "heads_ms": drafting[w], "drafting_ms": drafting[w] - verify[w],
+                                 "heads_over_greedy": drafting[w] / base,
+                                 "oracle_over_greedy": verify[w] / base,
+                                 "heads_over_first_greedy": drafting[w] / first})
     vocab = len(loaded.draft_vocab) if loaded.draft_vocab else model.config.vocab_size
     print(f"{args.heads}: {loaded.head_config.kind} heads drafting over {vocab} ids, "
           f"{device_name()}, context {args.context}")
     first = args.matmul.split(",")[0]
     print(f"x greedy: this matmul's greedy step; x {first} greedy: the first --matmul's")
-    print(f"| batch | matmul | W | greedy ms | oracle step ms (x greedy) | heads step ms "
-          f"(x greedy) | drafting ms | heads x {first} greedy |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| batch | matmul | drafter weights | W | greedy ms | oracle step ms (x greedy) | "
+          f"heads step ms (x greedy) | drafting ms | heads x {first} greedy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['matmul']} | {r['W']} | {r['greedy_ms']:.1f} | "
+        print(f"| {r['batch']} | {r['matmul']} | {r['weights']} | {r['W']} | "
+              f"{r['greedy_ms']:.1f} | "
               f"{r['oracle_ms']:.1f} ({r['oracle_over_greedy']:.2f}x) | {r['heads_ms']:.1f} "
               f"({r['heads_over_greedy']:.2f}x) | {r['drafting_ms']:.1f} | "
               f"{r['heads_over_first_greedy']:.2f}x |")

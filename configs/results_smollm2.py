@@ -35,13 +35,13 @@ TUNED = {
     "linear": {"optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 100,
                "training.num_train_steps": 5000, "training.eval_every_steps": 2500,
                "training.checkpoint_every_steps": 250},
-    # no lr sweep of its own (no time left): the linear sweep's 3e-3. Steps: what was left
-    # before the session's deadline after the machine was lent to a speed evaluation (0.73
-    # epoch at 1.5 steps/s, batch 8): 600 steps, 8 min with its validation, tau_est 1.523, chain
-    # 31.1/13.3/7.9%. More steps are untested here, not known to hurt.
+    # no lr sweep of its own: the linear sweep's 3e-3. Steps on the validation rows: 600 (0.73
+    # epoch, 8 min with its validation): tau_est 1.523, chain 31.1/13.3/7.9%; 3,000 (3.7
+    # epochs; session 20, runs/lstm/r3000, about 25 min here with 2 validations): tau_est 1.557
+    # at step 1500, 1.703 at 3000 (chain 39.9/19.4/11.0%, tau_walked 1.541).
     "lstm": {"optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 100,
-             "training.num_train_steps": 600, "training.eval_every_steps": 0,
-             "training.checkpoint_every_steps": 100},
+             "training.num_train_steps": 3000, "training.eval_every_steps": 1500,
+             "training.checkpoint_every_steps": 250},
     # no sweep (one run, session 11): lr 2e-3, 3,000 steps (3.7 epochs), 1.4 steps/s alone here
     # (0.6-0.8 beside the test suite: 69 min). Validation tau_est 1.639 at step 1500 (chain
     # 37.1/17.2/9.6%), 1.855 at 3000 (44.4/24.8/16.4%; linear's 5,000 steps: 1.577).
