@@ -237,3 +237,37 @@ def test_bfloat16_drafter_weights_decode_exactly(decoder, prompts, stop_ids, gre
                           tokens_per_step=K)
     result = mtp.generate(prompts[:batch], MAX_NEW, bucket=BUCKET)
     _assert_same_as_greedy(result, greedy[batch, "left"])
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_bfloat16_drafting_is_float32_math_on_the_rounded_weights(params, eagle, b):
+    """The chain drafted with bfloat16 weights through the few-row kernels (1 and 2 rows) gives
+    the logits XLA's float32 products give on the same weights rounded to bfloat16 and widened
+    (a reference that never meets the kernels), to float32 summation's error."""
+    from gptk_jax.decoding.heads import in_bfloat16
+    from gptk_jax.heads import make_head
+    from gptk_jax.kernels import few_rows
+    if not few_rows.available():
+        pytest.skip("few-row kernels not built here")
+    _, hp = eagle
+    hp16 = in_bfloat16(hp)
+    rounded = jax.tree.map(lambda x: x.astype(jnp.float32), hp16)
+    kernels = make_head(EAGLE, CFG.replace(matmul="few_rows"))
+    xla = make_head(EAGLE, CFG.replace(matmul="xla"))
+    tokens = np.random.RandomState(9).randint(1, CFG.vocab_size, (b, 12)).astype(np.int32)
+    hidden = _trunk(params, tokens)
+
+    def draft(head, hp):
+        call = lambda method, *a: head.apply({"params": hp}, params, *a, method=method)
+        state = call("init_state", b, 32)
+        state = call("advance", state, hidden[:, :10], jnp.ones((b, 10), bool), tokens[:, :10])
+        fn = jax.jit(lambda s: call("draft_logits", s, hidden[:, 9], hidden[:, 9],
+                                    jnp.full((b,), 9), jnp.asarray(tokens[:, 10])))
+        return fn(state), "gptk_few_rows_nn_bf16" in fn.lower(state).as_text()
+
+    ((d16, l16), used), ((dref, lref), unused) = draft(kernels, hp16), draft(xla, rounded)
+    assert used and not unused
+    np.testing.assert_allclose(np.asarray(l16), np.asarray(lref), atol=2e-4, rtol=2e-4)
+    np.testing.assert_array_equal(np.asarray(d16), np.asarray(dref))
+    (_, l32), _ = draft(xla, hp)
+    assert np.abs(np.asarray(l32 - lref)).max() > 1e-3     # the rounding is visible

@@ -170,7 +170,7 @@ def test_decoding_with_fused_projections_is_greedy_decoding():
 
 
 BF16_SHAPES = [(1, 7, 5), (1, 576, 1536), (2, 37, 33), (3, 1536, 576), (8, 576, 1030),
-               (5, 40, 17)]
+               (5, 40, 17), (4, 48, 40)]     # 48: nt's 16-wide step after its 32-wide ones
 
 
 @pytest.mark.parametrize("m,k,n", BF16_SHAPES)

@@ -118,10 +118,11 @@ class VerifyCost:
             rel = (1 - t) * self._row_relative(lo, w_max) + t * self._row_relative(hi, w_max)
         return tuple(float(x) for x in rel)
 
-    def greedy_relative(self, batch: int) -> float:
-        """greedy's step / cost(W = 1) at the nearest measured batch that has it (1.0: none)."""
+    def greedy_relative(self, batch: int, missing: Optional[float] = 1.0) -> Optional[float]:
+        """greedy's step / cost(W = 1) at the nearest measured batch that has it (`missing`:
+        none has)."""
         if not self.greedy:
-            return 1.0
+            return missing
         near = min(self.greedy, key=lambda b: (abs(b - batch), b))
         return float(self.greedy[near] / self.seconds[near][1])
 

@@ -205,7 +205,8 @@ class Decoder:
 
     def step_costs(self, batch_size: int, context: int = 64) -> tuple:
         """(cost(W) / cost(1) for W = 1..W_max at this batch, where they come from, seconds
-        spent measuring now, greedy's step / cost(1) (1.0 where the table has none)):
+        spent measuring now, greedy's step / cost(1) (None where the table has none: the
+        loop then takes it as cost(1) and the rate gate prices no batch)):
         `verify_cost` when given, else `measured_cost`, measured first at a batch size it
         lacks, at `context` cached positions (the first batch's prompt width)."""
         start = time.perf_counter()
@@ -216,14 +217,15 @@ class Decoder:
                 self.calibrate([batch_size], context=context)
             table, source = self.measured_cost, "measured"
         return (table.relative(batch_size, self.tokens_per_step), source,
-                time.perf_counter() - start, table.greedy_relative(batch_size))
+                time.perf_counter() - start, table.greedy_relative(batch_size, missing=None))
 
     def _loop_statics(self, batch_size: int, context: int = 64) -> tuple[tuple, dict]:
         """The statics of this batch's executables and, for auto W, what the result records."""
         if self.width_policy is None:
             return self._statics, {}
         costs, source, seconds, greedy = self.step_costs(batch_size, context)
-        policy = dataclasses.replace(self.width_policy, costs=costs, greedy_cost=greedy)
+        policy = dataclasses.replace(self.width_policy, costs=costs,
+                                     greedy_cost=1.0 if greedy is None else greedy)
         return self._statics[:2] + (policy,), {"step_cost": list(costs),
                                                "greedy_step_cost": greedy,
                                                "step_cost_source": source,
@@ -374,8 +376,8 @@ class Decoder:
                             auto_info)
         if self.gate_batches:
             greedy_steps = max(len(r.tokens) for r in records) - 1
-            priced = (None if rest or self.width_policy is None else
-                      modelled_loop_cost(statics[2], state.width_stats, greedy_steps))
+            priced = (None if rest or auto_info.get("greedy_step_cost") is None   # no price
+                      else modelled_loop_cost(statics[2], state.width_stats, greedy_steps))
             self.rate_gate.record(batch, rest, prefill_seconds, decode_seconds, greedy_steps,
                                   prompts.tokens.size, fresh=compile_a + compile_b > 0,
                                   priced=priced)

@@ -130,6 +130,10 @@ def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaC
     vocab = None if draft_vocab is None else draft_vocabulary(trunk_config, trunk_params,
                                                               draft_vocab)
     if weights == "bfloat16":
+        if head_config.kind != "eagle":
+            raise HeadsError(f"drafter weights bfloat16: only eagle's products read bfloat16 "
+                             f"weights as stored (the few-row kernels); {head_config.kind} "
+                             f"heads would widen them to float32 at every step")
         head_params = in_bfloat16(head_params)
         vocab = None if vocab is None else dict(vocab, rows=vocab["rows"].astype(jnp.bfloat16))
     elif weights != "float32":
@@ -138,9 +142,13 @@ def head_drafter(head_config: HeadConfig, head_params: Any, trunk_config: LlamaC
 
 
 def in_bfloat16(head_params: Any) -> Any:
-    """The head's float32 matrices (2-D and up: kernels, projections) in bfloat16, its vectors
-    (norm scales, biases) as they are. Products read a bfloat16 matrix at half the bytes where
-    the few-row kernels take them (kernels/few_rows.py: 1..8 rows; eagle's layer, the draft
-    vocabulary's rows), elsewhere it is widened back to float32 first."""
-    return jax.tree.map(lambda x: x.astype(jnp.bfloat16)
-                        if x.dtype == jnp.float32 and x.ndim >= 2 else x, head_params)
+    """The head's float32 matrices (2-D and up: kernels, projections) in bfloat16; vectors and
+    norm scales (any leaf named "scale") as they are. Products read a bfloat16 matrix at half
+    the bytes where the few-row kernels take them (kernels/few_rows.py: 1..8 rows; eagle's
+    layer, the draft vocabulary's rows), elsewhere it is widened back to float32 first."""
+    def cast(path, x):
+        name = getattr(path[-1], "key", None) if path else None
+        if x.dtype == jnp.float32 and x.ndim >= 2 and name != "scale":
+            return x.astype(jnp.bfloat16)
+        return x
+    return jax.tree_util.tree_map_with_path(cast, head_params)

@@ -146,7 +146,7 @@ class RateGate:
             c.since_greedy = 0
             return
         c.since_greedy += 1
-        if priced is not None:                   # the cost table's verdict: no timing noise
+        if priced is not None and priced[1] > 0:  # the cost table's verdict: no timing noise
             c.priced.append(priced)
             del c.priced[:-self.max_window]
             speed = self.priced_speed(batch)

@@ -154,11 +154,14 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
             "projections": "fused",                # decoders' q|k|v and w1|w3 (engine.Decoder)
             "lookup_max_ngram": cfg.lookup_max_ngram, "choose_width": cfg.choose_width,
             "interleave": cfg.interleave,
-            "score_bins": cfg.score_bins, "drafter_weights": cfg.drafter_weights,
+            "score_bins": cfg.score_bins,
             "verify_cost": sha256_json(Path(cfg.verify_cost).read_text())
             if cfg.verify_cost else None,
             "draft_vocab_sha256": sha256_json(list(map(int, draft_vocab)))
-            if draft_vocab is not None else None}
+            if draft_vocab is not None else None,
+            # only where not the default, so runs saved before the option stay reusable
+            **({"drafter_weights": cfg.drafter_weights}
+               if cfg.drafter_weights != "float32" else {})}
 
 
 def draft_vocab_fields(cfg: EvalConfig, draft_vocab, path) -> dict:

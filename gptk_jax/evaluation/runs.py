@@ -102,7 +102,7 @@ def mtp_summary(results: list, k: int) -> dict:
     if any("drafter_rested" in r.stats for r in results):   # batches gated by measured time
         stats["rested_batches"] = sum(bool(r.stats.get("drafter_rested")) for r in results)
         stats["rate_gate_trace"] = [                         # per batch, after it ran
-            [bool(r.stats.get("drafter_rested")), bool(r.stats.get("rate_gate_open")),
+            [r.stats.get("drafter_rested"), r.stats.get("rate_gate_open"),
              _rounded(r.stats.get("measured_speed")), _rounded(r.stats.get("priced_speed"))]
             for r in results]
     return stats

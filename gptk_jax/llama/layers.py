@@ -27,8 +27,9 @@ class Dense(nn.Module):
     """nn.Dense without a bias (the same "kernel" [in, out] param, init and product), except
     that a bfloat16 kernel meets a float32 input as stored when `dot_general` is not XLA's own:
     the few-row kernels then read it at half the bytes (kernels/few_rows.py; a drafter's
-    weights, DecoderSpec.drafter_weights). Otherwise nn.Dense's promotion: input and kernel
-    in `dtype`."""
+    weights, DecoderSpec.drafter_weights; also a trunk stored in bfloat16 and computing in
+    float32 with few-row products, whose 1-row products then sum in the kernel's order, not
+    XLA's). Otherwise nn.Dense's promotion: input and kernel in `dtype`."""
     features: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
