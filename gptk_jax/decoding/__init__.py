@@ -18,6 +18,6 @@ from gptk_jax.decoding.inputs import PromptBatch, pad_prompts, stop_id_array
 from gptk_jax.decoding.loop import Drafter, NoDrafter
 from gptk_jax.decoding.results import ContinuousResult, GenerationResult, MTPResult
 
-__all__ = ["ContinuousResult", "Decoder", "DecodingError", "Drafter", "GenerationResult", "HeadDrafter",
-           "MTPResult", "NoDrafter", "PromptBatch", "head_drafter", "pad_prompts",
+__all__ = ["ContinuousResult", "Decoder", "DecodingError", "Drafter", "GenerationResult",
+           "HeadDrafter", "MTPResult", "NoDrafter", "PromptBatch", "head_drafter", "pad_prompts",
            "stop_id_array"]

@@ -21,8 +21,8 @@ OracleDrafter (per-row references in its variables) does not.
 `continuous_generate` builds a fresh Decoder per call (it compiles every call); hold one
 `Decoder` to serve several queues.
 
-Letters: B slots (batch), Q queued prompts, R rows refilled at once, P padded prompt length, W tokens
-per verify step, M max new tokens. (K is kept for kv heads.)
+Letters: B slots (batch), Q queued prompts, R rows refilled at once, P padded prompt length,
+W tokens per verify step, M max new tokens. (K is kept for kv heads.)
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ count (`length` [B]); `advance` appends the tokens of the positions that became 
 sequence. At draft time the sequence is history[:length] + next_token (the trunk's token,
 emitted but not yet cached).
 
-Letters: B batch, S capacity (cache slots), T positions per advance, W tokens per verify step (W-1 drafts).
+Letters: B batch, S capacity (cache slots), T positions per advance, W tokens per verify step
+(W-1 drafts).
 (K is kept for kv heads.)
 """
 
