@@ -2,6 +2,7 @@
 run folders: drafter names, the numbers carried over unchanged, a partial table that says so."""
 
 import json
+import os
 
 from gptk_jax.evaluation.results_table import collect, markdown, pieces_markdown, results_json
 
@@ -98,23 +99,27 @@ def _write_piece(root, family, name, runs, sentences=200):
 
 def test_evaluation_pieces_are_merged_and_a_mismatched_piece_is_named(tmp_path):
     # eval/ ran the heads at batch 1; eval-b8/ batch 8 and eval-lookup/ the lookup runs later;
-    # eval-lookup's mtp/b1 is a second measurement of a key already read: eval/'s stays.
+    # eval-lookup's mtp/b1 is a second measurement of a key already read: the newer one wins,
+    # whatever the folders' names (eval-again/ sorts before eval-b8/ but is written last)
     _write_family(tmp_path, "linear", {"greedy/b1": _run(), "mtp/b1": _run(1.5, 1.1)})
     _write_piece(tmp_path, "linear", "eval-b8", {"greedy/b8": _run(), "mtp/b8": _run(1.4, 0.99)})
     _write_piece(tmp_path, "linear", "eval-lookup", {"mtp/b1": _run(9.0, 9.0),
                                                      "lookup/b1": _run(2.0, 1.2)})
     _write_piece(tmp_path, "linear", "eval-other", {"oracle/b1": _run(3.9, 1.9)}, sentences=50)
+    _write_piece(tmp_path, "linear", "eval-again", {"mtp/b1": _run(1.6, 1.15)})
+    again = tmp_path / "linear" / "eval-again" / "report.json"
+    os.utime(again, ns=(again.stat().st_atime_ns, again.stat().st_mtime_ns + 10**10))
     collected = collect(tmp_path, ["linear"])
     by_name = {e["drafter"]: e for e in collected["entries"]}
     assert sorted(by_name) == ["linear", "lookup"]                  # the 50-sentence oracle: out
-    assert (by_name["linear"]["speedup_b1"], by_name["linear"]["speedup_b8"]) == (1.1, 0.99)
-    assert by_name["linear"]["tau_k4"] == 1.5
+    assert (by_name["linear"]["speedup_b1"], by_name["linear"]["speedup_b8"]) == (1.15, 0.99)
+    assert by_name["linear"]["tau_k4"] == 1.6
     assert by_name["lookup"]["speedup_b1"] == 1.2
     assert collected["missing"] == ["linear: eval-other: other sentences or prompts than eval"]
     assert "**Partial**" in markdown(collected)
-    assert [p["folder"] for p in collected["pieces"]["linear"]] == ["eval", "eval-b8",
-                                                                   "eval-lookup"]
-    assert pieces_markdown(collected)[1] == \
+    assert [p["folder"] for p in collected["pieces"]["linear"]] == ["eval", "eval-again",
+                                                                   "eval-b8", "eval-lookup"]
+    assert pieces_markdown(collected)[2] == \
         "- linear/eval-b8: `python -m gptk_jax.evaluate --batch-sizes 8`"
     assert pieces_markdown(collected)[0].endswith("(command not recorded in this report)")
 

@@ -57,9 +57,11 @@ def _training(run: Path) -> dict:
 def _read_pieces(run: Path) -> Optional[dict]:
     """A family's evaluation: eval/report.json, merged with any eval-*/report.json (pieces run
     separately, e.g. batch 1 and batch 8, or the lookup runs; names sorted). The first report
-    read gives the header fields and, per run key ('mtp/b1', ...), the first piece holding it
-    wins. A piece measured on other sentences or prompts than the first is left out and named
-    in merged['skipped']. None when no piece has finished."""
+    read gives the header fields; per run key ('mtp/b1', ...) the most recently written piece
+    holding it wins (a run measured again, e.g. after a decoder change, replaces the older
+    measurement; report.json's modification time). A piece measured on other sentences or
+    prompts than the first is left out and named in merged['skipped']. None when no piece has
+    finished."""
     pieces = [run / "eval"] + sorted(p for p in run.glob("eval-*") if p.is_dir())
     reports = [(p, r) for p, r in ((p, _read_json(p / "report.json")) for p in pieces)
                if r is not None]
@@ -74,6 +76,8 @@ def _read_pieces(run: Path) -> Optional[dict]:
                                      f"{reports[0][0].name}")
             continue
         merged["pieces"].append({"folder": path.name, "command": report.get("command")})
+    kept = [(p, r) for p, r in reports if same(r) == same(reports[0][1])]
+    for path, report in sorted(kept, key=lambda pr: -(pr[0] / "report.json").stat().st_mtime_ns):
         for key, value in report.get("runs", {}).items():
             merged["runs"].setdefault(key, value)
     return merged
