@@ -212,6 +212,22 @@ class ScriptedClock(RateGate):
                        priced=priced if self.use_price else None)
 
 
+def _gated_batches(setup, clock, n):
+    """n static batches of the never-right counting oracle (idle_batches=2) through the rate
+    gate `clock` -> (the decoder, each batch's result, the drafts each batch made)."""
+    decoder, prompts, greedy = setup
+    auto = _never_right(decoder, prompts, greedy, CountingOracle)
+    auto = auto.replace(tokens_per_step=dataclasses.replace(auto.width_policy, idle_batches=2))
+    auto.rate_gate = clock
+    results, calls = [], []
+    for _ in range(n):
+        DRAFT_CALLS.clear()
+        results.append(auto.generate(prompts, MAX_NEW, bucket=BUCKET))
+        jax.effects_barrier()
+        calls.append(len(DRAFT_CALLS))
+    return auto, results, calls
+
+
 def test_drafter_rests_while_drafting_is_slower(setup):
     """Static batches measured slower with the drafter than greedy's loop (decoding/rate_gate.py;
     a scripted clock: twice greedy's time): the first batch drafts, the second runs greedy's
@@ -220,15 +236,7 @@ def test_drafter_rests_while_drafting_is_slower(setup):
     rested; the batch after them drafts again and probes first. Every output is greedy's, and
     the greedy steps the engine reports for each batch are greedy's own on those prompts."""
     decoder, prompts, greedy = setup
-    auto = _never_right(decoder, prompts, greedy, CountingOracle)
-    auto = auto.replace(tokens_per_step=dataclasses.replace(auto.width_policy, idle_batches=2))
-    auto.rate_gate = ScriptedClock(2.0, idle_batches=2)
-    results, calls = [], []
-    for _ in range(6):
-        DRAFT_CALLS.clear()
-        results.append(auto.generate(prompts, MAX_NEW, bucket=BUCKET))
-        jax.effects_barrier()
-        calls.append(len(DRAFT_CALLS))
+    auto, results, calls = _gated_batches(setup, ScriptedClock(2.0, idle_batches=2), 6)
     for r in results:
         _same_as_greedy(r, greedy)
         _check_width_stats(r)
@@ -268,15 +276,8 @@ def test_priced_slower_rests_at_break_even_time(setup):
     W histogram at DEAR's costs, W = 1 steps that skipped drafting at greedy's 0.8, against
     greedy's loop steps at 0.8 (a hand count from the result's statistics)."""
     decoder, prompts, greedy = setup
-    auto = _never_right(decoder, prompts, greedy, CountingOracle)
-    auto = auto.replace(tokens_per_step=dataclasses.replace(auto.width_policy, idle_batches=2))
-    auto.rate_gate = ScriptedClock(1.0, use_price=True, idle_batches=2)
-    results, calls = [], []
-    for _ in range(4):
-        DRAFT_CALLS.clear()
-        results.append(auto.generate(prompts, MAX_NEW, bucket=BUCKET))
-        jax.effects_barrier()
-        calls.append(len(DRAFT_CALLS))
+    auto, results, calls = _gated_batches(
+        setup, ScriptedClock(1.0, use_price=True, idle_batches=2), 4)
     for r in results:
         _same_as_greedy(r, greedy)
     assert [r.stats["drafter_rested"] for r in results] == [False, True, False, True]
