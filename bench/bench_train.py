@@ -57,8 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-json", type=Path, default=None)
     p.add_argument("--train-prefix", default=None,
                    help="--compare-build: train on this PREFIX.{de,en} instead of the config's")
-    p.add_argument("--compare-build", action="store_true",
-                   help="only the feature-cache build: input order vs length-bucketed")
+    p.add_argument("--compare-build", nargs="?", const="order", choices=("order", "argmax"),
+                   default=None, help="only the feature-cache build: input order vs "
+                   "length-bucketed (order), or the argmax in the trunk call at every position "
+                   "vs at the cached positions only, apart (argmax)")
     return p.parse_args(argv)
 
 
@@ -107,26 +109,28 @@ def compare_build(args, tmp: Path) -> dict:
     pipe, _ = inputs.build_pipelines(settings, trunk.tokenizer, inputs.prompt_format(
         settings.data), with_eval=False)
     runs, caches = {}, {}
-    for name, bucketed in (("input_order", False), ("bucketed", True)):
+    builds = ((("input_order", False, True), ("bucketed", True, True)) if args.compare_build ==
+              "order" else (("argmax_in_call", True, False), ("argmax_apart", True, True)))
+    for name, bucketed, apart in builds:
         start = time.perf_counter()
         caches[name] = FeatureCache.open_or_build(
             tmp / name, trunk, pipe.rows, settings.head, settings.features.dtype,
             args.batch_size, settings.loss.argmax_chunk, log=print, progress=False,
-            bucketed=bucketed)
+            bucketed=bucketed, argmax_apart=apart)
         runs[name] = {"build_seconds": time.perf_counter() - start, **caches[name].meta["build"]}
+    (before, _, _), (after, _, _) = builds
     # other trunk-call shapes round differently (XLA's CPU kernels block by shape): the
     # difference is float rounding, and the argmax (the self-distillation target) agrees
     same = {}
-    for field, ordered in caches["input_order"].arrays.items():
-        ordered, bucketed = np.asarray(ordered), np.asarray(caches["bucketed"].arrays[field])
-        same[field] = (float(np.mean(ordered == bucketed)) if field == "trunk_argmax" else
-                       float(np.max(np.abs(ordered.astype(np.float32) -
-                                           bucketed.astype(np.float32)))))
-    ratio = runs["input_order"]["build_seconds"] / runs["bucketed"]["build_seconds"]
-    print(f"feature-cache build, {len(pipe.rows)} rows: input order "
-          f"{runs['input_order']['build_seconds']:.1f}s ({runs['input_order']['trunk_tokens']} "
-          f"tokens), bucketed {runs['bucketed']['build_seconds']:.1f}s "
-          f"({runs['bucketed']['trunk_tokens']} tokens; rows hold {runs['bucketed']['row_tokens']}"
+    for field, a in caches[before].arrays.items():
+        a, b = np.asarray(a), np.asarray(caches[after].arrays[field])
+        same[field] = (float(np.mean(a == b)) if field == "trunk_argmax" else
+                       float(np.max(np.abs(a.astype(np.float32) - b.astype(np.float32)))))
+    ratio = runs[before]["build_seconds"] / runs[after]["build_seconds"]
+    print(f"feature-cache build, {len(pipe.rows)} rows: {before} "
+          f"{runs[before]['build_seconds']:.1f}s ({runs[before]['trunk_tokens']} "
+          f"tokens), {after} {runs[after]['build_seconds']:.1f}s "
+          f"({runs[after]['trunk_tokens']} tokens; rows hold {runs[after]['row_tokens']}"
           f"): {ratio:.2f}x faster; " + ", ".join(
               f"{f} {'agreement' if f == 'trunk_argmax' else 'max |diff|'} {v:.3g}"
               for f, v in same.items()))

@@ -77,6 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
                                 # teacher-forced acceptance per offset, chain acceptance and the
                                 # tau estimate (training/draft_metrics.py), split
                                 # 'eval_distilled'; '': reference text only
+    data.eval_reference = True  # False: no split 'eval' against the reference text (with
+                                # eval_target_file: the distilled rows only, one feature-cache
+                                # build less)
 
     # loss: gptk_jax/training/settings.py LossSettings (validated there)
     loss = config.loss = ml_collections.ConfigDict()

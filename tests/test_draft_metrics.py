@@ -174,3 +174,24 @@ def test_trainer_reports_eval_distilled(tmp_path):
     assert rows and rows[-1]["step"] == 2 and "tau_est" in rows[-1]
     # train rows, validation rows (the 'distilled' rows are the same: the same cache)
     assert len(list((tmp_path / "feature_cache").iterdir())) == 2
+
+
+def test_no_reference_split_when_eval_reference_is_off(tmp_path):
+    """data.eval_reference=False: the run validates on the distilled rows only (no split 'eval'
+    in the result or in metrics.jsonl), as `make demo` does."""
+    import importlib
+
+    from configs import base
+    from gptk_jax.training import read_metrics, train_and_evaluate
+    from tests._train_helpers import with_fields
+
+    config = with_fields(importlib.import_module("configs.tiny").get_config(), {
+        "data.max_train_pairs": 16, "data.eval_prefix": f"{base.WMT}/newstest2013",
+        "data.eval_line_range": (2701, 2712), "data.eval_max_sentences": None,
+        "data.eval_target_file": f"{base.WMT}/newstest2013.en", "data.eval_reference": False,
+        "training.global_batch_size": 4, "training.num_train_steps": 2,
+        "features.cache": False, "head.k": 4})
+    result = train_and_evaluate(config, tmp_path, progress=False)
+    assert result.get("eval") is None and result["eval_distilled"]["draft_positions"] > 0
+    assert read_metrics(tmp_path / "metrics.jsonl", "eval") == []
+    assert read_metrics(tmp_path / "metrics.jsonl", "eval_distilled")[-1]["step"] == 2

@@ -36,10 +36,15 @@ and compiles once per bucket length. Few-shot rows start with the same instructi
 on one local device the longest prefix every row of the share holds (up to the first cached
 position, at least MIN_SHARED_PREFIX tokens) is prefilled once and its KV cache broadcast over
 each call, which then runs only the rows' own tokens after it (llama/prefix.py; 2-shot WMT
-rows: about half of each row); meta.json's build record says how long it was (`shared_prefix`). The stored values do not depend on the order beyond
-float32 rounding (attention over a longer padded call accumulates in other blocks; ~1e-6): causal
-attention never reads right padding, and tests/test_feature_cache.py checks both orders against
-each other and against the trunk on each row alone.
+rows: about half of each row); meta.json's build record says how long it was (`shared_prefix`).
+Each call attends over the prefix and its own T slots only, and returns hidden states: the
+trunk's argmax (a [*,V] unembedding, a fifth of a SmolLM2 position's products) is taken apart
+(`_SpanArgmax`) at the cached positions only, not at the prompts' source tokens or the padding
+(800 2-shot rows: 1.23x faster, the same values; docs/benchmarks.md). The stored values do not
+depend on the order beyond float32 rounding (attention over a longer padded call accumulates in
+other blocks; ~1e-6): causal attention never reads right padding, and
+tests/test_feature_cache.py checks both orders against each other and against the trunk on
+each row alone.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +71,9 @@ from gptk_jax.features.shares import (
     built_by, log_on_every_process, positions_of, read_share_records, remove_other_counts,
     replace_atomically, share_complete, share_folder, share_rows, wait_for_shares)
 from gptk_jax.features.trunk_argmax import chunked_argmax
+from gptk_jax.heads import trunk_unembed
+from gptk_jax.kernels.argmax import first_argmax
+from gptk_jax.llama.kv_cache import KVCache
 
 FORMAT = 2                    # 2: field files in shares/<i>-of-<N>/ (1: in the folder itself)
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -122,13 +130,15 @@ def fingerprint(trunk_path: Path, trunk_config, rows, spans: np.ndarray, fields,
     return h.hexdigest()[:20]
 
 
-def _trunk_pass(trunk_config, argmax_chunk: int) -> Callable:
+def _trunk_pass(trunk_config, argmax_chunk: int, with_argmax: bool = True) -> Callable:
     def run(trunk_params, tokens, positions, token_mask):
         out = Llama(trunk_config).apply({"params": trunk_params}, tokens, positions,
                                         token_mask=token_mask, compute_logits=False)
-        argmax = chunked_argmax(trunk_config, trunk_params, out.hidden_normed, argmax_chunk)
-        return {"hidden": out.hidden, "hidden_normed": out.hidden_normed,
-                "trunk_argmax": argmax}
+        fields = {"hidden": out.hidden, "hidden_normed": out.hidden_normed}
+        if with_argmax:
+            fields["trunk_argmax"] = chunked_argmax(trunk_config, trunk_params,
+                                                    out.hidden_normed, argmax_chunk)
+        return fields
     return run
 
 
@@ -138,13 +148,15 @@ def trunk_fn(trunk_config, argmax_chunk: int) -> Callable:
     return jax.jit(_trunk_pass(trunk_config, argmax_chunk))
 
 
-def local_trunk_fn(trunk_config, argmax_chunk: int, trunk_params) -> tuple[Callable, dict, int]:
+def local_trunk_fn(trunk_config, argmax_chunk: int, trunk_params,
+                   with_argmax: bool = True) -> tuple[Callable, dict, int]:
     """(run, params, L): `trunk_fn` data parallel over this process's L local devices (the
-    batch's rows split over them, the trunk replicated on each); `params` placed so."""
+    batch's rows split over them, the trunk replicated on each); `params` placed so.
+    with_argmax=False: hidden and hidden_normed only (the build takes the argmax apart)."""
     devices = jax.local_devices()
     mesh = Mesh(np.asarray(devices), ("rows",))
     rows, replicated = NamedSharding(mesh, P("rows")), NamedSharding(mesh, P())
-    run = jax.jit(_trunk_pass(trunk_config, argmax_chunk),
+    run = jax.jit(_trunk_pass(trunk_config, argmax_chunk, with_argmax),
                   in_shardings=(replicated, rows, rows, rows), out_shardings=rows)
     return run, jax.device_put(trunk_params, replicated), len(devices)
 
@@ -202,9 +214,11 @@ class FeatureCache:
     def open_or_build(cls, cache_root: Path, trunk, rows, head_config: HeadConfig, dtype: str,
                       build_batch_size: int, argmax_chunk: int,
                       log: Callable[[str], None] = print, progress: bool = True,
-                      bucketed: bool = True) -> "FeatureCache":
+                      bucketed: bool = True, argmax_apart: bool = True) -> "FeatureCache":
         """The cache of `rows` under cache_root (built unless there); bucketed=False builds in
-        input order (same values, more padding: for benchmarks and tests). Under
+        input order (same values, more padding: for benchmarks and tests); argmax_apart=False
+        takes the argmax in the trunk call at every position and attends over the whole prefix
+        cache (the build before `_SpanArgmax`: same values, for the benchmark). Under
         jax.distributed every process must call it (collective): each builds its own share."""
         spans = row_spans(rows, head_config)
         fields = cached_fields(head_config)
@@ -217,14 +231,14 @@ class FeatureCache:
         index, count = jax.process_index(), jax.process_count()
         args = (folder, trunk, rows, spans, fields, dtype, build_batch_size, argmax_chunk,
                 bucketed)
-        own = build_share(*args, index, count, progress=progress)
+        own = build_share(*args, index, count, progress=progress, argmax_apart=argmax_apart)
         all_processes(True)          # barrier: every process has its share (built or found)
         for other in wait_for_shares(folder, count, SHARE_WAIT_SECONDS if count > 1 else 0.0):
             log_on_every_process(
                 f"feature cache: share {other}-of-{count} is not in {folder} after the other "
                 f"processes built it: building it here too (put features.cache_dir on storage "
                 f"every process sees, so each process builds only its own share)", log)
-            build_share(*args, other, count, progress=False)
+            build_share(*args, other, count, progress=False, argmax_apart=argmax_apart)
         write_meta(folder, trunk, rows, spans, fields, dtype, count)
         if index == 0:
             remove_other_counts(folder, count)
@@ -241,7 +255,7 @@ class FeatureCache:
 
 def build_share(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str,
                 build_batch_size: int, argmax_chunk: int, bucketed: bool, index: int,
-                count: int, progress: bool = False) -> bool:
+                count: int, progress: bool = False, argmax_apart: bool = True) -> bool:
     """Builds share `index` of `count` of the cache `folder` (rows `share_rows`, spans [R,3] of
     all rows) unless it is complete there; True when this call built it."""
     final = share_folder(folder, index, count)
@@ -253,7 +267,7 @@ def build_share(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str
     local[:, 0] -= p0                                   # offsets within the share's files
     with building(final) as tmp:
         stats = _build(tmp, trunk, rows[first:last], local, fields, dtype, build_batch_size,
-                       argmax_chunk, bucketed, progress)
+                       argmax_chunk, bucketed, argmax_apart, progress)
         (tmp / SHARE_RECORD).write_text(json.dumps(
             {"index": index, "count": count, "rows": [first, last], "positions": [p0, p1],
              "built_by": built_by(), **stats}, indent=2))
@@ -287,19 +301,82 @@ def shared_prefix_length(rows, spans: np.ndarray) -> int:
     return min(common_prefix_length([r.tokens for r in rows]), int(spans[:, 1].min()))
 
 
-def _suffix_pass(trunk_config, argmax_chunk: int) -> Callable:
-    """jit (params, prefix cache [1,..], suffix tokens, token_mask [B,T]) -> the fields at the
-    suffix positions (RoPE positions P .. P+T-1 after the P-token prefix)."""
+def _suffix_pass(trunk_config, stored: tuple, argmax_chunk: Optional[int] = None) -> Callable:
+    """jit (params, prefix cache [1,K,S,H], suffix tokens, token_mask [B,T]) -> the `stored`
+    trunk outputs (hidden / hidden_normed [B,T,D]) at the suffix positions (RoPE positions
+    P .. P+T-1 after the P-token prefix), and hidden_normed. The argmax at every position too
+    when argmax_chunk is given (the build before `_SpanArgmax`, kept for bench/bench_train.py
+    --compare-build argmax)."""
     def run(trunk_params, prefix_cache, tokens, token_mask):
         b, t = tokens.shape
         cache = broadcast_cache(prefix_cache, b)
         positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]   # [B,T]
         out = Llama(trunk_config).apply({"params": trunk_params}, tokens, positions, cache,
                                         token_mask, compute_logits=False)
-        argmax = chunked_argmax(trunk_config, trunk_params, out.hidden_normed, argmax_chunk)
-        return {"hidden": out.hidden, "hidden_normed": out.hidden_normed,
-                "trunk_argmax": argmax}
+        fields = {"hidden": out.hidden, "hidden_normed": out.hidden_normed}
+        if argmax_chunk is not None:
+            fields["trunk_argmax"] = chunked_argmax(trunk_config, trunk_params,
+                                                    out.hidden_normed, argmax_chunk)
+        return {f: fields[f] for f in set(stored) & set(fields) | {"hidden_normed"}}
     return jax.jit(run)
+
+
+def _cut_cache(cache: KVCache, slots: int) -> KVCache:
+    """The prefix cache's first `slots` slots (the rest hold nothing yet)."""
+    return KVCache(k=tuple(k[:, :, :slots] for k in cache.k),
+                   v=tuple(v[:, :, :slots] for v in cache.v),
+                   valid=cache.valid[:, :slots], lengths=cache.lengths)
+
+
+class _SpanArgmax:
+    """The trunk's next-token argmax at the cached positions only (not at the prompt's source
+    tokens or the padding the trunk calls hold: 2-shot WMT rows cache about a third of the
+    positions a build runs): their float32 hidden_normed rows gathered on the host and
+    unembedded CHUNK at a time (one compile), written to `out` [P] at their flat offsets."""
+
+    CHUNK = 512                 # positions per unembedding: [512,V] float32 logits, ~100 MB
+
+    def __init__(self, trunk_config, trunk_params, out: np.ndarray):
+        self.params, self.out = trunk_params, out
+        self.fn = jax.jit(lambda p, h: first_argmax(trunk_unembed(trunk_config, p, h)))
+        self.rows, self.offsets, self.count = [], [], 0
+
+    def add(self, offset: int, hidden_normed: np.ndarray) -> None:
+        """hidden_normed [n,D] of the positions at flat offsets offset .. offset+n-1."""
+        self.rows.append(np.asarray(hidden_normed, np.float32))
+        self.offsets.append(offset + np.arange(len(hidden_normed)))
+        self.count += len(hidden_normed)
+        if self.count >= self.CHUNK:
+            self._run(final=False)
+
+    def finish(self) -> None:
+        if self.count:
+            self._run(final=True)
+
+    def _run(self, final: bool) -> None:
+        h, where = np.concatenate(self.rows), np.concatenate(self.offsets)
+        n = len(h) if final else len(h) // self.CHUNK * self.CHUNK
+        for first in range(0, n, self.CHUNK):
+            part = h[first:first + self.CHUNK]
+            padded = np.zeros((self.CHUNK, h.shape[1]), np.float32)
+            padded[:len(part)] = part
+            best = np.asarray(jax.device_get(self.fn(self.params, padded)))
+            self.out[where[first:first + len(part)]] = best[:len(part)]
+        self.rows, self.offsets = [h[n:]], [where[n:]]
+        self.count = len(h) - n
+
+
+def _call_inputs(rows, index, prefix: int, batch_size: int, length: int,
+                 pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """tokens, token_mask [B,T] of one trunk call: the rows' tokens after the shared prefix,
+    right-padded; batch_size rows always (filler rows all padding): one shape per length."""
+    tokens = np.full((batch_size, length), pad_id, np.int32)
+    token_mask = np.zeros((batch_size, length), bool)
+    for i, row in enumerate(index):
+        own = rows[row].tokens[prefix:]
+        tokens[i, :len(own)] = own
+        token_mask[i, :len(own)] = True
+    return tokens, token_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +385,7 @@ class _Suffix:            # what build_groups reads of a row: its tokens after t
 
 
 def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, batch_size: int,
-           argmax_chunk: int, bucketed: bool, progress: bool,
+           argmax_chunk: int, bucketed: bool, argmax_apart: bool, progress: bool,
            shared_prefix: bool = True) -> dict:
     """Runs the trunk over `rows` (spans [R_i,3], offsets from 0) and writes folder/<field>.bin;
     returns {"seconds", "local_devices", "build": trunk / row tokens, trunk-call lengths}."""
@@ -316,7 +393,8 @@ def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, bat
 
     start_time = time.perf_counter()
     total, dim = int(spans[:, 2].sum()), trunk.config.dim
-    run, params, devices = local_trunk_fn(trunk.config, argmax_chunk, trunk.params)
+    run, params, devices = local_trunk_fn(trunk.config, argmax_chunk, trunk.params,
+                                          with_argmax=not argmax_apart)
     batch_size = -(-batch_size // devices) * devices     # rows per trunk call, split evenly
     # the prefix every row shares runs once (one device: its cache is broadcast over the batch)
     prefix = shared_prefix_length(rows, spans) if shared_prefix and devices == 1 else 0
@@ -327,33 +405,36 @@ def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, bat
     if prefix:
         prefix_cache = prefill_prefix(trunk.config, params, rows[0].tokens[:prefix],
                                       max_len=prefix + max(length for length, _ in groups))
-        run_suffix = _suffix_pass(trunk.config, argmax_chunk)
+        run_suffix = _suffix_pass(trunk.config, tuple(fields),
+                                  None if argmax_apart else argmax_chunk)
     flat = {}
     for field in fields:
         shape, dt = ((total,), np.int32) if field == "trunk_argmax" else ((total, dim),
                                                                           _DTYPES[dtype])
         if total:
             flat[field] = np.memmap(folder / f"{field}.bin", dtype=dt, mode="w+", shape=shape)
+    argmax = _SpanArgmax(trunk.config, params, flat["trunk_argmax"]) \
+        if "trunk_argmax" in flat and argmax_apart else None
+    stored = [f for f in flat if argmax is None or f != "trunk_argmax"]
     pad_id = int(trunk.tokenizer.pad_id)
     for length, index in tqdm(groups, desc="trunk features", unit="batch",
                               disable=not progress, leave=False):
-        # [B,T]: batch_size rows always (filler rows are all padding): one shape per length
-        tokens = np.full((batch_size, length), pad_id, np.int32)
-        token_mask = np.zeros((batch_size, length), bool)
-        for i, row in enumerate(index):
-            own = rows[row].tokens[prefix:]
-            tokens[i, :len(own)] = own
-            token_mask[i, :len(own)] = True
+        tokens, token_mask = _call_inputs(rows, index, prefix, batch_size, length, pad_id)
         if prefix:
-            outputs = jax.device_get(run_suffix(params, prefix_cache, tokens, token_mask))
+            cache = _cut_cache(prefix_cache, prefix + length) if argmax_apart else prefix_cache
+            outputs = jax.device_get(run_suffix(params, cache, tokens, token_mask))
         else:
             positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
             outputs = jax.device_get(run(params, tokens, positions, token_mask))
         for i, row in enumerate(index):
             offset, start, n = spans[row]
             start -= prefix                             # position in the call's tokens
-            for field in fields:
+            for field in stored:
                 flat[field][offset:offset + n] = outputs[field][i, start:start + n]
+            if argmax is not None:
+                argmax.add(offset, outputs["hidden_normed"][i, start:start + n])
+    if argmax is not None:
+        argmax.finish()
     for array in flat.values():
         array.flush()
     return {"seconds": time.perf_counter() - start_time, "local_devices": devices,

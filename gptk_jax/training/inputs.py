@@ -224,7 +224,7 @@ def build_pipelines(settings: RunSettings, tokenizer, fmt: PromptFormat,
         raise TrainingError(f"training set ({len(pairs)} pairs from "
                             f"{list(data.train_prefixes)}): {e}") from None
     evaluation = None
-    if with_eval and data.eval_prefix:
+    if with_eval and data.eval_prefix and data.eval_reference:
         prefix = data.eval_prefix
         try:
             eval_pairs = read_parallel_text(prefix, data.src_lang, data.tgt_lang,

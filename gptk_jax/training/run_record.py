@@ -47,7 +47,7 @@ RECIPE = ("optimizer.", "training.num_train_steps", "training.num_epochs", "loss
 BOOKKEEPING = ("training.log_every_steps", "training.eval_every_steps", "training.eval_at_start",
                "training.checkpoint_every_steps", "training.max_checkpoints_to_keep",
                "data.eval_prefix", "data.eval_max_sentences", "data.eval_line_range",
-               "data.eval_target_file", "loss.argmax_chunk",
+               "data.eval_target_file", "data.eval_reference", "loss.argmax_chunk",
                "loss.position_chunk", "parallel.", "features.cache", "features.cache_dir",
                "features.build_batch_size")
 NOT_COMPARED = (ALLOW_FLAG,)   # about this start, not about the run

@@ -117,6 +117,9 @@ class DataSettings:
     # distilled targets): teacher-forced acceptance per offset, chain acceptance and the tau
     # estimate (training/draft_metrics.py), split 'eval_distilled'; '': reference text only
     eval_target_file: str = dataclasses.field(default="", metadata=PATH)
+    # False: no split 'eval' against the reference text (with eval_target_file, validation runs
+    # on the distilled rows only: one feature-cache build less, e.g. for `make demo`)
+    eval_reference: bool = True
 
     def __post_init__(self):
         for name in ("train_prefixes", "train_target_files", "bucket_lengths"):
