@@ -17,12 +17,12 @@ from gptk_jax.llama.model import Llama
 from gptk_jax.features.cache import FeatureCache, build_groups
 from gptk_jax.training.inputs import Trunk, ensure_tiny_trunk
 
-# 12 rows, 4 per trunk call. Sorted: 3 5 6 8 | 9 12 35 38 | 40 66 70 90 -> T 64, 64, 128
-# (multiples of 64): 4 * (64 + 64 + 128) = 1024 tokens. Input order (multiples of 32):
+# 12 rows, 4 per trunk call. Sorted: 3 5 6 8 | 9 12 35 38 | 40 66 70 90 -> T 16, 48, 96
+# (multiples of 16): 4 * (16 + 48 + 96) = 640 tokens. Input order (multiples of 32):
 # [70 5 9 40] [3 66 12 35] [8 90 6 38] -> 96 each: 4 * 3 * 96 = 1152 tokens.
 LENGTHS = [70, 5, 9, 40, 3, 66, 12, 35, 8, 90, 6, 38]
 BUILD_BATCH = 4
-BUCKETED_TOKENS, INPUT_ORDER_TOKENS = 1024, 1152
+BUCKETED_TOKENS, INPUT_ORDER_TOKENS = 640, 1152
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,7 @@ def test_bucketed_cache_equals_input_order_cache(tmp_path, trunk, rows, kind):
     input_order = _build(tmp_path, trunk, rows, head_config, False)
     assert bucketed.meta["build"]["trunk_tokens"] == BUCKETED_TOKENS
     assert input_order.meta["build"]["trunk_tokens"] == INPUT_ORDER_TOKENS
-    assert bucketed.meta["build"]["lengths"] == [64, 128]
+    assert bucketed.meta["build"]["lengths"] == [16, 48, 96]
     assert input_order.meta["build"]["lengths"] == [96]
     assert np.array_equal(bucketed.spans, input_order.spans)
     assert sorted(bucketed.arrays) == sorted(input_order.arrays)
@@ -87,7 +87,7 @@ def test_bucketed_cache_equals_input_order_cache(tmp_path, trunk, rows, kind):
         other = input_order.arrays[field]
         assert values.shape == other.shape and values.shape[0] == int(bucketed.spans[:, 2].sum())
         # every real position of every row: the same value, up to float32 rounding (attention
-        # over 64 / 128 slots and over 96 slots accumulates in different blocks); ids exactly
+        # over 16 / 48 / 96 slots and over 96 slots accumulates in different blocks); ids exactly
         _assert_same(np.asarray(values), np.asarray(other), field)
     # and what a training batch receives (rows in batch order, a filler row)
     batch = {"tokens": np.zeros((3, 96), np.int32),

@@ -17,12 +17,12 @@ from gptk_jax.features.cache import FeatureCache
 from gptk_jax.training.inputs import Trunk, ensure_tiny_trunk
 
 # 8 rows: a 40-token prefix shared by all, then 4 prompt tokens of their own and targets;
-# suffix lengths 5..35 and 60. Build batch 4, calls padded to multiples of 64.
-# Shared: suffixes sorted 5 10 15 20 | 25 30 35 60 -> T 64, 64: 40 + 4*64 + 4*64 = 552 tokens.
-# Whole rows: 45 50 55 60 | 65 70 75 100 -> T 64, 128: 4*64 + 4*128 = 768 tokens.
+# suffix lengths 5..35 and 60. Build batch 4, calls padded to multiples of 16.
+# Shared: suffixes sorted 5 10 15 20 | 25 30 35 60 -> T 32, 64: 40 + 4*32 + 4*64 = 424 tokens.
+# Whole rows: 45 50 55 60 | 65 70 75 100 -> T 64, 112: 4*64 + 4*112 = 704 tokens.
 PREFIX, OWN_PROMPT = 40, 4
 SUFFIXES = [35, 5, 60, 10, 30, 15, 25, 20]
-SHARED_TOKENS, WHOLE_TOKENS = 552, 768
+SHARED_TOKENS, WHOLE_TOKENS = 424, 704
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +56,8 @@ def _cache(tmp_path, trunk, rows, kind):
 
 def test_shared_prefix_cache_equals_each_row_alone(tmp_path, trunk, rows):
     cache = _cache(tmp_path, trunk, rows, "linear")
-    assert cache.meta["build"]["trunk_tokens"] == SHARED_TOKENS       # whole rows: 768
-    assert cache.meta["build"]["lengths"] == [64]
+    assert cache.meta["build"]["trunk_tokens"] == SHARED_TOKENS       # whole rows: 704
+    assert cache.meta["build"]["lengths"] == [32, 64]
     model = Llama(trunk.config)
     for row in rows:
         n = len(row.tokens)

@@ -1,5 +1,6 @@
 """The trunk-feature cache in shares (features/cache.py, features/shares.py): shares
-built apart are the one-process cache split in row ranges, value for value; a job of two
+built apart are the one-process cache split in row ranges, value for value (to float32
+rounding: a share's calls have other lengths; the argmax exactly); a job of two
 jax.distributed processes on localhost builds one share each and trains with the losses of one
 process; a share missing after the others finished is built where it is missing; a local
 build over 2 devices stores the values of 1.
@@ -53,7 +54,9 @@ def build(root: Path, trunk, rows, log=lambda msg: None):
                                       progress=False)
 
 
-def assert_same_cache(got, want, exact: bool = True):
+def assert_same_cache(got, want, exact: bool = False):
+    """exact=False: float fields to float32 rounding (a share's rows run in calls of other
+    lengths than one process's: 16-multiples of each call's longest row), ids exactly."""
     """Every array of two caches: spans, pair indices, each field's flat values."""
     assert got.folder.name == want.folder.name                 # the same fingerprint
     np.testing.assert_array_equal(got.spans, want.spans)
@@ -114,14 +117,18 @@ def test_shares_built_apart_are_the_one_process_cache(tmp_path, trunk, one_proce
     # a slice across a share boundary, and a training batch with rows of all three shares
     field = "hidden_normed"
     edge = bounds[1][0]
-    np.testing.assert_array_equal(shares.arrays[field][edge - 3:edge + 2],
-                                  np.asarray(one_process.arrays[field])[edge - 3:edge + 2])
+    np.testing.assert_allclose(shares.arrays[field][edge - 3:edge + 2],
+                               np.asarray(one_process.arrays[field])[edge - 3:edge + 2],
+                               rtol=1e-5, atol=1e-5)
     batch = {"tokens": np.zeros((4, 96), np.int32),
              "example_index": np.asarray([rows[9].index, -1, rows[4].index, rows[0].index],
                                          np.int32)}
     a, b = shares.attach(batch), one_process.attach(batch)
     for name in shares.arrays:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        if name == "trunk_argmax":
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        else:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5, err_msg=name)
     # a share gone from a complete cache is an error naming it
     (folder / "shares" / "1-of-3" / "share.json").unlink()
     from gptk_jax.features.shares import CacheError
@@ -181,10 +188,11 @@ def test_a_build_over_two_local_devices_stores_the_same_values(tmp_path, trunk_p
     cache = FeatureCache(tmp_path / one_process.folder.name)
     (share,) = cache.shares
     assert share["local_devices"] == 2
-    # 3 rows per call rounded up to 4 (2 per device): 3 calls of 4 rows at T 64, 64, 128
-    assert share["build"]["trunk_tokens"] == 4 * (64 + 64 + 128)
-    assert one_process.shares[0]["build"]["trunk_tokens"] == 3 * (64 + 64 + 64 + 128)
-    assert_same_cache(cache, one_process, exact=False)
+    # 3 rows per call rounded up to 4 (2 per device): sorted 3 5 6 8 | 9 12 35 38 | 40 66 70 90,
+    # 3 calls of 4 rows at T 16, 48, 96; one process: 3 5 6 | 8 9 12 | 35 38 40 | 66 70 90
+    assert share["build"]["trunk_tokens"] == 4 * (16 + 48 + 96)
+    assert one_process.shares[0]["build"]["trunk_tokens"] == 3 * (16 + 16 + 48 + 96)
+    assert_same_cache(cache, one_process)
 
 
 def _env(**extra) -> dict:

@@ -15,8 +15,9 @@ i runs the trunk over share i only (its batches split over its local devices, da
 then every process memory-maps every share, so training's batch assembly reads any row as
 before. CACHE_DIR must then be on storage every process sees; a share that a process does not
 see after the others finished is built there too. One process: one share. The fingerprint does
-not depend on N, and neither do the values: a 2-process cache is the 1-process cache split in
-two (tests/test_shares.py), and a later run with another process count reuses it.
+not depend on N, and neither do the values beyond float32 rounding (a share's rows may run in
+calls of other lengths): a 2-process cache is the 1-process cache split in two
+(tests/test_feature_shares.py), and a later run with another process count reuses it.
 
 Positions: a row's span is [0, L) for the LSTM (it reads the whole sequence in order) and
 [max(0, prompt - max offset), L) for PoMa / linear: every position that can be supervised and
@@ -31,8 +32,7 @@ a restart keeps the shares that were complete).
 Build order: a share's rows sorted by length and run `build_batch_size` at a time (rounded up to
 a multiple of the local devices), each trunk call padded to its longest row rounded up to
 BUCKET_LENGTH_MULTIPLE (`gptk_jax.data.pipeline.length_sorted_batches`), so the trunk runs on
-about the tokens the rows hold (SmolLM2 on News Commentary: 1.33x instead of 2x in input order)
-and compiles once per bucket length. Few-shot rows start with the same instruction and shots:
+about the tokens the rows hold and compiles once per bucket length. Few-shot rows start with the same instruction and shots:
 on one local device the longest prefix every row of the share holds (up to the first cached
 position, at least MIN_SHARED_PREFIX tokens) is prefilled once and its KV cache broadcast over
 each call, which then runs only the rows' own tokens after it (llama/prefix.py; 2-shot WMT
@@ -79,9 +79,10 @@ FORMAT = 2                    # 2: field files in shares/<i>-of-<N>/ (1: in the 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 MIN_SHARED_PREFIX = 16      # a shorter prefix common to every row is not run apart
 BUILD_LENGTH_MULTIPLE = 32   # input-order build batches are padded to a multiple of this
-BUCKET_LENGTH_MULTIPLE = 64  # length-sorted ones to a multiple of this: the unrolled 30-layer
-                             # SmolLM2 compiles for each length, so 4 lengths up to 256 (1.33x the
-                             # rows' tokens on News Commentary) beat 8 (1.17x)
+BUCKET_LENGTH_MULTIPLE = 16  # length-sorted ones to a multiple of this. Each length compiles
+                             # once (the unrolled 30-layer SmolLM2 at [16,128]: ~3 s here); the
+                             # results rows' suffixes after the 157-token prefix (652,895 tokens)
+                             # run as 854,016 tokens at 64 (6 lengths), 707,584 at 16 (18)
 
 
 def build_groups(rows, batch_size: int, bucketed: bool = True) -> list[tuple[int, np.ndarray]]:
