@@ -11,12 +11,14 @@ records; epoch 1 includes compiling the step), the cache build time, and the spe
 cached epochs from the 2nd on. The goal is >= 5x. On a shared machine the load average is
 recorded in the JSON; pin cores (`taskset -c 0,1`) for comparable numbers.
 
-    python bench/bench_train.py --compare-build [--pairs 800] [--batch-size 16] [--train-prefix P]
-        [--output-json bench/results/feature_cache_build.json]
+    python bench/bench_train.py --compare-build [order|argmax] [--pairs 800] [--batch-size 16]
+        [--train-prefix P] [--output-json bench/results/feature_cache_build.json]
 
 builds the feature cache of the config's first --pairs training rows twice in one process:
-in input order (each trunk call padded to its longest row, rounded up to 32: the build before
-length buckets) and length-bucketed (rows sorted by length), and reports both build times
+`order` (the default) in input order (each trunk call padded to its longest row, rounded up to
+32: the build before length buckets) and length-bucketed (rows sorted by length); `argmax` with
+the trunk's argmax taken in each call at every position (the build before `_SpanArgmax`) and
+apart at the cached positions only; and reports both build times
 (compilation included: each compiles once per row length), the tokens the trunk ran on, the
 ratio, how far apart the two caches are (max |diff| of the hidden states, share of equal
 argmax tokens).
@@ -134,7 +136,8 @@ def compare_build(args, tmp: Path) -> dict:
           f"): {ratio:.2f}x faster; " + ", ".join(
               f"{f} {'agreement' if f == 'trunk_argmax' else 'max |diff|'} {v:.3g}"
               for f, v in same.items()))
-    return {"rows": len(pipe.rows), "speedup": ratio, "agreement": same, "runs": runs}
+    return {"comparison": args.compare_build, "rows": len(pipe.rows), "speedup": ratio,
+            "agreement": same, "runs": runs}
 
 
 def main(argv=None) -> int:

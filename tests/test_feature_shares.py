@@ -55,9 +55,9 @@ def build(root: Path, trunk, rows, log=lambda msg: None):
 
 
 def assert_same_cache(got, want, exact: bool = False):
-    """exact=False: float fields to float32 rounding (a share's rows run in calls of other
-    lengths than one process's: 16-multiples of each call's longest row), ids exactly."""
-    """Every array of two caches: spans, pair indices, each field's flat values."""
+    """Every array of two caches: spans, pair indices, each field's flat values. exact=False:
+    float fields to float32 rounding (a share's rows run in calls of other lengths than one
+    process's: 16-multiples of each call's longest row), ids exactly."""
     assert got.folder.name == want.folder.name                 # the same fingerprint
     np.testing.assert_array_equal(got.spans, want.spans)
     np.testing.assert_array_equal(np.load(got.folder / "pair_index.npy"),

@@ -82,6 +82,14 @@ def test_eval_range_and_target_file_checked_in_the_config():
         RunSettings.from_config(config)
 
 
+def test_no_reference_split_needs_distilled_rows():
+    import importlib
+    config = importlib.import_module("configs.tiny").get_config()
+    config.data.eval_reference = False          # and no eval_target_file: nothing to validate on
+    with pytest.raises(ConfigKeyError, match="eval_reference=False needs eval_target_file"):
+        RunSettings.from_config(config)
+
+
 def test_smollm2_configs_hold_out_the_validation_lines():
     import importlib
     for name in ("linear_smollm2_wmt14", "lstm_conditioned_smollm2_wmt14",

@@ -3,7 +3,8 @@ memory-mapped, so every epoch after the build runs only the heads.
 
     CACHE_DIR/<fingerprint>/meta.json        what was cached and from what, the share count N;
                                              written last: the cache is complete
-    CACHE_DIR/<fingerprint>/spans.npy        [R,3] int64 per row: flat offset, first position, length
+    CACHE_DIR/<fingerprint>/spans.npy        [R,3] int64 per row: flat offset, first position,
+                                             length
     CACHE_DIR/<fingerprint>/pair_index.npy   [R] int64: the row's index among the input pairs
                                              (what batches carry as `example_index`)
     CACHE_DIR/<fingerprint>/shares/<i>-of-<N>/<field>.bin   flat [P_i,D] (hidden, hidden_normed)
@@ -32,11 +33,12 @@ a restart keeps the shares that were complete).
 Build order: a share's rows sorted by length and run `build_batch_size` at a time (rounded up to
 a multiple of the local devices), each trunk call padded to its longest row rounded up to
 BUCKET_LENGTH_MULTIPLE (`gptk_jax.data.pipeline.length_sorted_batches`), so the trunk runs on
-about the tokens the rows hold and compiles once per bucket length. Few-shot rows start with the same instruction and shots:
-on one local device the longest prefix every row of the share holds (up to the first cached
-position, at least MIN_SHARED_PREFIX tokens) is prefilled once and its KV cache broadcast over
-each call, which then runs only the rows' own tokens after it (llama/prefix.py; 2-shot WMT
-rows: about half of each row); meta.json's build record says how long it was (`shared_prefix`).
+about the tokens the rows hold and compiles once per bucket length. Few-shot rows start with the
+same instruction and shots: on one local device the longest prefix every row of the share holds
+(up to the first cached position, at least MIN_SHARED_PREFIX tokens) is prefilled once and its
+KV cache broadcast over each call, which then runs only the rows' own tokens after it
+(llama/prefix.py; 2-shot WMT rows: about half of each row); meta.json's build record says how
+long it was (`shared_prefix`).
 Each call attends over the prefix and its own T slots only, and returns hidden states: the
 trunk's argmax (a [*,V] unembedding, a fifth of a SmolLM2 position's products) is taken apart
 (`_SpanArgmax`) at the cached positions only, not at the prompts' source tokens or the padding
@@ -332,10 +334,14 @@ def _cut_cache(cache: KVCache, slots: int) -> KVCache:
 class _SpanArgmax:
     """The trunk's next-token argmax at the cached positions only (not at the prompt's source
     tokens or the padding the trunk calls hold: 2-shot WMT rows cache about a third of the
-    positions a build runs): their float32 hidden_normed rows gathered on the host and
-    unembedded CHUNK at a time (one compile), written to `out` [P] at their flat offsets."""
+    positions a build runs): their hidden_normed rows (the trunk's dtype, as the call returned
+    them) gathered on the host and unembedded CHUNK at a time (one compile), written to `out`
+    [P] at their flat offsets. With several local devices the params are replicated and each
+    device unembeds the whole chunk (correct, not split; single-device hosts are the case
+    this build is tuned for)."""
 
-    CHUNK = 512                 # positions per unembedding: [512,V] float32 logits, ~100 MB
+    CHUNK = 512       # positions per unembedding: [512,V] float32 logits (V 49,152: ~100 MB;
+                      # 128,256: ~260 MB); loss.argmax_chunk sizes training's chunks only
 
     def __init__(self, trunk_config, trunk_params, out: np.ndarray):
         self.params, self.out = trunk_params, out
@@ -344,7 +350,7 @@ class _SpanArgmax:
 
     def add(self, offset: int, hidden_normed: np.ndarray) -> None:
         """hidden_normed [n,D] of the positions at flat offsets offset .. offset+n-1."""
-        self.rows.append(np.asarray(hidden_normed, np.float32))
+        self.rows.append(np.asarray(hidden_normed))
         self.offsets.append(offset + np.arange(len(hidden_normed)))
         self.count += len(hidden_normed)
         if self.count >= self.CHUNK:
@@ -359,7 +365,7 @@ class _SpanArgmax:
         n = len(h) if final else len(h) // self.CHUNK * self.CHUNK
         for first in range(0, n, self.CHUNK):
             part = h[first:first + self.CHUNK]
-            padded = np.zeros((self.CHUNK, h.shape[1]), np.float32)
+            padded = np.zeros((self.CHUNK, h.shape[1]), h.dtype)
             padded[:len(part)] = part
             best = np.asarray(jax.device_get(self.fn(self.params, padded)))
             self.out[where[first:first + len(part)]] = best[:len(part)]

@@ -1,6 +1,7 @@
 """The frozen trunk's own next-token argmax, a chunk of positions at a time: the
-self-distillation targets and evaluation (step.py) and the trunk-feature cache (features.py)
-both read it.
+self-distillation targets and evaluation (training/step.py) read it, and `trunk_fn`
+(features/cache.py, bench/probe_heads.py); the cache's build takes its own apart
+(`_SpanArgmax`).
 
 Letters: B batch, T positions, C chunk, D width, V vocab.
 """

@@ -119,6 +119,7 @@ class TrainingLoop:
         self.first_step = self.step
         self.result = {"status": "completed", "step": self.step, "steps_run": 0, "train": None,
                        "eval": None, "eval_distilled": None, "heads": None}
+        self.evaluated_at = None                  # the step of the last validation run here
         self.pending, self.window = [], []
         self.window_start = self.epoch_start = time.perf_counter()
 
@@ -141,6 +142,7 @@ class TrainingLoop:
     def evaluate(self, at_step: int) -> None:
         """Split 'eval' (reference text) and, with data.eval_target_file, 'eval_distilled'
         (the trunk's own translations of the same sources)."""
+        self.evaluated_at = at_step
         if self.eval_fn is None:
             return
         run = self.run_
@@ -237,8 +239,7 @@ class TrainingLoop:
                     return self._finished()
         self.drain()
         self.save(self.step)
-        if self.result["eval"] is None or self.loop.eval_every_steps == 0 or \
-                self.step % self.loop.eval_every_steps:
+        if self.evaluated_at != self.step:      # the last step's validation, once
             self.evaluate(self.step)
         self.checkpoints.wait()
         return self._finished()

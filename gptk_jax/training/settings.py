@@ -138,6 +138,9 @@ class DataSettings:
                                line_range(self.eval_line_range, "eval_line_range"))
         _check(not self.eval_target_file or bool(self.eval_prefix),
                "eval_target_file needs eval_prefix (the sources it translates)")
+        _check(self.eval_reference or bool(self.eval_target_file) or not self.eval_prefix,
+               "eval_reference=False needs eval_target_file (the distilled rows to validate on; "
+               "eval_prefix='' turns validation off)")
         _check(not self.train_target_files or
                len(self.train_target_files) == len(self.train_prefixes),
                f"train_target_files ({len(self.train_target_files)}) must be empty or one per "
