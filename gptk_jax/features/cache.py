@@ -133,15 +133,21 @@ def fingerprint(trunk_path: Path, trunk_config, rows, spans: np.ndarray, fields,
     return h.hexdigest()[:20]
 
 
-def _trunk_pass(trunk_config, argmax_chunk: int, with_argmax: bool = True) -> Callable:
+def _fields(trunk_config, trunk_params, out, argmax_chunk: Optional[int]) -> dict:
+    """A trunk call's outputs as the cache reads them: hidden and hidden_normed [B,T,D], and
+    the argmax [B,T] at every position when argmax_chunk is given."""
+    fields = {"hidden": out.hidden, "hidden_normed": out.hidden_normed}
+    if argmax_chunk is not None:
+        fields["trunk_argmax"] = chunked_argmax(trunk_config, trunk_params, out.hidden_normed,
+                                                argmax_chunk)
+    return fields
+
+
+def _trunk_pass(trunk_config, argmax_chunk: Optional[int]) -> Callable:
     def run(trunk_params, tokens, positions, token_mask):
         out = Llama(trunk_config).apply({"params": trunk_params}, tokens, positions,
                                         token_mask=token_mask, compute_logits=False)
-        fields = {"hidden": out.hidden, "hidden_normed": out.hidden_normed}
-        if with_argmax:
-            fields["trunk_argmax"] = chunked_argmax(trunk_config, trunk_params,
-                                                    out.hidden_normed, argmax_chunk)
-        return fields
+        return _fields(trunk_config, trunk_params, out, argmax_chunk)
     return run
 
 
@@ -159,7 +165,7 @@ def local_trunk_fn(trunk_config, argmax_chunk: int, trunk_params,
     devices = jax.local_devices()
     mesh = Mesh(np.asarray(devices), ("rows",))
     rows, replicated = NamedSharding(mesh, P("rows")), NamedSharding(mesh, P())
-    run = jax.jit(_trunk_pass(trunk_config, argmax_chunk, with_argmax),
+    run = jax.jit(_trunk_pass(trunk_config, argmax_chunk if with_argmax else None),
                   in_shardings=(replicated, rows, rows, rows), out_shardings=rows)
     return run, jax.device_put(trunk_params, replicated), len(devices)
 
@@ -304,28 +310,26 @@ def shared_prefix_length(rows, spans: np.ndarray) -> int:
     return min(common_prefix_length([r.tokens for r in rows]), int(spans[:, 1].min()))
 
 
-def _suffix_pass(trunk_config, stored: tuple, argmax_chunk: Optional[int] = None) -> Callable:
-    """jit (params, prefix cache [1,K,S,H], suffix tokens, token_mask [B,T]) -> the `stored`
-    trunk outputs (hidden / hidden_normed [B,T,D]) at the suffix positions (RoPE positions
-    P .. P+T-1 after the P-token prefix), and hidden_normed. The argmax at every position too
-    when argmax_chunk is given (the build before `_SpanArgmax`, kept for bench/bench_train.py
-    --compare-build argmax)."""
+def _suffix_pass(trunk_config, prefix: int, argmax_chunk: Optional[int] = None) -> Callable:
+    """jit (params, prefix cache [1,K,S,H], suffix tokens, token_mask [B,T]) -> hidden and
+    hidden_normed [B,T,D] at the suffix positions (RoPE positions P .. P+T-1 after the
+    P = `prefix`-token prefix), attending over the cache's first P + T slots only (the rest hold
+    nothing). With argmax_chunk: the argmax at every position too, over the whole cache (the
+    build before `_SpanArgmax`, kept for bench/bench_train.py --compare-build argmax)."""
     def run(trunk_params, prefix_cache, tokens, token_mask):
         b, t = tokens.shape
+        if argmax_chunk is None:
+            prefix_cache = _cut_cache(prefix_cache, prefix + t)
         cache = broadcast_cache(prefix_cache, b)
         positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]   # [B,T]
         out = Llama(trunk_config).apply({"params": trunk_params}, tokens, positions, cache,
                                         token_mask, compute_logits=False)
-        fields = {"hidden": out.hidden, "hidden_normed": out.hidden_normed}
-        if argmax_chunk is not None:
-            fields["trunk_argmax"] = chunked_argmax(trunk_config, trunk_params,
-                                                    out.hidden_normed, argmax_chunk)
-        return {f: fields[f] for f in set(stored) & set(fields) | {"hidden_normed"}}
+        return _fields(trunk_config, trunk_params, out, argmax_chunk)
     return jax.jit(run)
 
 
 def _cut_cache(cache: KVCache, slots: int) -> KVCache:
-    """The prefix cache's first `slots` slots (the rest hold nothing yet)."""
+    """The cache's first `slots` slots."""
     return KVCache(k=tuple(k[:, :, :slots] for k in cache.k),
                    v=tuple(v[:, :, :slots] for v in cache.v),
                    valid=cache.valid[:, :slots], lengths=cache.lengths)
@@ -412,8 +416,7 @@ def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, bat
     if prefix:
         prefix_cache = prefill_prefix(trunk.config, params, rows[0].tokens[:prefix],
                                       max_len=prefix + max(length for length, _ in groups))
-        run_suffix = _suffix_pass(trunk.config, tuple(fields),
-                                  None if argmax_apart else argmax_chunk)
+        run_suffix = _suffix_pass(trunk.config, prefix, None if argmax_apart else argmax_chunk)
     flat = {}
     for field in fields:
         shape, dt = ((total,), np.int32) if field == "trunk_argmax" else ((total, dim),
@@ -428,8 +431,7 @@ def _build(folder: Path, trunk, rows, spans: np.ndarray, fields, dtype: str, bat
                               disable=not progress, leave=False):
         tokens, token_mask = _call_inputs(rows, index, prefix, batch_size, length, pad_id)
         if prefix:
-            cache = _cut_cache(prefix_cache, prefix + length) if argmax_apart else prefix_cache
-            outputs = jax.device_get(run_suffix(params, cache, tokens, token_mask))
+            outputs = jax.device_get(run_suffix(params, prefix_cache, tokens, token_mask))
         else:
             positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
             outputs = jax.device_get(run(params, tokens, positions, token_mask))
