@@ -242,3 +242,26 @@ def test_drafting_gate_measures_what_drafting_brought():
     np.testing.assert_allclose(wrong.gate_cost, 0.5 * float(init_width_stats(dear).gate_cost)
                                + 1.5 / 0.4, rtol=1e-6)
     assert not bool(drafting_pays(dear, wrong))
+
+
+def test_a_wider_step_must_beat_one_token_by_min_gain():
+    """choose_width counts each cost(W > 1) min_gain dearer: pooled acceptance 0.6 at offset 2
+    and 0 beyond gives E = (1, 1.6, 1.6); at cost(2) = 1.5, W = 2 is 1.6 / 1.5 = 1.067 tokens per
+    cost against W = 1's 1.0, so it is chosen with a gain margin under 6.7 % and not above."""
+    def pick(min_gain):
+        policy = AutoWidth(max_width=3, score_bins=1, prior=0.6, prior_weight=1.0,
+                           costs=(1.0, 1.5, 2.0), min_gain=min_gain)
+        stats = init_width_stats(policy).replace(
+            passed=jnp.array([0.6, 0.0]), since_full=jnp.array(0, jnp.int32),
+            gate_open=jnp.array(True))
+        return [int(x) for x in choose_width(policy, stats)]
+    assert pick(0.0) == [2, 2]
+    assert pick(0.05) == [2, 2]
+    assert pick(0.08) == [1, 1]
+
+
+def test_min_gain_is_checked():
+    with pytest.raises(DecodingError, match="min_gain"):
+        Decoder(CFG, params_for_model(init_params(CFG, jax.random.PRNGKey(0)), CFG),
+                stop_ids=[], pad_id=0, drafter=OracleDrafter(K - 1, CFG.vocab_size),
+                tokens_per_step=AutoWidth(min_gain=1.5))

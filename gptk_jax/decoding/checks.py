@@ -64,6 +64,8 @@ def check_width(drafter: Optional[Drafter], tokens_per_step: Any) -> Optional[Au
                             f"({p.probe_every}), got {p.idle_probe_every!r}")
     if not isinstance(p.score_bins, int) or isinstance(p.score_bins, bool) or p.score_bins < 1:
         raise DecodingError(f"auto W: score_bins must be an integer >= 1, got {p.score_bins!r}")
+    if not 0 <= p.min_gain < 1:
+        raise DecodingError(f"auto W: min_gain must be in [0, 1), got {p.min_gain!r}")
     if not 0 <= p.close_margin < 1:
         raise DecodingError(f"auto W: close_margin must be in [0, 1), got {p.close_margin!r}")
     if not (0 < p.decay <= 1 and 0 < p.gate_decay <= 1 and 0 <= p.prior <= 1

@@ -6,6 +6,9 @@ maximises expected tokens per second at this batch:
     E(W) = 1 + sum_{j=2..W} prod_{i=2..j} p_i        (tokens a step emits at W, bonus included)
     W    = argmax_W E(W) / cost(W)                     (the smallest W on ties)
 
+(each cost(W > 1) counted min_gain (10 %) dearer: a W > 1 must beat W = 1 by more than the cost
+table's own error, see `AutoWidth.min_gain`)
+
 cost(W) is the measured cost of one decode step at this batch and W, relative to W = 1
 (decoding/cost.py's `VerifyCost`: a calibration file or a short measurement at start); p_i is the
 running conditional acceptance at offset i (P(draft i accepted | drafts 2..i-1 accepted)), pooled
@@ -129,7 +132,10 @@ class AutoWidth:
     run greedy's loop, the drafter resting (decoding/rate_gate.py), before one runs with it
     again and probes.
     prior / prior_weight: the acceptance the counts start at, worth that many row-steps.
-    score_bins: bins of the drafts' scores (1: scores ignored, the pooled choice). Set by the
+    score_bins: bins of the drafts' scores (1: scores ignored, the pooled choice). min_gain: a
+    W > 1 is chosen only where its expected tokens per cost beat W = 1's by this fraction (the
+    cost table's own error: linear + lookup at batch 8, continuous, session 21: priced 1.05x
+    greedy's loop, measured 0.99x). Set by the
     engine per call (leave them): costs, the relative step cost at W = 1..W_max at this batch
     (from its `VerifyCost`; drafting included); greedy_cost, greedy's step (no drafting) on
     the same scale; width, the W an executable of `run` steps at (0 where none: prefill,
@@ -144,6 +150,7 @@ class AutoWidth:
     prior: float = 0.5
     prior_weight: float = 1.0
     score_bins: int = 8
+    min_gain: float = 0.1
     costs: tuple = ()
     greedy_cost: float = 1.0
     width: int = 0
@@ -248,7 +255,9 @@ def choose_width(policy: AutoWidth, stats: WidthStats, scores: Optional[jax.Arra
     else:
         weight = jnp.ones(scores.shape[:1], jnp.float32) if active is None else active
         expected = (row_expected_tokens(stats, scores) * weight[:, None]).sum(axis=0)
-    score = expected / jnp.asarray(policy.costs, jnp.float32)
+    costs = np.asarray(policy.costs, np.float32)
+    costs[1:] *= 1.0 + policy.min_gain          # W > 1 must beat W = 1 by min_gain
+    score = expected / jnp.asarray(costs)
     best = (jnp.argmax(score) + 1).astype(jnp.int32)
     rows = None if active is None else jnp.sum(active)
     w = jnp.where(drafting_pays(policy, stats, rows), best, 1)
