@@ -1,8 +1,9 @@
 """XLA:CPU options against the default, on the decode step (issue 16): for each option set a fresh
 process (XLA_FLAGS is read once, when jax starts) measures greedy's step at batch 1 and 8 and a
 W-token verify step at batch 8 (the oracle's, whose drafting is a table read), and decodes a few
-real prompts; the table gives each option's step times over the default's and whether its
-tokens equal the default's.
+real prompts, greedy and with prompt lookup at W (each compiled in the call: compile ms); the
+table gives each option's step and compile times over the default's and whether its tokens
+equal the default's (lookup's must equal greedy's under each option too).
 
     python bench/bench_xla_flags.py [--checkpoint .cache/models/smollm2-135m] [--w 4]
         [--options="--xla_cpu_use_xnnpack=true;--xla_cpu_use_onednn=true"]
@@ -58,13 +59,19 @@ def measure(checkpoint: str, w: int, new_tokens: int) -> dict:
     out[f"verify_w{w}_b8_ms"] = 1e3 * sec[w]
     tok = model.tokenizer
     ids = [tok.encode(p, bos=tok.add_bos) for p in PROMPTS]
-    out["tokens"] = greedy.generate(ids, new_tokens, batch_size=len(ids)).tokens
+    result = greedy.generate(ids, new_tokens, batch_size=len(ids))
+    out["tokens"], out["greedy_compile_ms"] = result.tokens, 1e3 * result.compile_seconds
+    lookup = make_decoder(model, DecoderSpec("lookup", tokens_per_step=w), base=greedy)
+    result = lookup.generate(ids, new_tokens, batch_size=len(ids))   # compiled afresh
+    out["lookup_compile_ms"] = 1e3 * result.compile_seconds
+    out["lookup_tokens_equal"] = result.tokens == out["tokens"]
     return out
 
 
 def run_child(checkpoint: str, options: str, w: int, new_tokens: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(x for x in (env.get("XLA_FLAGS", ""), options) if x)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)     # every child compiles: compile ms are real
     proc = subprocess.run([sys.executable, __file__, "--child", "--checkpoint", checkpoint,
                            "--w", str(w), "--new-tokens", str(new_tokens)],
                           env=env, capture_output=True, text=True, cwd=ROOT)
@@ -76,7 +83,10 @@ def run_child(checkpoint: str, options: str, w: int, new_tokens: int) -> dict:
 def best(a: dict, b: dict) -> dict:
     if "error" in a or "error" in b:
         return a if "error" in a else b
-    return {k: (min(a[k], b[k]) if k.endswith("_ms") else a[k]) for k in a}
+    out = {k: (min(a[k], b[k]) if k.endswith("_ms") else a[k]) for k in a}
+    out["lookup_tokens_equal"] = a["lookup_tokens_equal"] and b["lookup_tokens_equal"]
+    out["runs_agree"] = a["tokens"] == b["tokens"]          # the same option, run twice
+    return out
 
 
 def main(argv=None) -> int:
@@ -102,9 +112,10 @@ def main(argv=None) -> int:
         base, cand = best(*runs[""]), best(*runs[option])
         results[option] = {"default": base, "option": cand}
         print(f"done: {option}", file=sys.stderr, flush=True)
-    keys = ["greedy_b1_ms", "greedy_b8_ms", f"verify_w{args.w}_b8_ms"]
+    keys = ["greedy_b1_ms", "greedy_b8_ms", f"verify_w{args.w}_b8_ms", "greedy_compile_ms",
+            "lookup_compile_ms"]
     print("| XLA_FLAGS | " + " | ".join(f"{k} (default → option, ratio)" for k in keys)
-          + " | tokens equal default's |")
+          + " | tokens equal default's (and lookup's greedy's) |")
     print("|---" * (len(keys) + 2) + "|")
     for option, r in results.items():
         if "error" in r["option"] or "error" in r["default"]:
@@ -113,7 +124,8 @@ def main(argv=None) -> int:
             continue
         cells = [f"{r['default'][k]:.1f} → {r['option'][k]:.1f} "
                  f"({r['option'][k] / r['default'][k]:.2f}x)" for k in keys]
-        same = r["option"]["tokens"] == r["default"]["tokens"]
+        same = (r["option"]["tokens"] == r["default"]["tokens"] and r["option"]["runs_agree"]
+                and r["option"]["lookup_tokens_equal"] and r["default"]["lookup_tokens_equal"])
         print(f"| `{option}` | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
     if args.output_json:
         out = Path(args.output_json)

@@ -24,11 +24,9 @@ W and returns when the choice changes; `_run` then runs the chosen W's executabl
 The decoder puts the params (in the layout `Llama(model_config)` reads) and the drafter
 variables on the device once, at construction: numpy arguments would be copied into every call
 of an executable (538 MB for SmolLM2, ~55 ms a call on CPU). Executables are compiled ahead of
-time (`lower().compile()`, timed apart from prefill and decode) and kept on the decoder in a
-small least-recently-used cache, keyed by the function, its static arguments and the argument
-shapes; they die with the decoder (and the decoders `replace` made from it, which share them).
-Bounded because every XLA:CPU executable maps its code into the process (hundreds of mappings
-each), and a process that compiles many shapes would reach the kernel's vm.max_map_count.
+time (`lower().compile()`, timed apart) and kept on the decoder in a small LRU cache (each
+XLA:CPU executable maps its code into the process: vm.max_map_count), keyed by the function,
+its statics and the argument shapes; they die with the decoder (and those `replace` made).
 
 Shared prefix (`shared_prefix=True`, the default): when every prompt of a static batch (of a
 continuous queue) starts with the same >= SHARED_PREFIX_MIN tokens (few-shot prompts: the
@@ -44,7 +42,7 @@ consumes the whole prompt as before. The suffixes are right-padded whatever `pad
 through the trunk) and `shared_prefix_tokens`.
 
 Letters: B batch (slots), Q queued prompts, R rows refilled at once, P padded prompt length,
-W tokens per verify step (1: greedy), M max new tokens. (K is kept for kv heads.)
+W tokens per verify step (1: greedy), M max new tokens (K: kv heads).
 """
 
 from __future__ import annotations
@@ -96,16 +94,14 @@ class Decoder:
     `tokens_per_step` is then W_max (the buffers' width) and `width_policy` the AutoWidth.
     gate_batches: static batches run with the drafter only while measured faster than greedy's
     loop (decoding/rate_gate.py; None: on with auto W, off with a fixed W).
-    Auto W: the statistics of the last static batch at each batch size are kept
-    (`width_memory`) and the next batch of that size starts from them (decoding/width.py);
-    whether a static batch runs with the drafter at all is measured (`rate_gate`,
-    decoding/rate_gate.py).
+    Auto W: the next static batch of a size starts from the last one's statistics
+    (`width_memory`, decoding/width.py); whether it runs with the drafter is measured
+    (`rate_gate`, decoding/rate_gate.py).
     max_compiled: executables kept on this decoder. shared_prefix: prefill a prefix that every
     prompt shares once and reuse it (module doc); False: every row prefills its whole prompt.
     matmul: how the trunk's products run ("auto": the few-row kernels of
-    gptk_jax/kernels/few_rows.py where they build, on CPU; "xla"; "few_rows"): a decode or
-    verify step multiplies only B x W rows, which XLA:CPU runs slowly from 2 rows on. Every
-    setting decodes exactly (each is checked token-identical to greedy in the tests).
+    gptk_jax/kernels/few_rows.py where they build, on CPU; "xla"; "few_rows"): a step multiplies
+    only B x W rows, which XLA:CPU runs slowly from 2 rows on. Each decodes exactly (tests).
     fuse_projections: q|k|v and w1|w3 each as one product over weights concatenated here
     (llama/model.fuse_projections: fewer, larger products; the decoder then holds its own copy
     of those weights beside the caller's).
@@ -126,6 +122,7 @@ class Decoder:
         self.greedy_executables = self.executables if drafter is None else \
             Executables(max_compiled)
         self.measured_cost = VerifyCost({}, source="Decoder.calibrate")
+        self.greedy_step_seconds: dict = {}   # (batch, context, ...) -> s; replace() shares it
         self.prefixes: collections.OrderedDict = collections.OrderedDict()  # tokens -> prefix
         self._configure(stop_ids, pad_id, drafter, drafter_vars, tokens_per_step, verify_cost,
                         shared_prefix, gate_batches)
@@ -187,17 +184,20 @@ class Decoder:
                   reps: int = 5) -> VerifyCost:
         """Measures this decoder's step (draft + verify + accept) at each batch size and W =
         1..tokens_per_step, and greedy's step (no drafting; `VerifyCost.greedy`: under auto W
-        a step at W = 1 drafts only where the next step may verify drafts, decoding/width.py)
-        (decoding/cost.py `measure_step_seconds`; one compile per W) -> a VerifyCost, also
-        merged into `measured_cost`. Save it with `.save(path)` and pass it as `verify_cost`
-        to skip the measurement next time."""
+        a step at W = 1 drafts only where the next step may verify drafts, decoding/width.py;
+        measured once per batch size and context for all the decoders `replace` relates)
+        (cost.py `measure_step_seconds`; one compile per W) -> a VerifyCost, merged into
+        `measured_cost` (`.save(path)` it and pass it as `verify_cost` to skip this)."""
         seconds, greedy = {}, {}
         for b in (int(b) for b in batch_sizes):
             seconds[b] = measure_step_seconds(
                 self.config, self.drafter, self.params, self.drafter_vars, b,
                 range(1, self.tokens_per_step + 1), context=context, steps=steps, reps=reps)
-            greedy[b] = measure_step_seconds(self.config, None, self.params, (), b, [1],
-                                             context=context, steps=steps, reps=reps)[1]
+            key, known = (b, context, steps, reps), self.greedy_step_seconds
+            if key not in known:
+                known[key] = measure_step_seconds(self.config, None, self.params, (), b, [1],
+                                                  context=context, steps=steps, reps=reps)[1]
+            greedy[b] = known[key]
         table = VerifyCost(seconds, greedy=greedy, source="Decoder.calibrate", context=context,
                            device=device_name())
         self.measured_cost = self.measured_cost.merged(table)

@@ -53,7 +53,8 @@ at most 1 + floor((S - 1) / (probe_every + 1)) are probes, i.e. forced to W_max 
 estimate chose less. With a drafter that is never right, after the first probe
 p_2 <= q = prior * prior_weight * decay / (prior_weight * decay + 1) and falls with each probe,
 and the offsets beyond are never reached (p_j stays at the prior), so E(W) < 1 + q / (1 - prior)
-for every W (1.47 at the defaults); when every W > 1 costs at least that much more than W = 1,
+for every W (1.47 at the defaults); when every W > 1 costs at least that much more than W = 1
+(with the min_gain margin below, 1.47 / 1.1 = 1.34 is enough),
 every step but the probes runs at W = 1: the run takes greedy's steps (each emits one token at
 any W) and costs greedy's plus at most that many probes at W_max (tests/test_choose_w.py). With
 W > 1 cheaper than that, a few more steps run above 1 until p_2 has decayed below the gap.
@@ -132,11 +133,11 @@ class AutoWidth:
     run greedy's loop, the drafter resting (decoding/rate_gate.py), before one runs with it
     again and probes.
     prior / prior_weight: the acceptance the counts start at, worth that many row-steps.
-    score_bins: bins of the drafts' scores (1: scores ignored, the pooled choice). min_gain: a
-    W > 1 is chosen only where its expected tokens per cost beat W = 1's by this fraction (the
-    cost table's own error: linear + lookup at batch 8, continuous, session 21: priced 1.05x
-    greedy's loop, measured 0.99x). Set by the
-    engine per call (leave them): costs, the relative step cost at W = 1..W_max at this batch
+    score_bins: bins of the drafts' scores (1: scores ignored, the pooled choice). min_gain:
+    probes apart, a W > 1 is chosen only where its expected tokens per cost beat W = 1's by
+    more than this fraction (`priced_costs`; the cost table's own error: linear + lookup at
+    batch 8, continuous, session 21: priced 1.05x greedy's loop, measured 0.99x).
+    Set by the engine per call (leave them): costs, the relative step cost at W = 1..W_max at this batch
     (from its `VerifyCost`; drafting included); greedy_cost, greedy's step (no drafting) on
     the same scale; width, the W an executable of `run` steps at (0 where none: prefill,
     refill)."""
@@ -192,6 +193,14 @@ def _policy(tokens_per_step) -> AutoWidth:
     return tokens_per_step if isinstance(tokens_per_step, AutoWidth) else AutoWidth()
 
 
+def priced_costs(policy: AutoWidth) -> np.ndarray:
+    """cost(W) [W_max] as the choice weighs it: each W > 1 min_gain dearer (the cost table's
+    own error); the gate's evidence and a batch's price use the costs as measured."""
+    costs = np.asarray(policy.costs, np.float32)
+    costs[1:] *= 1.0 + policy.min_gain
+    return costs
+
+
 def init_width_stats(tokens_per_step) -> WidthStats:
     """The prior, and the first W: W_max for auto W (a probe: nothing is measured yet). The
     drafting gate starts from what the choice at the prior acceptance would bring at the
@@ -201,7 +210,7 @@ def init_width_stats(tokens_per_step) -> WidthStats:
     choice, value, cost = w_max, 1.0, 1.0      # the gate's prior: the choice at the prior
     if policy.costs:                           # acceptance, its tokens and cost in greedy steps
         expected = expected_tokens(np.full((w_max - 1,), policy.prior), np)   # on the host
-        choice = int(np.argmax(expected / np.asarray(policy.costs))) + 1
+        choice = int(np.argmax(expected / priced_costs(policy))) + 1
         value, cost = float(expected[choice - 1]), policy.costs[choice - 1] / policy.greedy_cost
     return WidthStats(reached=jnp.full((w_max - 1,), weight, jnp.float32),
                       passed=jnp.full((w_max - 1,), weight * policy.prior, jnp.float32),
@@ -255,9 +264,7 @@ def choose_width(policy: AutoWidth, stats: WidthStats, scores: Optional[jax.Arra
     else:
         weight = jnp.ones(scores.shape[:1], jnp.float32) if active is None else active
         expected = (row_expected_tokens(stats, scores) * weight[:, None]).sum(axis=0)
-    costs = np.asarray(policy.costs, np.float32)
-    costs[1:] *= 1.0 + policy.min_gain          # W > 1 must beat W = 1 by min_gain
-    score = expected / jnp.asarray(costs)
+    score = expected / jnp.asarray(priced_costs(policy))
     best = (jnp.argmax(score) + 1).astype(jnp.int32)
     rows = None if active is None else jnp.sum(active)
     w = jnp.where(drafting_pays(policy, stats, rows), best, 1)
@@ -306,7 +313,7 @@ def drafting_pays(policy: AutoWidth, stats: WidthStats, rows=None) -> jax.Array:
         return stats.gate_open
     best = jnp.max(stats.passed_bins / jnp.maximum(stats.reached_bins, 1e-12), axis=1)   # [J]
     bound = expected_tokens(jnp.maximum(best, acceptance_estimate(stats)))       # [W_max]
-    worth = bound[1:] * policy.greedy_cost / jnp.asarray(policy.costs[1:], jnp.float32) > 1.0
+    worth = bound[1:] * policy.greedy_cost / jnp.asarray(priced_costs(policy)[1:]) > 1.0
     return stats.gate_open | ((rows <= 1) & jnp.any(worth))
 
 

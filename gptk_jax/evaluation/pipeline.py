@@ -140,6 +140,7 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
     import jax
 
     from gptk_jax.decoding.engine import resolve_matmul
+    from gptk_jax.decoding.width import AutoWidth
     device = jax.devices()[0]
     heads = None
     if cfg.heads:
@@ -161,7 +162,9 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
             if draft_vocab is not None else None,
             # only where not the default, so runs saved before the option stay reusable
             **({"drafter_weights": cfg.drafter_weights}
-               if cfg.drafter_weights != "float32" else {})}
+               if cfg.drafter_weights != "float32" else {}),
+            # W chosen per step: its margin (runs timed before it existed are not reused)
+            **({"min_gain": AutoWidth().min_gain} if cfg.choose_width else {})}
 
 
 def draft_vocab_fields(cfg: EvalConfig, draft_vocab, path) -> dict:
