@@ -47,14 +47,14 @@ def measure(checkpoint: str, w: int, new_tokens: int) -> dict:
     greedy = make_decoder(model, GREEDY)
     out = {}
     for b in (1, 8):
-        sec = measure_step_seconds(model.config, None, greedy.params, (), b, [1], reps=5)
+        sec = measure_step_seconds(greedy.config, None, greedy.params, (), b, [1], reps=5)
         out[f"greedy_b{b}_ms"] = 1e3 * sec[1]
     rng = np.random.default_rng(0)
     refs = oracle_variables([rng.integers(1, model.config.vocab_size, 8 * w + 2).tolist()
                              for _ in range(8)], [64] * 8, 8, w - 1)
     oracle = make_decoder(model, DecoderSpec("oracle", tokens_per_step=w), base=greedy,
                           references=refs)
-    sec = measure_step_seconds(model.config, oracle.drafter, oracle.params, oracle.drafter_vars,
+    sec = measure_step_seconds(oracle.config, oracle.drafter, oracle.params, oracle.drafter_vars,
                                8, [w], reps=5)
     out[f"verify_w{w}_b8_ms"] = 1e3 * sec[w]
     tok = model.tokenizer

@@ -356,12 +356,6 @@ def test_measured_calibration(setup):
                                                            auto.measured_cost.seconds[2][1])
     again = auto.generate(prompts[:2], MAX_NEW, bucket=BUCKET)
     assert again.stats["calibration_seconds"] < result.stats["calibration_seconds"]
-    # another drafter on the same trunk measures its own steps, and reuses greedy's (the same
-    # float: a second measurement would differ)
-    other = decoder.replace(drafter=RepeatDrafter(K - 2), tokens_per_step="auto")
-    assert other.generate(prompts[:2], MAX_NEW, bucket=BUCKET).tokens == greedy.tokens[:2]
-    assert set(other.measured_cost.seconds[2]) == set(range(1, K))
-    assert other.measured_cost.greedy[2] == auto.measured_cost.greedy[2]
 
 
 def test_verify_cost_table(tmp_path):

@@ -19,7 +19,7 @@ drafting is counted, which a trunk-only timing (bench/bench_verify_cost.py) leav
 compile per W: a few seconds each on CPU for a 135M trunk. `greedy[batch]` (optional) is
 greedy's step, without drafting: under auto W a step at W = 1 drafts only where some step may
 verify the drafts (decoding/width.py), and that gate weighs W > 1 against greedy's step;
-`Decoder.calibrate` measures it too.
+`Decoder.calibrate` measures it too, in the same rounds as the drafter's W's.
 
 Letters: B batch, W tokens per verify step.
 """
@@ -179,11 +179,14 @@ def device_name() -> str:
 
 def measure_step_seconds(config, drafter, params, drafter_vars, batch: int,
                          widths: Sequence[int], *, context: int = 64, steps: int = 8,
-                         reps: int = 5, seed: int = 0) -> dict[int, float]:
-    """Seconds of one decode step at each W in widths, at this batch (see the module doc).
-    params: the trunk in the layout `Llama(config)` reads (a Decoder's); the drafter and its
-    variables as the decoder runs them (per-row variables, e.g. the oracle's, must have this
-    batch's rows)."""
+                         reps: int = 5, seed: int = 0, greedy: bool = False) -> dict:
+    """Seconds of one decode step at each W in widths, at this batch (see the module doc):
+    {W: seconds}, and with greedy=True also {"greedy": greedy's step} (no drafter, W = 1) timed
+    in the same rounds, so a burst of the machine's noise hits it and the W's alike (at batch 8
+    here, greedy's step measured apart ranged 0.94-1.30x a drafter's W = 1 step within one
+    process, session 22). params: the trunk in the layout `Llama(config)` reads (a Decoder's);
+    the drafter and its variables as the decoder runs them (per-row variables, e.g. the
+    oracle's, must have this batch's rows)."""
     import jax
 
     from gptk_jax.decoding.inputs import pad_prompts, stop_id_array
@@ -197,19 +200,26 @@ def measure_step_seconds(config, drafter, params, drafter_vars, batch: int,
     m = steps * w_max + 2
     slots = cache_slots(prompts.padded_length, m, w_max)
     stops, pad = stop_id_array([]), np.int32(0)
-    start = jax.jit(prefill_state, static_argnums=(0, 1, 2, 3, 4))(
-        config, drafter, w_max, m, slots, params, drafter_vars, prompts, stops, pad)
-    exes = {}
-    for w in widths:
-        def loop(params, drafter_vars, state, w=w):
+
+    def program(drafter, drafter_vars, w, state_w):   # state_w: buffers sized for it
+        """(executable of `steps` decode steps at W = w, its arguments), warmed up."""
+        start = jax.jit(prefill_state, static_argnums=(0, 1, 2, 3, 4))(
+            config, drafter, state_w, m, slots, params, drafter_vars, prompts, stops, pad)
+
+        def loop(params, drafter_vars, state):
             step = lambda _, s: decode_step(config, drafter, w, params, drafter_vars, s, stops)
             return jax.lax.fori_loop(0, steps, step, state)
-        exes[int(w)] = jax.jit(loop).lower(params, drafter_vars, start).compile()
-        jax.block_until_ready(exes[int(w)](params, drafter_vars, start))   # warm
-    best = {w: float("inf") for w in exes}
-    for _ in range(reps):            # rounds over every W: a burst of noise hits them alike
-        for w, exe in exes.items():
+        exe = jax.jit(loop).lower(params, drafter_vars, start).compile()
+        jax.block_until_ready(exe(params, drafter_vars, start))   # warm
+        return exe, (params, drafter_vars, start)
+
+    programs = {int(w): program(drafter, drafter_vars, int(w), w_max) for w in widths}
+    if greedy:
+        programs["greedy"] = program(NoDrafter(), (), 1, 1)
+    best = {key: float("inf") for key in programs}
+    for _ in range(reps):            # rounds over every program: a burst of noise hits them alike
+        for key, (exe, args) in programs.items():
             begin = time.perf_counter()
-            jax.block_until_ready(exe(params, drafter_vars, start))
-            best[w] = min(best[w], time.perf_counter() - begin)
-    return {w: t / steps for w, t in best.items()}
+            jax.block_until_ready(exe(*args))
+            best[key] = min(best[key], time.perf_counter() - begin)
+    return {key: t / steps for key, t in best.items()}

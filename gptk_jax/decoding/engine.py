@@ -122,7 +122,6 @@ class Decoder:
         self.greedy_executables = self.executables if drafter is None else \
             Executables(max_compiled)
         self.measured_cost = VerifyCost({}, source="Decoder.calibrate")
-        self.greedy_step_seconds: dict = {}   # (batch, context, ...) -> s; replace() shares it
         self.prefixes: collections.OrderedDict = collections.OrderedDict()  # tokens -> prefix
         self._configure(stop_ids, pad_id, drafter, drafter_vars, tokens_per_step, verify_cost,
                         shared_prefix, gate_batches)
@@ -185,19 +184,16 @@ class Decoder:
         """Measures this decoder's step (draft + verify + accept) at each batch size and W =
         1..tokens_per_step, and greedy's step (no drafting; `VerifyCost.greedy`: under auto W
         a step at W = 1 drafts only where the next step may verify drafts, decoding/width.py;
-        measured once per batch size and context for all the decoders `replace` relates)
-        (cost.py `measure_step_seconds`; one compile per W) -> a VerifyCost, merged into
+        timed in the same rounds as the W's) (cost.py `measure_step_seconds`; one compile per
+        W and greedy's) -> a VerifyCost, merged into
         `measured_cost` (`.save(path)` it and pass it as `verify_cost` to skip this)."""
         seconds, greedy = {}, {}
         for b in (int(b) for b in batch_sizes):
             seconds[b] = measure_step_seconds(
                 self.config, self.drafter, self.params, self.drafter_vars, b,
-                range(1, self.tokens_per_step + 1), context=context, steps=steps, reps=reps)
-            key, known = (b, context, steps, reps), self.greedy_step_seconds
-            if key not in known:
-                known[key] = measure_step_seconds(self.config, None, self.params, (), b, [1],
-                                                  context=context, steps=steps, reps=reps)[1]
-            greedy[b] = known[key]
+                range(1, self.tokens_per_step + 1), context=context, steps=steps, reps=reps,
+                greedy=True)
+            greedy[b] = seconds[b].pop("greedy")
         table = VerifyCost(seconds, greedy=greedy, source="Decoder.calibrate", context=context,
                            device=device_name())
         self.measured_cost = self.measured_cost.merged(table)
