@@ -22,12 +22,13 @@ a 2,048-id draft vocabulary of those rows, loss against the trunk's own argmax; 
 RUNS_DIR/linear-k<W>-distilled-<steps>steps, reused by a rerun). Printed: the held-out validation
 (newstest2013 lines 2701-2764, the trunk's own translations): per-offset acceptance and the
 τ estimate. Then `gptk_jax.evaluate` on the demo sentences (RUNS_DIR/eval): greedy, the heads,
-prompt lookup, lookup + heads and the oracle (every draft right: the bound), at batch 1 and
+lookup + heads (prompt lookup alone too with --lookup-alone) and the oracle (every draft right:
+the bound), at batch 1 and
 --batch-size, W chosen per step by measured cost and the drafts' scores (--choose-width): τ,
 speedup over greedy in the same process, the share of the oracle's speedup, and whether every
 output is token-identical to greedy's.
-The whole run, set-up excluded, takes under 10 minutes on 2 CPU cores; its wall time is printed
-at the end (docs/benchmarks.md).
+The whole run, set-up excluded, takes about 10 minutes on 2 CPU cores; its wall time is
+printed at the end (docs/benchmarks.md).
 
 Exit status: 0 done; 1 an MTP decode differed from greedy; 2 bad arguments, a model folder that
 is not a converted model, data or heads that cannot be read, training that failed: one line on
@@ -156,6 +157,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     mtp.add_argument("--tokens-per-step", "--k", dest="tokens_per_step", type=_count(2),
                      default=None, help="W of heads trained here (their k; default the "
                                         "config's, 4); decoding chooses 1..W per step")
+    mtp.add_argument("--lookup-alone", action="store_true",
+                     help="also decode with prompt lookup alone, its own row (two more step "
+                          "calibrations and runs: about 1.5 minutes on 2 CPU cores)")
     args = p.parse_args(argv)
     args.data_root = resolve_data_root(args.data_root)
     return args
@@ -308,7 +312,8 @@ def print_validation(metrics_path: Path) -> None:
 
 def mtp_part(args, model, model_dir: Path) -> int:
     """Heads found or trained, then `gptk_jax.evaluate` on the demo sentences: greedy, heads,
-    lookup, lookup + heads, oracle at batch 1 and --batch-size, W chosen by cost."""
+    lookup + heads (lookup alone with --lookup-alone), oracle at batch 1 and --batch-size, W
+    chosen by cost."""
     import shutil
 
     from gptk_jax.evaluation import EvalConfig, run_evaluation, write_reports
@@ -326,10 +331,13 @@ def mtp_part(args, model, model_dir: Path) -> int:
                      max_sentences=args.num_sentences, batch_sizes=batches,
                      max_new_tokens=args.max_new_tokens, shots=args.shots,
                      space_with_target=not args.research_space, oracle=True, lookup=True,
-                     choose_width=True, progress=False, bucket=DEMO_BUCKET)
+                     choose_width=True, progress=False, bucket=DEMO_BUCKET,
+                     only=None if args.lookup_alone else ("mtp", "heads+lookup"))
     print(f"\ndecoding the {args.num_sentences} sentences again, draft and verify, batch "
           f"{' and '.join(map(str, batches))} (python -m gptk_jax.evaluate ... --lookup "
-          f"--oracle --choose-width --bucket {DEMO_BUCKET}; report in {output}) ...", flush=True)
+          f"--oracle --choose-width --bucket {DEMO_BUCKET}"
+          f"{'' if args.lookup_alone else ' --only mtp,heads+lookup'}; report in {output}) ...",
+          flush=True)
     report = run_evaluation(cfg)
     write_reports(report, output)
     return print_speedups(report, batches)
@@ -342,10 +350,13 @@ LABELS = {"mtp": "linear heads", "lookup": "prompt lookup", "heads+lookup": "loo
 def print_speedups(report: dict, batches) -> int:
     """The table: τ, speedup over greedy and the share of the oracle's, identical or not."""
     runs = report["runs"]
-    print(f"\n{'drafter':<16}" + "".join(f"{'b' + str(b) + ' tau':>9}{'speedup':>9}{'of oracle':>10}"
-                                         for b in batches) + "  identical to greedy")
+    print(f"\n{'drafter':<16}" + "".join(f"{'b' + str(b) + ' tau':>9}{'speedup':>9}"
+                                         f"{'of oracle':>10}" for b in batches)
+          + "  identical to greedy")
     ok = True
     for name, label in LABELS.items():
+        if not any(f"{name}/b{b}" in runs for b in batches):
+            continue                   # not run (prompt lookup alone: --lookup-alone)
         cells, same = "", True
         for b in batches:
             run = runs.get(f"{name}/b{b}")

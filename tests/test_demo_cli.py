@@ -53,3 +53,24 @@ def test_a_converted_folder_with_a_broken_config(tmp_path):
 ])
 def test_bad_numeric_arguments(args, needle):
     assert_one_line_error(run_demo(*args), needle)
+
+
+def test_speedup_table_lists_the_methods_that_ran(capsys):
+    """The demo's table (print_speedups): a row per method that ran (prompt lookup alone only
+    with --lookup-alone), τ and speedup as given, the share of the oracle's speedup worked out
+    by hand; exit 1 when a run differed from greedy."""
+    from gptk_jax.demo import parse_args, print_speedups
+
+    run = lambda tau, speedup, same=True: {"tau": tau, "speedup": speedup,
+                                           "identical_to_greedy": same}
+    runs = {"mtp/b1": run(1.2, 1.1), "heads+lookup/b1": run(1.8, 1.5),
+            "oracle/b1": run(3.8, 2.0)}
+    assert print_speedups({"runs": runs}, (1,)) == 0
+    out = capsys.readouterr().out
+    assert "prompt lookup " not in out
+    assert "lookup + heads       1.80    1.50x       75%  yes" in out
+    assert "linear heads         1.20    1.10x       55%  yes" in out
+    runs["lookup/b1"] = run(1.7, 1.4, same=False)
+    assert print_speedups({"runs": runs}, (1,)) == 1
+    assert "prompt lookup        1.70    1.40x       70%  NO" in capsys.readouterr().out
+    assert parse_args(["--lookup-alone"]).lookup_alone and not parse_args([]).lookup_alone
