@@ -326,17 +326,18 @@ def mtp_part(args, model, model_dir: Path) -> int:
     if output.exists():            # the demo's own scratch report: timed afresh every run
         shutil.rmtree(output)
     batches = tuple(sorted({1, args.batch_size}))
+    only = None if args.lookup_alone else ("mtp", "heads+lookup")
     cfg = EvalConfig(checkpoint=str(model_dir), heads=str(heads_dir), output=str(output),
                      data_root=str(args.data_root), split="newstest2014",
                      max_sentences=args.num_sentences, batch_sizes=batches,
                      max_new_tokens=args.max_new_tokens, shots=args.shots,
                      space_with_target=not args.research_space, oracle=True, lookup=True,
                      choose_width=True, progress=False, bucket=DEMO_BUCKET,
-                     only=None if args.lookup_alone else ("mtp", "heads+lookup"))
+                     only=only)
     print(f"\ndecoding the {args.num_sentences} sentences again, draft and verify, batch "
           f"{' and '.join(map(str, batches))} (python -m gptk_jax.evaluate ... --lookup "
           f"--oracle --choose-width --bucket {DEMO_BUCKET}"
-          f"{'' if args.lookup_alone else ' --only mtp,heads+lookup'}; report in {output}) ...",
+          f"{' --only ' + ','.join(only) if only else ''}; report in {output}) ...",
           flush=True)
     report = run_evaluation(cfg)
     write_reports(report, output)

@@ -137,10 +137,10 @@ class AutoWidth:
     probes apart, a W > 1 is chosen only where its expected tokens per cost beat W = 1's by
     more than this fraction (`priced_costs`; the cost table's own error: linear + lookup at
     batch 8, continuous, session 21: priced 1.05x greedy's loop, measured 0.99x).
-    Set by the engine per call (leave them): costs, the relative step cost at W = 1..W_max at this batch
-    (from its `VerifyCost`; drafting included); greedy_cost, greedy's step (no drafting) on
-    the same scale; width, the W an executable of `run` steps at (0 where none: prefill,
-    refill)."""
+    Set by the engine per call (leave them): costs, the relative step cost at W = 1..W_max at
+    this batch (from its `VerifyCost`; drafting included); greedy_cost, greedy's step (no
+    drafting) on the same scale; width, the W an executable of `run` steps at (0 where none:
+    prefill, refill)."""
     max_width: Optional[int] = None
     probe_every: int = 16
     idle_probe_every: int = 64
