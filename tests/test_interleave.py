@@ -4,10 +4,12 @@ batches) and give the same run records as one method after another, only marked 
 already stored is reused and the drafters then run one after another, as without the flag.
 A stand-in Decoding returns fixed results, so only the orchestration is under test."""
 
+import dataclasses
+
 import pytest
 
 from gptk_jax.decoding.factory import DecoderSpec
-from gptk_jax.decoding.results import MTPResult
+from gptk_jax.decoding.results import ContinuousResult, MTPResult
 from gptk_jax.evaluation.decode import GREEDY, Method
 from gptk_jax.evaluation.runs import static_runs
 from gptk_jax.evaluation.store import RunStore
@@ -110,3 +112,65 @@ def test_each_drafter_is_paired_with_its_own_greedy_batches():
         assert run["greedy_tokens_per_second"] == pytest.approx(15 / greedy)   # 5 rows x 3 tokens
         assert run["speedup"] == pytest.approx(greedy / drafted)
         assert sum(run["greedy_batch_seconds"]) == pytest.approx(greedy, abs=1e-3)
+
+
+class ContinuousDecoding(DriftingDecoding):
+    """DriftingDecoding that also decodes queues through refilled slots (one call per queue)."""
+
+    def continuous(self, method, prompts, batch_size, on_finished=None):
+        result = self.batch(method, prompts, batch_size)
+        self.calls[-1] = ("continuous " + method.name, self.calls[-1][1])
+        fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+        return ContinuousResult(**fields, loop_iterations=2, prefill_calls=1,
+                                batch_size=batch_size)
+
+
+def test_continuous_runs_alternate_with_greedy_in_rounds():
+    """--interleave --continuous: greedy's continuous run of a round of prompts, then the
+    drafter's on the same prompts, round by round (5 prompts in 2 rounds: 3 + 2), each
+    drafter's speedup over its own rounds' greedy; the tokens and the counts are those of one
+    continuous run each; a stored greedy run is reused and the drafters then run alone."""
+    from gptk_jax.evaluation.runs import continuous_runs
+
+    other = Method("lookup2", 2, DecoderSpec("lookup", tokens_per_step=2))
+    static_greedy = {"tokens_per_second": 1.0}
+    greedy_tokens = [[p[1], p[1] + 1] for p in PROMPTS]
+    seq, inter = ContinuousDecoding(), ContinuousDecoding()
+    runs_seq, out_seq = continuous_runs(seq, [LOOKUP, other], PROMPTS, 2, static_greedy,
+                                        greedy_tokens, False)
+    assert [c[0] for c in seq.calls] == ["continuous greedy", "continuous lookup",
+                                         "continuous lookup2"]
+    runs, out = continuous_runs(inter, [LOOKUP, other], PROMPTS, 2, static_greedy,
+                                greedy_tokens, False, interleave=True, rounds=2)
+    rounds = [("continuous greedy", (0, 1, 2)), ("continuous {m}", (0, 1, 2)),
+              ("continuous greedy", (3, 4)), ("continuous {m}", (3, 4))]
+    assert inter.calls == [(n.format(m=m), p) for m in ("lookup", "lookup2") for n, p in rounds]
+    assert {k: o.tokens for k, o in out.items()} == {k: o.tokens for k, o in out_seq.items()}
+    for name, first in (("lookup", 0), ("lookup2", 4)):
+        greedy = sum(0.5 + 1.0 * 1.1 ** (first + 2 * i + 1) for i in range(2))
+        drafted = sum(0.5 + 0.8 * 1.1 ** (first + 2 * i + 2) for i in range(2))
+        run = runs[f"{name}/b2/continuous"]
+        assert run["interleaved"] and run["rounds"] == 2 and run["identical_to_greedy"]
+        assert run["greedy_tokens_per_second"] == pytest.approx(15 / greedy)
+        assert run["speedup"] == pytest.approx(greedy / drafted)
+        assert run["loop_iterations"] == 4 and run["prefill_calls"] == 2
+        assert sum(run["greedy_round_seconds"]) == pytest.approx(greedy, abs=1e-3)
+    assert runs["greedy/b2/continuous"]["tokens_per_second"] == pytest.approx(
+        runs["lookup/b2/continuous"]["greedy_tokens_per_second"])
+
+
+def test_a_stored_continuous_greedy_run_is_reused_and_the_drafters_run_alone(tmp_path):
+    from gptk_jax.evaluation.runs import continuous_runs
+
+    greedy_tokens = [[p[1], p[1] + 1] for p in PROMPTS]
+    store = RunStore(tmp_path, {"settings": 1})
+    continuous_runs(ContinuousDecoding(), [], PROMPTS, 2, {"tokens_per_second": 1.0},
+                    greedy_tokens, False, store, interleave=True)
+    again = ContinuousDecoding()
+    store_again = RunStore(tmp_path, {"settings": 1})
+    runs, _ = continuous_runs(again, [LOOKUP], PROMPTS, 2,
+                              {"tokens_per_second": 1.0, "reused": True}, greedy_tokens, False,
+                              store_again, interleave=True)
+    assert store_again.reused == ["greedy/b2/continuous"]
+    assert again.calls == [("continuous lookup", (0, 1, 2, 3, 4))]
+    assert "rounds" not in runs["lookup/b2/continuous"]

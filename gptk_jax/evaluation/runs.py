@@ -9,6 +9,10 @@ drafter again through B continuously refilled slots. It returns run records (rep
 With `interleave`, the static runs go batch by batch instead: greedy's batch, then each
 drafter's on the same prompts, then the next batch, so that a machine whose speed drifts over
 minutes (other jobs, clocks) slows greedy and the drafters alike; their sums are the same runs.
+The continuous runs then go in `CONTINUOUS_ROUNDS` rounds of consecutive prompts: greedy's
+continuous run of a round, then the drafter's on the same prompts (each round refills its slots
+from its own queue, so both pay the same fill and drain), and a drafter's speedup is over its own
+rounds' greedy.
 
 Each run is saved to the `store.RunStore` as soon as it finishes, and a run the store already
 holds under the same settings is reused instead of decoded again. A run that is compared with
@@ -28,6 +32,8 @@ from tqdm import tqdm
 from gptk_jax.decoding.acceptance import acceptance_stats
 from gptk_jax.evaluation.decode import GREEDY, Decoding, Method, oracle_method
 from gptk_jax.evaluation.store import RunStore
+
+CONTINUOUS_ROUNDS = 4   # interleaved continuous runs: greedy and a drafter alternate 4 times
 
 
 @dataclasses.dataclass
@@ -251,38 +257,97 @@ def _oracle_run(decoding: Decoding, prompts: list, batch: int, oracle_k: Optiona
         "oracle", oracle_k, batch, results, greedy, greedy_tokens))
 
 
-def _continuous_run(decoding: Decoding, method: Method, prompts: list, batch: int,
-                    static_greedy: dict, greedy_tokens: list, continuous_greedy: Optional[dict],
-                    progress: bool) -> tuple[dict, Output]:
+def _continuous_results(decoding: Decoding, method: Method, prompts: list, batch: int,
+                        progress: bool) -> list:
+    """All `prompts` through `batch` refilled slots -> [ContinuousResult]."""
     key = f"{method.name}/b{batch}/continuous"
     with tqdm(total=len(prompts), desc=key, disable=not progress, unit="prompt",
               leave=False) as bar:
-        result = decoding.continuous(method, prompts, batch, on_finished=bar.update)
-    stats = pooled([result])
+        return [decoding.continuous(method, prompts, batch, on_finished=bar.update)]
+
+
+def _continuous_record(method: Method, batch: int, results: list, static_greedy: dict,
+                       greedy_tokens: list, continuous_greedy: Optional[dict]
+                       ) -> tuple[dict, Output]:
+    """The run record of `results` (one ContinuousResult per queue, in prompt order)."""
+    stats = pooled(results)
+    tokens = [t for r in results for t in r.tokens]
     run = {"method": method.name, "batch_size": batch, "schedule": "continuous", **stats,
-           "loop_iterations": result.loop_iterations, "prefill_calls": result.prefill_calls,
+           "loop_iterations": sum(r.loop_iterations for r in results),
+           "prefill_calls": sum(r.prefill_calls for r in results),
            "speedup_vs_static_greedy": stats["tokens_per_second"] /
-           static_greedy["tokens_per_second"], **against_greedy(result.tokens, greedy_tokens)}
+           static_greedy["tokens_per_second"], **against_greedy(tokens, greedy_tokens)}
     if method.drafts:
         w = method.tokens_per_step
         run.update(k=w, speedup=stats["tokens_per_second"] /
-                   continuous_greedy["tokens_per_second"], **mtp_summary([result], w))
-    return run, Output(result.tokens, result.row_records() if method.drafts else None)
+                   continuous_greedy["tokens_per_second"], **mtp_summary(results, w))
+    records = [rec for r in results for rec in r.row_records()] if method.drafts else None
+    return run, Output(tokens, records)
+
+
+def _continuous_run(decoding: Decoding, method: Method, prompts: list, batch: int,
+                    static_greedy: dict, greedy_tokens: list, continuous_greedy: Optional[dict],
+                    progress: bool) -> tuple[dict, Output]:
+    results = _continuous_results(decoding, method, prompts, batch, progress)
+    return _continuous_record(method, batch, results, static_greedy, greedy_tokens,
+                              continuous_greedy)
+
+
+def _rounds(prompts: list, rounds: int) -> list:
+    """`prompts` in at most `rounds` runs of consecutive prompts, as even as can be (the
+    first ones longer by one where they cannot all be equal)."""
+    n, r = len(prompts), min(rounds, len(prompts))
+    bounds = [-(-i * n // r) for i in range(r + 1)]
+    return [prompts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _paired_continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list,
+                            batch: int, static_greedy: dict, greedy_tokens: list,
+                            progress: bool, store: RunStore, rounds: int) -> tuple[dict, dict]:
+    """Each drafter in turn paired with greedy round by round (greedy's continuous run of a
+    round's prompts, then the drafter's): its `speedup` is over its own rounds' greedy (the run
+    records `greedy_tokens_per_second` and `greedy_round_seconds`); greedy/b<B>/continuous is
+    the first pair's. Each run is saved as it finishes."""
+    runs, outputs, key = {}, {}, f"greedy/b{batch}/continuous"
+    for method in methods:
+        greedy_results, results = [], []
+        for part in _rounds(prompts, rounds):
+            greedy_results += _continuous_results(decoding, GREEDY, part, batch, progress)
+            results += _continuous_results(decoding, method, part, batch, progress)
+        greedy, greedy_output = _continuous_record(GREEDY, batch, greedy_results,
+                                                   static_greedy, greedy_tokens, None)
+        greedy.update(interleaved=True, rounds=len(greedy_results))
+        if key not in runs:
+            runs[key], outputs[key] = _keep(store, key, 1, greedy, greedy_output)
+        name = f"{method.name}/b{batch}/continuous"
+        run, output = _continuous_record(method, batch, results, static_greedy, greedy_tokens,
+                                         greedy)
+        run.update(interleaved=True, rounds=len(results),
+                   greedy_tokens_per_second=greedy["tokens_per_second"],
+                   greedy_round_seconds=greedy["batch_seconds"])
+        runs[name], outputs[name] = _keep(store, name, method.tokens_per_step, run, output)
+    return runs, outputs
 
 
 def continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int,
                     static_greedy: dict, greedy_tokens: list, progress: bool,
-                    store: Optional[RunStore] = None) -> tuple[dict, dict]:
+                    store: Optional[RunStore] = None, interleave: bool = False,
+                    rounds: int = CONTINUOUS_ROUNDS) -> tuple[dict, dict]:
     """Greedy and each drafter (not the oracle: its references are per batch row) through
     `batch` continuously refilled slots. `speedup` is over continuous greedy (the same
-    scheduler), `speedup_vs_static_greedy` over `greedy/b<batch>`."""
+    scheduler), `speedup_vs_static_greedy` over `greedy/b<batch>`. interleave: greedy and each
+    drafter alternate in `rounds` rounds (unless greedy's continuous run is reused)."""
     store = store or RunStore(None, {})
-    runs, outputs = {}, {}
     greedy_key = f"greedy/b{batch}/continuous"
-    compared_reused = bool(static_greedy.get("reused"))
+    found = _reuse(store, greedy_key, 1, bool(static_greedy.get("reused")))  # looked up once
+    if interleave and methods and found is None:
+        return _paired_continuous_runs(decoding, methods, prompts, batch, static_greedy,
+                                       greedy_tokens, progress, store, rounds)
+    runs, outputs = {}, {}
     for method in (GREEDY, *methods):
         key = f"{method.name}/b{batch}/continuous"
-        found = _reuse(store, key, method.tokens_per_step, compared_reused)
+        if method is not GREEDY:
+            found = _reuse(store, key, method.tokens_per_step, greedy_reused)
         if found is not None:
             runs[key], outputs[key], _ = found
         else:
@@ -290,7 +355,7 @@ def continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list
                 decoding, method, prompts, batch, static_greedy, greedy_tokens,
                 runs.get(greedy_key), progress))
         if method is GREEDY:
-            compared_reused = found is not None
+            greedy_reused = found is not None
     return runs, outputs
 
 
@@ -304,7 +369,7 @@ def decode_batch_size(decoding: Decoding, methods: Sequence[Method], prompts: li
     if continuous and batch > 1:
         more_runs, more_outputs = continuous_runs(
             decoding, methods, prompts, batch, runs[f"greedy/b{batch}"],
-            outputs[f"greedy/b{batch}"].tokens, progress, store)
+            outputs[f"greedy/b{batch}"].tokens, progress, store, interleave)
         runs.update(more_runs)
         outputs.update(more_outputs)
     return runs, outputs
