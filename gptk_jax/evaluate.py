@@ -117,7 +117,8 @@ def _drafter_arguments(p: argparse.ArgumentParser) -> None:
                    help="static batches in turns: greedy's batch, then each drafter's on the "
                         "same prompts, then the next batch (a machine whose speed drifts "
                         "slows every method alike; the oracle still runs after); with "
-                        "--continuous, continuous runs likewise in 4 rounds of prompts")
+                        "--continuous, greedy's continuous run also runs before and after "
+                        "each drafter's, and the drafter is timed against their mean")
     p.add_argument("--choose-width", action="store_true",
                    help="the drafters (not the oracle) choose W per step, 1 .. --tokens-per-step,"
                         " by expected tokens per second from measured step costs "

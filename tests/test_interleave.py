@@ -1,11 +1,15 @@
 """`evaluate --interleave` (evaluation/runs.py): the static runs go batch by batch (greedy's
 batch, then a drafter's on the same prompts; each drafter in turn, paired with its own greedy
-batches) and give the same run records as one method after another, only marked `interleaved`; the oracle still runs after them; a greedy run that is
-already stored is reused and the drafters then run one after another, as without the flag.
+batches) and give the same run records as one method after another, only marked `interleaved`;
+the oracle still runs after them; a greedy run that is already stored is reused and the drafters
+then run one after another, as without the flag. With continuous batching each drafter's run is
+bracketed by greedy's (G D1 G D2 G) and timed against their mean; stored continuous runs are
+reused only behind a reused greedy run.
 A stand-in Decoding returns fixed results, so only the orchestration is under test."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from gptk_jax.decoding.factory import DecoderSpec
@@ -125,52 +129,67 @@ class ContinuousDecoding(DriftingDecoding):
                                 batch_size=batch_size)
 
 
-def test_continuous_runs_alternate_with_greedy_in_rounds():
-    """--interleave --continuous: greedy's continuous run of a round of prompts, then the
-    drafter's on the same prompts, round by round (5 prompts in 2 rounds: 3 + 2), each
-    drafter's speedup over its own rounds' greedy; the tokens and the counts are those of one
-    continuous run each; a stored greedy run is reused and the drafters then run alone."""
+def _continuous(decoding, methods, store=None, static_reused=False, interleave=True):
     from gptk_jax.evaluation.runs import continuous_runs
-
-    other = Method("lookup2", 2, DecoderSpec("lookup", tokens_per_step=2))
-    static_greedy = {"tokens_per_second": 1.0}
+    static_greedy = {"tokens_per_second": 1.0, **({"reused": True} if static_reused else {})}
     greedy_tokens = [[p[1], p[1] + 1] for p in PROMPTS]
+    return continuous_runs(decoding, methods, PROMPTS, 2, static_greedy, greedy_tokens, False,
+                           store, interleave=interleave)
+
+
+OTHER = Method("lookup2", 2, DecoderSpec("lookup", tokens_per_step=2))
+ALL = (0, 1, 2, 3, 4)
+
+
+def test_continuous_drafters_are_bracketed_by_greedy_runs():
+    """--interleave --continuous: greedy's continuous run before and after each drafter's
+    (G D1 G D2 G), each drafter's speedup over the mean of the two greedy runs around it (on a
+    drifting machine: not over the first greedy run alone); the tokens and the counts are those
+    of the runs without the flag."""
     seq, inter = ContinuousDecoding(), ContinuousDecoding()
-    runs_seq, out_seq = continuous_runs(seq, [LOOKUP, other], PROMPTS, 2, static_greedy,
-                                        greedy_tokens, False)
-    assert [c[0] for c in seq.calls] == ["continuous greedy", "continuous lookup",
-                                         "continuous lookup2"]
-    runs, out = continuous_runs(inter, [LOOKUP, other], PROMPTS, 2, static_greedy,
-                                greedy_tokens, False, interleave=True, rounds=2)
-    rounds = [("continuous greedy", (0, 1, 2)), ("continuous {m}", (0, 1, 2)),
-              ("continuous greedy", (3, 4)), ("continuous {m}", (3, 4))]
-    assert inter.calls == [(n.format(m=m), p) for m in ("lookup", "lookup2") for n, p in rounds]
+    runs_seq, out_seq = _continuous(seq, [LOOKUP, OTHER], interleave=False)
+    assert seq.calls == [("continuous greedy", ALL), ("continuous lookup", ALL),
+                         ("continuous lookup2", ALL)]
+    runs, out = _continuous(inter, [LOOKUP, OTHER])
+    assert [c[0] for c in inter.calls] == ["continuous greedy", "continuous lookup",
+                                           "continuous greedy", "continuous lookup2",
+                                           "continuous greedy"]
+    assert list(runs) == list(runs_seq) == ["greedy/b2/continuous", "lookup/b2/continuous",
+                                            "lookup2/b2/continuous"]
     assert {k: o.tokens for k, o in out.items()} == {k: o.tokens for k, o in out_seq.items()}
-    for name, first in (("lookup", 0), ("lookup2", 4)):
-        greedy = sum(0.5 + 1.0 * 1.1 ** (first + 2 * i + 1) for i in range(2))
-        drafted = sum(0.5 + 0.8 * 1.1 ** (first + 2 * i + 2) for i in range(2))
-        run = runs[f"{name}/b2/continuous"]
-        assert run["interleaved"] and run["rounds"] == 2 and run["identical_to_greedy"]
-        assert run["greedy_tokens_per_second"] == pytest.approx(15 / greedy)
-        assert run["speedup"] == pytest.approx(greedy / drafted)
-        assert run["loop_iterations"] == 4 and run["prefill_calls"] == 2
-        assert sum(run["greedy_round_seconds"]) == pytest.approx(greedy, abs=1e-3)
-    assert runs["greedy/b2/continuous"]["tokens_per_second"] == pytest.approx(
-        runs["lookup/b2/continuous"]["greedy_tokens_per_second"])
+    seconds = [0.5 + 1.0 * 1.1 ** i for i in (1, 3, 5)]            # the greedy calls' times
+    for name, (i, drafted) in (("lookup", (0, 0.5 + 0.8 * 1.1 ** 2)),
+                               ("lookup2", (1, 0.5 + 0.8 * 1.1 ** 4))):
+        run, around = runs[f"{name}/b2/continuous"], seconds[i:i + 2]
+        assert run["bracketed"] and run["identical_to_greedy"]
+        assert run["greedy_bracket_seconds"] == pytest.approx(around, abs=1e-4)
+        assert run["greedy_tokens_per_second"] == pytest.approx(15 / np.mean(around))
+        assert run["speedup"] == pytest.approx(np.mean(around) / drafted)
+        assert run["loop_iterations"] == 2 and run["prefill_calls"] == 1
+        assert runs_seq[f"{name}/b2/continuous"]["speedup"] == pytest.approx(
+            seconds[0] / (0.5 + 0.8 * 1.1 ** (i + 2)))               # against the first only
+    assert runs["greedy/b2/continuous"]["seconds"] == pytest.approx(seconds[0])
 
 
-def test_a_stored_continuous_greedy_run_is_reused_and_the_drafters_run_alone(tmp_path):
-    from gptk_jax.evaluation.runs import continuous_runs
-
-    greedy_tokens = [[p[1], p[1] + 1] for p in PROMPTS]
-    store = RunStore(tmp_path, {"settings": 1})
-    continuous_runs(ContinuousDecoding(), [], PROMPTS, 2, {"tokens_per_second": 1.0},
-                    greedy_tokens, False, store, interleave=True)
+def test_stored_continuous_runs_are_reused_only_behind_a_reused_greedy(tmp_path):
+    """A stored greedy continuous run is reused only where the static greedy run was; then a
+    stored drafter is reused and a missing one is bracketed by greedy runs of its own, the
+    stored greedy record kept. Without a reused static greedy nothing is reused. Runs timed
+    without --interleave are not reused under it."""
+    settings = {"settings": 1}
+    _continuous(ContinuousDecoding(), [LOOKUP], RunStore(tmp_path, settings))
+    store = RunStore(tmp_path, settings)
     again = ContinuousDecoding()
-    store_again = RunStore(tmp_path, {"settings": 1})
-    runs, _ = continuous_runs(again, [LOOKUP], PROMPTS, 2,
-                              {"tokens_per_second": 1.0, "reused": True}, greedy_tokens, False,
-                              store_again, interleave=True)
-    assert store_again.reused == ["greedy/b2/continuous"]
-    assert again.calls == [("continuous lookup", (0, 1, 2, 3, 4))]
-    assert "rounds" not in runs["lookup/b2/continuous"]
+    runs, _ = _continuous(again, [LOOKUP, OTHER], store, static_reused=True)
+    assert store.reused == ["greedy/b2/continuous", "lookup/b2/continuous"]
+    assert again.calls == [("continuous greedy", ALL), ("continuous lookup2", ALL),
+                           ("continuous greedy", ALL)]
+    assert runs["greedy/b2/continuous"]["reused"] and runs["lookup2/b2/continuous"]["bracketed"]
+    store = RunStore(tmp_path, settings)
+    fresh = ContinuousDecoding()
+    _continuous(fresh, [LOOKUP, OTHER], store, static_reused=False)
+    assert store.reused == [] and len(fresh.calls) == 5
+    store = RunStore(tmp_path, settings)
+    alone = ContinuousDecoding()
+    _continuous(alone, [LOOKUP], store, static_reused=True, interleave=False)
+    assert store.reused == [] and len(alone.calls) == 2

@@ -61,7 +61,7 @@ class EvalConfig:
     continuous: bool = False              # batch sizes > 1 also run with continuous batching
     interleave: bool = False              # static runs batch by batch: greedy, then each
                                           # drafter, on the same prompts (drift hits all alike);
-                                          # continuous runs in rounds of prompts likewise
+                                          # continuous runs bracketed by greedy's
     choose_width: bool = False            # drafters choose W per step by measured cost
     verify_cost: Optional[str] = None     # choose_width: step-cost table file (None: measured)
     score_bins: int = 8                   # choose_width: bins of the drafts' scores (1: ignored)

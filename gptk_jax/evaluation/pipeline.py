@@ -141,7 +141,6 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
 
     from gptk_jax.decoding.engine import resolve_matmul
     from gptk_jax.decoding.width import AutoWidth
-    from gptk_jax.evaluation.runs import CONTINUOUS_ROUNDS
     device = jax.devices()[0]
     heads = None
     if cfg.heads:
@@ -165,10 +164,7 @@ def run_settings(cfg: EvalConfig, model, prompts: list, stop_ids: tuple, draft_v
             **({"drafter_weights": cfg.drafter_weights}
                if cfg.drafter_weights != "float32" else {}),
             # W chosen per step: its margin (runs timed before it existed are not reused)
-            **({"min_gain": AutoWidth().min_gain} if cfg.choose_width else {}),
-            # continuous runs paired with greedy in rounds (runs timed apart are not reused)
-            **({"continuous_rounds": CONTINUOUS_ROUNDS}
-               if cfg.continuous and cfg.interleave else {})}
+            **({"min_gain": AutoWidth().min_gain} if cfg.choose_width else {})}
 
 
 def draft_vocab_fields(cfg: EvalConfig, draft_vocab, path) -> dict:

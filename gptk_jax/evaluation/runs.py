@@ -9,15 +9,9 @@ drafter again through B continuously refilled slots. It returns run records (rep
 With `interleave`, the static runs go batch by batch instead: greedy's batch, then each
 drafter's on the same prompts, then the next batch, so that a machine whose speed drifts over
 minutes (other jobs, clocks) slows greedy and the drafters alike; their sums are the same runs.
-The continuous runs then go in `CONTINUOUS_ROUNDS` rounds of consecutive prompts: greedy's
-continuous run of a round, then the drafter's on the same prompts (each round refills its slots
-from its own queue, so both pay the same fill and drain), and a drafter's speedup is over its own
-rounds' greedy.
-
-Each run is saved to the `store.RunStore` as soon as it finishes, and a run the store already
-holds under the same settings is reused instead of decoded again. A run that is compared with
-another (a drafter's speedup and exactness against greedy of its batch size and schedule) is
-reused only when that greedy run was reused too, so the two always come from one process.
+The continuous runs are then bracketed: greedy's continuous run before and after each
+drafter's (G D1 G D2 G, neighbours sharing one), and a drafter's speedup is over the mean time of
+the two greedy runs around it, which cancels a drift that is linear over the three runs.
 """
 
 from __future__ import annotations
@@ -32,8 +26,6 @@ from tqdm import tqdm
 from gptk_jax.decoding.acceptance import acceptance_stats
 from gptk_jax.evaluation.decode import GREEDY, Decoding, Method, oracle_method
 from gptk_jax.evaluation.store import RunStore
-
-CONTINUOUS_ROUNDS = 4   # interleaved continuous runs: greedy and a drafter alternate 4 times
 
 
 @dataclasses.dataclass
@@ -293,70 +285,89 @@ def _continuous_run(decoding: Decoding, method: Method, prompts: list, batch: in
                               continuous_greedy)
 
 
-def _rounds(prompts: list, rounds: int) -> list:
-    """`prompts` in at most `rounds` runs of consecutive prompts, as even as can be (the
-    first ones longer by one where they cannot all be equal)."""
-    n, r = len(prompts), min(rounds, len(prompts))
-    bounds = [-(-i * n // r) for i in range(r + 1)]
-    return [prompts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _paired_continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list,
-                            batch: int, static_greedy: dict, greedy_tokens: list,
-                            progress: bool, store: RunStore, rounds: int) -> tuple[dict, dict]:
-    """Each drafter in turn paired with greedy round by round (greedy's continuous run of a
-    round's prompts, then the drafter's): its `speedup` is over its own rounds' greedy (the run
-    records `greedy_tokens_per_second` and `greedy_round_seconds`); greedy/b<B>/continuous is
-    the first pair's. Each run is saved as it finishes."""
+def _bracketed_continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list,
+                               batch: int, static_greedy: dict, greedy_tokens: list,
+                               progress: bool, store: RunStore, keep_greedy: bool
+                               ) -> tuple[dict, dict]:
+    """Greedy's continuous run, then per drafter its run and greedy's again (G D1 G D2 G):
+    each drafter's `speedup` is over the mean seconds of the greedy runs before and after it
+    (recorded: `greedy_tokens_per_second`, `greedy_bracket_seconds`). keep_greedy: the first
+    greedy run is greedy/b<B>/continuous (else a stored one is). Each run is saved as it ends."""
     runs, outputs, key = {}, {}, f"greedy/b{batch}/continuous"
+    before = _continuous_results(decoding, GREEDY, prompts, batch, progress)
+    greedy, greedy_output = _continuous_record(GREEDY, batch, before, static_greedy,
+                                               greedy_tokens, None)
+    if keep_greedy:
+        runs[key], outputs[key] = _keep(store, key, 1, {**greedy, "bracketed": True},
+                                        greedy_output)
     for method in methods:
-        greedy_results, results = [], []
-        for part in _rounds(prompts, rounds):
-            greedy_results += _continuous_results(decoding, GREEDY, part, batch, progress)
-            results += _continuous_results(decoding, method, part, batch, progress)
-        greedy, greedy_output = _continuous_record(GREEDY, batch, greedy_results,
-                                                   static_greedy, greedy_tokens, None)
-        greedy.update(interleaved=True, rounds=len(greedy_results))
-        if key not in runs:
-            runs[key], outputs[key] = _keep(store, key, 1, greedy, greedy_output)
-        name = f"{method.name}/b{batch}/continuous"
+        results = _continuous_results(decoding, method, prompts, batch, progress)
+        after = _continuous_results(decoding, GREEDY, prompts, batch, progress)
+        seconds = [pooled(before)["seconds"], pooled(after)["seconds"]]
+        baseline = {"tokens_per_second": greedy["tokens"] / float(np.mean(seconds))}
         run, output = _continuous_record(method, batch, results, static_greedy, greedy_tokens,
-                                         greedy)
-        run.update(interleaved=True, rounds=len(results),
-                   greedy_tokens_per_second=greedy["tokens_per_second"],
-                   greedy_round_seconds=greedy["batch_seconds"])
+                                         baseline)
+        run.update(bracketed=True, greedy_tokens_per_second=baseline["tokens_per_second"],
+                   greedy_bracket_seconds=[round(s, 4) for s in seconds])
+        name = f"{method.name}/b{batch}/continuous"
         runs[name], outputs[name] = _keep(store, name, method.tokens_per_step, run, output)
+        before = after
+    return runs, outputs
+
+
+def _sequential_continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list,
+                                batch: int, static_greedy: dict, greedy_tokens: list,
+                                progress: bool, store: RunStore, greedy: Optional[dict]
+                                ) -> tuple[dict, dict]:
+    """Greedy's continuous run (unless `greedy`, a stored one, is given), then each drafter's,
+    each saved as it ends; a drafter's speedup is over that one greedy run."""
+    runs, outputs, key = {}, {}, f"greedy/b{batch}/continuous"
+    if greedy is None:
+        runs[key], outputs[key] = _keep(store, key, 1, *_continuous_run(
+            decoding, GREEDY, prompts, batch, static_greedy, greedy_tokens, None, progress))
+        greedy = runs[key]
+    for method in methods:
+        name = f"{method.name}/b{batch}/continuous"
+        runs[name], outputs[name] = _keep(store, name, method.tokens_per_step, *_continuous_run(
+            decoding, method, prompts, batch, static_greedy, greedy_tokens, greedy, progress))
     return runs, outputs
 
 
 def continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int,
                     static_greedy: dict, greedy_tokens: list, progress: bool,
-                    store: Optional[RunStore] = None, interleave: bool = False,
-                    rounds: int = CONTINUOUS_ROUNDS) -> tuple[dict, dict]:
+                    store: Optional[RunStore] = None, interleave: bool = False
+                    ) -> tuple[dict, dict]:
     """Greedy and each drafter (not the oracle: its references are per batch row) through
     `batch` continuously refilled slots. `speedup` is over continuous greedy (the same
-    scheduler), `speedup_vs_static_greedy` over `greedy/b<batch>`. interleave: greedy and each
-    drafter alternate in `rounds` rounds (unless greedy's continuous run is reused)."""
+    scheduler), `speedup_vs_static_greedy` over `greedy/b<batch>`. interleave: each drafter
+    bracketed by greedy's runs. A stored greedy run is reused only where the static greedy run
+    was, a stored drafter's only where greedy's was; the others run (bracketed: with greedy's
+    runs around them again)."""
     store = store or RunStore(None, {})
+    if interleave:     # bracketed runs are not the runs timed against one greedy run
+        store = store.with_settings(continuous_baseline="bracketed")
     greedy_key = f"greedy/b{batch}/continuous"
     found = _reuse(store, greedy_key, 1, bool(static_greedy.get("reused")))  # looked up once
-    if interleave and methods and found is None:
-        return _paired_continuous_runs(decoding, methods, prompts, batch, static_greedy,
-                                       greedy_tokens, progress, store, rounds)
-    runs, outputs = {}, {}
-    for method in (GREEDY, *methods):
+    runs, outputs, missing = {}, {}, []
+    if found is not None:
+        runs[greedy_key], outputs[greedy_key], _ = found
+    for method in methods:
         key = f"{method.name}/b{batch}/continuous"
-        if method is not GREEDY:
-            found = _reuse(store, key, method.tokens_per_step, greedy_reused)
-        if found is not None:
-            runs[key], outputs[key], _ = found
+        stored = _reuse(store, key, method.tokens_per_step, found is not None)
+        if stored is None:
+            missing.append(method)
         else:
-            runs[key], outputs[key] = _keep(store, key, method.tokens_per_step, *_continuous_run(
-                decoding, method, prompts, batch, static_greedy, greedy_tokens,
-                runs.get(greedy_key), progress))
-        if method is GREEDY:
-            greedy_reused = found is not None
-    return runs, outputs
+            runs[key], outputs[key], _ = stored
+    args = (decoding, missing, prompts, batch, static_greedy, greedy_tokens, progress, store)
+    if interleave and missing:
+        new_runs, new_outputs = _bracketed_continuous_runs(*args, keep_greedy=found is None)
+    else:
+        new_runs, new_outputs = _sequential_continuous_runs(
+            *args, greedy=None if found is None else runs[greedy_key])
+    runs.update(new_runs)
+    outputs.update(new_outputs)
+    order = [greedy_key] + [f"{m.name}/b{batch}/continuous" for m in methods]
+    return {k: runs[k] for k in order}, {k: outputs[k] for k in order}
 
 
 def decode_batch_size(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int, *,

@@ -91,6 +91,12 @@ class RunStore:
         self.settings = settings
         self.reused: list[str] = []
 
+    def with_settings(self, **extra) -> "RunStore":
+        """The same folder (and `reused` list) with settings that only some runs depend on."""
+        store = RunStore(self.folder, {**self.settings, **extra})
+        store.reused = self.reused
+        return store
+
     def _file(self, key: str) -> Path:
         return self.folder / RUNS_DIR / (key.replace("/", "_") + ".json")
 
