@@ -9,6 +9,7 @@ two, and checkpoints on disk are always stacked.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -32,6 +33,13 @@ class TrunkOutput:
     cache: Optional[KVCache]
 
 
+# The unrolled layers call one jitted function of a layer's params (`_block_fn`), so a trunk
+# call is traced through one layer instead of L: tracing the 30 layers of SmolLM2 was most of
+# an evaluation's Python time (docs/benchmarks.md). XLA inlines the L calls before optimising,
+# so the compiled program is the same. False: each layer traced (the flax submodule called).
+SHARED_LAYER_TRACE = True
+
+
 class Block(nn.Module):
     config: LlamaConfig
 
@@ -51,6 +59,17 @@ class Block(nn.Module):
         x = x + MLP(c.ffn_dim, dtype, pdtype, dot, c.fuse_projections,
                     name="feed_forward")(h)
         return x, (k, v)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_fn(config: LlamaConfig):
+    """jit (layer params, x, (k, v), positions, mask, write_start) -> Block's (x, (k, v)): one
+    trace per input shape, shared by every layer and every program that calls it."""
+    block = Block(config, parent=None)     # a top-level module, not a child of the caller
+
+    def run(params, x, layer_cache, positions, mask, write_start):
+        return block.apply({"params": params}, x, layer_cache, positions, mask, write_start)
+    return jax.jit(run)
 
 
 class Llama(nn.Module):
@@ -121,8 +140,14 @@ class Llama(nn.Module):
             ks, vs = tuple(ks), tuple(vs)
         else:
             new_k, new_v = [], []
-            for layer, k, v in zip(self.layers, ks, vs):  # each writes its own buffer in place
-                x, (k, v) = layer(x, (k, v), positions, mask, lengths)
+            shared = None if self.is_initializing() or not SHARED_LAYER_TRACE else \
+                _block_fn(c)
+            for i, (layer, k, v) in enumerate(zip(self.layers, ks, vs)):  # each writes its own
+                if shared is None:                                        # buffer in place
+                    x, (k, v) = layer(x, (k, v), positions, mask, lengths)
+                else:
+                    x, (k, v) = shared(self.variables["params"][f"layers_{i}"], x, (k, v),
+                                       positions, mask, lengths)
                 new_k.append(k)
                 new_v.append(v)
             ks, vs = tuple(new_k), tuple(new_v)
