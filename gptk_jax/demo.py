@@ -27,7 +27,7 @@ the bound), at batch 1 and
 --batch-size, W chosen per step by measured cost and the drafts' scores (--choose-width): τ,
 speedup over greedy in the same process, the share of the oracle's speedup, and whether every
 output is token-identical to greedy's.
-The whole run, set-up excluded, takes about 10 minutes on 2 CPU cores; its wall time is
+The whole run, set-up excluded, takes about 8 minutes on 2 CPU cores; its wall time is
 printed at the end (docs/benchmarks.md).
 
 Exit status: 0 done; 1 an MTP decode differed from greedy; 2 bad arguments, a model folder that

@@ -181,7 +181,8 @@ def markdown(collected: dict, header: Sequence[str] = ()) -> str:
     lines += [f"newstest2014, first {any_e['sentences']} sentences, {any_e['shots']}-shot prompts, "
               f"W = {any_e['k']} tokens per verify step at most; speedups over our own greedy "
               "decoder in the same process (static batches) or over continuous greedy "
-              "(continuous); τ = tokens per verify step, the bonus token included.", "",
+              "(continuous: since session 23 the mean of greedy's runs before and after the "
+              "drafter's); τ = tokens per verify step, the bonus token included.", "",
               "| drafter | recipe | τ | speedup b1 | speedup b8 | speedup b8 continuous | "
               "per-offset acceptance (b1) | W chosen b1 / b8 (steps at W=1..) | "
               "drafting, % of a greedy step b1 / b8 | identical to greedy | "

@@ -36,7 +36,8 @@ class TrunkOutput:
 # The unrolled layers call one jitted function of a layer's params (`_block_fn`), so a trunk
 # call is traced through one layer instead of L: tracing the 30 layers of SmolLM2 was most of
 # an evaluation's Python time (docs/benchmarks.md). XLA inlines the L calls before optimising,
-# so the compiled program is the same. False: each layer traced (the flax submodule called).
+# so the compiled program is the same. Eager calls (not traced) run op by op as before: there a
+# jitted layer would compile a layer program per input shape. False: each layer traced.
 SHARED_LAYER_TRACE = True
 
 
@@ -52,8 +53,8 @@ class Block(nn.Module):
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="attention_norm")(x)
         dot = dot_general_for(c.matmul)
         attn, k, v = Attention(c.n_heads, c.n_kv_heads, c.head_dim, dtype, pdtype, dot,
-                               c.fuse_projections, name="attention")(h, positions, inv_freq, mask, *layer_cache,
-                                                 write_start)
+                               c.fuse_projections, name="attention")(
+            h, positions, inv_freq, mask, *layer_cache, write_start)
         x = x + attn
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="ffn_norm")(x)
         x = x + MLP(c.ffn_dim, dtype, pdtype, dot, c.fuse_projections,
@@ -140,8 +141,8 @@ class Llama(nn.Module):
             ks, vs = tuple(ks), tuple(vs)
         else:
             new_k, new_v = [], []
-            shared = None if self.is_initializing() or not SHARED_LAYER_TRACE else \
-                _block_fn(c)
+            shared = _block_fn(c) if SHARED_LAYER_TRACE and not self.is_initializing() \
+                and isinstance(x, jax.core.Tracer) else None      # eager: op by op, as before
             for i, (layer, k, v) in enumerate(zip(self.layers, ks, vs)):  # each writes its own
                 if shared is None:                                        # buffer in place
                     x, (k, v) = layer(x, (k, v), positions, mask, lengths)
