@@ -18,18 +18,23 @@ CFG = LlamaConfig(vocab_size=61, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ff
                   rope_theta=10000.0)
 
 
-def _forward(cfg, params, shared: bool, monkeypatch, with_cache: bool):
-    """(TrunkOutput of a jitted call, how often Block's Python code ran while tracing it)."""
-    monkeypatch.setattr(model_module, "SHARED_LAYER_TRACE", shared)
-    model_module._block_fn.cache_clear()
-    jax.clear_caches()
-    calls = []
-    real = Block.__call__
+def _count_layer_calls(monkeypatch) -> list:
+    """A list that grows by one each time Block's Python code runs (until monkeypatch undoes)."""
+    calls, real = [], Block.__call__
 
     def counted(self, *args):
         calls.append(1)
         return real(self, *args)
     monkeypatch.setattr(Block, "__call__", counted)
+    return calls
+
+
+def _forward(cfg, params, shared: bool, monkeypatch, with_cache: bool):
+    """(TrunkOutput of a jitted call, how often Block's Python code ran while tracing it)."""
+    monkeypatch.setattr(model_module, "SHARED_LAYER_TRACE", shared)
+    model_module._block_fn.cache_clear()
+    jax.clear_caches()
+    calls = _count_layer_calls(monkeypatch)
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 7)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(7), (2, 7)) + (3 if with_cache else 0)
     cache = None
@@ -39,7 +44,7 @@ def _forward(cfg, params, shared: bool, monkeypatch, with_cache: bool):
                               lengths=jnp.full((2,), 3, jnp.int32))
     run = jax.jit(lambda p, c: Llama(cfg).apply({"params": p}, tokens, positions, c))
     out = run(params_for_model(params, cfg), cache)
-    monkeypatch.setattr(Block, "__call__", real)
+    monkeypatch.undo()
     return out, len(calls)
 
 
@@ -67,13 +72,7 @@ def test_an_eager_call_runs_the_layers_one_by_one(monkeypatch):
     layer program for each new input shape (a real-trunk test ran 10 % slower with it)."""
     monkeypatch.setattr(model_module, "SHARED_LAYER_TRACE", True)
     params = params_for_model(init_params(CFG, jax.random.PRNGKey(0)), CFG)
-    calls = []
-    real = Block.__call__
-
-    def counted(self, *args):
-        calls.append(1)
-        return real(self, *args)
-    monkeypatch.setattr(Block, "__call__", counted)
+    calls = _count_layer_calls(monkeypatch)
     tokens = jnp.zeros((1, 3), jnp.int32)
     Llama(CFG).apply({"params": params}, tokens, jnp.arange(3)[None])
     assert len(calls) == CFG.n_layers

@@ -12,6 +12,11 @@ minutes (other jobs, clocks) slows greedy and the drafters alike; their sums are
 The continuous runs are then bracketed: greedy's continuous run before and after each
 drafter's (G D1 G D2 G, neighbours sharing one), and a drafter's speedup is over the mean time of
 the two greedy runs around it, which cancels a drift that is linear over the three runs.
+
+Each run is saved to the `store.RunStore` as soon as it finishes, and a run the store already
+holds under the same settings is reused instead of decoded again. A run that is compared with
+another (a drafter's speedup and exactness against greedy of its batch size and schedule) is
+reused only when that greedy run was reused too, so the two always come from one process.
 """
 
 from __future__ import annotations
