@@ -39,6 +39,20 @@ def _holder(text: str) -> str:
     return f"PID {pid}" + (f", started {started}" if started else "")
 
 
+def _holder_text(path: Path, wait_s: float = 2.0) -> str:
+    """The lock file's text once its holder has written its PID: the holder writes it right
+    after taking the lock, so a refusal that lands between the two waits briefly for it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            text = path.read_text()
+        except OSError:
+            text = ""
+        if "pid=" in text or time.monotonic() >= deadline:
+            return text
+        time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path, what: str,
                    log: Optional[Callable[[str], None]] = None) -> Iterator[Path]:
@@ -59,10 +73,7 @@ def exclusive_lock(path: Path, what: str,
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
-            try:
-                text = path.read_text()
-            except OSError:
-                text = ""
+            text = _holder_text(path)
             raise LockHeld(f"{what} is being written by another run ({_holder(text)}; lock "
                            f"{path}): wait for it to finish, or stop it first") from None
         try:                       # the file may have been removed by its last holder
@@ -76,9 +87,9 @@ def exclusive_lock(path: Path, what: str,
         old = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
         if old and log is not None:
             log(f"cleared a stale lock {path} of {_holder(old)}, which no longer runs")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid={os.getpid()} started={time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
-                  .encode(), 0)
+        mine = f"pid={os.getpid()} started={time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode()
+        os.pwrite(fd, mine, 0)     # written over the old text, then cut: never empty once named
+        os.ftruncate(fd, len(mine))
         yield path
     finally:
         try:

@@ -163,6 +163,29 @@ def test_lock_module_refuses_a_second_process_and_clears_a_stale_lock(tmp_path):
     assert len(said) == 1
 
 
+
+def test_a_refusal_between_lock_and_pid_still_names_the_holder(tmp_path):
+    """The holder writes its PID just after taking the lock; a second writer refused in that
+    window waits for the PID instead of saying "PID not yet written" (CI, stop 41)."""
+    from gptk_jax.locks import LockHeld, exclusive_lock
+    lock = tmp_path / "x.lock"
+    late = ("import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True); time.sleep(0.3)\n"
+            "os.pwrite(fd, f'pid={os.getpid()} started=now\\n'.encode(), 0)\n"
+            "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", late, str(lock)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert lock.read_text() == ""                   # the refusal below lands in the window
+        with pytest.raises(LockHeld, match=f"PID {proc.pid}, started now"):
+            with exclusive_lock(lock, "x"):
+                pass
+    finally:
+        _kill(proc)
+
 # -- 3. a resume checks content --------------------------------------------------------------
 
 def test_changed_sources_are_refused_naming_the_first_line(data, tmp_path, capsys):
