@@ -119,6 +119,10 @@ def _drafter_arguments(p: argparse.ArgumentParser) -> None:
                         "slows every method alike; the oracle still runs after); with "
                         "--continuous, greedy's continuous run also runs before and after "
                         "each drafter's, and the drafter is timed against their mean")
+    p.add_argument("--continuous-repeats", type=int, default=1, metavar="N",
+                   help="with --interleave --continuous: each drafter's continuous run and "
+                        "greedy's after it N times; its speedup is the mean of the N bracketed "
+                        "ratios, reported with their sd (one comparison moves by several %%)")
     p.add_argument("--choose-width", action="store_true",
                    help="the drafters (not the oracle) choose W per step, 1 .. --tokens-per-step,"
                         " by expected tokens per second from measured step costs "
@@ -150,11 +154,15 @@ def parse_args(argv=None) -> EvalConfig:
                         ("--bucket", a.bucket),
                         ("--lookup-tokens-per-step", a.lookup_tokens_per_step),
                         ("--lookup-max-ngram", a.lookup_max_ngram),
-                        ("--draft-vocab-size", a.draft_vocab_size)):
+                        ("--draft-vocab-size", a.draft_vocab_size),
+                        ("--continuous-repeats", a.continuous_repeats)):
         least = AT_LEAST[flag[2:].replace("-", "_")]
         if value is not None and value < least:
             alias = ALIASES.get(flag)
             p.error(f"{flag}{f' ({alias})' if alias else ''} must be >= {least}, got {value}")
+    if a.continuous_repeats > 1 and not (a.continuous and a.interleave):
+        p.error("--continuous-repeats repeats the bracketed continuous runs: give --continuous "
+                "and --interleave with it")
     if a.tree and not (a.lookup and a.heads):
         p.error("--tree verifies the lookup's and the heads' drafts together: give --lookup and "
                 "--heads too")
@@ -176,6 +184,7 @@ def parse_args(argv=None) -> EvalConfig:
             lookup_max_ngram=a.lookup_max_ngram, draft_vocab_size=a.draft_vocab_size,
             draft_vocab_from=a.draft_vocab_from, continuous=a.continuous, bos=a.bos,
             choose_width=a.choose_width, verify_cost=a.verify_cost, interleave=a.interleave,
+            continuous_repeats=a.continuous_repeats,
             score_bins=a.score_bins, drafter_weights=a.drafter_weights,
             progress=not a.no_progress,
             verify_weights=a.verify_weights,

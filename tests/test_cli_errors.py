@@ -211,6 +211,9 @@ EVALUATE_CASES = {
     "output-is-a-file": ({"--output": "{a_file}"}, ["--output", "{a_file}", "not a folder"]),
     "output-under-a-file": ({"--output": "{a_file}/report"}, ["--output", "{a_file}/report"]),
     "unknown-split": ({"--split": "wmt99"}, ["'wmt99'"]),
+    "continuous-repeats-0": ({"--continuous-repeats": 0}, ["--continuous-repeats", ">= 1"]),
+    "continuous-repeats-alone": ({"--continuous-repeats": 3},
+                                 ["--continuous-repeats", "--continuous", "--interleave"]),
 }
 
 

@@ -129,12 +129,13 @@ class ContinuousDecoding(DriftingDecoding):
                                 batch_size=batch_size)
 
 
-def _continuous(decoding, methods, store=None, static_reused=False, interleave=True):
+def _continuous(decoding, methods, store=None, static_reused=False, interleave=True,
+                repeats=1):
     from gptk_jax.evaluation.runs import continuous_runs
     static_greedy = {"tokens_per_second": 1.0, **({"reused": True} if static_reused else {})}
     greedy_tokens = [[p[1], p[1] + 1] for p in PROMPTS]
     return continuous_runs(decoding, methods, PROMPTS, 2, static_greedy, greedy_tokens, False,
-                           store, interleave=interleave)
+                           store, interleave=interleave, repeats=repeats)
 
 
 OTHER = Method("lookup2", 2, DecoderSpec("lookup", tokens_per_step=2))
@@ -193,3 +194,47 @@ def test_stored_continuous_runs_are_reused_only_behind_a_reused_greedy(tmp_path)
     alone = ContinuousDecoding()
     _continuous(alone, [LOOKUP], store, static_reused=True, interleave=False)
     assert store.reused == [] and len(alone.calls) == 2
+
+
+def test_repeated_continuous_runs_give_a_mean_and_a_spread(tmp_path):
+    """--continuous-repeats 3: each drafter's run and greedy's after it three times (G D G D G D
+    G, then the next drafter), the speedup the mean of the three bracketed ratios, with their
+    sample sd; the tokens are those of one run. Runs stored without repeats are not reused."""
+    settings = {"settings": 1}
+    _continuous(ContinuousDecoding(), [LOOKUP], RunStore(tmp_path, settings), repeats=1)
+    store = RunStore(tmp_path, settings)
+    deco = ContinuousDecoding()
+    runs, out = _continuous(deco, [LOOKUP, OTHER], store, static_reused=True, repeats=3)
+    assert store.reused == []
+    names = [c[0].split()[1] for c in deco.calls]
+    assert names == ["greedy"] + ["lookup", "greedy"] * 3 + ["lookup2", "greedy"] * 3
+    greedy = [0.5 + 1.0 * 1.1 ** i for i in (1, 3, 5, 7, 9, 11, 13)]    # the greedy calls
+    for name, first in (("lookup", 0), ("lookup2", 3)):
+        drafted = [0.5 + 0.8 * 1.1 ** (2 * (first + j) + 2) for j in range(3)]
+        ratios = [(greedy[first + j] + greedy[first + j + 1]) / 2 / drafted[j]
+                  for j in range(3)]
+        run = runs[f"{name}/b2/continuous"]
+        assert run["repeats"] == 3 and run["bracketed"] and run["identical_to_greedy"]
+        assert run["speedup_repeats"] == pytest.approx(ratios, abs=1e-4)
+        assert run["speedup"] == pytest.approx(np.mean(ratios))
+        assert run["speedup_sd"] == pytest.approx(np.std(ratios, ddof=1))
+        assert run["seconds"] == pytest.approx(np.mean(drafted))
+        assert run["greedy_bracket_seconds"] == pytest.approx(greedy[first:first + 4], abs=1e-4)
+    assert out["lookup/b2/continuous"].tokens == [[p[1], p[1] + 1] for p in PROMPTS]
+    again = RunStore(tmp_path, settings)
+    _continuous(ContinuousDecoding(), [LOOKUP, OTHER], again, static_reused=True, repeats=3)
+    assert again.reused == ["greedy/b2/continuous", "lookup/b2/continuous",
+                            "lookup2/b2/continuous"]
+
+
+def test_a_repeated_speedup_is_reported_with_its_spread():
+    """report.md's row and docs/results.md's b8-continuous cell say mean ± sd (n runs)."""
+    from gptk_jax.evaluation.report import _run_row
+    from gptk_jax.evaluation.results_table import _continuous_speedup
+    run = {"k": 4, "tokens_per_second": 80.0, "speedup": 0.987, "speedup_sd": 0.031,
+           "repeats": 3, "tau": 1.8}
+    row = _run_row("heads+lookup/b8/continuous", run, {"bleu": 1.0, "chrf": 2.0})
+    assert "| 0.99 ± 0.03 (3 runs) |" in row
+    assert "| 0.99 |" in _run_row("x", {**run, "repeats": 1}, {"bleu": 1.0, "chrf": 2.0})
+    entry = {"runs": {"b8/continuous": run}, "speedup_b8_continuous": 0.987}
+    assert _continuous_speedup(entry) == "0.99× ± 0.03 (3 runs)"

@@ -18,7 +18,7 @@ METHODS = ("mtp", "lookup", "heads+lookup", "heads+lookup-tree")
 # the smallest value of each numeric field (None, where allowed, means its default)
 AT_LEAST = {"max_sentences": 1, "tokens_per_step": 2, "max_new_tokens": 1, "shots": 0,
             "bucket": 1, "lookup_tokens_per_step": 2, "lookup_max_ngram": 1,
-            "draft_vocab_size": 1}
+            "draft_vocab_size": 1, "continuous_repeats": 1}
 
 
 class EvalConfigError(GptkError, ValueError):
@@ -62,6 +62,8 @@ class EvalConfig:
     interleave: bool = False              # static runs batch by batch: greedy, then each
                                           # drafter, on the same prompts (drift hits all alike);
                                           # continuous runs bracketed by greedy's
+    continuous_repeats: int = 1           # interleave: each drafter's bracketed continuous run
+                                          # this many times (speedup: their mean, with sd)
     choose_width: bool = False            # drafters choose W per step by measured cost
     verify_cost: Optional[str] = None     # choose_width: step-cost table file (None: measured)
     score_bins: int = 8                   # choose_width: bins of the drafts' scores (1: ignored)
@@ -90,6 +92,9 @@ class EvalConfig:
                                   "--tokens-per-step with --oracle or --lookup")
         if self.heads is None and not (self.lookup or self.oracle):
             raise EvalConfigError("nothing to compare: give --heads, --lookup and/or --oracle")
+        if self.continuous_repeats > 1 and not (self.continuous and self.interleave):
+            raise EvalConfigError("--continuous-repeats repeats the bracketed continuous runs: "
+                                  "give --continuous and --interleave with it")
         if self.verify_cost is not None and not self.choose_width:
             raise EvalConfigError("--verify-cost is a table for --choose-width: give both")
         if self.verify_cost is not None and not Path(self.verify_cost).is_file():

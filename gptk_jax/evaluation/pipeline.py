@@ -220,7 +220,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         batch_runs, batch_outputs = decode_batch_size(
             decoding, methods, prompts, batch, oracle_k=k if cfg.oracle else None,
             continuous=cfg.continuous, interleave=cfg.interleave, progress=cfg.progress,
-            store=store)
+            store=store, continuous_repeats=cfg.continuous_repeats)
         runs.update(batch_runs)
         outputs.update(batch_outputs)
 

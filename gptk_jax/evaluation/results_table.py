@@ -140,7 +140,8 @@ def _entry(drafter: str, method: str, report: dict) -> Optional[dict]:
             key: run.get(key) for key in (
                 "tau", "speedup", "tokens_per_second", "per_offset_acceptance",
                 "tokens_per_step_mode", "chosen_w_histogram", "step_cost", "rested_batches",
-                "greedy_step_cost", "skipped_drafting", "identical_to_greedy")
+                "greedy_step_cost", "skipped_drafting", "identical_to_greedy", "speedup_sd",
+                "repeats")
             if run.get(key) is not None}
     static = {b: entry["runs"].get(f"b{b}", {}) for b in (1, 8)}
     entry.update(tau_k4=(static[1] or static[8]).get("tau"),
@@ -151,6 +152,15 @@ def _entry(drafter: str, method: str, report: dict) -> Optional[dict]:
 
 def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _continuous_speedup(entry: dict) -> str:
+    """b8 continuous: the speedup, with repeated runs their mean ± sd (n)."""
+    run = entry["runs"].get("b8/continuous", {})
+    text = _fmt(entry["speedup_b8_continuous"], ".2f", "×")
+    if run.get("repeats", 1) > 1:
+        text += f" ± {run['speedup_sd']:.2f} ({run['repeats']} runs)"
+    return text
 
 
 def _widths(run: Optional[dict]) -> str:
@@ -197,7 +207,7 @@ def markdown(collected: dict, header: Sequence[str] = ()) -> str:
         drafting = " / ".join(_drafting_share(e["runs"].get(f"b{b}")) for b in (1, 8))
         lines.append(f"| {e['drafter']} | {e['recipe'] or '–'} | {_fmt(e['tau_k4'])} | "
                      f"{_fmt(e['speedup_b1'], '.2f', '×')} | {_fmt(e['speedup_b8'], '.2f', '×')}"
-                     f" | {_fmt(e['speedup_b8_continuous'], '.2f', '×')} | {rates} | {chosen} | "
+                     f" | {_continuous_speedup(e)} | {rates} | {chosen} | "
                      f"{drafting} | "
                      f"{'yes' if e['identical_to_greedy'] else '**no**'} | {train} |")
     return "\n".join(lines + [""])

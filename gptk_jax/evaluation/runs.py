@@ -12,6 +12,9 @@ minutes (other jobs, clocks) slows greedy and the drafters alike; their sums are
 The continuous runs are then bracketed: greedy's continuous run before and after each
 drafter's (G D1 G D2 G, neighbours sharing one), and a drafter's speedup is over the mean time of
 the two greedy runs around it, which cancels a drift that is linear over the three runs.
+With `continuous_repeats` N > 1 each drafter's run and greedy's after it go N times (G D G D G
+...), and its speedup is the mean of the N bracketed ratios, with their spread: one
+continuous comparison moved by 4-9 % between runs minutes apart on this machine.
 
 Each run is saved to the `store.RunStore` as soon as it finishes, and a run the store already
 holds under the same settings is reused instead of decoded again. A run that is compared with
@@ -292,12 +295,14 @@ def _continuous_run(decoding: Decoding, method: Method, prompts: list, batch: in
 
 def _bracketed_continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list,
                                batch: int, static_greedy: dict, greedy_tokens: list,
-                               progress: bool, store: RunStore, keep_greedy: bool
-                               ) -> tuple[dict, dict]:
+                               progress: bool, store: RunStore, keep_greedy: bool,
+                               repeats: int = 1) -> tuple[dict, dict]:
     """Greedy's continuous run, then per drafter its run and greedy's again (G D1 G D2 G):
     each drafter's `speedup` is over the mean seconds of the greedy runs before and after it
-    (recorded: `greedy_tokens_per_second`, `greedy_bracket_seconds`). keep_greedy: the first
-    greedy run is greedy/b<B>/continuous (else a stored one is). Each run is saved as it ends."""
+    (recorded: `greedy_tokens_per_second`, `greedy_bracket_seconds`). repeats > 1: each
+    drafter's run and greedy's after it `repeats` times (G D1 G D1 G ... D2 G), `speedup` the
+    mean of the repeats' bracketed ratios (`_repeated`). keep_greedy: the first greedy run is
+    greedy/b<B>/continuous (else a stored one is). Each run is saved as it ends."""
     runs, outputs, key = {}, {}, f"greedy/b{batch}/continuous"
     before = _continuous_results(decoding, GREEDY, prompts, batch, progress)
     greedy, greedy_output = _continuous_record(GREEDY, batch, before, static_greedy,
@@ -306,18 +311,43 @@ def _bracketed_continuous_runs(decoding: Decoding, methods: Sequence[Method], pr
         runs[key], outputs[key] = _keep(store, key, 1, {**greedy, "bracketed": True},
                                         greedy_output)
     for method in methods:
-        results = _continuous_results(decoding, method, prompts, batch, progress)
-        after = _continuous_results(decoding, GREEDY, prompts, batch, progress)
-        seconds = [pooled(before)["seconds"], pooled(after)["seconds"]]
-        baseline = {"tokens_per_second": greedy["tokens"] / float(np.mean(seconds))}
-        run, output = _continuous_record(method, batch, results, static_greedy, greedy_tokens,
+        drafter_seconds, greedy_seconds, first = [], [pooled(before)["seconds"]], None
+        for _ in range(repeats):
+            results = _continuous_results(decoding, method, prompts, batch, progress)
+            before = _continuous_results(decoding, GREEDY, prompts, batch, progress)
+            first = first or results
+            same = [t for r in results for t in r.tokens] == [t for r in first for t in r.tokens]
+            if not same:       # a repeat decodes the same prompts: its tokens must not move
+                raise RuntimeError(f"{method.name}/b{batch}/continuous: a repeat's tokens "
+                                   f"differ from the first run's")
+            drafter_seconds.append(pooled(results)["seconds"])
+            greedy_seconds.append(pooled(before)["seconds"])
+        baseline = {"tokens_per_second": greedy["tokens"] / float(np.mean(greedy_seconds[:2]))}
+        run, output = _continuous_record(method, batch, first, static_greedy, greedy_tokens,
                                          baseline)
         run.update(bracketed=True, greedy_tokens_per_second=baseline["tokens_per_second"],
-                   greedy_bracket_seconds=[round(s, 4) for s in seconds])
+                   greedy_bracket_seconds=[round(s, 4) for s in greedy_seconds])
+        if repeats > 1:
+            run.update(_repeated(greedy["tokens"], drafter_seconds, greedy_seconds))
+            run["speedup_vs_static_greedy"] = (run["tokens_per_second"] /
+                                               static_greedy["tokens_per_second"])
         name = f"{method.name}/b{batch}/continuous"
         runs[name], outputs[name] = _keep(store, name, method.tokens_per_step, run, output)
-        before = after
     return runs, outputs
+
+
+def _repeated(tokens: int, drafter_seconds: list, greedy_seconds: list) -> dict:
+    """A drafter's continuous runs D_i, each between greedy's G_i and G_i+1 -> the record's
+    fields: speedup_repeats (greedy's mean seconds around D_i over D_i's), their mean as
+    `speedup` and sample sd, and the drafter's mean seconds and tokens per second."""
+    ratios = [(g0 + g1) / 2 / d for d, g0, g1 in
+              zip(drafter_seconds, greedy_seconds, greedy_seconds[1:])]
+    mean_seconds = float(np.mean(drafter_seconds))
+    return {"speedup": float(np.mean(ratios)), "speedup_sd": float(np.std(ratios, ddof=1)),
+            "speedup_repeats": [round(r, 4) for r in ratios], "repeats": len(ratios),
+            "drafter_repeat_seconds": [round(d, 4) for d in drafter_seconds],
+            "seconds": mean_seconds, "tokens_per_second": tokens / mean_seconds,
+            "greedy_tokens_per_second": tokens / float(np.mean(greedy_seconds))}
 
 
 def _sequential_continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list,
@@ -340,17 +370,19 @@ def _sequential_continuous_runs(decoding: Decoding, methods: Sequence[Method], p
 
 def continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int,
                     static_greedy: dict, greedy_tokens: list, progress: bool,
-                    store: Optional[RunStore] = None, interleave: bool = False
-                    ) -> tuple[dict, dict]:
+                    store: Optional[RunStore] = None, interleave: bool = False,
+                    repeats: int = 1) -> tuple[dict, dict]:
     """Greedy and each drafter (not the oracle: its references are per batch row) through
     `batch` continuously refilled slots. `speedup` is over continuous greedy (the same
     scheduler), `speedup_vs_static_greedy` over `greedy/b<batch>`. interleave: each drafter
     bracketed by greedy's runs. A stored greedy run is reused only where the static greedy run
     was, a stored drafter's only where greedy's was; the others run (bracketed: with greedy's
-    runs around them again)."""
+    runs around them again). repeats (with interleave): each drafter's bracketed run that many
+    times (`_bracketed_continuous_runs`)."""
     store = store or RunStore(None, {})
     if interleave:     # bracketed runs are not the runs timed against one greedy run
-        store = store.with_settings(continuous_baseline="bracketed")
+        store = store.with_settings(continuous_baseline="bracketed",
+                                    **({"continuous_repeats": repeats} if repeats > 1 else {}))
     greedy_key = f"greedy/b{batch}/continuous"
     found = _reuse(store, greedy_key, 1, bool(static_greedy.get("reused")))  # looked up once
     runs, outputs, missing = {}, {}, []
@@ -365,7 +397,8 @@ def continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list
             runs[key], outputs[key], _ = stored
     args = (decoding, missing, prompts, batch, static_greedy, greedy_tokens, progress, store)
     if interleave and missing:
-        new_runs, new_outputs = _bracketed_continuous_runs(*args, keep_greedy=found is None)
+        new_runs, new_outputs = _bracketed_continuous_runs(*args, keep_greedy=found is None,
+                                                           repeats=repeats)
     else:
         new_runs, new_outputs = _sequential_continuous_runs(
             *args, greedy=None if found is None else runs[greedy_key])
@@ -378,14 +411,16 @@ def continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list
 def decode_batch_size(decoding: Decoding, methods: Sequence[Method], prompts: list, batch: int, *,
                       oracle_k: Optional[int] = None, continuous: bool = False,
                       interleave: bool = False, progress: bool = True,
-                      store: Optional[RunStore] = None) -> tuple[dict, dict]:
+                      store: Optional[RunStore] = None, continuous_repeats: int = 1
+                      ) -> tuple[dict, dict]:
     """Every run of batch size `batch` -> (run records, outputs), in report order."""
     runs, outputs = static_runs(decoding, methods, prompts, batch, oracle_k, progress, store,
                                 interleave)
     if continuous and batch > 1:
         more_runs, more_outputs = continuous_runs(
             decoding, methods, prompts, batch, runs[f"greedy/b{batch}"],
-            outputs[f"greedy/b{batch}"].tokens, progress, store, interleave)
+            outputs[f"greedy/b{batch}"].tokens, progress, store, interleave,
+            continuous_repeats)
         runs.update(more_runs)
         outputs.update(more_outputs)
     return runs, outputs
