@@ -4,7 +4,7 @@
         [--split newstest2014 | --split wmt13 | --source FILE --reference FILE]
         [--data-root DIR] [--src-lang de] [--tgt-lang en] [--max-sentences N]
         [--batch-sizes 1,8] [--tokens-per-step W] [--max-new-tokens 128] [--lookup [--tree]] [--oracle]
-        [--continuous]
+        [--continuous] [--interleave [--continuous-repeats N]] [--choose-width]
 
 For each batch size: greedy, then MTP with the trained heads, over the same prompts. Reported:
 BLEU and chrF (sacreBLEU, signatures printed) — identical for greedy and MTP by construction,

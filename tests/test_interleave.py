@@ -4,10 +4,12 @@ batches) and give the same run records as one method after another, only marked 
 the oracle still runs after them; a greedy run that is already stored is reused and the drafters
 then run one after another, as without the flag. With continuous batching each drafter's run is
 bracketed by greedy's (G D1 G D2 G) and timed against their mean; stored continuous runs are
-reused only behind a reused greedy run.
+reused only behind a reused greedy run; --continuous-repeats N gives the mean and sd of N such
+comparisons.
 A stand-in Decoding returns fixed results, so only the orchestration is under test."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -202,6 +204,8 @@ def test_repeated_continuous_runs_give_a_mean_and_a_spread(tmp_path):
     sample sd; the tokens are those of one run. Runs stored without repeats are not reused."""
     settings = {"settings": 1}
     _continuous(ContinuousDecoding(), [LOOKUP], RunStore(tmp_path, settings), repeats=1)
+    single = json.loads((tmp_path / "runs" / "lookup_b2_continuous.json").read_text())
+    assert "continuous_repeats" not in repr(single)   # N = 1: the settings of before the flag
     store = RunStore(tmp_path, settings)
     deco = ContinuousDecoding()
     runs, out = _continuous(deco, [LOOKUP, OTHER], store, static_reused=True, repeats=3)
@@ -221,6 +225,8 @@ def test_repeated_continuous_runs_give_a_mean_and_a_spread(tmp_path):
         assert run["seconds"] == pytest.approx(np.mean(drafted))
         assert run["greedy_bracket_seconds"] == pytest.approx(greedy[first:first + 4], abs=1e-4)
     assert out["lookup/b2/continuous"].tokens == [[p[1], p[1] + 1] for p in PROMPTS]
+    stored = json.loads((tmp_path / "runs" / "lookup_b2_continuous.json").read_text())
+    assert "'continuous_repeats': 3" in repr(stored)       # the repeats are in its settings
     again = RunStore(tmp_path, settings)
     _continuous(ContinuousDecoding(), [LOOKUP, OTHER], again, static_reused=True, repeats=3)
     assert again.reused == ["greedy/b2/continuous", "lookup/b2/continuous",
@@ -238,3 +244,42 @@ def test_a_repeated_speedup_is_reported_with_its_spread():
     assert "| 0.99 |" in _run_row("x", {**run, "repeats": 1}, {"bleu": 1.0, "chrf": 2.0})
     entry = {"runs": {"b8/continuous": run}, "speedup_b8_continuous": 0.987}
     assert _continuous_speedup(entry) == "0.99× ± 0.03 (3 runs)"
+
+
+class ShortDrafterDecoding(ContinuousDecoding):
+    """The drafter emits 2 tokens a row where greedy emits 3 (its output is not greedy's); with
+    `drift_tokens`, its second call decodes other tokens than its first."""
+
+    def __init__(self, drift_tokens=False):
+        super().__init__()
+        self.drafter_calls, self.drift_tokens = 0, drift_tokens
+
+    def continuous(self, method, prompts, batch_size, on_finished=None):
+        result = super().continuous(method, prompts, batch_size, on_finished)
+        if method.name != "greedy":
+            self.drafter_calls += 1
+            result.num_generated = [2] * len(prompts)
+            if self.drift_tokens and self.drafter_calls == 2:
+                result.tokens = [[7, 7] for _ in prompts]
+        return result
+
+
+def test_repeated_ratios_count_each_sides_own_tokens():
+    """A drafter whose output has fewer tokens than greedy's: each repeat's ratio is its tokens
+    per second over greedy's (10 tokens against 15), as a single bracketed run's is."""
+    runs, _ = _continuous(ShortDrafterDecoding(), [LOOKUP], repeats=2)
+    greedy = [0.5 + 1.0 * 1.1 ** i for i in (1, 3, 5)]
+    drafted = [0.5 + 0.8 * 1.1 ** i for i in (2, 4)]
+    ratios = [10 / drafted[j] / (15 / ((greedy[j] + greedy[j + 1]) / 2)) for j in range(2)]
+    run = runs["lookup/b2/continuous"]
+    assert run["tokens"] == 10 and run["speedup_repeats"] == pytest.approx(ratios, abs=1e-4)
+    assert run["tokens_per_second"] == pytest.approx(10 / np.mean(drafted))
+    single, _ = _continuous(ShortDrafterDecoding(), [LOOKUP], repeats=1)
+    assert single["lookup/b2/continuous"]["speedup"] == pytest.approx(
+        10 / drafted[0] / (15 / ((greedy[0] + greedy[1]) / 2)))
+
+
+def test_a_repeat_with_other_tokens_is_an_error_naming_the_flag():
+    from gptk_jax.errors import GptkError
+    with pytest.raises(GptkError, match="--continuous-repeats: lookup/b2/continuous"):
+        _continuous(ShortDrafterDecoding(drift_tokens=True), [LOOKUP], repeats=2)

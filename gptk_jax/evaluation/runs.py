@@ -32,8 +32,13 @@ import numpy as np
 from tqdm import tqdm
 
 from gptk_jax.decoding.acceptance import acceptance_stats
+from gptk_jax.errors import GptkError
 from gptk_jax.evaluation.decode import GREEDY, Decoding, Method, oracle_method
 from gptk_jax.evaluation.store import RunStore
+
+
+class RepeatMismatch(GptkError, RuntimeError):
+    """A repeated continuous run decoded other tokens than its first run (--continuous-repeats)."""
 
 
 @dataclasses.dataclass
@@ -316,10 +321,9 @@ def _bracketed_continuous_runs(decoding: Decoding, methods: Sequence[Method], pr
             results = _continuous_results(decoding, method, prompts, batch, progress)
             before = _continuous_results(decoding, GREEDY, prompts, batch, progress)
             first = first or results
-            same = [t for r in results for t in r.tokens] == [t for r in first for t in r.tokens]
-            if not same:       # a repeat decodes the same prompts: its tokens must not move
-                raise RuntimeError(f"{method.name}/b{batch}/continuous: a repeat's tokens "
-                                   f"differ from the first run's")
+            if [t for r in results for t in r.tokens] != [t for r in first for t in r.tokens]:
+                raise RepeatMismatch(f"--continuous-repeats: {method.name}/b{batch}/continuous "
+                                     f"decoded other tokens in a repeat than in its first run")
             drafter_seconds.append(pooled(results)["seconds"])
             greedy_seconds.append(pooled(before)["seconds"])
         baseline = {"tokens_per_second": greedy["tokens"] / float(np.mean(greedy_seconds[:2]))}
@@ -328,7 +332,8 @@ def _bracketed_continuous_runs(decoding: Decoding, methods: Sequence[Method], pr
         run.update(bracketed=True, greedy_tokens_per_second=baseline["tokens_per_second"],
                    greedy_bracket_seconds=[round(s, 4) for s in greedy_seconds])
         if repeats > 1:
-            run.update(_repeated(greedy["tokens"], drafter_seconds, greedy_seconds))
+            run.update(_repeated(run["tokens"], greedy["tokens"], drafter_seconds,
+                                 greedy_seconds))
             run["speedup_vs_static_greedy"] = (run["tokens_per_second"] /
                                                static_greedy["tokens_per_second"])
         name = f"{method.name}/b{batch}/continuous"
@@ -336,18 +341,23 @@ def _bracketed_continuous_runs(decoding: Decoding, methods: Sequence[Method], pr
     return runs, outputs
 
 
-def _repeated(tokens: int, drafter_seconds: list, greedy_seconds: list) -> dict:
-    """A drafter's continuous runs D_i, each between greedy's G_i and G_i+1 -> the record's
-    fields: speedup_repeats (greedy's mean seconds around D_i over D_i's), their mean as
-    `speedup` and sample sd, and the drafter's mean seconds and tokens per second."""
-    ratios = [(g0 + g1) / 2 / d for d, g0, g1 in
+def _repeated(tokens: int, greedy_tokens: int, drafter_seconds: list, greedy_seconds: list
+              ) -> dict:
+    """A drafter's continuous runs D_i (`tokens` each), each between greedy's G_i and G_i+1
+    (`greedy_tokens`) -> the record's fields: speedup_repeats, D_i's tokens per second over
+    greedy's at the mean seconds of G_i and G_i+1; `speedup` their mean, `speedup_sd` their
+    sample sd; `seconds` / `tokens_per_second` the drafter's mean over the repeats,
+    `greedy_tokens_per_second` greedy's over all its runs here (so speedup is close to, not
+    exactly, their ratio). prefill_seconds, batch_seconds and the step statistics stay the
+    first repeat's (the repeats decode the same tokens)."""
+    ratios = [tokens / d / (greedy_tokens / ((g0 + g1) / 2)) for d, g0, g1 in
               zip(drafter_seconds, greedy_seconds, greedy_seconds[1:])]
     mean_seconds = float(np.mean(drafter_seconds))
     return {"speedup": float(np.mean(ratios)), "speedup_sd": float(np.std(ratios, ddof=1)),
             "speedup_repeats": [round(r, 4) for r in ratios], "repeats": len(ratios),
             "drafter_repeat_seconds": [round(d, 4) for d in drafter_seconds],
             "seconds": mean_seconds, "tokens_per_second": tokens / mean_seconds,
-            "greedy_tokens_per_second": tokens / float(np.mean(greedy_seconds))}
+            "greedy_tokens_per_second": greedy_tokens / float(np.mean(greedy_seconds))}
 
 
 def _sequential_continuous_runs(decoding: Decoding, methods: Sequence[Method], prompts: list,
