@@ -3,8 +3,8 @@
     python -m gptk_jax.evaluate --checkpoint DIR --heads DIR --output DIR
         [--split newstest2014 | --split wmt13 | --source FILE --reference FILE]
         [--data-root DIR] [--src-lang de] [--tgt-lang en] [--max-sentences N]
-        [--batch-sizes 1,8] [--tokens-per-step W] [--max-new-tokens 128] [--lookup [--tree]] [--oracle]
-        [--continuous] [--interleave [--continuous-repeats N]] [--choose-width]
+        [--batch-sizes 1,8] [--tokens-per-step W] [--max-new-tokens 128] [--lookup [--tree]]
+        [--oracle] [--continuous] [--interleave [--continuous-repeats N]] [--choose-width]
 
 For each batch size: greedy, then MTP with the trained heads, over the same prompts. Reported:
 BLEU and chrF (sacreBLEU, signatures printed) — identical for greedy and MTP by construction,
