@@ -160,9 +160,6 @@ def parse_args(argv=None) -> EvalConfig:
         if value is not None and value < least:
             alias = ALIASES.get(flag)
             p.error(f"{flag}{f' ({alias})' if alias else ''} must be >= {least}, got {value}")
-    if a.continuous_repeats > 1 and not (a.continuous and a.interleave):
-        p.error("--continuous-repeats repeats the bracketed continuous runs: give --continuous "
-                "and --interleave with it")
     if a.tree and not (a.lookup and a.heads):
         p.error("--tree verifies the lookup's and the heads' drafts together: give --lookup and "
                 "--heads too")

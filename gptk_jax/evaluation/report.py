@@ -62,12 +62,11 @@ def describe_test_set(test_set: dict) -> str:
                if test_set.get("dropped_empty") else ""))
 
 
-def _speedup(run: dict) -> str:
-    """The speedup; with repeated continuous runs their mean ± sd (n)."""
-    text = f"{run.get('speedup', 1.0):.2f}"
+def spread(run: dict) -> str:
+    """' ± sd (n runs)' after a speedup that is the mean of repeated continuous runs, else ''."""
     if run.get("repeats", 1) > 1:
-        text += f" ± {run['speedup_sd']:.2f} ({run['repeats']} runs)"
-    return text
+        return f" ± {run['speedup_sd']:.2f} ({run['repeats']} runs)"
+    return ""
 
 
 def _run_row(name: str, run: dict, q: dict) -> str:
@@ -75,7 +74,7 @@ def _run_row(name: str, run: dict, q: dict) -> str:
     differing = (f" ({run['rows_differing_from_greedy']})"
                  if "rows_differing_from_greedy" in run else "")
     return (f"| {name} | {run.get('k', 1)} | {q['bleu']:.2f} | {q['chrf']:.2f} | "
-            f"{run['tokens_per_second']:.1f} | {_speedup(run)} | "
+            f"{run['tokens_per_second']:.1f} | {run.get('speedup', 1.0):.2f}{spread(run)} | "
             f"{run.get('speedup_vs_static_greedy', run.get('speedup', 1.0)):.2f} | {tau} | "
             f"{run.get('accepted_histogram', '–')} | "
             f"{run.get('identical_to_greedy', '–')}{differing} |")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gptk_jax.data.prompts import describe_prompt_record
+from gptk_jax.evaluation.report import spread
 
 # evaluate's run names -> drafter names in docs/results.json
 METHOD_NAMES = {"mtp": "{family}", "heads+lookup": "{family}+lookup",
@@ -156,11 +157,8 @@ def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
 
 def _continuous_speedup(entry: dict) -> str:
     """b8 continuous: the speedup, with repeated runs their mean ± sd (n)."""
-    run = entry["runs"].get("b8/continuous", {})
-    text = _fmt(entry["speedup_b8_continuous"], ".2f", "×")
-    if run.get("repeats", 1) > 1:
-        text += f" ± {run['speedup_sd']:.2f} ({run['repeats']} runs)"
-    return text
+    return (_fmt(entry["speedup_b8_continuous"], ".2f", "×")
+            + spread(entry["runs"].get("b8/continuous", {})))
 
 
 def _widths(run: Optional[dict]) -> str:
