@@ -25,6 +25,25 @@ if XLA_CACHE:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+SMOLLM2_DIR = ROOT / ".cache" / "models" / "smollm2-135m"   # where `make demo` converts it
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M converted from its GGUF into the folder `make demo` uses, converted
+    once per checkout: the first worker to need it converts while the others wait on a lock
+    (a clean clone converted it in each test module that needed it). The conversion itself is
+    tested against transformers in tests/test_real_smollm2.py, into a folder of its own."""
+    import fcntl
+
+    from gptk_jax.demo import ensure_converted
+
+    SMOLLM2_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with open(SMOLLM2_DIR.parent / ".smollm2-135m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)        # released when the file closes
+        return ensure_converted(SMOLLM2_DIR)
+
+
 def read_lines(path: Path) -> list[str]:
     """WMT files: split on '\\n' only (never splitlines), strip a trailing '\\r'."""
     text = path.read_bytes().decode("utf-8")  # no newline translation

@@ -93,12 +93,8 @@ def test_cli_bos_flags():
 # --- the real SmolLM2 against transformers --------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smollm2_converted(tmp_path_factory):
-    from convert import cli
-    out = tmp_path_factory.mktemp("smollm2_bos") / "converted"
-    assert cli.main(["--format", "gguf", "--input", str(artifacts.fetch("smollm2_gguf")),
-                     "--output", str(out)]) == 0
-    return out
+def smollm2_converted(smollm2_dir):
+    return smollm2_dir
 
 
 def _generate(checkpoint, prompts_file, out, *flags):

@@ -4,24 +4,20 @@
    agreement with the trunk rises above the untrained heads'.
 2. Exactness: with those trained heads, with deliberately bad (random) heads and with an oracle
    that drafts the true greedy continuation, MTP decoding gives token-identical output to greedy
-   decoding on the first 50 newstest2014 sentences at batch 8 (left padding, ragged prompt and
-   output lengths) and the first 16 at batch 1 (to keep the suite's time), in float32; the
-   oracle reaches τ near K, the random heads
-   accept almost nothing. Also prompt lookup in front of the trained heads (drafting over a
-   reduced vocabulary), on the first 16 sentences at batch 8 (its batch-1 exactness is tested on
+   decoding on the first 24 newstest2014 sentences at batch 8 (three batches; left padding,
+   ragged prompt and output lengths) and the first 8 at batch 1 (to keep the suite's time), in
+   float32; the oracle reaches τ near K, the random heads accept almost nothing. Also prompt lookup in front of the trained heads (drafting over a
+   reduced vocabulary), on the first 8 sentences at batch 8 (its batch-1 exactness is tested on
    a tiny trunk in tests/test_lookup.py). How much faster trained heads are is measured in docs/results.md.
-3. Continuous batching: the 50 sentences through 8 refilled slots, lookup in front of the
+3. Continuous batching: the 24 sentences through 8 refilled slots, lookup in front of the
    trained heads, give static greedy's tokens.
 """
-
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import DATA, ROOT, WMT
+from conftest import DATA, WMT
 
 from gptk_jax.llama.checkpoint import load_converted
 from gptk_jax.data.wmt import read_text_lines
@@ -38,24 +34,16 @@ from gptk_jax.training import read_metrics, train_and_evaluate
 pytestmark = pytest.mark.slow
 
 K = 4
-SENTENCES = 50
+SENTENCES = 24
 MAX_NEW = 12
-B1_SENTENCES = 16   # at batch 1 every drafter (and greedy) runs on the first 16 sentences
+B1_SENTENCES = 8    # at batch 1 every drafter (and greedy) runs on the first 8 sentences
 STEPS = 20
 BUCKET = 128   # every prompt (20-124 tokens) in one bucket: one compilation per drafter
 
 
 @pytest.fixture(scope="module")
-def trunk_dir(tmp_path_factory):
-    model_dir = ROOT / ".cache" / "models" / "smollm2-135m"
-    if (model_dir / "config.json").is_file():
-        return model_dir
-    from gptk_jax import artifacts
-    gguf = artifacts.fetch("smollm2_gguf")
-    model_dir = tmp_path_factory.mktemp("smollm2") / "model"
-    subprocess.run([sys.executable, "-m", "convert", "--format", "gguf", "--input", str(gguf),
-                    "--output", str(model_dir)], cwd=ROOT, check=True)
-    return model_dir
+def trunk_dir(smollm2_dir):
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +158,7 @@ def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, decode
                                      batch).items():
         accepted = emitted = steps = 0
         chunks = list(zip(_batches(prompts, batch), greedy_results, per_chunk))
-        if name == "heads+lookup":   # its own compilations per prompt bucket: 16 sentences,
+        if name == "heads+lookup":   # its own compilations per prompt bucket: 8 sentences,
             if batch == 1:           # at batch 8 only (tests/test_lookup.py: batch 1, tiny trunk)
                 continue
             chunks = chunks[:max(1, B1_SENTENCES // batch)]
@@ -198,7 +186,7 @@ def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, decode
 
 def test_continuous_batching_equals_greedy_on_the_real_trunk(setting, decoder, greedy,
                                                              training_run):
-    """All 50 sentences through 8 continuously refilled slots (decoding/continuous.py), prompt
+    """All 24 sentences through 8 continuously refilled slots (decoding/continuous.py), prompt
     lookup in front of the trained heads: static greedy's tokens (greedy through the same
     scheduler, K = 1, is tested on a tiny trunk in tests/test_continuous.py)."""
     config, params, prompts = setting[:3]
