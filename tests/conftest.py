@@ -43,6 +43,18 @@ def smollm2_dir() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)        # released when the file closes
         return ensure_converted(SMOLLM2_DIR)
 
+# LLVM's optimisation level for the test run's XLA:CPU programs: 0 compiles the suite's hundreds
+# of small programs faster, and compiling is most of the suite's time on a clean clone (XLA's own
+# graph passes, the float semantics and the results do not change: no fast-math at any level).
+# Measured with a cold cache, one file at a time beside its A/B twin (docs/benchmarks.md, "Test
+# suite time"): tests/test_continuous.py 133 -> 107 s, tests/test_evaluate.py 233 -> 207 s; the
+# real-trunk tests/test_real_heads.py, which mostly runs, 370 -> 400 s. The library and its
+# command lines keep XLA's default; GPTK_TEST_XLA_OPT= (empty) gives it to the tests too.
+XLA_OPT = os.environ.get("GPTK_TEST_XLA_OPT", "0")
+if XLA_OPT and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    flags = [os.environ.get("XLA_FLAGS", ""), f"--xla_backend_optimization_level={XLA_OPT}"]
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, flags))
+
 
 def read_lines(path: Path) -> list[str]:
     """WMT files: split on '\\n' only (never splitlines), strip a trailing '\\r'."""

@@ -58,10 +58,10 @@ def test_shared_prefix_cache_equals_each_row_alone(tmp_path, trunk, rows):
     cache = _cache(tmp_path, trunk, rows, "linear")
     assert cache.meta["build"]["trunk_tokens"] == SHARED_TOKENS       # whole rows: 704
     assert cache.meta["build"]["lengths"] == [32, 64]
-    model = Llama(trunk.config)
+    model_apply = jax.jit(Llama(trunk.config).apply)   # one program per row length
     for row in rows:
         n = len(row.tokens)
-        out = model.apply({"params": trunk.params}, row.tokens[None],
+        out = model_apply({"params": trunk.params}, row.tokens[None],
                           np.arange(n, dtype=np.int32)[None], token_mask=np.ones((1, n), bool))
         got = cache.attach({"tokens": np.zeros((1, n), np.int32),
                             "example_index": np.asarray([row.index], np.int32)})

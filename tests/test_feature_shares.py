@@ -54,10 +54,28 @@ def build(root: Path, trunk, rows, log=lambda msg: None):
                                       progress=False)
 
 
-def assert_same_cache(got, want, exact: bool = False):
+def assert_argmax_same_or_tied(got, want, hidden_normed, trunk, gap: float = 1e-4):
+    """The trunk's argmax of two builds whose hidden states differ by float32 rounding: equal,
+    except where the trunk's own top two logits at that position (from `hidden_normed` through
+    its frozen unembedding) are within `gap`, where rounding may pick either; at most 0.1% of
+    the positions."""
+    from gptk_jax.heads import trunk_unembed
+    differ = np.flatnonzero(got != want)
+    assert len(differ) <= max(1, len(want) // 1000), f"trunk_argmax: {len(differ)} differ"
+    if len(differ):
+        logits = np.asarray(trunk_unembed(trunk.config, trunk.params, hidden_normed[differ]))
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        assert (top2[:, 1] - top2[:, 0] < gap).all(), ("trunk_argmax differs off a tie",
+                                                       differ, top2)
+        picked = logits[np.arange(len(differ)), np.stack([got[differ], want[differ]])]
+        assert (top2[:, 1] - picked < gap).all(), ("an argmax that is not a top logit", differ)
+
+
+def assert_same_cache(got, want, exact: bool = False, trunk=None):
     """Every array of two caches: spans, pair indices, each field's flat values. exact=False:
     float fields to float32 rounding (a share's rows run in calls of other lengths than one
-    process's: 16-multiples of each call's longest row), ids exactly."""
+    process's: 16-multiples of each call's longest row), ids exactly, or, given the trunk, equal
+    but where its top two logits tie to rounding (assert_argmax_same_or_tied)."""
     assert got.folder.name == want.folder.name                 # the same fingerprint
     np.testing.assert_array_equal(got.spans, want.spans)
     np.testing.assert_array_equal(np.load(got.folder / "pair_index.npy"),
@@ -68,7 +86,9 @@ def assert_same_cache(got, want, exact: bool = False):
     for field, values in got.arrays.items():
         a, b = np.asarray(values), np.asarray(want.arrays[field])
         assert a.shape == b.shape == (want.meta["num_positions"],) + b.shape[1:], field
-        if exact or field == "trunk_argmax":
+        if field == "trunk_argmax" and not exact and trunk is not None:
+            assert_argmax_same_or_tied(a, b, np.asarray(want.arrays["hidden_normed"]), trunk)
+        elif exact or field == "trunk_argmax":
             np.testing.assert_array_equal(a, b, err_msg=field)
         else:
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=field)
@@ -267,7 +287,7 @@ def test_two_processes_build_one_share_each_and_train_as_one(tmp_path, trunk_pat
     assert builders[0]["pid"] != builders[1]["pid"]
     assert sum(s["build"]["row_tokens"] for s in two.shares) == \
         one.shares[0]["build"]["row_tokens"]
-    assert_same_cache(two, one)
+    assert_same_cache(two, one, trunk=load_trunk(trunk_path))
 
     got = _losses(workdir)
     assert len(got["train"]) == len(want["train"]) == FIELDS["training.num_train_steps"]

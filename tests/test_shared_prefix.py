@@ -25,11 +25,14 @@ def params():
     return params_for_model(init_params(CFG, jax.random.PRNGKey(3)), CFG)
 
 
+_apply = jax.jit(Llama(CFG).apply)   # the references: one program per shape, not one per op
+
+
 def _full(params, ids):
     """Reference: the whole sequence through the trunk at batch 1, no cache, no padding."""
     tokens = jnp.asarray(np.asarray(ids, np.int32)[None])
     positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
-    return Llama(CFG).apply({"params": params}, tokens, positions)
+    return _apply({"params": params}, tokens, positions)
 
 
 def _prompts(batch, prefix_len=9, seed=0):
@@ -81,7 +84,7 @@ def test_greedy_continuation_from_the_shared_cache(params, batch):
     cache, generated = out.cache, [[int(t)] for t in nxt]
     for _ in range(6):
         positions = cache.lengths[:, None]
-        step = Llama(CFG).apply({"params": params}, jnp.asarray(nxt[:, None]), positions, cache)
+        step = _apply({"params": params}, jnp.asarray(nxt[:, None]), positions, cache)
         cache = step.cache
         nxt = np.argmax(np.asarray(step.logits[:, 0]), -1).astype(np.int32)
         for b in range(batch):
