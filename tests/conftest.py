@@ -24,6 +24,33 @@ if XLA_CACHE:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# LLVM's optimisation level for the test run's XLA:CPU programs: 0 compiles the suite's hundreds
+# of small programs faster, and compiling is most of the suite's time on a clean clone. A cold
+# `make test` here: 23 min 34 s at XLA's default, 20 min 6 s at 0 (docs/benchmarks.md, "Test
+# suite time"): decoding files 15-30 % faster, the real-trunk files, which mostly run, 51 s
+# slower. Float results may differ from the default's at float32 rounding, as between any two
+# programs (no fast-math either way); every exactness test compares programs of one run. The
+# library and its command lines keep XLA's default; GPTK_TEST_XLA_OPT= (empty) gives it to the
+# tests too.
+XLA_OPT = os.environ.get("GPTK_TEST_XLA_OPT", "0")
+if XLA_OPT and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    flags = [os.environ.get("XLA_FLAGS", ""), f"--xla_backend_optimization_level={XLA_OPT}"]
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, flags))
+
+# The longest files first (cold `make test`, session 25, seconds of worker time at level 0), so
+# that xdist's loadfile scheduler, which hands out files in collection order, does not leave one
+# worker running a long file alone at the end (measured: about 2 minutes of one idle worker).
+LONGEST_FILES = ("test_real_heads.py", "test_evaluate.py", "test_real_smollm2.py",  # 266-160
+                 "test_eagle.py", "test_factory.py", "test_prefix_decoding.py",    # 120-114
+                 "test_train.py", "test_continuous.py", "test_bos_rule.py",        # 103-88
+                 "test_choose_w.py", "test_lstm_conditioned.py", "test_tree.py",   # 65-58
+                 "test_train_parallel.py", "test_shared_prefix.py")                # 53-49
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: order kept
+
 
 SMOLLM2_DIR = ROOT / ".cache" / "models" / "smollm2-135m"   # where `make demo` converts it
 
@@ -42,18 +69,6 @@ def smollm2_dir() -> Path:
     with open(SMOLLM2_DIR.parent / ".smollm2-135m.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)        # released when the file closes
         return ensure_converted(SMOLLM2_DIR)
-
-# LLVM's optimisation level for the test run's XLA:CPU programs: 0 compiles the suite's hundreds
-# of small programs faster, and compiling is most of the suite's time on a clean clone (XLA's own
-# graph passes, the float semantics and the results do not change: no fast-math at any level).
-# Measured with a cold cache, one file at a time beside its A/B twin (docs/benchmarks.md, "Test
-# suite time"): tests/test_continuous.py 133 -> 107 s, tests/test_evaluate.py 233 -> 207 s; the
-# real-trunk tests/test_real_heads.py, which mostly runs, 370 -> 400 s. The library and its
-# command lines keep XLA's default; GPTK_TEST_XLA_OPT= (empty) gives it to the tests too.
-XLA_OPT = os.environ.get("GPTK_TEST_XLA_OPT", "0")
-if XLA_OPT and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    flags = [os.environ.get("XLA_FLAGS", ""), f"--xla_backend_optimization_level={XLA_OPT}"]
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, flags))
 
 
 def read_lines(path: Path) -> list[str]:

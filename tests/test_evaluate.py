@@ -59,7 +59,7 @@ def test_evaluate_end_to_end(folders):
                "--data-root", str(DATA),
                "--max-sentences", "3", "--batch-sizes", "1,2", "--max-new-tokens", "6",
                "--oracle", "--lookup", "--lookup-k", "5", "--continuous", "--no-progress",
-               "--output", str(out)])
+               "--bucket", "64", "--output", str(out)])   # 64: one prompt length, fewer compiles
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["all_identical_to_greedy"] and report["scores_identical"]
@@ -198,7 +198,7 @@ def test_prompt_boundary_follows_the_heads_unless_the_flag_says_otherwise(capsys
 def _small_eval(ckpt, heads, out, *extra):
     return ["--checkpoint", str(ckpt), "--heads", str(heads), "--split", "newstest2014",
             "--data-root", str(DATA), "--max-sentences", "2", "--no-progress",
-            "--output", str(out), *extra]
+            "--bucket", "64", "--output", str(out), *extra]   # both prompts in one length
 
 
 def test_runs_are_saved_as_they_finish_and_a_rerun_reuses_them(folders, tmp_path, capsys,

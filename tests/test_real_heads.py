@@ -6,9 +6,10 @@
    that drafts the true greedy continuation, MTP decoding gives token-identical output to greedy
    decoding on the first 24 newstest2014 sentences at batch 8 (three batches; left padding,
    ragged prompt and output lengths) and the first 8 at batch 1 (to keep the suite's time), in
-   float32; the oracle reaches τ near K, the random heads accept almost nothing. Also prompt lookup in front of the trained heads (drafting over a
-   reduced vocabulary), on the first 8 sentences at batch 8 (its batch-1 exactness is tested on
-   a tiny trunk in tests/test_lookup.py). How much faster trained heads are is measured in docs/results.md.
+   float32; the oracle reaches τ near K, the random heads accept almost nothing. Also prompt
+   lookup in front of the trained heads (drafting over a reduced vocabulary), on the first 8
+   sentences at batch 8 (its batch-1 exactness is tested on a tiny trunk in
+   tests/test_lookup.py). How much faster trained heads are is measured in docs/results.md.
 3. Continuous batching: the 24 sentences through 8 refilled slots, lookup in front of the
    trained heads, give static greedy's tokens.
 """
@@ -158,10 +159,10 @@ def test_mtp_equals_greedy_with_trained_random_and_oracle_drafts(setting, decode
                                      batch).items():
         accepted = emitted = steps = 0
         chunks = list(zip(_batches(prompts, batch), greedy_results, per_chunk))
-        if name == "heads+lookup":   # its own compilations per prompt bucket: 8 sentences,
-            if batch == 1:           # at batch 8 only (tests/test_lookup.py: batch 1, tiny trunk)
+        if name == "heads+lookup":   # its own compilations per prompt bucket: one batch of 8
+            if batch == 1:           # sentences (tests/test_lookup.py: batch 1, tiny trunk)
                 continue
-            chunks = chunks[:max(1, B1_SENTENCES // batch)]
+            chunks = chunks[:1]
         mtp = decoder
         for chunk, reference, (drafter, variables) in chunks:
             # the same drafter with this chunk's variables: the executables are reused
