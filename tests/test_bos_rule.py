@@ -92,11 +92,6 @@ def test_cli_bos_flags():
 
 # --- the real SmolLM2 against transformers --------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2_converted(smollm2_dir):
-    return smollm2_dir
-
-
 def _generate(checkpoint, prompts_file, out, *flags):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "gptk_jax.generate", "--checkpoint",
@@ -108,8 +103,8 @@ def _generate(checkpoint, prompts_file, out, *flags):
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.slow   # converts the real SmolLM2 GGUF and runs transformers on it
-def test_generate_default_flags_equal_transformers_greedy(smollm2_converted, tmp_path, wmt_dir):
+@pytest.mark.slow   # the real SmolLM2 (conftest smollm2_dir) against transformers
+def test_generate_default_flags_equal_transformers_greedy(smollm2_dir, tmp_path, wmt_dir):
     from transformers import AutoTokenizer
 
     import _hf_reference as ref
@@ -120,8 +115,8 @@ def test_generate_default_flags_equal_transformers_greedy(smollm2_converted, tmp
     prompts = read_lines(wmt_dir / "newstest2014.de")[LINES]
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
-    ours = _generate(smollm2_converted, prompts_file, tmp_path / "default.jsonl")
-    with_bos = _generate(smollm2_converted, prompts_file, tmp_path / "bos.jsonl", "--bos")
+    ours = _generate(smollm2_dir, prompts_file, tmp_path / "default.jsonl")
+    with_bos = _generate(smollm2_dir, prompts_file, tmp_path / "bos.jsonl", "--bos")
 
     stop_ids = {hf_tok.eos_token_id, 0, 2}
     for prompt, row, bos_row in zip(prompts, ours, with_bos):

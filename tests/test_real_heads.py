@@ -43,16 +43,11 @@ BUCKET = 128   # every prompt (20-124 tokens) in one bucket: one compilation per
 
 
 @pytest.fixture(scope="module")
-def trunk_dir(smollm2_dir):
-    return smollm2_dir
-
-
-@pytest.fixture(scope="module")
-def training_run(tmp_path_factory, trunk_dir):
+def training_run(tmp_path_factory, smollm2_dir):
     """Linear heads, K=4, trained for 20 steps on News Commentary against the trunk's argmax."""
     import importlib
     config = importlib.import_module("configs.linear_smollm2_wmt14").get_config()
-    fields = {"trunk_checkpoint": str(trunk_dir), "head.k": K, "head.offsets": (2, 3, 4),
+    fields = {"trunk_checkpoint": str(smollm2_dir), "head.k": K, "head.offsets": (2, 3, 4),
               "data.train_prefixes": (str(news_commentary(DATA)),),
               # News Commentary's references, 0-shot (the SmolLM2 configs' distilled 2-shot
               # rows and line ranges are not this test's subject)
@@ -87,8 +82,8 @@ def test_short_run_on_the_real_trunk_learns(training_run):
 
 
 @pytest.fixture(scope="module")
-def setting(trunk_dir):
-    model = load_converted(trunk_dir)
+def setting(smollm2_dir):
+    model = load_converted(smollm2_dir)
     tok = model.tokenizer
     fmt = prompt_format("de", "en", shots=0, space_with_target=True)
     pairs = load_test_set("newstest2014", DATA, max_sentences=SENTENCES).pairs
