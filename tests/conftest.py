@@ -47,7 +47,16 @@ LONGEST_FILES = ("test_real_heads.py", "test_evaluate.py", "test_real_smollm2.py
                  "test_train_parallel.py", "test_shared_prefix.py")                # 53-49
 
 
+# tests that load transformers' tokenizers (seconds each) are `slow`: `make test` runs them,
+# `make test-fast` (-m "not slow") leaves them out with the real-model and subprocess tests
+SLOW_FIXTURES = frozenset({"transformers_gguf", "transformers_llama3"})
+
+
+@pytest.hookimpl(tryfirst=True)     # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: order kept
 

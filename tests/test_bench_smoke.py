@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow   # the bench script in a subprocess
 def test_bench_mtp_runs_on_a_random_trunk(tmp_path):
     out = tmp_path / "bench_mtp.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_mtp.py"), "--random-trunk",

@@ -297,6 +297,7 @@ class CountingRepeat(_Counting, RepeatDrafter):
     """RepeatDrafter (per-row state only: continuous batching takes it), counting its drafts."""
 
 
+@pytest.mark.slow   # timed static and continuous runs
 def test_continuous_rests_where_static_batches_measured_slower(setup):
     """Continuous batching at a batch size: drafts while its static batches are unmeasured,
     runs greedy's loop (no drafting, every step at W = 1, said in the result) once they measured

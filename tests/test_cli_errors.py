@@ -251,6 +251,7 @@ def test_evaluate_prompt_ids_past_the_embedding(models, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow   # the CLI in a subprocess
 def test_evaluate_bad_input_from_the_shell(models, tmp_path):
     out = tmp_path / "report"
     proc = run_module("gptk_jax.evaluate", *_evaluate_argv(models, out, **{

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 # the tiny trunk, PREFIX.de and an uninterrupted distillation of it (whole.en)
@@ -80,6 +82,7 @@ def _refused_naming(result, holder, what: str) -> None:
     assert f"PID {holder.pid}, started " in lines[0] and what in lines[0], lines[0]
 
 
+@pytest.mark.slow   # two distill processes
 def test_two_distills_on_one_output(data, tmp_path):
     root, trunk, whole = data
     out = tmp_path / "d.en"
@@ -98,6 +101,7 @@ def test_two_distills_on_one_output(data, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.en", "d.en.json"]  # lock released
 
 
+@pytest.mark.slow   # two trainer processes
 def test_two_trainers_on_one_workdir(tmp_path):
     workdir = tmp_path / "run"
     command = [sys.executable, "-m", "gptk_jax.train", "--config", "configs/tiny.py",

@@ -214,6 +214,7 @@ def test_stale_partial_folder_of_a_dead_process_is_removed(base_checkpoint, tmp_
     assert f"removed {stale}" in capsys.readouterr().out
 
 
+@pytest.mark.slow   # convert subprocesses, one killed
 def test_sigkill_during_convert_leaves_nothing_a_rerun_does_not_clean(base_checkpoint, tmp_path):
     import signal
     out = tmp_path / "out"

@@ -29,6 +29,7 @@ def _args(root, trunk, output, *extra):
             "--max-new-tokens", "5", "--no-progress", *extra]
 
 
+@pytest.mark.slow   # distill subprocesses, one killed
 def test_resumed_run_writes_the_lines_of_an_uninterrupted_one(data, tmp_path):
     root, trunk = data
     whole = tmp_path / "whole.en"

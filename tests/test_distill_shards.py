@@ -35,6 +35,7 @@ def _shard(out, i, n):
     return out.with_name(f"{out.name}.shard{i}-of-{n}")
 
 
+@pytest.mark.slow   # three distill runs
 def test_two_shards_merge_into_the_one_process_file(data, tmp_path, capsys):
     root, trunk, whole = data
     assert len(whole) == len(SOURCES) and len(set(whole)) > 2    # the lines tell sources apart

@@ -179,6 +179,7 @@ def test_generate_builds_through_make_decoder(tiny, specs, flags, expected):
     assert specs == [expected(heads)]
 
 
+@pytest.mark.slow   # the evaluate pipeline end to end
 def test_evaluate_builds_through_make_decoder(tiny, specs, tmp_path):
     from gptk_jax.evaluate import main
     model, heads, _ = tiny
@@ -252,6 +253,7 @@ def test_a_bad_width_spec_is_refused(fields, field):
         DecoderSpec(**fields)
 
 
+@pytest.mark.slow   # the evaluate pipeline end to end
 def test_evaluate_choose_width(tiny, specs, tmp_path):
     import json
     from gptk_jax.evaluate import main

@@ -248,6 +248,7 @@ def _cache_folder(root: Path) -> Path:
     return max(folders, key=lambda p: FeatureCache(p).meta["num_rows"])
 
 
+@pytest.mark.slow   # two trainer processes
 def test_two_processes_build_one_share_each_and_train_as_one(tmp_path, trunk_path):
     from gptk_jax.training import train_and_evaluate
     from gptk_jax.features.cache import FeatureCache

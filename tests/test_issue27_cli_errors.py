@@ -185,6 +185,7 @@ def damaged(tiny, tmp_path):
     return model
 
 
+@pytest.mark.slow   # generate CLI subprocesses
 def test_generate_cli_refuses_damaged_weights_unless_told(damaged, tmp_path):
     out = tmp_path / "out.jsonl"
     args = ["--checkpoint", damaged, "--prompt", "hi", "--max-new-tokens", 2, "--quiet",

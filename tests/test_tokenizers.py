@@ -60,6 +60,7 @@ def test_llama3_matches_meta_on_wmt(llama3_texts, llama3_ids, meta_tokenizer):
     _assert_same(llama3_texts, llama3_ids, want, "Llama 3 vs Meta's tokenizer.py")
 
 
+@pytest.mark.slow   # HF tokenizers over a corpus
 def test_llama3_matches_hf_tokenizer_json(llama3_texts, llama3_ids, hf_llama3_json):
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -118,6 +119,7 @@ def test_llama3_special_text_and_long_inputs_match_meta(llama3, meta_tokenizer, 
 # (b) GGUF byte-level BPE (SmolLM2-135M)
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow   # transformers' GGUF tokenizer
 def test_gguf_matches_transformers(gguf_tok, transformers_gguf, newstest):
     ref = transformers_gguf
     assert gguf_tok.vocab_size == len(ref) == 49152

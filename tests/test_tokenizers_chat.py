@@ -86,6 +86,7 @@ def _smollm2_conversations(wmt) -> list[list[dict]]:
     return chats
 
 
+@pytest.mark.slow   # transformers' GGUF tokenizer
 def test_gguf_chat_template_and_specials_match_transformers(gguf_tok, transformers_gguf, wmt):
     ref = transformers_gguf
     assert gguf_tok.chat_template == ref.chat_template

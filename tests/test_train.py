@@ -284,6 +284,7 @@ def _assert_same_losses(got: dict, want: dict):
                                    err_msg=f"step {step}")
 
 
+@pytest.mark.slow   # trainer subprocesses, one killed
 def test_resume_after_sigkill_gives_the_same_losses(tmp_path, reference_run):
     workdir = tmp_path / "run"
     overrides = [f"--config.{k}={v}" for k, v in _resume_fields().items()]
@@ -309,6 +310,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path, reference_run):
     _assert_same_losses(train_losses(workdir), reference_run)
 
 
+@pytest.mark.slow   # a trainer subprocess stopped by SIGTERM, then rerun
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(tmp_path, reference_run):
     config = with_fields(get_config(), _resume_fields())
     metrics = tmp_path / "metrics.jsonl"

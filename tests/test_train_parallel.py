@@ -64,6 +64,7 @@ def one_device(tmp_path_factory):
     return summary(workdir)
 
 
+@pytest.mark.slow   # trainer subprocesses on 2 virtual devices
 def test_mesh_pmap_and_one_device_give_the_same_losses(tmp_path, one_device):
     proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, timeout=400,
                           capture_output=True, text=True,
@@ -81,6 +82,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow   # two JAX processes
 def test_two_processes_give_the_same_losses_as_one(tmp_path, one_device):
     workdir = tmp_path / "run"
     address = f"127.0.0.1:{_free_port()}"
