@@ -8,6 +8,11 @@ measures the bandwidth the two matmul libraries reach on a matrix-vector product
 model's unembedding (float32, no cache effects: 2x the largest last-level cache), jax (XLA) and
 torch side by side in one process, and the same at 8 rows (the batch-8 benchmark), then prints
 the ceiling in tokens/s for the converted model's float32 weights.
+
+With more rows a step is bound by arithmetic, not by reading weights: the second table gives the
+float32 FLOP rate of one layer's four products (q|k|v, wo, w1|w3, w2, the decoders' fused
+layout) at M rows, jax and torch, and the least time M rows of the whole model's products take at
+that rate (2 x matrix parameters x M FLOPs): a batch-8 verify of W tokens is M = 8W rows.
 """
 
 from __future__ import annotations
@@ -37,6 +42,33 @@ def best_ms(fn, repeats: int = 30) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times))
+
+
+def compute_ceiling(config, n_params: int, rows=(1, 8, 16, 32, 64, 512, 2048)) -> list[dict]:
+    """GFLOP/s of one layer's products at M rows (jax and torch) and the model's products' least
+    ms per step at that rate."""
+    rng = np.random.default_rng(1)
+    d, f = config.dim, config.ffn_dim
+    qkv = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+    shapes = ((d, qkv), (config.n_heads * config.head_dim, d), (d, 2 * f), (f, d))
+    ws = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    wj, wt = [jnp.asarray(w) for w in ws], [torch.from_numpy(w.copy()) for w in ws]
+    layer = jax.jit(lambda x, y, z, w: [x @ w[0], y @ w[1], x @ w[2], z @ w[3]])
+    flops_row = 2 * sum(a * b for a, b in shapes)
+    out = []
+    for m in rows:
+        xs = [rng.standard_normal((m, k), dtype=np.float32) for k in (d, d, f)]
+        xj, xt = [jnp.asarray(x) for x in xs], [torch.from_numpy(x) for x in xs]
+        jax_ms = best_ms(lambda: jax.block_until_ready(layer(*xj, wj)), repeats=15)
+        with torch.no_grad():
+            torch_ms = best_ms(lambda: [xt[0] @ wt[0], xt[1] @ wt[1], xt[0] @ wt[2],
+                                        xt[2] @ wt[3]], repeats=15)
+        for impl, ms in (("jax (XLA)", jax_ms), ("torch", torch_ms)):
+            gflops = flops_row * m / ms / 1e6
+            out.append({"rows": m, "impl": impl, "layer_ms": round(ms, 3),
+                        "GFLOP_per_s": round(gflops, 1),
+                        "model_products_ms": round(2 * n_params * m / gflops / 1e6, 2)})
+    return out
 
 
 def main(argv=None) -> int:
@@ -74,11 +106,17 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['rows']} | {r['impl']} | {r['ms']} | {r['GB_per_s']} | "
               f"{r['ceiling_steps_per_s']} | {r['ceiling_tokens_per_s']}")
+    compute = compute_ceiling(config, n_params)
+    print("\nrows | impl | one layer's products ms | GFLOP/s | all products at that rate, ms")
+    for r in compute:
+        print(f"{r['rows']} | {r['impl']} | {r['layer_ms']} | {r['GFLOP_per_s']} | "
+              f"{r['model_products_ms']}")
     if args.output_json:
         out = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "load_average": os.getloadavg()},
-               "n_params": n_params, "weight_bytes": weight_bytes, "rows": rows}
+               "n_params": n_params, "weight_bytes": weight_bytes, "rows": rows,
+               "compute": compute}
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.output_json}")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptk_jax.llama.kv_cache import write_layer
+from gptk_jax.llama.kv_cache import write_layer, write_merged
 from gptk_jax.llama.rope import apply_rope
 
 NEG_INF = float(np.finfo(np.float32).min)
@@ -55,21 +55,28 @@ class Attention(nn.Module):
             v = dense((kv_heads, self.head_dim), "wv")(x)       # [B,T,K,H]
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        cache_k = write_layer(cache_k, k, write_start)          # [B,K,S,H]
-        cache_v = write_layer(cache_v, v, write_start)
-        keys, values = cache_k, cache_v
-
         # Both products as one batched matmul over B*K (kv head) batches with the G query heads
         # of a group and the T tokens merged into the rows: XLA:CPU runs a dot with one leading
         # batch dimension as a batched GEMM, while the equivalent einsum over (b, k) batches
         # was 2.5-3x slower at B=8 decode (docs/benchmarks.md, bench/bench_attention.py).
         b, t = x.shape[:2]
         kv, groups, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
-        s = keys.shape[2]
+        s = cache_k.shape[2]
+        if b == 1:
+            # Written in the [K,S,H] view the products read: at batch 1 that view of [1,K,S,H]
+            # is a bitcast, and a write in the 4-d layout came out as two fusions (one per
+            # reader), each copying the whole buffer first: 4 copies of every layer's cache a
+            # step (docs/benchmarks.md, session 26). At batch 8 the 4-d write stays in place.
+            keys = write_merged(cache_k.reshape(kv, s, hd), k, write_start)      # [K,S,H]
+            values = write_merged(cache_v.reshape(kv, s, hd), v, write_start)    # [K,S,H]
+            cache_k, cache_v = keys.reshape(b, kv, s, hd), values.reshape(b, kv, s, hd)
+        else:
+            cache_k = write_layer(cache_k, k, write_start)                       # [B,K,S,H]
+            cache_v = write_layer(cache_v, v, write_start)
+            keys, values = cache_k.reshape(b * kv, s, hd), cache_v.reshape(b * kv, s, hd)
         q = q.reshape(b, t, kv, groups, hd).transpose(0, 2, 3, 1, 4)   # [B,K,G,T,H]
         q = q.reshape(b * kv, groups * t, hd)                          # [BK,GT,H]
-        keys = keys.astype(self.dtype).reshape(b * kv, s, hd)          # [BK,S,H]
-        values = values.astype(self.dtype).reshape(b * kv, s, hd)      # [BK,S,H]
+        keys, values = keys.astype(self.dtype), values.astype(self.dtype)
         scores = jax.lax.dot_general(q, keys, (((2,), (2,)), ((0,), (0,))),
                                      preferred_element_type=jnp.float32)  # [BK,GT,S]
         scores = scores.reshape(b, kv, groups, t, s) / np.sqrt(hd).astype(np.float32)

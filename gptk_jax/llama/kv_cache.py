@@ -61,3 +61,15 @@ def write_layer(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Arra
     slots = start[:, None] + jnp.arange(t)[None, :]                # [B,T]
     new = new.astype(buffer.dtype)     # [B,T,K,H]: the advanced indices' dims come first
     return buffer.at[rows, :, slots].set(new, mode="drop", unique_indices=True)
+
+
+def write_merged(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """write_layer into a layer's cache viewed as [B*K,S,H] (batch and kv heads merged, as
+    attention's products read it): new [B,T,K,H] goes to rows b*K+k, slots start[b] ..
+    start[b]+T-1; returns the [B*K,S,H] view."""
+    batch, t, heads = new.shape[:3]
+    rows = jnp.arange(batch)[:, None, None] * heads + jnp.arange(heads)[None, None, :]  # [B,1,K]
+    slots = jnp.broadcast_to(start[:, None, None] + jnp.arange(t)[None, :, None],
+                             (batch, t, heads))                                         # [B,T,K]
+    return buffer.at[rows, slots].set(new.astype(buffer.dtype), mode="drop",
+                                      unique_indices=True)
